@@ -1,0 +1,196 @@
+"""The Mamba2 (SSD) scan and the causal depthwise conv in plain PyTorch.
+
+These functions *define* what every faster backend must compute, and they are the CPU path.
+
+Shapes (one letter each): b batch, t time, h SSM heads, p head dim (the value width),
+n state size (the key width). Per head the state ``S`` is an ``n x p`` matrix and
+
+    S_t = exp(dt_t * A) * S_{t-1} + B_t (dt_t * x_t)^T        (decay, then write)
+    y_t = S_t^T C_t + D * x_t                                    (read)
+
+which is causal linear attention with q = C, k = B, v = dt * x and a scalar log-decay
+g = dt * A per head and step. ``reset[b, t]`` marks the first token of a new document in a
+packed row: the state is cleared *before* that token is written (its decay is exp(-inf) = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # Half-precision cumulative sums of decays lose too much; accumulate in float32 at least.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _log_decay(dt: torch.Tensor, A: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+    g = dt * A  # (b, t, h)
+    if reset is not None:
+        g = g.masked_fill(reset[..., None], float("-inf"))
+    return g
+
+
+def ssd_sequential(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence, one step at a time: the definition the other forms are tested against.
+
+    x (b,t,h,p), dt (b,t,h) (already softplus-ed), A (h) (negative), B and C (b,t,h,n),
+    D (h) or None, initial_state (b,h,n,p) or None, reset (b,t) bool or None.
+    Returns y (b,t,h,p) in x's dtype and the final state (b,h,n,p) in the compute dtype.
+    """
+    b, t, h, p = x.shape
+    n = B.shape[-1]
+    cdt = _compute_dtype(x)
+    x_, dt_, B_, C_ = (v.to(cdt) for v in (x, dt, B, C))
+    g = _log_decay(dt_, A.to(cdt), reset)
+    state = (
+        initial_state.to(cdt)
+        if initial_state is not None
+        else x_.new_zeros(b, h, n, p)
+    )
+    ys = []
+    for i in range(t):
+        decay = torch.exp(g[:, i])[..., None, None]  # (b,h,1,1)
+        write = B_[:, i, :, :, None] * (dt_[:, i, :, None] * x_[:, i])[:, :, None, :]
+        state = decay * state + write
+        ys.append(torch.einsum("bhn,bhnp->bhp", C_[:, i], state))
+    y = torch.stack(ys, dim=1) if ys else x_.new_zeros(b, 0, h, p)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * x_
+    return y.to(x.dtype), state
+
+
+def segsum(g: torch.Tensor) -> torch.Tensor:
+    """seg[..., i, j] = g[j+1] + ... + g[i] for i >= j, and -inf above the diagonal.
+
+    Built by a masked cumulative sum rather than as cumsum[i] - cumsum[j], so that a -inf
+    (a document reset) never meets another -inf in a subtraction, and no precision is lost
+    to cancellation.
+    """
+    T = g.shape[-1]
+    g = g[..., None].expand(*g.shape, T)  # g[..., i, j] = g_i
+    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=g.device).tril(-1)
+    seg = g.masked_fill(~strictly_lower, 0).cumsum(dim=-2)
+    lower = torch.ones(T, T, dtype=torch.bool, device=g.device).tril(0)
+    return seg.masked_fill(~lower, float("-inf"))
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same function as :func:`ssd_sequential`, computed chunk by chunk (the SSD algorithm).
+
+    Inside a chunk the output is a masked, decayed attention-like product (matmuls); between
+    chunks only the n x p states travel. Differentiable, so it is also the CPU training path.
+    """
+    b, t, h, p = x.shape
+    n = B.shape[-1]
+    cdt = _compute_dtype(x)
+    L = chunk_size
+    pad = (-t) % L
+    x_, dt_, B_, C_ = (v.to(cdt) for v in (x, dt, B, C))
+    g = _log_decay(dt_, A.to(cdt), reset)
+    u = x_ * dt_[..., None]  # the value stream, v = dt * x
+    if pad:
+        # Trailing padding has decay exp(0) = 1 and writes nothing: the final state is unchanged.
+        u = F.pad(u, (0, 0, 0, 0, 0, pad))
+        g = F.pad(g, (0, 0, 0, pad))
+        B_ = F.pad(B_, (0, 0, 0, 0, 0, pad))
+        C_ = F.pad(C_, (0, 0, 0, 0, 0, pad))
+    c = (t + pad) // L
+    u = u.reshape(b, c, L, h, p)
+    B_ = B_.reshape(b, c, L, h, n)
+    C_ = C_.reshape(b, c, L, h, n)
+    g = g.reshape(b, c, L, h).permute(0, 3, 1, 2)  # (b, h, c, L)
+
+    # 1. Inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(g_{j+1} + ... + g_i) u_j.
+    decay_in = torch.exp(segsum(g))  # (b, h, c, L, L)
+    scores = torch.einsum("bclhn,bcshn->bhcls", C_, B_) * decay_in
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, u)
+
+    # 2. What each chunk writes into the state, decayed to the chunk's end.
+    decay_to_end = decay_in[..., -1, :]  # (b, h, c, L): exp(g_{j+1} + ... + g_{L-1})
+    chunk_states = torch.einsum("bhcl,bclhn,bclhp->bchnp", decay_to_end, B_, u)
+
+    # 3. Carry the states across chunks: S_c = exp(sum g in chunk c) S_{c-1} + chunk_states_c.
+    if initial_state is None:
+        initial_state = x_.new_zeros(b, h, n, p)
+    states = torch.cat([initial_state.to(cdt)[:, None], chunk_states], dim=1)  # (b, c+1, h, n, p)
+    chunk_total = g.sum(dim=-1)  # (b, h, c)
+    decay_chunks = torch.exp(segsum(F.pad(chunk_total, (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchnp->bzhnp", decay_chunks, states)
+    state_before, final_state = states[:, :-1], states[:, -1]
+
+    # 4. What the state entering each chunk contributes: C_i^T exp(g_0 + ... + g_i) S_{c-1}.
+    decay_from_start = torch.exp(torch.cumsum(g, dim=-1))  # (b, h, c, L)
+    y_off = torch.einsum("bclhn,bchnp,bhcl->bclhp", C_, state_before, decay_from_start)
+
+    y = (y_diag + y_off).reshape(b, c * L, h, p)[:, :t]
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * x_
+    return y.to(x.dtype), final_state
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step: x (b,h,p), dt (b,h), B and C (b,h,n), state (b,h,n,p). Returns (y, new state)."""
+    y, new_state = ssd_sequential(
+        x[:, None], dt[:, None], A, B[:, None], C[:, None], D, initial_state=state
+    )
+    return y[:, 0], new_state
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    seq_pos: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv over time, channels last: y_t = bias + sum_k weight[:, k] * x_{t-(K-1)+k}.
+
+    x (b,t,d), weight (d,K), bias (d), initial_state (b,d,K-1): the K-1 inputs before x (zeros
+    if None). seq_pos (b,t), if given, is each token's position inside its document: a tap that
+    would reach back past the document's start reads zero (packed rows). Returns the
+    pre-activation output (b,t,d) and the new state, the last K-1 inputs (b,d,K-1).
+    """
+    b, t, d = x.shape
+    K = weight.shape[-1]
+    if initial_state is None:
+        history = x.new_zeros(b, K - 1, d)
+    else:
+        history = initial_state.transpose(1, 2).to(x.dtype)
+    xp = torch.cat([history, x], dim=1)  # (b, t+K-1, d)
+    y = x.new_zeros(b, t, d) if bias is None else bias.to(x.dtype).expand(b, t, d).clone()
+    for k in range(K):
+        lag = K - 1 - k
+        tap = xp[:, k : k + t] * weight[:, k].to(x.dtype)
+        if seq_pos is not None and lag > 0:
+            tap = tap * (seq_pos >= lag)[..., None].to(x.dtype)
+        y = y + tap
+    new_state = xp[:, -(K - 1) :].transpose(1, 2) if K > 1 else x.new_zeros(b, d, 0)
+    return y, new_state.contiguous()
