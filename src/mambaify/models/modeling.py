@@ -300,6 +300,7 @@ class HybridModel(HybridPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         cache: HybridCache | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -333,6 +334,7 @@ class HybridModel(HybridPreTrainedModel):
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
         hidden_states = inputs_embeds
+        all_hidden = [hidden_states] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             hidden_states = layer(
                 hidden_states,
@@ -343,8 +345,16 @@ class HybridModel(HybridPreTrainedModel):
                 cache=cache,
                 **kwargs,
             )
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache})
+        if all_hidden is not None:
+            all_hidden[-1] = hidden_states  # as in transformers: the last entry is after the final norm
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{_CACHE_FIELD: cache},
+        )
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
@@ -373,6 +383,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: HybridCache | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
@@ -382,6 +393,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             cache=cache if cache is not None else past_key_values,
+            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -391,7 +403,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)}
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
 

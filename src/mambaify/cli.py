@@ -1,0 +1,184 @@
+"""The ``mambaify`` command line.
+
+    mambaify convert TEACHER OUT --attention 0.5
+
+Bad input ends with one line on stderr and exit status 2, never a traceback
+(set MAMBAIFY_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(ValueError):
+    """Bad input from the command line."""
+
+
+def parse_attention(text: str) -> float | list[int]:
+    """'0.5' -> a fraction; '1,3,5' (or '[1, 3, 5]') -> explicit layer indices."""
+    text = text.strip().strip("[]")
+    try:
+        if "," in text:
+            return [int(part) for part in text.split(",") if part.strip()]
+        return float(text)
+    except ValueError:
+        raise UsageError(
+            f"--attention takes a fraction in [0, 1] (e.g. 0.5) or comma-separated layer indices (e.g. 1,3,5), got {text!r}"
+        ) from None
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import attention_layers_for, convert
+    from .fileio import atomic_directory, check_output_dir
+    from .teachers import load_teacher
+
+    attention = parse_attention(args.attention)
+    check_output_dir(args.out)  # fail before the (slow) teacher load
+    teacher, tokenizer = load_teacher(args.teacher, dtype=_DTYPES[args.dtype])
+    attention_layers_for(teacher.config.num_hidden_layers, attention)  # validates against the depth
+    hybrid = convert(teacher, attention=attention, seed=args.seed)
+    with atomic_directory(args.out) as tmp:
+        hybrid.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    n = hybrid.config.num_hidden_layers
+    print(
+        f"wrote {args.out}: {n - len(hybrid.config.mamba_layers)}/{n} attention layers "
+        f"{hybrid.config.attn_layers}, {len(hybrid.config.mamba_layers)} Mamba2 layers"
+    )
+
+
+_DISTILL_FLAGS = {
+    # flag: (DistillConfig field, type, help)
+    "--teacher": ("teacher", str, "teacher (default smollm2-135m-instruct)"),
+    "--attention": ("attention", parse_attention, "attention kept in the first stage: fraction or indices (default 0.5)"),
+    "--out": ("out", str, "run directory (default runs/demo)"),
+    "--schedule": ("schedule", str, "progressive '0.5,0.25,0.125' or 'stepwise:0.25'"),
+    "--stage": ("stage", str, "stage1 (only Mamba layers train) or e2e (everything trains)"),
+    "--data": ("data", str, "builtin, a .jsonl/.txt file, or a Hugging Face dataset name"),
+    "--tokens": ("tokens", int, "training tokens per stage"),
+    "--seq-len": ("seq_len", int, "packed row length"),
+    "--batch-size": ("batch_size", int, "rows per micro-batch and process"),
+    "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step"),
+    "--lr": ("lr", float, "peak learning rate (default by stage)"),
+    "--kl-weight": ("kl_weight", float, "weight of KL(teacher||student)"),
+    "--ce-weight": ("ce_weight", float, "weight of CE on the target tokens"),
+    "--temperature": ("temperature", float, "distillation temperature"),
+    "--num-prompts": ("num_prompts", int, "built-in data: prompts answered by the teacher"),
+    "--seed": ("seed", int, "random seed"),
+    "--device": ("device", str, "auto or cpu"),
+    "--precision": ("precision", str, "auto, bf16 or fp32"),
+    "--save-every": ("save_every", int, "steps between checkpoints"),
+}
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .distill.trainer import DistillConfig, distill
+
+    overrides = {field: getattr(args, field) for field, _, _ in _DISTILL_FLAGS.values()}
+    if args.reverse_kl:
+        overrides["reverse_kl"] = True
+    if args.no_progress:
+        overrides["progress"] = False
+    if args.config:
+        cfg = DistillConfig.from_yaml(args.config, **overrides)
+    else:
+        cfg = DistillConfig(**{k: v for k, v in overrides.items() if v is not None})
+    metrics = distill(cfg, resume=args.resume)
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    for part in ("text", "chat"):
+        if part in before and part in after:
+            print(
+                f"{part}: perplexity teacher {before[part]['teacher_ppl']:.2f}, converted {before[part]['student_ppl']:.2f}"
+                f" -> distilled {after[part]['student_ppl']:.2f}; KL {before[part]['kl']:.4f} -> {after[part]['kl']:.4f}"
+            )
+    print(f"report: {cfg.out}/report.md, model: {cfg.out}/model")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.standalone import evaluate_model
+
+    path = evaluate_model(args.model, args.teacher, out=args.out, num_texts=args.num_texts,
+                          num_chats=args.num_chats, device=args.device)
+    print(f"report: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mambaify",
+        description="Turn a Llama-family Transformer into an attention/Mamba2 hybrid, distil it, serve it.",
+    )
+    parser.add_argument("--version", action="version", version=f"mambaify {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a teacher into a hybrid (no training)")
+    p.add_argument("teacher", help="local HF folder, hub id, .gguf file, or built-in name (smollm2-135m-instruct)")
+    p.add_argument("out", help="new directory for the hybrid and its tokenizer")
+    p.add_argument("--attention", default="0.5", help="fraction of layers kept as attention, or indices (default 0.5)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed for the new Mamba parameters")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("distill", help="convert and distil a teacher into a hybrid (the main job)")
+    p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    for flag, (field, kind, help_text) in _DISTILL_FLAGS.items():
+        p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    p.add_argument("--reverse-kl", action="store_true", help="use KL(student||teacher)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="compare a saved model with its teacher (perplexity, KL, agreement)")
+    p.add_argument("model", help="a saved hybrid (or any causal LM folder)")
+    p.add_argument("--teacher", required=True, help="the teacher to compare with")
+    p.add_argument("--out", help="directory for report.md and metrics.json (default MODEL/eval)")
+    p.add_argument("--num-texts", type=int, default=64, help="held-out Wikipedia summaries")
+    p.add_argument("--num-chats", type=int, default=16, help="held-out teacher responses")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    # Errors that mean "bad input" and deserve one clear line rather than a traceback.
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    return (ValueError, TypeError, OSError, StrictDataclassClassValidationError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except KeyboardInterrupt:
+        print("mambaify: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as e:
+        if os.environ.get("MAMBAIFY_DEBUG"):
+            raise
+        # transformers wraps config validation errors; the cause holds the useful sentence.
+        cause = e.__cause__ if e.__cause__ is not None and "validation error" in str(e) else e
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"mambaify {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The distillation run on a tiny teacher: freezing, resume, schedules, packing, errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mambaify import convert
+from mambaify.cli import main as cli_main
+from mambaify.distill.data import DataError, collate, pack_documents
+from mambaify.distill.losses import distill_loss
+from mambaify.distill.schedule import plan_stages
+from mambaify.distill.trainer import DistillConfig, RunInterrupted, distill
+from mambaify.teachers import load_teacher
+from tests._tiny_data import CORPUS, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    chats = path / "chat.jsonl"
+    with chats.open("w") as f:
+        for i, text in enumerate(CORPUS):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                             {"role": "assistant", "content": text}]}) + "\n")
+    texts = path / "heldout.txt"
+    texts.write_text("\n\n".join(CORPUS[:6]))
+    return chats, texts
+
+
+def config(teacher_dir, data_files, out, **overrides):
+    chats, texts = data_files
+    base = dict(teacher=str(teacher_dir), out=str(out), data=str(chats), eval_data=str(texts),
+                tokens=5 * 2 * 64, seq_len=64, batch_size=2, eval_texts=6, eval_chats=0, eval_generations=0,
+                progress=False, save_every=2, lr=3e-3, device="cpu")
+    base.update(overrides)
+    return DistillConfig(**base)
+
+
+def weights(run_dir, sub="model"):
+    return load_file(str(run_dir / sub / "model.safetensors"))
+
+
+def test_stage1_trains_only_mamba_and_improves(teacher_dir, data_files, tmp_path):
+    metrics = distill(config(teacher_dir, data_files, tmp_path / "run"))
+    teacher, _ = load_teacher(str(teacher_dir))
+    converted = convert(teacher, attention=0.5, seed=0).state_dict()
+    trained = weights(tmp_path / "run")
+    changed = [n for n in converted if not torch.equal(converted[n], trained[n])]
+    assert changed and all(".mamba." in n for n in changed)
+    frozen = [n for n in converted if ".mamba." not in n]
+    assert all(torch.equal(converted[n], trained[n]) for n in frozen if n in trained)
+    before, after = metrics["before"]["text"], metrics["after"]["text"]
+    assert after["kl"] < before["kl"]
+    for name in ("report.md", "metrics.json", "metrics.jsonl", "config.yaml", "loss_curve.png", "before_after.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(r["tokens_per_s"] > 0 for r in records)
+
+
+def test_resume_after_interruption_gives_the_same_weights(teacher_dir, data_files, tmp_path):
+    distill(config(teacher_dir, data_files, tmp_path / "full"))
+    with pytest.raises(RunInterrupted):
+        distill(config(teacher_dir, data_files, tmp_path / "cut"), stop_after_steps=3)  # checkpoint at 2
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 2
+    with pytest.raises(ValueError, match="already holds a run"):
+        distill(config(teacher_dir, data_files, tmp_path / "cut"))
+    with pytest.raises(ValueError, match="different options"):
+        distill(config(teacher_dir, data_files, tmp_path / "cut", lr=1e-2), resume=True)
+    distill(config(teacher_dir, data_files, tmp_path / "cut"), resume=True)
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[n], resumed[n]) for n in full)
+
+
+def test_progressive_schedule_runs_each_stage(teacher_dir, data_files, tmp_path):
+    cfg = config(teacher_dir, data_files, tmp_path / "prog", schedule="0.5,0", tokens=2 * 2 * 64)
+    metrics = distill(cfg)
+    assert [s["attn_layers"] for s in metrics["stages"]] == [[1], []]
+    stage_dirs = sorted(p.name for p in (tmp_path / "prog" / "stages").iterdir())
+    assert len(stage_dirs) == 2
+    final = json.loads((tmp_path / "prog" / "model" / "config.json").read_text())
+    assert final["attn_layers"] == []
+
+
+def test_plan_stages():
+    assert [s.attn_layers for s in plan_stages(8, 0.5, "0.5,0.25,0.125")] == [[1, 3, 5, 7], [3, 7], [7]]
+    assert [s.attn_layers for s in plan_stages(8, 0.5, "stepwise:0.25")] == [[1, 3, 5, 7], [3, 5, 7], [3, 7]]
+    with pytest.raises(ValueError, match="only convert more layers"):
+        plan_stages(8, 0.25, "0.5")
+
+
+def test_packed_loss_equals_documents_one_by_one():
+    torch.manual_seed(0)
+    docs = [{"input_ids": torch.randint(0, 50, (n,)).tolist(), "loss_mask": [0] + [1] * (n - 1)} for n in (7, 5, 9)]
+    rows = pack_documents(docs, seq_len=32)
+    assert len(rows) == 1
+    batch = collate(rows)
+    table = torch.randn(50, 50, dtype=torch.float64)  # a "model": logits depend on the token only
+    teacher_table = torch.randn(50, 50, dtype=torch.float64)
+    packed = distill_loss(table[batch["input_ids"]], teacher_table[batch["input_ids"]], batch["input_ids"],
+                          batch["loss_mask"], kl_weight=0.1, ce_weight=1.0)
+    total, count = 0.0, 0
+    for d in docs:
+        ids = torch.tensor([d["input_ids"]])
+        out = distill_loss(table[ids], teacher_table[ids], ids, torch.tensor([d["loss_mask"]]),
+                           kl_weight=0.1, ce_weight=1.0)
+        total += float(out["loss"]) * out["n_tokens"]
+        count += out["n_tokens"]
+    assert packed["n_tokens"] == count
+    assert abs(float(packed["loss"]) - total / count) < 1e-6  # the loss accumulates in float32
+
+
+def test_cli_distill_errors_are_one_line(teacher_dir, data_files, tmp_path, capsys):
+    chats, _ = data_files
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "something").write_text("x")
+    assert cli_main(["distill", "--teacher", str(teacher_dir), "--data", str(chats), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0]
+    assert (out / "something").read_text() == "x"
+    assert cli_main(["distill", "--teacher", str(teacher_dir), "--data", str(tmp_path / "missing.jsonl"),
+                     "--out", str(tmp_path / "new")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert cli_main(["distill", "--stage", "stage7", "--out", str(tmp_path / "x")]) == 2
+    assert "stage1" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError):
+        distill(config(teacher_dir, data_files, tmp_path / "e", data=str(empty)))
