@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -57,3 +60,13 @@ def family(request):
 @pytest.fixture
 def llama():
     return tiny_teacher("llama")
+
+
+@pytest.fixture(scope="session")
+def real_teacher_cache():
+    """A cache for the real default teacher shared by the whole test session (and by later runs
+    on the same machine), so the ~93 MB download and GGUF conversion happen once."""
+    cache = Path(os.environ.get("MAMBAIFY_TEST_CACHE") or Path.home() / ".cache" / "mambaify-test")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAMBAIFY_CACHE", str(cache))
+        yield cache

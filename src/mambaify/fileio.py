@@ -14,6 +14,12 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+def mambaify_cache_dir() -> Path:
+    """Root of mambaify's user cache: ``$MAMBAIFY_CACHE``, else ``~/.cache/mambaify``."""
+    root = os.environ.get("MAMBAIFY_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "mambaify"
+
+
 def check_output_dir(path: str | os.PathLike) -> Path:
     """Refuse to write into a directory that already holds something."""
     path = Path(path)

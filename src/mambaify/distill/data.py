@@ -48,6 +48,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..fileio import mambaify_cache_dir
+
 Message = dict[str, str]
 Doc = dict[str, list[int]]
 Row = dict[str, list[int]]
@@ -364,8 +366,7 @@ _TOPIC_TEMPLATES = ("Tell me about {}.", "Write a short paragraph about {}.", "W
 
 def data_cache_dir() -> Path:
     """Where mambaify caches data: ``$MAMBAIFY_CACHE/data`` or ``~/.cache/mambaify/data``."""
-    root = os.environ.get("MAMBAIFY_CACHE") or Path.home() / ".cache" / "mambaify"
-    return Path(root) / "data"
+    return mambaify_cache_dir() / "data"
 
 
 def _write_jsonl_atomic(path: Path, records: Sequence[Record]) -> None:

@@ -58,9 +58,11 @@ class DistillConfig:
     stage: str = "stage1"  # "stage1" (Mamba only) or "e2e" (everything)
     data: str = "builtin"  # "builtin", a .jsonl/.txt path, or an HF dataset name
     eval_data: str | None = None  # held-out text for perplexity (default: built-in Wikipedia)
-    tokens: int = 400_000  # training tokens per stage (scored or not: tokens fed)
+    # The defaults are a demo budget that finishes on a 2-core CPU in about 10 minutes;
+    # configs/ holds real budgets (e.g. configs/h200-smollm2-attn50.yaml).
+    tokens: int = 32_768  # training tokens per stage (fed, scored or not)
     seq_len: int = 256
-    batch_size: int = 8
+    batch_size: int = 4
     grad_accum: int = 1
     lr: float | None = None  # default depends on the stage
     min_lr_ratio: float = 0.1
@@ -72,19 +74,20 @@ class DistillConfig:
     ce_weight: float | None = None
     temperature: float = 1.0
     reverse_kl: bool = False
-    num_prompts: int = 192  # built-in data: prompts the teacher answers (pseudo-labels)
-    label_tokens: int = 96  # longest pseudo-label response
+    num_prompts: int = 64  # built-in data: prompts the teacher answers (pseudo-labels)
+    label_tokens: int = 64  # longest pseudo-label response
     label_batch_size: int = 32
-    text_docs: int = 1024  # built-in data: Wikipedia summaries for plain-text KD
-    eval_texts: int = 64
-    eval_chats: int = 16
-    eval_generations: int = 3
-    eval_max_new_tokens: int = 40
+    text_docs: int = 256  # built-in data: Wikipedia summaries for plain-text KD
+    eval_texts: int = 32
+    eval_chats: int = 8
+    eval_generations: int = 2
+    eval_max_new_tokens: int = 32
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
     teacher_dtype: str = "auto"
     save_every: int = 100  # steps between checkpoints
+    time_budget_s: float | None = None  # cap on each stage's training time (shortens the schedule)
     gradient_checkpointing: bool = False
     progress: bool = True
 
@@ -217,11 +220,16 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, cfg: DistillConf
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(cfg.betas))
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
+def warmup_cosine(plan: dict, warmup: float, min_ratio: float):
+    """Linear warm-up then cosine decay over ``plan["total"]`` steps (read at every step, so a
+    time budget can shorten the run once the step time is known)."""
+
     def factor(step: int) -> float:
+        total = plan["total"]
+        warmup_steps = max(1, round(warmup * total))
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
@@ -299,12 +307,13 @@ def train_stage(
     epochs = max(1, math.ceil(micro_needed * cfg.batch_size / max(1, len(rows))))
 
     optimizer = make_optimizer(params, hp["lr"], cfg)
-    warmup_steps = max(1, round(cfg.warmup * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, warmup_steps, cfg.min_lr_ratio)
-    )
+    plan = {"total": total_steps}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan, cfg.warmup, cfg.min_lr_ratio))
     start_step, tokens_seen = 0, 0
+    calibrate = cfg.time_budget_s is not None
     if resume is not None:
+        plan["total"] = total_steps = resume["total_steps"]
+        calibrate = False
         trainer_state = torch.load(run_dir / "checkpoint" / "trainer.pt", weights_only=False)
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
@@ -314,14 +323,30 @@ def train_stage(
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
     # Every process walks the same global order of micro-batches and takes its own share.
-    plan = D.batches(rows, cfg.batch_size, seed=cfg.seed + stage.index, start_step=start_step * cfg.grad_accum * world,
+    batch_plan = D.batches(rows, cfg.batch_size, seed=cfg.seed + stage.index, start_step=start_step * cfg.grad_accum * world,
                      epochs=epochs, pad_id=pad_id)
-    batch_iter = iter(plan)
+    batch_iter = iter(batch_plan)
 
     bar = tqdm(total=total_steps, initial=start_step, desc=f"stage {stage.index} {stage.label}",
                disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
     t0, tokens_at_t0 = time.perf_counter(), tokens_seen
-    for step in range(start_step, total_steps):
+    step = start_step
+    while step < plan["total"]:
+        if calibrate and step - start_step == 4:
+            # Fit the schedule into the time budget, from the speed of steps 2-4 (step 1 warms up).
+            per_step = (time.perf_counter() - t_second) / 3
+            affordable = step + int((cfg.time_budget_s - (time.perf_counter() - t0)) / per_step)
+            plan["total"] = max(step, min(plan["total"], affordable))
+            bar.total = plan["total"]
+            calibrate = False
+            log.info("time budget %.0fs: %d steps at %.2fs/step", cfg.time_budget_s, plan["total"], per_step)
+            if step >= plan["total"]:  # the budget ends here: mark the stage done
+                save_checkpoint(run_dir, accelerator, student, optimizer, scheduler,
+                                {"stage": stage.index, "step": step, "tokens_seen": tokens_seen,
+                                 "total_steps": plan["total"], "stage_done": True})
+                break
+        if step - start_step == 1:
+            t_second = time.perf_counter()
         micro = [next(batch_iter) for _ in range(cfg.grad_accum * world)][accelerator.process_index :: world]
         local_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
         scored = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum").item()
@@ -363,12 +388,14 @@ def train_stage(
             metrics_file.flush()
         bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+        step += 1
+        last = step >= plan["total"]
+        if step % cfg.save_every == 0 or last:
             save_checkpoint(run_dir, accelerator, student, optimizer, scheduler,
-                            {"stage": stage.index, "step": step + 1, "tokens_seen": tokens_seen,
-                             "total_steps": total_steps, "stage_done": step + 1 == total_steps})
-        if stop_after_steps is not None and step + 1 - start_step >= stop_after_steps:
-            raise RunInterrupted(f"stopped after step {step + 1} (stop_after_steps={stop_after_steps})")
+                            {"stage": stage.index, "step": step, "tokens_seen": tokens_seen,
+                             "total_steps": plan["total"], "stage_done": last})
+        if stop_after_steps is not None and step - start_step >= stop_after_steps:
+            raise RunInterrupted(f"stopped after step {step} (stop_after_steps={stop_after_steps})")
     bar.close()
     student = accelerator.unwrap_model(student)
     student.eval()
@@ -430,6 +457,9 @@ def distill(cfg: DistillConfig, resume: bool = False, stop_after_steps: int | No
         cpu=cfg.device == "cpu", mixed_precision=_precision(cfg, torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"))
     )
     device = accelerator.device
+    if device.type == "cuda":  # the scan and the float32 master weights use TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if accelerator.is_main_process:

@@ -15,8 +15,22 @@ packed row: the state is cleared *before* that token is written (its decay is ex
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def _no_autocast(fn):
+    """Run the scan in its own compute dtype even inside a bf16 autocast region: decays are
+    products of many factors and lose too much if the matmuls round them to bf16."""
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -31,6 +45,7 @@ def _log_decay(dt: torch.Tensor, A: torch.Tensor, reset: torch.Tensor | None) ->
     return g
 
 
+@_no_autocast
 def ssd_sequential(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -84,6 +99,7 @@ def segsum(g: torch.Tensor) -> torch.Tensor:
     return seg.masked_fill(~lower, float("-inf"))
 
 
+@_no_autocast
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,

@@ -1,0 +1,16 @@
+# Source on the (offline) H200 machine from the repo root: installs the carried wheels, joins the
+# carried default teacher, and points mambaify's caches at the carried folders (see shared/gpu/prep.sh).
+set -eo pipefail
+export PYTHONUNBUFFERED=1
+if [ ! -f .gpu/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/whl/*.whl
+  touch .gpu/site/.done
+fi
+export PYTHONPATH="$PWD/.gpu/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if [ ! -f .gpu/smollm2.gguf ] && [ -f .gpu/model/smollm2.gguf.part00 ] && [ -f .gpu/model/smollm2.gguf.part01 ]; then
+  cat .gpu/model/smollm2.gguf.part0* > .gpu/smollm2.gguf.tmp
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  .gpu/smollm2.gguf.tmp" | sha256sum -c --quiet
+  mv .gpu/smollm2.gguf.tmp .gpu/smollm2.gguf
+fi
+export MAMBAIFY_SMOLLM2_GGUF="$PWD/.gpu/smollm2.gguf" MAMBAIFY_CACHE="$PWD/.gpu/cache"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
