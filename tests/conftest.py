@@ -70,3 +70,33 @@ def real_teacher_cache():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MAMBAIFY_CACHE", str(cache))
         yield cache
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny Llama teacher with a real (tiny) tokenizer, saved as a Hugging Face folder."""
+    from tests._tiny_data import tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("teacher")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory):
+    """(chat JSONL for training, plain text for held-out perplexity) made from the tiny corpus."""
+    import json
+
+    from tests._tiny_data import CORPUS
+
+    path = tmp_path_factory.mktemp("data")
+    chats = path / "chat.jsonl"
+    with chats.open("w") as f:
+        for i, text in enumerate(CORPUS):
+            messages = [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": text}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    texts = path / "heldout.txt"
+    texts.write_text("\n\n".join(CORPUS[:6]))
+    return chats, texts

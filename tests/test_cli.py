@@ -5,16 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from mambaify.cli import main as cli_main
-from tests._tiny_data import tiny_llama, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
-    tok = tiny_tokenizer()
-    tiny_llama(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+from tests._tiny_data import tiny_tokenizer
 
 
 def run(capsys, *argv):

@@ -13,30 +13,6 @@ from mambaify.distill.losses import distill_loss
 from mambaify.distill.schedule import plan_stages
 from mambaify.distill.trainer import DistillConfig, RunInterrupted, distill
 from mambaify.teachers import load_teacher
-from tests._tiny_data import CORPUS, tiny_llama, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
-    tok = tiny_tokenizer()
-    model = tiny_llama(tok)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    chats = path / "chat.jsonl"
-    with chats.open("w") as f:
-        for i, text in enumerate(CORPUS):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                             {"role": "assistant", "content": text}]}) + "\n")
-    texts = path / "heldout.txt"
-    texts.write_text("\n\n".join(CORPUS[:6]))
-    return chats, texts
 
 
 def config(teacher_dir, data_files, out, **overrides):

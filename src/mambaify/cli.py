@@ -93,6 +93,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
     else:
         cfg = DistillConfig(**{k: v for k, v in overrides.items() if v is not None})
     metrics = distill(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary
+        return
     before, after = metrics.get("before", {}), metrics.get("after", {})
     for part in ("text", "chat"):
         if part in before and part in after:

@@ -377,10 +377,15 @@ def train_stage(
 
         tokens_seen += cfg.batch_size * cfg.seq_len * len(micro) * world
         elapsed = time.perf_counter() - t0
+        # Log the step's loss over all processes' tokens, not just this one's share.
+        totals = accelerator.reduce(
+            torch.tensor([sums["loss"], sums["kl"], sums["ce"]], device=accelerator.device), "sum"
+        ).tolist()
+        n_scored = max(scored, 1.0)
         record = {
             "stage": stage.index, "step": step + 1, "tokens": tokens_seen,
-            "loss": sums["loss"] / max(local_tokens, 1), "kl": sums["kl"] / max(local_tokens, 1),
-            "ce": sums["ce"] / max(local_tokens, 1), "lr": scheduler.get_last_lr()[0],
+            "loss": totals[0] / n_scored, "kl": totals[1] / n_scored, "ce": totals[2] / n_scored,
+            "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens_per_s": (tokens_seen - tokens_at_t0) / max(elapsed, 1e-9),
         }
         if accelerator.is_main_process:

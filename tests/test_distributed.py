@@ -1,0 +1,34 @@
+"""Data parallelism through torchrun: two CPU processes give the same student as one process
+accumulating the same two micro-batches (gradients are averaged per token, not per process)."""
+
+import subprocess
+import sys
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mambaify import convert
+from mambaify.teachers import load_teacher
+from tests.test_trainer import config
+
+
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, teacher_dir, data_files):
+    cfg = config(teacher_dir, data_files, tmp_path / "unused", tokens=4 * 2 * 64)
+    options = cfg.to_dict()
+    options.pop("out")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(options))
+    common = ["distill", "--config", str(tmp_path / "run.yaml"), "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "mambaify.cli"]
+    subprocess.run(torchrun + common + ["--out", str(tmp_path / "ddp")], check=True, timeout=600,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "mambaify.cli"] + common + ["--out", str(tmp_path / "single"),
+                   "--grad-accum", "2"], check=True, timeout=600, capture_output=True)
+    ddp = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
+    single = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    assert ddp.keys() == single.keys()
+    for name in ddp:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6)
+    converted = convert(load_teacher(str(teacher_dir))[0], attention=0.5).state_dict()
+    assert any(not torch.equal(converted[n], ddp[n]) for n in ddp)  # training did move the weights
