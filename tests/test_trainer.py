@@ -44,6 +44,13 @@ def test_stage1_trains_only_mamba_and_improves(teacher_dir, data_files, tmp_path
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 5 and all(r["tokens_per_s"] > 0 for r in records)
 
+    # `mambaify eval` measures the saved student the same way, on the built-in held-out data.
+    assert cli_main(["eval", str(tmp_path / "run" / "model"), "--teacher", str(teacher_dir),
+                     "--num-texts", "4", "--num-chats", "2", "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["text"]["tokens"] > 0 and evaluated["chat"]["tokens"] > 0
+    assert "| text |" in (tmp_path / "eval" / "report.md").read_text()
+
 
 def test_resume_after_interruption_gives_the_same_weights(teacher_dir, data_files, tmp_path):
     distill(config(teacher_dir, data_files, tmp_path / "full"))
@@ -112,6 +119,11 @@ def test_cli_distill_errors_are_one_line(teacher_dir, data_files, tmp_path, caps
     assert "missing.jsonl" in capsys.readouterr().err
     assert cli_main(["distill", "--stage", "stage7", "--out", str(tmp_path / "x")]) == 2
     assert "stage1" in capsys.readouterr().err
+    # settings that would run out of memory are refused before anything else happens
+    code = cli_main(["distill", "--teacher", str(teacher_dir), "--data", str(chats), "--out", str(tmp_path / "oom"),
+                     "--batch-size", "100000", "--seq-len", "65536"])
+    assert code == 2 and "lower --batch-size" in capsys.readouterr().err
+    assert not (tmp_path / "oom").exists()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError):

@@ -186,7 +186,7 @@ def prepare_data(cfg: DistillConfig, teacher, tokenizer, run_dir: Path, accelera
     if not train_docs:
         raise D.DataError(f"no trainable tokens in {cfg.data!r}: every document is empty after tokenisation")
 
-    # Held-out chat responses: the teacher answers prompts no training example uses.
+    # Held-out chat responses: the teacher answers prompts that no pseudo-label uses.
     chat_prompts = eval_prompts_all[: cfg.eval_chats]
     chat_path = data_dir / "heldout_labels.jsonl"
     if accelerator.is_main_process and chat_prompts:
@@ -204,6 +204,33 @@ def prepare_data(cfg: DistillConfig, teacher, tokenizer, run_dir: Path, accelera
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+
+
+def check_memory(cfg: DistillConfig, config, device: torch.device, bf16: bool) -> None:
+    """Refuse settings whose activations alone would not fit, before spending minutes on data.
+
+    A coarse upper estimate: per token and layer the forward keeps about 10 hidden-size and 4
+    intermediate-size vectors for the backward (fewer with gradient checkpointing); weights are
+    counted as student (float32, with grads and Adam moments) plus teacher.
+    """
+    import psutil
+
+    tokens = cfg.batch_size * cfg.seq_len
+    per_token_layer = (10 * config.hidden_size + 4 * config.intermediate_size) * (2 if bf16 else 4)
+    layers = 2 if cfg.gradient_checkpointing else config.num_hidden_layers
+    params = config.num_hidden_layers * (4 * config.hidden_size**2 + 3 * config.hidden_size * config.intermediate_size)
+    params += 2 * config.vocab_size * config.hidden_size
+    need = tokens * layers * per_token_layer + params * (16 + (2 if bf16 else 4))
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    if need > 0.9 * free:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} needs about {need / 2**30:.1f} GiB "
+            f"but {free / 2**30:.1f} GiB is free on {device}; lower --batch-size (and raise --grad-accum to keep "
+            "the tokens per step), shorten --seq-len, or set gradient_checkpointing: true"
+        )
 
 
 def set_trainable(student: HybridForCausalLM, stage: str) -> list[torch.nn.Parameter]:
@@ -467,9 +494,6 @@ def distill(cfg: DistillConfig, resume: bool = False, stop_after_steps: int | No
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     teacher_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
                      "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teacher_dtype]
@@ -477,6 +501,11 @@ def distill(cfg: DistillConfig, resume: bool = False, stop_after_steps: int | No
     for p in teacher.parameters():
         p.requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    check_memory(cfg, teacher.config, device, bf16=accelerator.mixed_precision == "bf16")
+    if accelerator.is_main_process:  # the run directory is claimed only once the settings pass
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    accelerator.wait_for_everyone()
     stages = plan_stages(teacher.config.num_hidden_layers, cfg.attention, cfg.schedule)
     run_data = prepare_data(cfg, teacher, tokenizer, run_dir, accelerator)
 
