@@ -1,6 +1,8 @@
 """The ``mambaify`` command line.
 
     mambaify convert TEACHER OUT --attention 0.5
+    mambaify generate MODEL "prompt" --max-new-tokens 64
+    mambaify chat MODEL
 
 Bad input ends with one line on stderr and exit status 2, never a traceback
 (set MAMBAIFY_DEBUG=1 to see one).
@@ -113,6 +115,80 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def _generation_options(args: argparse.Namespace) -> dict:
+    """The engine's generation options from the flags, checked (before the slow model load)."""
+    from .generate.sampling import SamplingParams
+
+    SamplingParams(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate.engine import Engine
+    from .generate.loading import load_for_generation
+
+    options = _generation_options(args)
+    model, tokenizer = load_for_generation(args.model, device=args.device, dtype=args.dtype)
+    prompt_length = len(tokenizer(args.prompt)["input_ids"])
+    engine = Engine(model, tokenizer, max_batch_size=1, max_length=prompt_length + args.max_new_tokens,
+                    use_cuda_graph=False if args.eager else "auto")
+    if args.stream:
+        for piece in engine.stream_text(args.prompt, **options):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(engine.generate_text(args.prompt, **options))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .generate.engine import Engine
+    from .generate.loading import load_for_generation
+
+    options = _generation_options(args)
+    model, tokenizer = load_for_generation(args.model, device=args.device, dtype=args.dtype)
+    if not tokenizer.chat_template:
+        raise UsageError(f"{args.model} has no chat template; use `mambaify generate` for plain text")
+    context = getattr(model.config, "max_position_embeddings", None) or args.max_length
+    engine = Engine(model, tokenizer, max_batch_size=1, max_length=min(args.max_length, context),
+                    use_cuda_graph=False if args.eager else "auto")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message; /exit or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":  # "" is end of input
+            break
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        reply = []
+        for piece in engine.stream_chat(history, **options):
+            print(piece, end="", flush=True)
+            reply.append(piece)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("model", help="a saved model folder (hybrid or any causal LM), .gguf file, hub id or teacher name")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"tokens per reply (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 picks the most likely token (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within probability mass p (1: all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["auto", *sorted(_DTYPES)], default="auto",
+                   help="auto: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--eager", action="store_true", help="do not capture the decode step in a CUDA graph")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -149,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-chats", type=int, default=16, help="held-out teacher responses")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with the fast generation engine")
+    _add_generation_args(p, max_new_tokens=128)
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--stream", action="store_true", help="print the text as it comes")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model on stdin/stdout (its chat template; /exit ends)")
+    _add_generation_args(p, max_new_tokens=512)
+    p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--max-length", type=int, default=4096,
+                   help="tokens of history plus reply (default 4096, or the model's context if shorter)")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -98,10 +98,79 @@ def ssd_scan(
     return fn(x, dt, A, B, C, D, initial_state, reset, chunk_size)
 
 
+# --- Fused decode / norm kernels: Triton on CUDA tensors, PyTorch elsewhere --------------------
+# One function each for the generation engine; the PyTorch forms compute the same in the
+# reference's terms and serve the CPU (and CUDA when Triton is missing).
+
+
+def _gpu_kernels(t: torch.Tensor):
+    """mambaify.ops.triton for a CUDA tensor where Triton imports, else None."""
+    if t.device.type != "cuda":
+        return None
+    try:
+        from . import triton as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def ssd_step_inplace(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`ssd_step` updating ``state`` (b,h,n,p) in place; y (b,h,p) goes to ``out`` if given.
+    On CUDA one fused kernel that allocates nothing when ``out`` is given (CUDA-graph safe)."""
+    kernels = _gpu_kernels(state)
+    if kernels is not None:
+        return kernels.ssd_step_inplace(state, x, dt, A, B, C, D, out)
+    y, new_state = ssd_step(state, x, dt, A, B, C, D)
+    state.copy_(new_state)
+    return y if out is None else out.copy_(y)
+
+
+def conv_step_inplace(
+    conv_state: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    silu: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`causal_conv1d` for one token x (b,d), then SiLU (unless ``silu=False``), shifting
+    ``conv_state`` (b,d,K-1) in place; the output goes to ``out`` if given."""
+    kernels = _gpu_kernels(conv_state)
+    if kernels is not None:
+        return kernels.conv_step_inplace(conv_state, x, weight, bias, silu, out)
+    y, new_state = causal_conv1d(x[:, None], weight, bias, conv_state)
+    y = torch.nn.functional.silu(y[:, 0]) if silu else y[:, 0]
+    conv_state.copy_(new_state)
+    return y if out is None else out.copy_(y)
+
+
+def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """weight * RMSNorm(y * silu(z)) over the last dim, as ``models.modeling.GatedRMSNorm``
+    computes it (differentiable on both paths)."""
+    kernels = _gpu_kernels(y)
+    if kernels is not None:
+        return kernels.gated_rmsnorm(y, z, weight, eps)
+    compute = torch.promote_types(y.dtype, torch.float32)
+    h = y.to(compute) * torch.nn.functional.silu(z.to(compute))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(y.dtype)
+
+
 __all__ = [
     "SSDScan",
     "available_backends",
     "causal_conv1d",
+    "conv_step_inplace",
+    "gated_rmsnorm",
     "reference",
     "register_backend",
     "segsum",
@@ -110,4 +179,5 @@ __all__ = [
     "ssd_scan",
     "ssd_sequential",
     "ssd_step",
+    "ssd_step_inplace",
 ]

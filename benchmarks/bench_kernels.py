@@ -1,0 +1,330 @@
+"""Time the SSD scan backends and the decode kernels on a GPU; write JSON and a markdown table.
+
+Usage (on the H200, after ``source benchmarks/h200/env.sh``):
+
+    python3 benchmarks/bench_kernels.py OUT_DIR [--prefill b8,t2048,h32,p64,n64 ...]
+        [--decode b1,h32,p128,n128 ...] [--only scan|decode] [--no-compile]
+
+Prefill/training: the reference chunked scan (eager and torch.compile'd) against fla's
+chunk_simple_gla and chunk_gla, forward and forward+backward, in bf16 (decays and states fp32).
+Decode (one token, an 8B-shaped model by default: 32 heads of 128, d_state 128, conv width
+6144, norm width 4096): our Triton kernels against the PyTorch path, timed both as launched from
+Python and replayed in a CUDA graph (how the generation engine runs them); the SSD step is
+memory-bound, so its achieved bandwidth is reported against the H200's 4.08 TB/s.
+
+Times are medians of triton.testing.do_bench / do_bench_cudagraph, in milliseconds. A case
+that fails (compile error, out of memory, a kernel refusing the machine) is recorded with its
+error and the run goes on. Writes OUT_DIR/bench_kernels.json and OUT_DIR/bench_kernels.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+HBM_BYTES_PER_S = 4.08e12  # H200 HBM3e peak
+DEVICE = "cuda"
+DEFAULT_PREFILL = ["b8,t2048,h32,p64,n64", "b2,t4096,h32,p128,n128"]
+DEFAULT_DECODE = ["b1,h32,p128,n128", "b64,h32,p128,n128"]
+
+
+def parse_shape(spec: str, keys: str) -> dict[str, int]:
+    """'b8,t2048,h32,p64,n64' -> {'b': 8, 't': 2048, ...}; every key in ``keys`` must be given."""
+    out = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part or not part[0].isalpha() or not part[1:].isdigit():
+            raise argparse.ArgumentTypeError(f"bad shape element {part!r} in {spec!r}")
+        out[part[0]] = int(part[1:])
+    if set(out) != set(keys):
+        raise argparse.ArgumentTypeError(f"shape {spec!r} needs exactly the keys {', '.join(keys)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", type=Path, help="folder for bench_kernels.json and bench_kernels.md")
+    p.add_argument("--prefill", action="append", type=lambda s: parse_shape(s, "bthpn"),
+                   help=f"scan shape b,t,h,p,n (repeatable; default {' and '.join(DEFAULT_PREFILL)})")
+    p.add_argument("--decode", action="append", type=lambda s: parse_shape(s, "bhpn"),
+                   help=f"decode shape b,h,p,n (repeatable; default {' and '.join(DEFAULT_DECODE)})")
+    p.add_argument("--kv-heads", type=int, default=8, help="x/B heads for the conv width (default 8)")
+    p.add_argument("--d-conv", type=int, default=4)
+    p.add_argument("--only", choices=["scan", "decode"], help="run one group only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    p.add_argument("--rep", type=int, default=100, help="target ms of timed repetitions per case")
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Recorder:
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def run(self, group: str, shape: str, impl: str, time_fn: Callable[[], float], **extra_of_ms) -> None:
+        """Time one case; ``extra_of_ms`` maps a column name to a function of the median ms."""
+        row = {"group": group, "shape": shape, "impl": impl}
+        try:
+            ms = time_fn()
+            row["ms"] = ms
+            for name, f in extra_of_ms.items():
+                row[name] = f(ms)
+        except Exception as err:  # a failing case is a result too; keep going
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            traceback.print_exc()
+        self.rows.append(row)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        print(json.dumps(shown), flush=True)
+
+
+def fmt_shape(d: dict[str, int]) -> str:
+    return " ".join(f"{k}{v}" for k, v in d.items())
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def bench_scan(rec: Recorder, shape: dict[str, int], args, torch, bench) -> None:
+    from mambaify import ops
+
+    b, t, h, p, n = (shape[k] for k in "bthpn")
+    name = fmt_shape(shape)
+    dev, bf16 = DEVICE, torch.bfloat16
+    torch.manual_seed(0)
+    x = torch.randn(b, t, h, p, device=dev, dtype=bf16)
+    dt = torch.nn.functional.softplus(torch.randn(b, t, h, device=dev) - 1).to(bf16)
+    A = -torch.rand(h, device=dev) * 2 - 0.1
+    B = (torch.randn(b, t, h, n, device=dev) * n**-0.5).to(bf16)
+    C = (torch.randn(b, t, h, n, device=dev) * n**-0.5).to(bf16)
+    D = torch.randn(h, device=dev)
+    S0 = torch.randn(b, h, n, p, device=dev)
+    leaves = [x, dt, A, B, C, D, S0]
+    tok_s = {"tokens_per_s": lambda ms: b * t / (ms * 1e-3)}
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, dt, A, B, C, D, S0)
+        return run
+
+    def fwd_bwd(fn):
+        req = [v.detach().requires_grad_(True) for v in leaves]
+
+        def run():
+            y, s = fn(*req)
+            torch.autograd.grad(y.float().sum() + s.float().sum(), req)
+        return run
+
+    eager = ops.ssd_chunked
+    rec.run("scan", name, "reference chunked eager, fwd", lambda: bench(fwd(eager)), **tok_s)
+    rec.run("scan", name, "reference chunked eager, fwd+bwd", lambda: bench(fwd_bwd(eager)), **tok_s)
+    if not args.no_compile:
+        compiled = torch.compile(ops.ssd_chunked, dynamic=False)
+        rec.run("scan", name, "reference chunked compiled, fwd", lambda: bench(fwd(compiled)), **tok_s)
+        rec.run("scan", name, "reference chunked compiled, fwd+bwd", lambda: bench(fwd_bwd(compiled)), **tok_s)
+
+    try:
+        from mambaify.ops.triton import fla_scan as fs
+    except Exception as err:
+        rec.rows.append({"group": "scan", "shape": name, "impl": "fla", "error": f"fla unavailable: {err}"})
+        return
+    simple = lambda *a: fs.fla_scan(*a, kernel="simple_gla")  # noqa: E731
+    gla = lambda *a: fs.fla_scan(*a, kernel="gla")  # noqa: E731
+    rec.run("scan", name, "fla chunk_simple_gla, fwd", lambda: bench(fwd(simple)), **tok_s)
+    if fs.simple_gla_backward_ok(torch.cuda.current_device()):
+        rec.run("scan", name, "fla chunk_simple_gla, fwd+bwd", lambda: bench(fwd_bwd(simple)), **tok_s)
+    rec.run("scan", name, "fla chunk_gla, fwd", lambda: bench(fwd(gla)), **tok_s)
+    rec.run("scan", name, "fla chunk_gla, fwd+bwd", lambda: bench(fwd_bwd(gla)), **tok_s)
+    # What ops.ssd_scan picks for packed rows (varlen path, one host sync for the cuts).
+    reset = torch.zeros(b, t, dtype=torch.bool, device=dev)
+    reset[:, :: max(t // 4, 1)] = True
+    packed = lambda *a: fs.fla_scan(*a[:7], reset=reset)  # noqa: E731
+    rec.run("scan", name, "fla auto, 4 documents per row, fwd+bwd", lambda: bench(fwd_bwd(packed)), **tok_s)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def bench_decode(rec: Recorder, shape: dict[str, int], args, torch, bench, bench_graph) -> None:
+    from mambaify import ops
+    from mambaify.ops import triton as kernels
+
+    b, h, p, n = (shape[k] for k in "bhpn")
+    name = fmt_shape(shape)
+    dev, bf16 = DEVICE, torch.bfloat16
+    torch.manual_seed(0)
+    state = torch.randn(b, h, n, p, device=dev)
+    x = torch.randn(b, h, p, device=dev, dtype=bf16)
+    dt = torch.nn.functional.softplus(torch.randn(b, h, device=dev)).to(bf16)
+    A = -torch.rand(h, device=dev) - 0.1
+    B = torch.randn(b, h, n, device=dev, dtype=bf16)
+    C = torch.randn(b, h, n, device=dev, dtype=bf16)
+    D = torch.randn(h, device=dev)
+    y = torch.empty_like(x)
+    # Bytes a step must move: the fp32 state read and written, plus its inputs and output.
+    step_bytes = 2 * state.numel() * 4 + (x.numel() + B.numel() + C.numel() + dt.numel() + y.numel()) * 2
+    bw = {
+        "GB_per_s": lambda ms: step_bytes / (ms * 1e-3) / 1e9,
+        "pct_of_hbm_peak": lambda ms: 100 * step_bytes / (ms * 1e-3) / HBM_BYTES_PER_S,
+    }
+
+    def torch_step():
+        y_ref, new_state = ops.ssd_step(state, x, dt, A, B, C, D)
+        state.copy_(new_state)
+        y.copy_(y_ref)
+
+    kernel_step = lambda: kernels.ssd_step_inplace(state, x, dt, A, B, C, D, out=y)  # noqa: E731
+    for impl, fn in [("triton ssd_step_inplace", kernel_step), ("torch ssd_step + copy_", torch_step)]:
+        rec.run("decode ssd step", name, f"{impl}, launched", lambda: bench(fn), **bw)
+        rec.run("decode ssd step", name, f"{impl}, CUDA graph", lambda: bench_graph(fn), **bw)
+    if not args.no_compile:
+        compiled = torch.compile(torch_step, dynamic=False)
+        rec.run("decode ssd step", name, "torch compiled, CUDA graph", lambda: bench_graph(compiled), **bw)
+
+    # Conv window of the mixer (x, B from the kv heads, C from all heads) and the gated norm.
+    d = args.kv_heads * (p + n) + h * n
+    K = args.d_conv
+    conv_state = torch.randn(b, d, K - 1, device=dev, dtype=bf16)
+    xc = torch.randn(b, d, device=dev, dtype=bf16)
+    w = torch.randn(d, K, device=dev, dtype=bf16)
+    bias = torch.randn(d, device=dev, dtype=bf16)
+    yc = torch.empty_like(xc)
+    conv_name = f"b{b} d{d} K{K}"
+
+    def torch_conv():
+        out, new_state = ops.causal_conv1d(xc[:, None], w, bias, conv_state)
+        conv_state.copy_(new_state)
+        yc.copy_(torch.nn.functional.silu(out[:, 0]))
+
+    kernel_conv = lambda: kernels.conv_step_inplace(conv_state, xc, w, bias, True, out=yc)  # noqa: E731
+    for impl, fn in [("triton conv_step_inplace", kernel_conv), ("torch causal_conv1d + silu", torch_conv)]:
+        rec.run("decode conv step", conv_name, f"{impl}, CUDA graph", lambda: bench_graph(fn))
+
+    width = h * p
+    yn = torch.randn(b, width, device=dev, dtype=bf16)
+    zn = torch.randn(b, width, device=dev, dtype=bf16)
+    wn = torch.randn(width, device=dev)
+    norm_name = f"rows{b} N{width}"
+    for impl, fn in [
+        ("triton gated_rmsnorm", lambda: kernels.gated_rmsnorm(yn, zn, wn, 1e-5)),
+        ("torch (GatedRMSNorm's ops)", lambda: _torch_norm(torch, yn, zn, wn)),
+    ]:
+        rec.run("decode gated norm", norm_name, f"{impl}, CUDA graph", lambda: bench_graph(fn))
+
+
+def _torch_norm(torch, y, z, w, eps=1e-5):
+    # The module's forward (ops.gated_rmsnorm would dispatch CUDA tensors to the kernel).
+    h = y.float() * torch.nn.functional.silu(z.float())
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(y.dtype)
+
+
+def bench_norm_training(rec: Recorder, shape: dict[str, int], torch, bench) -> None:
+    from mambaify.ops import triton as kernels
+
+    rows, width = shape["b"] * shape["t"], shape["h"] * shape["p"]
+    y = torch.randn(rows, width, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    z = torch.randn(rows, width, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(width, device=DEVICE, requires_grad=True)
+    g = torch.randn(rows, width, device=DEVICE)
+
+    def run(fn):
+        return lambda: torch.autograd.grad(fn(y, z, w), (y, z, w), g)
+
+    name = f"rows{rows} N{width}"
+    rec.run("gated norm fwd+bwd", name, "triton gated_rmsnorm", lambda: bench(run(lambda *a: kernels.gated_rmsnorm(*a, 1e-5))))
+    rec.run("gated norm fwd+bwd", name, "torch (GatedRMSNorm's ops)", lambda: bench(run(lambda *a: _torch_norm(torch, *a))))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Kernel benchmarks",
+        "",
+        f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}; "
+        "median ms (triton.testing.do_bench / do_bench_cudagraph).",
+        "",
+        "| group | shape | implementation | ms | tokens/s | GB/s | % of 4.08 TB/s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+
+    def num(v, f):
+        return format(v, f) if isinstance(v, (int, float)) else ""
+
+    for r in rows:
+        ms = num(r.get("ms"), ".4f") if "error" not in r else f"error: {r['error']}"
+        lines.append(
+            f"| {r['group']} | {r['shape']} | {r['impl']} | {ms} | {num(r.get('tokens_per_s'), ',.0f')} "
+            f"| {num(r.get('GB_per_s'), ',.0f')} | {num(r.get('pct_of_hbm_peak'), '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prefill = args.prefill or [parse_shape(s, "bthpn") for s in DEFAULT_PREFILL]
+    decode = args.decode or [parse_shape(s, "bhpn") for s in DEFAULT_DECODE]
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    def bench(fn):
+        return do_bench(fn, rep=args.rep, return_mode="median")
+
+    def bench_graph(fn):
+        fn()  # compile / autotune outside the capture
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
+
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except Exception:
+        fla_version = "unavailable"
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fla": fla_version,
+        "python": platform.python_version(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "hbm_peak_bytes_per_s": HBM_BYTES_PER_S,
+    }
+    print(json.dumps(meta), flush=True)
+    rec = Recorder()
+    if args.only in (None, "scan"):
+        for shape in prefill:
+            bench_scan(rec, shape, args, torch, bench)
+            bench_norm_training(rec, shape, torch, bench)
+            torch.cuda.empty_cache()
+    if args.only in (None, "decode"):
+        for shape in decode:
+            bench_decode(rec, shape, args, torch, bench, bench_graph)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": rec.rows}, indent=2))
+    (args.out_dir / "bench_kernels.md").write_text(markdown(rec.rows, meta))
+    print(markdown(rec.rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,744 @@
+"""Batched generation with static caches and a decode step that a CUDA graph can replay.
+
+``model.generate()`` stays the transformers path. This engine is the fast one: caches sized once
+for a batch and a length, one prefill pass over the left-padded prompts, then one fixed-shape
+decode step per token that reads and writes the caches in place. It runs the model's own modules
+(projections, conv, norms, MLPs, rotary embedding), so it needs no copy of the weights, and it
+serves a :class:`~mambaify.models.modeling.HybridForCausalLM` or a plain Llama-family teacher
+(then every layer is attention).
+
+Slots. All rows of a request share one slot numbering: the prompt batch, left-padded to width
+T, fills slots 0..T-1, and decode step i writes slot T+i in every row. Row b's padding is the
+slots below ``pad_lengths[b]``; so a token's position (for RoPE) is its slot minus the row's
+padding, and a query at slot s may attend to the slots in [pad_lengths[b], s]. A left-padded
+row therefore computes what its prompt alone computes, and one decode step is the same for every
+row: fixed shapes, no branching on values, so CUDA graphs can capture it.
+
+Reading order: cache buffers -> AttentionRunner / MambaRunner (one token mixer, prefill and
+decode) -> DecoderLayerRunner -> DecodingStack (the whole model) -> EagerDecoder /
+CUDAGraphDecoder -> Engine -> generate().
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..models.cache import MambaLayerCache
+from ..models.modeling import Mamba2Mixer
+from .sampling import SamplingParams, sample_next_tokens
+
+Prompts = torch.Tensor | Sequence[Sequence[int]]
+
+# ---------------------------------------------------------------------------------------------
+# Static cache buffers
+
+
+@dataclass
+class KVBuffers:
+    """Keys (RoPE applied) and values of one attention layer, each (batch, kv_heads, slots, head_dim)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def rows(self, n: int) -> KVBuffers:
+        return KVBuffers(self.keys[:n], self.values[:n])
+
+
+@dataclass
+class MambaBuffers:
+    """State of one Mamba layer: the last d_conv - 1 conv inputs (batch, conv_dim, d_conv - 1) and
+    the SSM state (batch, heads, d_state, head_dim) in the scan's compute dtype (float32, or
+    float64 for a float64 model)."""
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+    def rows(self, n: int) -> MambaBuffers:
+        return MambaBuffers(self.conv_state[:n], self.ssm_state[:n])
+
+
+@dataclass
+class StaticCache:
+    """One buffer set per layer, plus the left padding of each row of the current request."""
+
+    layers: list[KVBuffers | MambaBuffers]
+    pad_lengths: torch.Tensor  # (batch,) long
+
+    def rows(self, n: int) -> StaticCache:
+        """The first n rows, as views: same memory, so a graph captured on them sees every update."""
+        return StaticCache([layer.rows(n) for layer in self.layers], self.pad_lengths[:n])
+
+
+# ---------------------------------------------------------------------------------------------
+# One forward pass's bookkeeping
+
+
+@dataclass
+class ForwardContext:
+    """Where the tokens of one forward pass sit, shared by all its layers.
+
+    query_slots (t,): the cache slots the tokens are written to.
+    key_slots (s,): the slots attention reads, 0..s-1: the prompt's in prefill, all in decode.
+    mask (batch, 1, t, s) bool: the keys each query may see (before any sliding window).
+    rotary: RoPE (cos, sin) at the tokens' positions; None when no layer is attention.
+    padding_mask (batch, t): 1 on real tokens; the Mamba layers' input mask in prefill.
+    """
+
+    query_slots: torch.Tensor
+    key_slots: torch.Tensor
+    mask: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+    padding_mask: torch.Tensor | None
+
+    def attention_mask(self, sliding_window: int | None) -> torch.Tensor:
+        if sliding_window is None:
+            return self.mask
+        # Within a row the slots of real tokens are consecutive positions, so the slot distance is
+        # the position distance that transformers' sliding-window mask compares.
+        in_window = self.query_slots[:, None] - self.key_slots[None, :] < sliding_window
+        return self.mask & in_window
+
+
+def grouped_query_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v, each group of query heads sharing one key/value head.
+
+    The heads of a group are laid along the query axis instead of repeating the keys and values
+    per head: the cache is read once per group and every SDPA backend accepts the shapes.
+    query (b, h, t, d); keys, values (b, kv_heads, s, d); mask (b, 1, t, s) bool -> (b, h, t, d).
+    """
+    b, h, t, d = query.shape
+    kv_heads, s = keys.shape[1], keys.shape[2]
+    group = h // kv_heads
+    query = query.reshape(b, kv_heads, group * t, d)
+    mask = mask[:, :, None].expand(b, 1, group, t, s).reshape(b, 1, group * t, s)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, t, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token mixers against the static cache
+
+
+class AttentionRunner:
+    """A teacher-family attention module (Llama, Mistral or Qwen2) run against static K/V buffers
+    with its own projections and its family's RoPE function. Prefill and decode are one code path:
+    write this pass's keys/values at their slots, then attend over the slots the mask allows."""
+
+    def __init__(self, attention: nn.Module):
+        self.attention = attention
+        self.head_dim: int = attention.head_dim
+        self.num_kv_heads: int = attention.k_proj.out_features // self.head_dim
+        # Qwen2 sets its window per layer; Mistral reads it from the config; Llama has none.
+        self.sliding_window: int | None = getattr(
+            attention, "sliding_window", getattr(attention.config, "sliding_window", None)
+        )
+        self.apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
+
+    def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers:
+        shape = (batch, self.num_kv_heads, slots, self.head_dim)
+        # Zeros, not empty: masked slots still enter the matmuls, and a NaN there would survive the mask.
+        return KVBuffers(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, kv: KVBuffers) -> torch.Tensor:
+        attn = self.attention
+        b, t, _ = hidden.shape
+        heads = (b, t, -1, self.head_dim)
+        query = attn.q_proj(hidden).view(heads).transpose(1, 2)
+        key = attn.k_proj(hidden).view(heads).transpose(1, 2)
+        value = attn.v_proj(hidden).view(heads).transpose(1, 2)
+        query, key = self.apply_rotary(query, key, *ctx.rotary)
+        kv.keys.index_copy_(2, ctx.query_slots, key)
+        kv.values.index_copy_(2, ctx.query_slots, value)
+        readable = ctx.key_slots.shape[0]
+        out = grouped_query_attention(
+            query,
+            kv.keys[:, :, :readable],
+            kv.values[:, :, :readable],
+            ctx.attention_mask(self.sliding_window),
+            attn.scaling,
+        )
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    prefill = decode = forward
+
+
+class MambaRunner:
+    """A :class:`Mamba2Mixer` run against static conv/SSM state: the prompt goes through the
+    mixer's own forward (padding masked, chunked scan via ``ops.ssd_scan``), each decoded token
+    through one conv-window shift and one recurrence step (``ops.conv_step_inplace`` and
+    ``ops.ssd_step_inplace``)."""
+
+    def __init__(self, mixer: Mamba2Mixer):
+        self.mixer = mixer
+
+    def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> MambaBuffers:
+        m = self.mixer  # the state has one size whatever the number of slots
+        return MambaBuffers(
+            conv_state=torch.zeros(batch, m.conv_dim, m.d_conv - 1, dtype=dtype, device=device),
+            ssm_state=torch.zeros(
+                batch, m.num_heads, m.d_state, m.head_dim,
+                dtype=torch.promote_types(dtype, torch.float32), device=device,
+            ),
+        )
+
+    def prefill(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaBuffers) -> torch.Tensor:
+        fresh = MambaLayerCache()  # no state yet: the scan starts from zeros
+        out = self.mixer(hidden, ctx.padding_mask, None, fresh)
+        state.conv_state.copy_(fresh.conv_state)
+        state.ssm_state.copy_(fresh.ssm_state)
+        return out
+
+    def decode(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaBuffers) -> torch.Tensor:
+        # Mamba2Mixer.forward for one token, the state read and written in place (fused kernels on CUDA).
+        m = self.mixer
+        b = hidden.shape[0]
+        z, xBC, dt = m.project(hidden)
+        xBC = ops.conv_step_inplace(state.conv_state, xBC[:, 0], m.conv1d.weight[:, 0], m.conv1d.bias)  # SiLU-ed
+        x, B, C = m.split_heads(xBC[:, None])
+        dt = F.softplus(dt[:, 0] + m.dt_bias)
+        A = -torch.exp(m.A_log.to(torch.promote_types(m.A_log.dtype, torch.float32)))
+        y = ops.ssd_step_inplace(state.ssm_state, x[:, 0], dt, A, B[:, 0], C[:, 0], m.D)
+        return m.out_proj(m.norm(y.reshape(b, 1, m.d_inner), z))
+
+
+class DecoderLayerRunner:
+    """A decoder layer (the hybrid's or the teacher's): norm, token mixer, residual, norm, MLP, residual."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        mamba = getattr(layer, "mamba", None)
+        self.mixer = MambaRunner(mamba) if isinstance(mamba, Mamba2Mixer) else AttentionRunner(layer.self_attn)
+
+    def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers | MambaBuffers:
+        return self.mixer.allocate(batch, slots, dtype, device)
+
+    def prefill(self, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
+        return self._run(self.mixer.prefill, hidden, ctx, buffers)
+
+    def decode(self, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
+        return self._run(self.mixer.decode, hidden, ctx, buffers)
+
+    def _run(self, mix: Callable, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
+        layer = self.layer
+        hidden = hidden + mix(layer.input_layernorm(hidden), ctx, buffers)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+
+
+class DecodingStack:
+    """A causal LM's modules run against a :class:`StaticCache`: a prefill over a left-padded
+    prompt batch, and a decode step of one token per row."""
+
+    def __init__(self, model: nn.Module, num_slots: int):
+        base = model.model
+        self.embed_tokens, self.norm, self.rotary_emb = base.embed_tokens, base.norm, base.rotary_emb
+        self.lm_head = model.lm_head
+        self.layers = [DecoderLayerRunner(layer) for layer in base.layers]
+        self.has_attention = any(isinstance(r.mixer, AttentionRunner) for r in self.layers)
+        self.num_slots = num_slots
+        self.slot_range = torch.arange(num_slots, device=self.lm_head.weight.device)
+
+    def allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> StaticCache:
+        layers = [runner.allocate(batch, self.num_slots, dtype, device) for runner in self.layers]
+        return StaticCache(layers, torch.zeros(batch, dtype=torch.long, device=device))
+
+    def context(
+        self,
+        hidden: torch.Tensor,
+        query_slots: torch.Tensor,
+        num_key_slots: int,
+        pad_lengths: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> ForwardContext:
+        keys = self.slot_range[:num_key_slots]
+        causal = keys[None, :] <= query_slots[:, None]  # (t, s)
+        own = keys[None, :] == query_slots[:, None]
+        real = keys[None, None, :] >= pad_lengths[:, None, None]  # (b, 1, s)
+        # A query on a padding slot sees only itself: a row with no key at all would make NaNs,
+        # and no real token ever attends to a padding slot.
+        mask = (causal & (real | own))[:, None]
+        rotary = None
+        if self.has_attention:
+            positions = (query_slots[None, :] - pad_lengths[:, None]).clamp(min=0)
+            rotary = self.rotary_emb(hidden, positions)
+        return ForwardContext(query_slots, keys, mask, rotary, padding_mask)
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: StaticCache, logits_to_keep: int = 1
+    ) -> torch.Tensor:
+        """Run the prompt batch (left-padded) from slot 0 and leave its state in the cache.
+        Returns the logits of the last ``logits_to_keep`` positions (0: all), (b, kept, vocab)."""
+        t = input_ids.shape[1]
+        cache.pad_lengths.copy_((attention_mask == 0).sum(dim=-1))
+        hidden = self.embed_tokens(input_ids)
+        ctx = self.context(hidden, self.slot_range[:t], t, cache.pad_lengths, attention_mask)
+        for runner, buffers in zip(self.layers, cache.layers):
+            hidden = runner.prefill(hidden, ctx, buffers)
+        return self.lm_head(self.norm(hidden[:, -logits_to_keep:]))
+
+    def decode(self, token_ids: torch.Tensor, slot: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """One token per row, token_ids (b, 1), written at ``slot`` (a (1,) tensor) -> logits (b, vocab).
+        Fixed shapes and no host reads: the step a CUDA graph captures."""
+        hidden = self.embed_tokens(token_ids)
+        ctx = self.context(hidden, slot, self.num_slots, cache.pad_lengths)
+        for runner, buffers in zip(self.layers, cache.layers):
+            hidden = runner.decode(hidden, ctx, buffers)
+        return self.lm_head(self.norm(hidden))[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the decode step: eagerly, or by replaying a CUDA graph
+
+
+@dataclass
+class DecodeInputs:
+    """The decode step's input buffers: token_ids (b, 1) and the slot to write (1,)."""
+
+    token_ids: torch.Tensor
+    slot: torch.Tensor
+
+
+class EagerDecoder:
+    """Runs the decode step as ordinary PyTorch calls."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], inputs: DecodeInputs):
+        self.step = step
+        self.inputs = inputs
+
+    def load(self, token_ids: torch.Tensor, slot: int) -> None:
+        self.inputs.token_ids.copy_(token_ids[:, None])
+        self.inputs.slot.fill_(slot)
+
+    def __call__(self, token_ids: torch.Tensor, slot: int) -> torch.Tensor:
+        self.load(token_ids, slot)
+        return self.step()
+
+
+class CUDAGraphDecoder(EagerDecoder):
+    """Captures the decode step once and replays it: one launch per token instead of one per kernel.
+
+    The graph reads the input buffers, the cache and the request's pad lengths at fixed addresses
+    and writes its logits to one output buffer, which the next replay overwrites. Warming up runs
+    the step for real, writing into the cache: capture before the request's prefill.
+    """
+
+    def __init__(self, step: Callable[[], torch.Tensor], inputs: DecodeInputs, warmup_steps: int = 2):
+        super().__init__(step, inputs)
+        # Lazy initialisation (cuBLAS workspaces, autotuning) must happen before capture, on a side
+        # stream as PyTorch's CUDA-graph notes prescribe.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step()
+
+    def __call__(self, token_ids: torch.Tensor, slot: int) -> torch.Tensor:
+        self.load(token_ids, slot)
+        self.graph.replay()
+        return self.logits
+
+
+def _rope_is_static(rotary_emb: nn.Module) -> bool:
+    # Dynamic and long RoPE recompute their frequencies from the positions seen, on the host.
+    rope_type = str(getattr(rotary_emb, "rope_type", "default"))
+    return "dynamic" not in rope_type and "longrope" not in rope_type
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class _Request:
+    """The request the cache holds: its rows, its decoder and the slot the next token goes to."""
+
+    batch_size: int
+    decoder: EagerDecoder
+    next_slot: int
+
+
+def _token_ids(value: int | Sequence[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+class Engine:
+    """Batched prefill + decode over static caches, for a hybrid or a Llama-family causal LM.
+
+    Engine(model, tokenizer=None, max_batch_size=8, max_length=2048) allocates, once, for every
+    attention layer a K/V buffer (max_batch_size, kv_heads, max_length, head_dim) and for every
+    Mamba layer a conv state (max_batch_size, conv_dim, d_conv - 1) and an SSM state
+    (max_batch_size, heads, d_state, head_dim) in float32. A request holds at most max_batch_size
+    prompts, and prompt width + max_new_tokens <= max_length.
+
+    device / dtype: move / cast the model (in place) first; None keeps the model's.
+    use_cuda_graph: "auto" replays a captured decode step on CUDA (one capture per batch size,
+    made at the first request of that size); True insists; False always runs eagerly.
+
+    One request at a time: a new prefill ends the previous request, and a stream of the previous
+    request raises if it is resumed after that.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        max_batch_size: int = 8,
+        max_length: int = 2048,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        use_cuda_graph: bool | Literal["auto"] = "auto",
+    ):
+        if max_batch_size < 1 or max_length < 2:
+            raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_length = max_length
+
+        self.stack = DecodingStack(model, num_slots=max_length)
+        self.cache = self.stack.allocate(max_batch_size, self.dtype, self.device)
+        self.inputs = DecodeInputs(
+            token_ids=torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device),
+            slot=torch.zeros(1, dtype=torch.long, device=self.device),
+        )
+        self.use_cuda_graph = self._resolve_cuda_graph(use_cuda_graph)
+        self._decoders: dict[int, EagerDecoder] = {}
+        self._request: _Request | None = None
+        self.stop_token_ids, self.pad_token_id = self._special_tokens()
+
+    def _resolve_cuda_graph(self, setting: bool | Literal["auto"]) -> bool:
+        capturable = self.device.type == "cuda" and _rope_is_static(self.stack.rotary_emb)
+        if setting == "auto":
+            return capturable
+        if setting and not capturable:
+            raise ValueError("CUDA graphs need a CUDA device and a RoPE that does not depend on the positions seen")
+        return bool(setting)
+
+    def _special_tokens(self) -> tuple[list[int], int]:
+        """Stop ids: the generation config's eos (else the config's), plus the tokenizer's eos.
+        Pad id: the generation config's, the config's or the tokenizer's, else the first stop id."""
+        generation = getattr(self.model, "generation_config", None)
+        config = self.model.config
+        stop = _token_ids(getattr(generation, "eos_token_id", None)) or _token_ids(
+            getattr(config, "eos_token_id", None)
+        )
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tokenizer_eos is not None and tokenizer_eos not in stop:
+            stop.append(tokenizer_eos)
+        pads = [
+            getattr(generation, "pad_token_id", None),
+            getattr(config, "pad_token_id", None),
+            getattr(self.tokenizer, "pad_token_id", None),
+        ]
+        pad = next((p for p in pads if p is not None), stop[0] if stop else 0)
+        return stop, int(pad)
+
+    def _stop_ids(self, given: int | Sequence[int] | None) -> list[int]:
+        return _token_ids(given) if given is not None else self.stop_token_ids
+
+    # --- the two steps --------------------------------------------------------------------
+
+    def prefill(
+        self, prompts: Prompts, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 1
+    ) -> torch.Tensor:
+        """Start a request: run the prompts and leave their state in the cache.
+
+        prompts: a (batch, width) tensor, left-padded as ``attention_mask`` says, or lists of
+        token ids (left-padded here). Returns logits (batch, kept, vocab) of the last
+        ``logits_to_keep`` positions (0: all).
+        """
+        return self._prefill(*self._batch(prompts, attention_mask), logits_to_keep)
+
+    def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (batch,) to the current request -> next logits (batch, vocab).
+        With CUDA graphs the logits live in the graph's output buffer until the next decode."""
+        if self._request is None:
+            raise RuntimeError("no request: call prefill() first")
+        return self._decode(self._request, token_ids)
+
+    @torch.no_grad()
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+        b, width = input_ids.shape
+        if b not in self._decoders:
+            # Before this request's prefill: a CUDA-graph capture runs the step and scribbles on the cache.
+            self._decoders[b] = self._make_decoder(b)
+        self._request = _Request(batch_size=b, decoder=self._decoders[b], next_slot=width)
+        return self.stack.prefill(input_ids, attention_mask, self.cache.rows(b), logits_to_keep)
+
+    def _make_decoder(self, batch_size: int) -> EagerDecoder:
+        inputs = DecodeInputs(self.inputs.token_ids[:batch_size], self.inputs.slot)
+        cache = self.cache.rows(batch_size)
+
+        def step() -> torch.Tensor:
+            return self.stack.decode(inputs.token_ids, inputs.slot, cache)
+
+        return CUDAGraphDecoder(step, inputs) if self.use_cuda_graph else EagerDecoder(step, inputs)
+
+    @torch.no_grad()
+    def _decode(self, request: _Request, token_ids: torch.Tensor) -> torch.Tensor:
+        if request is not self._request:
+            raise RuntimeError("another request started on this engine while this one was being decoded")
+        if request.next_slot >= self.max_length:
+            raise ValueError(f"the request reached max_length={self.max_length}")
+        if token_ids.shape != (request.batch_size,):
+            raise ValueError(
+                f"decode takes one token per row, shape ({request.batch_size},), got {tuple(token_ids.shape)}"
+            )
+        logits = request.decoder(token_ids.to(self.device), request.next_slot)
+        request.next_slot += 1
+        return logits
+
+    def _batch(self, prompts: Prompts, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts as a left-padded (ids, mask) pair on the engine's device, checked."""
+        if isinstance(prompts, torch.Tensor):
+            input_ids = prompts.to(self.device)
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be (batch, width) with width >= 1, got {tuple(input_ids.shape)}")
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+            if mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+                )
+            if not bool((mask[:, 1:] >= mask[:, :-1]).all() & mask[:, -1].bool().all()):
+                raise ValueError(
+                    "the engine needs left padding (each attention_mask row zeros, then ones, ending "
+                    "with a real token); tokenize with padding_side='left'"
+                )
+        else:
+            rows = [list(p) for p in prompts]
+            if not rows or not all(rows):
+                raise ValueError("give at least one prompt, and at least one token in each")
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, row in enumerate(rows):
+                input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+                mask[i, width - len(row):] = 1
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        if input_ids.shape[0] > self.max_batch_size:
+            raise ValueError(f"{input_ids.shape[0]} prompts exceed the engine's max_batch_size={self.max_batch_size}")
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(f"prompt width {input_ids.shape[1]} exceeds the engine's max_length={self.max_length}")
+        return input_ids, mask.long()
+
+    # --- generation -----------------------------------------------------------------------
+
+    def _steps(
+        self,
+        prompts: Prompts,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        stop_token_ids: Sequence[int] | None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield, per step, each row's new token (batch,) and whether the row was still running
+        (batch,) bool; rows that had stopped emit the pad id."""
+        sampling = SamplingParams(temperature, top_k, top_p)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids, attention_mask = self._batch(prompts, attention_mask)
+        if input_ids.shape[1] + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"prompt width {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+                f"engine's max_length={self.max_length}"
+            )
+        stop = torch.tensor(self._stop_ids(stop_token_ids), dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+
+        logits = self._prefill(input_ids, attention_mask)[:, -1]
+        request = self._request
+        running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            tokens = sample_next_tokens(logits, sampling, generator).masked_fill(~running, self.pad_token_id)
+            yield tokens, running
+            running = running & ~torch.isin(tokens, stop)
+            if step + 1 == max_new_tokens or not bool(running.any()):
+                return
+            logits = self._decode(request, tokens)
+
+    def stream(
+        self,
+        prompts: Prompts,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> Iterator[list[int | None]]:
+        """Yield one list per step: each row's new token, or None once the row has stopped.
+
+        prompts: lists of token ids, or a left-padded (batch, width) tensor with its mask.
+        temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off (see SamplingParams).
+        seed fixes the sampling (a torch.Generator); stop_token_ids default to the model's eos.
+        A row stops after emitting a stop token (which it emits); all stop at max_new_tokens.
+        """
+        steps = self._steps(prompts, attention_mask, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
+        for tokens, running in steps:
+            yield [token if active else None for token, active in zip(tokens.tolist(), running.tolist())]
+
+    def generate(
+        self,
+        prompts: Prompts,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The new tokens (batch, steps), as :meth:`stream` produces them; stopped rows hold the pad
+        id. steps <= max_new_tokens: generation ends when every row has stopped."""
+        steps = self._steps(prompts, attention_mask, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
+        return torch.stack([tokens for tokens, _ in steps], dim=1)
+
+    # --- text in, text out ----------------------------------------------------------------
+
+    def generate_text(self, prompts: str | Sequence[str], **options) -> str | list[str]:
+        """Complete each prompt; the reply text stops before the stop token. Options as for generate()."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tokens = self.generate([self._encode(text) for text in texts], **options)
+        stop = set(self._stop_ids(options.get("stop_token_ids")))
+        replies = [self._decode_reply(row, stop) for row in tokens.tolist()]
+        return replies[0] if isinstance(prompts, str) else replies
+
+    def stream_text(self, prompt: str, **options) -> Iterator[str]:
+        """Complete one prompt, yielding the text as it comes. Options as for generate()."""
+        return self._stream_reply(self._encode(prompt), options)
+
+    def chat(self, messages: Sequence[dict], **options) -> str:
+        """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
+        return "".join(self.stream_chat(messages, **options))
+
+    def stream_chat(self, messages: Sequence[dict], **options) -> Iterator[str]:
+        """The assistant's reply to a conversation, yielded as it comes (the tokenizer's chat template)."""
+        tokenizer = self._need_tokenizer()
+        if not tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        # The template writes the special tokens itself (BOS included).
+        return self._stream_reply(tokenizer(text, add_special_tokens=False)["input_ids"], options)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("text in and out needs a tokenizer: Engine(model, tokenizer)")
+        return self.tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        return self._need_tokenizer()(text)["input_ids"]
+
+    def _decode_reply(self, tokens: list[int], stop: set[int]) -> str:
+        end = next((i for i, token in enumerate(tokens) if token in stop), len(tokens))
+        return self._need_tokenizer().decode(tokens[:end], skip_special_tokens=True)
+
+    def _stream_reply(self, prompt_ids: list[int], options: dict) -> Iterator[str]:
+        tokenizer = self._need_tokenizer()
+        stop = set(self._stop_ids(options.get("stop_token_ids")))
+        reply: list[int] = []
+        shown = ""
+        for (token,) in self.stream([prompt_ids], **options):
+            if token in stop:
+                continue
+            reply.append(token)
+            text = tokenizer.decode(reply, skip_special_tokens=True)
+            # A byte-level token can end inside a multi-byte character: wait for the rest of it.
+            if not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+        rest = tokenizer.decode(reply, skip_special_tokens=True)[len(shown):]
+        if rest:
+            yield rest
+
+
+# ---------------------------------------------------------------------------------------------
+# The opt-in from a model
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    **options,
+) -> torch.Tensor:
+    """What ``model.generate(input_ids, attention_mask=..., max_new_tokens=...)`` returns (the
+    prompt, then the new tokens), computed by an :class:`Engine`.
+
+    The engine is kept on the model and reused while it is large enough for the request; its
+    length is rounded up so that slightly longer requests reuse it too. Options as for
+    Engine.generate (greedy by default).
+    """
+    batch, width = input_ids.shape
+    engine = _engine_for(model, batch, width + max_new_tokens)
+    new_tokens = engine.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
+    return torch.cat([input_ids.to(new_tokens.device), new_tokens], dim=1)
+
+
+_ENGINE_ATTRIBUTE = "_mambaify_engine"
+_LENGTH_QUANTUM = 256
+
+
+def _engine_for(model: nn.Module, batch_size: int, length: int) -> Engine:
+    engine: Engine | None = getattr(model, _ENGINE_ATTRIBUTE, None)
+    weight = model.lm_head.weight
+    if (
+        engine is None
+        or engine.max_batch_size < batch_size
+        or engine.max_length < length
+        or (engine.device, engine.dtype) != (weight.device, weight.dtype)
+    ):
+        setattr(model, _ENGINE_ATTRIBUTE, None)  # let the old engine's caches go before allocating new ones
+        engine = Engine(
+            model,
+            max_batch_size=batch_size,
+            max_length=-(-length // _LENGTH_QUANTUM) * _LENGTH_QUANTUM,
+        )
+        setattr(model, _ENGINE_ATTRIBUTE, engine)
+    return engine
+
+
+__all__ = [
+    "AttentionRunner",
+    "CUDAGraphDecoder",
+    "DecodingStack",
+    "EagerDecoder",
+    "Engine",
+    "KVBuffers",
+    "MambaBuffers",
+    "MambaRunner",
+    "StaticCache",
+    "generate",
+    "grouped_query_attention",
+]

@@ -1,0 +1,37 @@
+"""GPU kernels behind :mod:`mambaify.ops`.
+
+Importing this package needs Triton (an ImportError tells :mod:`mambaify.ops` that there are no
+GPU kernels). It holds our own Triton kernels for decoding (:mod:`.decode`) and the gated
+RMSNorm (:mod:`.norm`), and registers the ``fla`` scan backend (:mod:`.fla_scan`), preferred
+for CUDA tensors, where fla-core imports and CUDA is available.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton  # noqa: F401  (the ImportError that says "no GPU kernels here")
+
+from .. import register_backend
+from .decode import conv_step_inplace, ssd_step, ssd_step_inplace
+from .norm import gated_rmsnorm
+
+logger = logging.getLogger(__name__)
+
+
+def _register_fla() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from .fla_scan import fla_ssd_scan
+    except Exception as err:  # not installed, or failing to import on this platform: keep the reference
+        logger.info("fla scan backend unavailable: %s", err)
+        return False
+    register_backend("fla", fla_ssd_scan, cuda_preferred=True)
+    return True
+
+
+FLA_AVAILABLE = _register_fla()
+
+__all__ = ["FLA_AVAILABLE", "conv_step_inplace", "gated_rmsnorm", "ssd_step", "ssd_step_inplace"]

@@ -1,0 +1,245 @@
+"""Fused one-token decode kernels: the SSD state update and the causal-conv window update.
+
+Both work in place on the generation cache's tensors and allocate nothing when ``out`` is given,
+so a decode step built from them can be captured in a CUDA graph. Inputs may be strided views
+(e.g. B expanded from the kv heads with stride 0): every tensor is passed with its strides.
+Notation as in :mod:`mambaify.ops.reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one after another: fewer, larger blocks are faster
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _acc_dtype(t: torch.Tensor) -> tl.dtype:
+    # float32 accumulation for everything but float64, which the CPU tests use to compare tightly.
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+# --------------------------------------------------------------------------- SSD step
+
+
+@triton.jit
+def _ssd_step_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
+    H, N, P,
+    s_sb, s_sh, s_sn, s_sp,
+    x_sb, x_sh, x_sp,
+    dt_sb, dt_sh,
+    B_sb, B_sh, B_sn,
+    C_sb, C_sh, C_sn,
+    y_sb, y_sh, y_sp,
+    HAS_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """One program per (batch b, head h, block of p columns):
+
+        S[b,h] <- exp(dt[b,h] * A[h]) * S[b,h] + B[b,h] (dt[b,h] * x[b,h])^T      (n x p, in place)
+        y[b,h]  = S[b,h]^T C[b,h] + D[h] * x[b,h]
+
+    computed in the state's dtype (float32 in the cache). The columns of S are independent, so
+    splitting p over programs needs no communication.
+    """
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    acc = state_ptr.dtype.element_ty
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_n = offs_n < N
+    mask_p = offs_p < P
+
+    dt = tl.load(dt_ptr + b * dt_sb + h * dt_sh).to(acc)
+    a = tl.load(A_ptr + h).to(acc)
+    x = tl.load(x_ptr + b * x_sb + h * x_sh + offs_p * x_sp, mask=mask_p, other=0.0).to(acc)
+    Bv = tl.load(B_ptr + b * B_sb + h * B_sh + offs_n * B_sn, mask=mask_n, other=0.0).to(acc)
+    Cv = tl.load(C_ptr + b * C_sb + h * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
+
+    s_ptrs = state_ptr + b * s_sb + h * s_sh + offs_n[:, None] * s_sn + offs_p[None, :] * s_sp
+    mask = mask_n[:, None] & mask_p[None, :]
+    S = tl.load(s_ptrs, mask=mask, other=0.0)
+    S = tl.exp(dt * a) * S + Bv[:, None] * (dt * x)[None, :]
+    tl.store(s_ptrs, S, mask=mask)
+
+    y = tl.sum(S * Cv[:, None], axis=0)
+    if HAS_D:
+        y += tl.load(D_ptr + h).to(acc) * x
+    tl.store(y_ptr + b * y_sb + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+
+
+def _block_p(programs_per_block: int, p: int, device: torch.device) -> int:
+    # A (b, h) pair alone is too little work to fill the GPU at small batch (b=1, h=32 is 32
+    # programs for 132 SMs): split p until there are about two programs per SM.
+    block = min(triton.next_power_of_2(p), 64)
+    while block > 8 and programs_per_block * triton.cdiv(p, block) < 2 * _num_sms(device):
+        block //= 2
+    return block
+
+
+def ssd_step_inplace(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step of the SSD recurrence, updating ``state`` (b,h,n,p) in place.
+
+    x (b,h,p), dt (b,h) (already softplus-ed), A (h), B and C (b,h,n), D (h) or None.
+    Writes y (b,h,p) into ``out`` (allocated in x's dtype if None) and returns it.
+    """
+    b, h, n, p = state.shape
+    if x.shape != (b, h, p) or dt.shape != (b, h) or B.shape != (b, h, n) or C.shape != (b, h, n):
+        raise ValueError(
+            f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
+            f"dt {tuple(dt.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
+        )
+    if out is None:
+        out = torch.empty_like(x)
+    block_p = _block_p(b * h, p, state.device)
+    grid = (b * h, triton.cdiv(p, block_p))
+    _ssd_step_kernel[grid](
+        state, x, dt, A, B, C, D if D is not None else A, out,
+        h, n, p,
+        *state.stride(),
+        *x.stride(),
+        *dt.stride(),
+        *B.stride(),
+        *C.stride(),
+        *out.stride(),
+        HAS_D=D is not None,
+        BLOCK_N=triton.next_power_of_2(n),
+        BLOCK_P=block_p,
+    )
+    return out
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mambaify.ops.ssd_step` on the kernel: returns (y, new state), leaving ``state`` as it was."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    new_state = state.to(compute, copy=True)
+    return ssd_step_inplace(new_state, x, dt, A, B, C, D), new_state
+
+
+# --------------------------------------------------------------------------- conv step
+
+
+@triton.jit
+def _conv_step_kernel(
+    state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr,
+    DIM,
+    st_sb, st_sd, st_sk,
+    x_sb, x_sd,
+    w_sd, w_sk,
+    y_sb, y_sd,
+    K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    APPLY_SILU: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """One program per (batch b, block of channels d). With the window W = [state[b, d, :], x[b, d]]
+    (the K-1 previous inputs, then this one):
+
+        y[b, d]        = silu(bias[d] + sum_k weight[d, k] * W[k])     (silu optional)
+        state[b, d, :] = W[1:]                                          (in place)
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < DIM
+    row = state_ptr + b * st_sb + offs_d[:, None] * st_sd
+
+    x = tl.load(x_ptr + b * x_sb + offs_d * x_sd, mask=mask_d, other=0.0)
+    # The window: taps 0..K-2 from the state, tap K-1 is the new input.
+    from_state = mask_d[:, None] & (offs_k < K - 1)[None, :]
+    window = tl.load(row + offs_k[None, :] * st_sk, mask=from_state, other=0.0).to(ACC)
+    window = tl.where((offs_k == K - 1)[None, :], x.to(ACC)[:, None], window)
+    # The next state, W[1:], read now: registers cannot be shifted, and memory may only be
+    # overwritten once every load of this block has been issued (barrier below).
+    next_in_state = mask_d[:, None] & (offs_k + 1 < K - 1)[None, :]
+    shifted = tl.load(row + (offs_k[None, :] + 1) * st_sk, mask=next_in_state, other=0.0)
+    shifted = tl.where((offs_k == K - 2)[None, :], x.to(state_ptr.dtype.element_ty)[:, None], shifted)
+
+    w = tl.load(
+        w_ptr + offs_d[:, None] * w_sd + offs_k[None, :] * w_sk,
+        mask=mask_d[:, None] & (offs_k < K)[None, :],
+        other=0.0,
+    ).to(ACC)
+    y = tl.sum(window * w, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    if APPLY_SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + b * y_sb + offs_d * y_sd, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+    # Threads of this program may load a tap that another thread stores to: all loads first.
+    tl.debug_barrier()
+    tl.store(row + offs_k[None, :] * st_sk, shifted, mask=from_state)
+
+
+def conv_step_inplace(
+    conv_state: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    silu: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token of the causal depthwise conv, shifting ``conv_state`` (b,d,K-1) in place.
+
+    x (b,d), weight (d,K), bias (d) or None. Returns y (b,d) = silu(conv) (or the
+    pre-activation with ``silu=False``), as :func:`mambaify.ops.causal_conv1d` on one token gives
+    it, written into ``out`` (allocated in x's dtype if None).
+    """
+    b, d = x.shape
+    K = weight.shape[-1]
+    if conv_state.shape != (b, d, K - 1) or weight.shape != (d, K):
+        raise ValueError(
+            f"conv_step shapes disagree: conv_state {tuple(conv_state.shape)}, x {tuple(x.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
+    if out is None:
+        out = torch.empty_like(x)
+    block_d = min(triton.next_power_of_2(d), 256)
+    _conv_step_kernel[(b, triton.cdiv(d, block_d))](
+        conv_state, x, weight, bias if bias is not None else weight, out,
+        d,
+        *conv_state.stride(),
+        *x.stride(),
+        *weight.stride(),
+        *out.stride(),
+        K=K,
+        BLOCK_K=max(triton.next_power_of_2(K), 2),
+        BLOCK_D=block_d,
+        HAS_BIAS=bias is not None,
+        APPLY_SILU=silu,
+        ACC=_acc_dtype(x),
+    )
+    return out

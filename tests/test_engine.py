@@ -1,0 +1,279 @@
+"""The generation engine against transformers' generate() and plain forward passes, on tiny models:
+hybrids at 50% and 0% attention and the Llama teacher itself (100%)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mambaify import convert
+from mambaify.cli import main as cli_main
+from mambaify.generate import engine as engine_module
+from mambaify.generate.engine import Engine
+from mambaify.generate.sampling import SamplingParams, keep_top_k, keep_top_p
+from tests._tiny_data import tiny_llama, tiny_tokenizer
+from tests.conftest import tiny_teacher
+
+PAD, EOS = 0, 2  # the tiny teacher's
+
+
+def perturbed_hybrid(attention: float):
+    """A converted tiny Llama with its conv and skip moved off their init, so every path matters."""
+    model = convert(tiny_teacher("llama"), attention=attention)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if not layer.is_attention:
+                layer.mamba.conv1d.weight.normal_(0, 0.3)
+                layer.mamba.D.normal_(1, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=[0.5, 0.0, 1.0], ids=["hybrid-50", "hybrid-0", "llama"])
+def model(request):
+    return tiny_teacher("llama") if request.param == 1.0 else perturbed_hybrid(request.param)
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    return perturbed_hybrid(0.5)
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def random_prompts(*lengths: int, seed: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# --- greedy decoding equals transformers' generate ------------------------------------------
+
+
+def test_greedy_batch1_equals_model_generate(model):
+    ids = torch.tensor(random_prompts(9))
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    engine = Engine(model, max_batch_size=1, max_length=32)
+    assert torch.equal(engine.generate(ids, max_new_tokens=12), expected[:, ids.shape[1]:])
+
+
+def test_left_padded_batch_equals_generate_and_each_prompt_alone(model):
+    prompts = random_prompts(7, 2, 12)
+    ids, mask = left_padded(prompts)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    engine = Engine(model, max_batch_size=4, max_length=32)
+    batch = engine.generate(prompts, max_new_tokens=10)  # lists: the engine pads them itself
+    assert torch.equal(batch, expected[:, ids.shape[1]:])
+    for i, prompt in enumerate(prompts):
+        alone = engine.generate([prompt], max_new_tokens=10)[0]
+        assert batch[i, : len(alone)].tolist() == alone.tolist()
+
+
+def test_prefill_logits_equal_forward(model):
+    ids, mask = left_padded(random_prompts(5, 11, 1))
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+    logits = Engine(model, max_batch_size=3, max_length=16).prefill(ids, mask, logits_to_keep=0)
+    real = mask.bool()
+    assert torch.allclose(logits[real], expected[real], atol=1e-5)
+
+
+def test_decode_steps_equal_recomputation(model):
+    prompts = random_prompts(6, 3)
+    ids, mask = left_padded(prompts)
+    continuation = torch.tensor(random_prompts(8, 8, seed=4))  # fixed tokens, fed one step at a time
+    engine = Engine(model, max_batch_size=2, max_length=16)
+    engine.prefill(ids, mask)
+    stepped = torch.stack([engine.decode(continuation[:, i]).clone() for i in range(8)], dim=1)
+    full_ids = torch.cat([ids, continuation], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)
+    with torch.no_grad():
+        expected = model(full_ids, attention_mask=full_mask, position_ids=positions(full_mask)).logits
+    assert torch.allclose(stepped, expected[:, ids.shape[1]:], atol=1e-5)
+
+
+@pytest.mark.parametrize("family, overrides", [("qwen2", {}), ("mistral", {"sliding_window": 5})])
+def test_other_families_and_sliding_windows(family, overrides):
+    teacher = tiny_teacher(family)
+    teacher.config.update(overrides)  # a window shorter than prompt + reply, so it matters
+    for model in (teacher, convert(teacher, attention=0.5)):
+        ids = torch.tensor(random_prompts(7))
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        assert torch.equal(Engine(model, max_batch_size=1, max_length=16).generate(ids, max_new_tokens=8),
+                           expected[:, ids.shape[1]:])
+
+
+# --- sampling, stopping, streaming ------------------------------------------------------------
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert torch.isinf(keep_top_k(logits, 2)).tolist() == [[True, False, True, False]]
+    probs = logits.softmax(-1)[0]  # 0.03, 0.64, 0.09, 0.24
+    nucleus = keep_top_p(logits, float(probs[1] + 0.01))  # 0.64 is not enough: the 0.24 joins
+    assert torch.isinf(nucleus).tolist() == [[True, False, True, False]]
+    assert torch.isinf(keep_top_p(logits, 0.5)).tolist() == [[True, False, True, True]]  # the top token always stays
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0.0)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(hybrid):
+    prompts = random_prompts(5, 8)
+    engine = Engine(hybrid, max_batch_size=2, max_length=32)
+    options = dict(max_new_tokens=12, temperature=1.5, stop_token_ids=[])
+    first = engine.generate(prompts, seed=7, **options)
+    assert torch.equal(engine.generate(prompts, seed=7, **options), first)
+    assert not torch.equal(engine.generate(prompts, seed=8, **options), first)
+    greedy = engine.generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    assert torch.equal(engine.generate(prompts, seed=7, top_k=1, **options), greedy)
+    assert torch.equal(engine.generate(prompts, seed=7, top_p=1e-6, **options), greedy)
+
+
+def test_stop_tokens_stop_rows_independently(hybrid):
+    prompts = random_prompts(5, 8, 3)
+    engine = Engine(hybrid, max_batch_size=3, max_length=32)
+    free = engine.generate(prompts, max_new_tokens=10, stop_token_ids=[]).tolist()
+    stop = next(token for token in free[0] if token not in free[-1])  # stops row 0, never the last row
+    stops_at = [row.index(stop) if stop in row else None for row in free]
+    assert stops_at[0] < 9 and stops_at[-1] is None
+    out = engine.generate(prompts, max_new_tokens=10, stop_token_ids=[stop]).tolist()
+    for row, free_row, at in zip(out, free, stops_at):
+        if at is None:
+            assert row == free_row
+        else:  # the stop token is emitted, then padding
+            assert row[: at + 1] == free_row[: at + 1] and set(row[at + 1:]) <= {PAD}
+
+
+def test_stream_yields_what_generate_returns(hybrid):
+    prompts = random_prompts(4, 9)
+    engine = Engine(hybrid, max_batch_size=2, max_length=32)
+    free = engine.generate(prompts, max_new_tokens=8, stop_token_ids=[])
+    stop = [free[1, 3].item()]  # row 1 stops early, row 0 keeps going
+    generated = engine.generate(prompts, max_new_tokens=8, stop_token_ids=stop)
+    steps = list(engine.stream(prompts, max_new_tokens=8, stop_token_ids=stop))
+    assert len(steps) == generated.shape[1]
+    streamed = torch.tensor([[PAD if token is None else token for token in step] for step in steps]).T
+    assert torch.equal(streamed, generated)
+    assert steps[-1][1] is None  # a stopped row yields None, not a token
+
+
+def test_opt_in_from_the_model_returns_what_model_generate_returns(hybrid):
+    ids, mask = left_padded(random_prompts(4, 7))
+    expected = hybrid.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(engine_module.generate(hybrid, ids, mask, max_new_tokens=6), expected)
+    cached = hybrid._mambaify_engine
+    engine_module.generate(hybrid, ids[:1], mask[:1], max_new_tokens=6)
+    assert hybrid._mambaify_engine is cached  # a smaller request reuses the engine
+
+
+def test_bad_requests_are_refused(hybrid):
+    engine = Engine(hybrid, max_batch_size=2, max_length=16)
+    ids = torch.tensor([[5, 6, 7, 0]])
+    with pytest.raises(ValueError, match="left padding"):
+        engine.generate(ids, torch.tensor([[1, 1, 1, 0]]))
+    with pytest.raises(ValueError, match="max_length"):
+        engine.generate(ids, max_new_tokens=13)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        engine.generate([[5], [6], [7]])
+    stream = engine.stream([[5, 6]], max_new_tokens=4, stop_token_ids=[])
+    next(stream)
+    engine.prefill([[8, 9]])  # a new request takes over the cache
+    with pytest.raises(RuntimeError, match="another request"):
+        next(stream)
+
+
+# --- text in, text out, and the command line --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_hybrid(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hybrid")
+    tokenizer = tiny_tokenizer()
+    convert(tiny_llama(tokenizer), attention=0.5).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_text_helpers(saved_hybrid):
+    tokenizer = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(saved_hybrid).eval()
+    engine = Engine(model, tokenizer, max_batch_size=2, max_length=64)
+    ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
+    new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)[0, ids.shape[1]:]
+    new = new[: (new == tokenizer.eos_token_id).nonzero()[0, 0]] if tokenizer.eos_token_id in new else new
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    assert engine.generate_text("The quick brown fox", max_new_tokens=10) == expected
+    assert "".join(engine.stream_text("The quick brown fox", max_new_tokens=10)) == expected
+    replies = engine.generate_text(["The quick brown fox", "Hello!"], max_new_tokens=10)
+    assert replies[0] == expected and replies[1] == engine.generate_text("Hello!", max_new_tokens=10)
+    messages = [{"role": "user", "content": "Tell me about the Moon."}]
+    assert engine.chat(messages, max_new_tokens=10) == "".join(engine.stream_chat(messages, max_new_tokens=10))
+
+
+def test_cli_generate_prints_the_completion(saved_hybrid, capsys):
+    model = AutoModelForCausalLM.from_pretrained(saved_hybrid).eval()
+    expected = Engine(model, tiny_tokenizer(), max_length=64).generate_text("Hello! How", max_new_tokens=8)
+    for extra in ([], ["--stream"]):
+        args = ["generate", str(saved_hybrid), "Hello! How", "--max-new-tokens", "8", "--device", "cpu", *extra]
+        assert cli_main(args) == 0
+        assert capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_chat_keeps_the_history(saved_hybrid, capsys, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(saved_hybrid).eval()
+    engine = Engine(model, tiny_tokenizer(), max_length=256)
+    history = [{"role": "user", "content": "Hello!"}]
+    first = engine.chat(history, max_new_tokens=6)
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "What is the Moon?"}]
+    second = engine.chat(history, max_new_tokens=6)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\n\nWhat is the Moon?\n/exit\nnot read\n"))
+    assert cli_main(["chat", str(saved_hybrid), "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == f"{first}\n{second}\n"
+
+
+@pytest.mark.parametrize(
+    "args, message", [(["{missing}", "hi"], "Cannot find"), (["{model}", "hi", "--top-p", "0"], "top_p")]
+)
+def test_cli_bad_input_is_one_error_line(saved_hybrid, tmp_path, capsys, args, message):
+    names = dict(missing=tmp_path / "nowhere", model=saved_hybrid)
+    assert cli_main(["generate", *[a.format(**names) for a in args]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mambaify generate: error:") and message in err[0]
+
+
+# --- CUDA graphs ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", [0.5, 0.0, 1.0])
+def test_cuda_graph_decode_equals_eager(attention):
+    model = (tiny_teacher("llama") if attention == 1.0 else perturbed_hybrid(attention)).cuda()
+    prompts = random_prompts(7, 2, 12)
+    graphed = Engine(model, max_batch_size=4, max_length=48, use_cuda_graph=True)
+    eager = Engine(model, max_batch_size=4, max_length=48, use_cuda_graph=False)
+    for batch in (prompts, prompts[:1]):  # two batch sizes: two captured graphs
+        options = dict(max_new_tokens=24, stop_token_ids=[])
+        assert torch.equal(graphed.generate(batch, **options), eager.generate(batch, **options))
+        sampled = dict(options, temperature=1.0, top_p=0.9, seed=3)
+        assert torch.equal(graphed.generate(batch, **sampled), eager.generate(batch, **sampled))
+    ids, mask = left_padded(prompts)
+    graphed.prefill(ids, mask)
+    eager.prefill(ids, mask)
+    token = torch.tensor([5, 6, 7], device="cuda")
+    assert torch.allclose(graphed.decode(token), eager.decode(token), atol=1e-4)

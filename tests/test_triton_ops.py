@@ -1,0 +1,377 @@
+"""GPU kernels (mambaify.ops.triton) and the ops-level decode/norm functions against the reference.
+
+* The PyTorch paths of ops.ssd_step_inplace / conv_step_inplace / gated_rmsnorm: always.
+* Our Triton kernels: compiled on CUDA (``gpu`` marker), else in Triton's interpreter on the CPU.
+  Triton decides "interpret or compile" when a kernel (its own library's too) is decorated,
+  i.e. at import, and the model stack imports triton early; so on a CPU machine
+  :func:`test_kernels_in_triton_interpreter` reruns this file's ``interp`` cases in a
+  subprocess started with TRITON_INTERPRET=1, and nothing leaks into other tests. Skipped where
+  triton is not installed.
+* The fla scan backend: ``gpu`` marker, skipped without CUDA or fla-core; forward and backward
+  against the reference at bf16 tolerances.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambaify import ops
+from mambaify.models.modeling import GatedRMSNorm
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error, computed in float64."""
+    a, e = actual.double(), expected.double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+# Tolerances of a kernel's result against the float64 reference on the same (rounded) inputs.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def randn(*shape, g, dtype=torch.float64, device="cpu", scale=1.0):
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+
+def step_inputs(b, h, n, p, dtype, device="cpu", seed=0):
+    """One decode step's inputs in ``dtype``; the state as the cache keeps it (float32, or float64)."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return SimpleNamespace(
+        state=randn(b, h, n, p, g=g, dtype=wide, device=device),
+        x=randn(b, h, p, g=g, dtype=dtype, device=device),
+        dt=F.softplus(randn(b, h, g=g)).to(device, dtype),
+        A=(-torch.rand(h, generator=g, dtype=torch.float64) * 2 - 0.1).to(device, wide),
+        B=randn(b, h, n, g=g, dtype=dtype, device=device),
+        C=randn(b, h, n, g=g, dtype=dtype, device=device),
+        D=randn(h, g=g, dtype=dtype, device=device),
+    )
+
+
+def as64(ns: SimpleNamespace) -> SimpleNamespace:
+    return SimpleNamespace(**{k: v.double().cpu() for k, v in vars(ns).items()})
+
+
+# --------------------------------------------------------------------------- PyTorch paths
+
+
+def test_ssd_step_inplace_torch_path():
+    i = step_inputs(3, 5, 7, 9, torch.float64)
+    y_ref, s_ref = ops.ssd_step(i.state, i.x, i.dt, i.A, i.B, i.C, i.D)
+    state, out = i.state.clone(), torch.empty_like(i.x)
+    ptr = state.data_ptr()
+    y = ops.ssd_step_inplace(state, i.x, i.dt, i.A, i.B, i.C, i.D, out=out)
+    assert y is out and state.data_ptr() == ptr
+    assert torch.equal(y, y_ref) and torch.equal(state, s_ref)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_conv_step_inplace_torch_path(K):
+    g = torch.Generator().manual_seed(1)
+    x, w, bias = randn(2, 6, 11, g=g), randn(11, K, g=g), randn(11, g=g)
+    s0 = randn(2, 11, K - 1, g=g)
+    y_ref, s_ref = ops.causal_conv1d(x, w, bias, s0)
+    state = s0.clone()
+    for t in range(6):
+        y = ops.conv_step_inplace(state, x[:, t], w, bias)
+        assert (y - F.silu(y_ref[:, t])).abs().max() < 1e-12
+    assert torch.equal(state, s_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rmsnorm_torch_path_is_the_module(dtype):
+    g = torch.Generator().manual_seed(2)
+    module = GatedRMSNorm(37, eps=1e-5)
+    with torch.no_grad():
+        module.weight.copy_(randn(37, g=g))
+    y, z = randn(2, 3, 37, g=g, dtype=dtype), randn(2, 3, 37, g=g, dtype=dtype)
+    out = ops.gated_rmsnorm(y, z, module.weight, 1e-5)
+    assert out.dtype == module(y, z).dtype and torch.equal(out, module(y, z))
+
+
+# --------------------------------------------------------------------------- our Triton kernels
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="kernels run compiled on CUDA / this is the subprocess")
+def test_kernels_in_triton_interpreter():
+    """The ``interp`` kernel cases below, in a fresh interpreter with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp", __file__]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+@pytest.fixture
+def kernels(request):
+    """mambaify.ops.triton, compiled for CUDA or, in the subprocess above, interpreted."""
+    callspec = getattr(request.node, "callspec", None)
+    device = callspec.params.get("device", "cuda") if callspec is not None else "cuda"
+    if device == "cpu" and HAS_CUDA:
+        pytest.skip("with CUDA present the kernels are compiled for it, not interpreted")
+    if device == "cpu" and not INTERPRET:
+        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_kernels_in_triton_interpreter")
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    return importlib.import_module("mambaify.ops.triton")
+
+
+# (device, dtype of the inputs): float64 and float32 in the interpreter, float32 and bf16 on CUDA.
+KERNEL_CASES = [
+    pytest.param("cpu", torch.float64, marks=needs_triton, id="interp-f64"),
+    pytest.param("cpu", torch.float32, marks=needs_triton, id="interp-f32"),
+    pytest.param("cuda", torch.float32, marks=gpu, id="cuda-f32"),
+    pytest.param("cuda", torch.bfloat16, marks=gpu, id="cuda-bf16"),
+]
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("with_D", [True, False])
+def test_ssd_step_kernel(kernels, device, dtype, with_D):
+    b, h, n, p, steps = 3, 6, 7, 37, 3  # odd sizes: masks on n and p, p split over programs on CUDA
+    i = step_inputs(b, h, n, p, dtype, device)
+    # Strided inputs as the engine may pass them: B shared by all heads (a stride-0 view, as
+    # with one kv head), x a slice of a wider tensor.
+    B_view = i.B[:, :1].expand(b, h, n)
+    x_view = torch.cat([i.x, i.x[..., :5]], dim=-1)[..., :p]
+    i.B = B_view.contiguous()
+    ref = as64(i)
+    D, D64 = (i.D, ref.D) if with_D else (None, None)
+    state_tol = 1e-12 if dtype == torch.float64 else 1e-5  # the state is float32 (or float64)
+    state, state64 = i.state.clone(), ref.state
+    for _ in range(steps):  # state carried across steps, as in decoding
+        y = kernels.ssd_step_inplace(state, x_view, i.dt, i.A, B_view, i.C, D)
+        y64, state64 = ops.ssd_step(state64, ref.x, ref.dt, ref.A, ref.B, ref.C, D64)
+        assert y.dtype == i.x.dtype
+        assert rel_err(y, y64) < TOL[dtype]
+        assert rel_err(state, state64) < state_tol
+    # The functional form leaves its input state alone and returns the new one.
+    before = state.clone()
+    y2, new_state = kernels.ssd_step(state, i.x, i.dt, i.A, i.B, i.C, D)
+    assert torch.equal(state, before)
+    y64, s64 = ops.ssd_step(state64, ref.x, ref.dt, ref.A, ref.B, ref.C, D64)
+    assert rel_err(y2, y64) < TOL[dtype] and rel_err(new_state, s64) < state_tol
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+def test_ssd_step_kernel_writes_in_place(kernels, device, dtype):
+    i = step_inputs(2, 3, 16, 8, dtype, device, seed=3)
+    state, out = i.state.clone(), torch.empty_like(i.x)
+    ptrs = (state.data_ptr(), out.data_ptr())
+    y = kernels.ssd_step_inplace(state, i.x, i.dt, i.A, i.B, i.C, i.D, out=out)
+    assert y is out and (state.data_ptr(), out.data_ptr()) == ptrs
+    assert not torch.equal(state, i.state)
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("K,bias,silu", [(4, True, True), (4, False, False), (2, True, True), (1, True, True)])
+def test_conv_step_kernel(kernels, device, dtype, K, bias, silu):
+    g = torch.Generator().manual_seed(4)
+    b, t, d = 3, 5, 300  # d > 256: more than one channel block
+    x = randn(b, t, d, g=g, dtype=dtype, device=device)
+    w = randn(d, K, g=g, dtype=dtype, device=device)
+    bias_ = randn(d, g=g, dtype=dtype, device=device) if bias else None
+    s0 = randn(b, d, K - 1, g=g, dtype=dtype, device=device)
+    cpu64 = lambda v: v.double().cpu() if v is not None else None  # noqa: E731
+    y64, s64 = ops.causal_conv1d(cpu64(x), cpu64(w), cpu64(bias_), cpu64(s0))
+    if silu:
+        y64 = F.silu(y64)
+    state = s0.clone()
+    for i in range(t):
+        y = kernels.conv_step_inplace(state, x[:, i], w, bias_, silu)
+        assert y.dtype == dtype
+        assert rel_err(y, y64[:, i]) < TOL[dtype]
+    # The state is the last K-1 inputs, copied bit for bit.
+    assert torch.equal(state.double().cpu(), s64)
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+def test_gated_rmsnorm_kernel_forward_backward(kernels, device, dtype):
+    g = torch.Generator().manual_seed(5)
+    N = 37  # odd width: masked columns must not enter the mean
+    module = GatedRMSNorm(N, eps=1e-5).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    with torch.no_grad():
+        module.weight.copy_(randn(N, g=g))
+    y = randn(2, 5, N, g=g, dtype=dtype, device=device).requires_grad_(True)
+    # z as the mixer's split of in_proj's output: rows strided, not contiguous.
+    zw = randn(2, 5, N + 11, g=g, dtype=dtype, device=device).requires_grad_(True)
+    z = zw[..., 3 : 3 + N]
+    out = kernels.gated_rmsnorm(y, z, module.weight, 1e-5)
+    expected = module(y, z)
+    assert out.dtype == expected.dtype
+    assert rel_err(out, expected) < TOL[dtype]
+
+    dout = randn(*out.shape, g=g, dtype=out.dtype, device=device)
+    grads = torch.autograd.grad(out, (y, zw, module.weight), dout)
+    # The reference gradients in float64 from the same rounded inputs (bf16 rounding inside the
+    # module's forward is no function of the inputs to differentiate through).
+    y64, zw64 = y.detach().double().requires_grad_(True), zw.detach().double().requires_grad_(True)
+    w64 = module.weight.detach().double().requires_grad_(True)
+    ref = GatedRMSNorm(N, eps=1e-5).double()
+    ref.weight = torch.nn.Parameter(w64)
+    expected_grads = torch.autograd.grad(ref(y64, zw64[..., 3 : 3 + N]), (y64, zw64, ref.weight), dout.double())
+    for got, want in zip(grads, expected_grads):
+        assert rel_err(got, want) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype] * 10)
+    assert (grads[1][..., :3] == 0).all() and (grads[1][..., 3 + N :] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_ops_dispatch_to_kernels_on_cuda_and_graph_capture(kernels):
+    """ops.* pick the kernels for CUDA tensors, and a decode step of them replays in a CUDA graph."""
+    b, h, n, p, d, K = 4, 8, 64, 64, 96, 4
+    i = step_inputs(b, h, n, p, torch.bfloat16, "cuda", seed=6)
+    g = torch.Generator().manual_seed(7)
+    xc = randn(b, d, g=g, dtype=torch.bfloat16, device="cuda")
+    w = randn(d, K, g=g, dtype=torch.bfloat16, device="cuda")
+    s0_conv = randn(b, d, K - 1, g=g, dtype=torch.bfloat16, device="cuda")
+    state, conv_state = i.state.clone(), s0_conv.clone()
+    y_out, c_out = torch.empty_like(i.x), torch.empty_like(xc)
+
+    def step():
+        ops.conv_step_inplace(conv_state, xc, w, None, True, out=c_out)
+        ops.ssd_step_inplace(state, i.x, i.dt, i.A, i.B, i.C, i.D, out=y_out)
+
+    step()  # compiles the kernels outside the capture
+    state.copy_(i.state)
+    conv_state.copy_(s0_conv)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    state.copy_(i.state)
+    conv_state.copy_(s0_conv)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    ref, s64, cs64 = as64(i), i.state.double().cpu(), s0_conv.double().cpu()
+    for _ in range(2):
+        y64, s64 = ops.ssd_step(s64, ref.x, ref.dt, ref.A, ref.B, ref.C, ref.D)
+        c64, cs64 = ops.causal_conv1d(xc.double().cpu()[:, None], w.double().cpu(), None, cs64)
+    assert rel_err(y_out, y64) < 1e-2 and rel_err(state, s64) < 1e-5
+    assert rel_err(c_out, F.silu(c64[:, 0])) < 1e-2 and torch.equal(conv_state.double().cpu(), cs64)
+
+
+# --------------------------------------------------------------------------- fla scan backend
+
+
+def scan_inputs(b, t, h, p, n, dtype=torch.bfloat16, seed=0):
+    """Random SSD inputs on CUDA, rounded to ``dtype`` (the initial state stays float32)."""
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(
+        x=randn(b, t, h, p, g=g, dtype=dtype, device="cuda"),
+        dt=F.softplus(randn(b, t, h, g=g) - 1).to("cuda", dtype),
+        A=(-torch.rand(h, generator=g, dtype=torch.float64) * 2 - 0.1).to("cuda", torch.float32),
+        B=randn(b, t, h, n, g=g, dtype=dtype, device="cuda", scale=n**-0.5),
+        C=randn(b, t, h, n, g=g, dtype=dtype, device="cuda", scale=n**-0.5),
+        D=randn(h, g=g, device="cuda", dtype=torch.float32),
+        S0=randn(b, h, n, p, g=g, device="cuda", dtype=torch.float32),
+    )
+
+
+def resets(kind: str, b: int, t: int) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    r = torch.zeros(b, t, dtype=torch.bool, device="cuda")
+    r[:, 0] = True  # a prompt's first token (position 0)
+    if kind == "packed":
+        r[0, 0] = False  # row 0 continues its initial state, then a document starts at 37
+        r[0, 37] = True
+        r[-1, 64] = r[-1, 65] = True  # a one-token document
+    return r
+
+
+@pytest.fixture(scope="module")
+def fla_scan():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("fla")
+    from mambaify.ops.triton import fla_scan as module
+
+    return module
+
+
+FLA_SHAPES = [(2, 100, 4, 64, 64), (1, 157, 3, 48, 32)]  # odd lengths; the second odd widths too
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["simple_gla", "gla"])
+@pytest.mark.parametrize("reset_kind", ["none", "t0", "packed"])
+@pytest.mark.parametrize("shape", FLA_SHAPES, ids=lambda s: "b{}t{}h{}p{}n{}".format(*s))
+def test_fla_scan_forward_backward(fla_scan, kernel, reset_kind, shape):
+    if kernel == "simple_gla" and not fla_scan.simple_gla_backward_ok(torch.cuda.current_device()):
+        pytest.skip("chunk_simple_gla's gated backward refuses this GPU / triton (fla issue 640)")
+    b, t, h, p, n = shape
+    i = scan_inputs(b, t, h, p, n)
+    reset = resets(reset_kind, b, t)
+    leaves = [i.x, i.dt, i.A, i.B, i.C, i.D, i.S0]
+    # The reference in float32 on the same bf16-rounded values.
+    ref_leaves = [v.detach().float().requires_grad_(True) for v in leaves]
+    for v in leaves:
+        v.requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    w_y = randn(b, t, h, p, g=g, device="cuda", dtype=torch.float32)
+    w_s = randn(b, h, n, p, g=g, device="cuda", dtype=torch.float32)
+
+    y, s = fla_scan.fla_scan(*leaves, reset=reset, kernel=kernel)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32 and s.shape == (b, h, n, p)
+    y_ref, s_ref = ops.ssd_chunked(*ref_leaves, reset=reset)
+    assert rel_err(y, y_ref) < 1e-2
+    assert rel_err(s, s_ref) < 1e-2
+
+    grads = torch.autograd.grad((y.float() * w_y).sum() + (s * w_s).sum(), leaves)
+    ref_grads = torch.autograd.grad((y_ref * w_y).sum() + (s_ref * w_s).sum(), ref_leaves)
+    for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "S0"], grads, ref_grads):
+        if want.abs().max() == 0:  # S0 when every row starts with a reset
+            assert got.abs().max() == 0, name
+        else:
+            assert rel_err(got, want) < 2e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fla_backend_is_registered_and_preferred(fla_scan):
+    assert ops.select_backend(torch.device("cuda")) == "fla"
+    i = scan_inputs(2, 70, 2, 64, 64, dtype=torch.float32, seed=2)
+    reset = resets("packed", 2, 70)
+    y, s = ops.ssd_scan(i.x, i.dt, i.A, i.B, i.C, i.D, i.S0, reset)
+    y_ref, s_ref = ops.ssd_scan(i.x, i.dt, i.A, i.B, i.C, i.D, i.S0, reset, backend="chunked")
+    assert y.dtype == torch.float32 and rel_err(y, y_ref) < 1e-2 and rel_err(s, s_ref) < 1e-2
+    # Under autocast the inputs stay as given (the scan makes its own dtype choices).
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ac, _ = ops.ssd_scan(i.x, i.dt, i.A, i.B, i.C, i.D, i.S0, reset)
+    assert y_ac.dtype == torch.float32 and rel_err(y_ac, y_ref) < 1e-2
+    # float64 goes to the reference, exactly.
+    i64 = SimpleNamespace(**{k: v.double() for k, v in vars(i).items()})
+    y64, _ = ops.ssd_scan(i64.x, i64.dt, i64.A, i64.B, i64.C, i64.D, i64.S0, reset)
+    y64_ref, _ = ops.ssd_chunked(i64.x, i64.dt, i64.A, i64.B, i64.C, i64.D, i64.S0, reset)
+    assert torch.equal(y64, y64_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fla_auto_kernel_choice_trains(fla_scan):
+    """'auto' picks a kernel whose backward runs on this machine (chunk_gla on Hopper + old triton)."""
+    i = scan_inputs(2, 64, 2, 64, 64, seed=3)
+    x = i.x.clone().requires_grad_(True)
+    y, s = fla_scan.fla_scan(x, i.dt, i.A, i.B, i.C, i.D, i.S0)
+    (gx,) = torch.autograd.grad(y.float().sum() + s.sum(), (x,))
+    assert torch.isfinite(gx).all()
