@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ..convert import attention_layers_for, convert
+from ..convert import convert
 from ..fileio import replace_directory, write_json_atomic
 from ..models.modeling import HybridForCausalLM
 from . import data as D
@@ -357,6 +357,7 @@ def train_stage(
     bar = tqdm(total=total_steps, initial=start_step, desc=f"stage {stage.index} {stage.label}",
                disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
     t0, tokens_at_t0 = time.perf_counter(), tokens_seen
+    t_second = t0  # start of the second step, which begins the speed measurement
     step = start_step
     while step < plan["total"]:
         if calibrate and step - start_step == 4:
