@@ -175,6 +175,26 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .bench import BenchOptions, parse_list, render_from_json, run_bench
+
+    if args.from_json:
+        render_from_json(args.from_json, Path(args.out))
+        print(f"wrote {args.out}/bench.json, bench.md, decode.png, roofline.png")
+        return
+    options = BenchOptions(
+        out=Path(args.out), families=parse_list(args.families, str), attention=parse_list(args.attention, float),
+        batches=parse_list(args.batch), contexts=parse_list(args.context), new_tokens=args.new_tokens,
+        repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_budget_s=args.prefill_budget_s,
+        paths=parse_list(args.paths, str), hf_batches=parse_list(args.hf_batch),
+        hf_contexts=parse_list(args.hf_context) or None, memory_limit_gib=args.memory_limit_gib,
+        time_budget_s=args.time_budget_s, device=args.device, dtype=args.dtype, teacher=args.teacher, seed=args.seed,
+    )
+    run_bench(options)
+
+
 def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("model", help="a saved model folder (hybrid or any causal LM), .gguf file, hub id or teacher name")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
@@ -238,6 +258,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=4096,
                    help="tokens of history plus reply (default 4096, or the model's context if shorter)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="prefill/decode speed, TTFT, memory and HBM roofline of a teacher and its hybrids")
+    p.add_argument("--out", required=True, help="directory for bench.json, bench.md, decode.png, roofline.png")
+    p.add_argument("--families", default="smollm2,llama8b",
+                   help="smollm2 (the default teacher) and/or llama8b (Llama-3-8B shape, random weights)")
+    p.add_argument("--attention", default="1,0.5,0.25,0.125,0", help="attention fractions; 1 is the teacher")
+    p.add_argument("--batch", default="1,16,64", help="batch sizes")
+    p.add_argument("--context", default="1024,8192,32768", help="prompt lengths (random token ids)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per point (medians are reported)")
+    p.add_argument("--prefill-tokens", type=int, default=32768,
+                   help="prompt tokens per timed prefill pass at most (whole rows); larger batches extrapolate TTFT")
+    p.add_argument("--prefill-budget-s", type=float, default=5.0,
+                   help="stop repeating a prefill once its timed passes add up to this (at least one pass)")
+    p.add_argument("--paths", default="engine,hf",
+                   help="engine (teacher and hybrids) and/or hf (transformers' generate)")
+    p.add_argument("--hf-batch", default="1,64", help="batch sizes of the transformers reference ('none': skip it)")
+    p.add_argument("--hf-context", default="", help="contexts of the transformers reference (default: the smallest)")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="skip points estimated to need more (default: the GPU's memory)")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="record the points not started within this many seconds as skipped")
+    p.add_argument("--teacher", default="smollm2-135m-instruct", help="the smollm2 family's teacher")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, cpu")
+    p.add_argument("--dtype", choices=["auto", *sorted(_DTYPES)], default="auto",
+                   help="auto: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="measure nothing: merge these bench.json files and write the report into --out")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,1018 @@
+"""`mambaify bench`: how fast a teacher and its hybrids generate, against the memory roofline.
+
+For each family (the default teacher SmolLM2-135M-Instruct, or a Llama-3-8B-shaped model with
+random weights) the teacher and its hybrids at the chosen attention fractions run on a grid of
+batch sizes and contexts; every point records prefill tokens/s, time to first token, decode
+tokens/s, peak memory and the decode step's HBM roofline. The teacher runs on its best path, our
+:class:`~mambaify.generate.engine.Engine` (static cache + CUDA-graph decode serves a plain Llama
+too); transformers' own ``generate`` with a static cache and ``torch.compile`` is timed for the
+teacher as a reference.
+
+How one engine point (batch B, context C, N new tokens) is measured:
+
+* Memory is estimated first (weights + caches + a one-row prefill); a point over the limit is
+  recorded as skipped with the estimate, and so is one that runs out of memory anyway.
+* The engine is built for B rows and C + N slots. Its first request, a short prompt of B rows,
+  captures the CUDA graph of the decode step; that time is reported apart ("capture").
+* Prefill: the prompt is C random token ids. A pass covers at most ``--prefill-tokens`` tokens
+  (whole rows): a pass over more is compute-bound and no faster per token, and the mask of the
+  engine's prefill grows with C^2, so big batches time a few rows and the batch's time to first
+  token is extrapolated (flagged). The first pass of a shape is an untimed warm-up; then up to
+  ``--repeats`` timed passes (fewer once they add up to ``--prefill-budget-s``), median taken.
+  Time to first token = prefill + picking the first token (greedy), on those rows.
+* Decode: the prefilled rows are copied to the batch's other rows, the request continues at slot
+  C, and N greedy decode steps (graph replay + argmax) are timed ``--repeats`` times after a short
+  warm-up, rewinding to slot C before each run; median taken.
+* Timing uses CUDA events and synchronises at the end of each timed region (time.perf_counter on
+  the CPU); peak memory is ``torch.cuda.max_memory_allocated`` after a reset at the point's start,
+  so it includes the weights.
+
+Roofline of a decode step: the bytes one step must move through HBM, over the bandwidth of a large
+device-to-device copy measured at the start (bytes read + written): all parameters in their
+dtype, the K/V of every attention layer for every slot the step reads (the engine's step reads all
+C + N slots, masked; transformers' static cache does the same), and each Mamba layer's conv and
+SSM state, read and written once (in the dtypes the engine keeps them: conv in the model dtype,
+SSM in float32). Fraction of roofline = roofline time / measured step time.
+
+Outputs in ``--out``: bench.json (rewritten after every point, so a run cut short keeps what it
+measured), bench.md (tables) and decode.png / roofline.png (written after every model).
+``--from-json`` re-renders (and merges) earlier runs without measuring anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .convert import attention_layers_for, convert
+from .fileio import write_json_atomic
+from .generate.engine import Engine, StaticCache
+from .models.modeling import HybridForCausalLM, Mamba2Mixer
+
+GIB = 2**30
+H200_COPY_BANDWIDTH = 4.08e12  # bytes/s, read + written: the lent H200's ceiling as measured before, for reference
+FAMILIES = ("smollm2", "llama8b")  # "tiny" also exists, for tests on the CPU; it is not advertised
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+CAPTURE_PROMPT = 8  # tokens of the short first request that triggers the graph capture
+DECODE_WARMUP_STEPS = 16  # graph replays need no warm-up; a few steps settle clocks and caches
+
+
+class PointSkipped(Exception):
+    """A point that cannot run here; its message is the reason recorded."""
+
+
+@dataclass
+class BenchOptions:
+    out: Path
+    families: list[str] = dataclasses.field(default_factory=lambda: list(FAMILIES))
+    attention: list[float] = dataclasses.field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0])
+    batches: list[int] = dataclasses.field(default_factory=lambda: [1, 16, 64])
+    contexts: list[int] = dataclasses.field(default_factory=lambda: [1024, 8192, 32768])
+    new_tokens: int = 128
+    repeats: int = 3
+    prefill_tokens: int = 32768
+    prefill_budget_s: float = 5.0
+    paths: list[str] = dataclasses.field(default_factory=lambda: ["engine", "hf"])
+    hf_batches: list[int] = dataclasses.field(default_factory=lambda: [1, 64])
+    hf_contexts: list[int] | None = None  # None: the grid's smallest context
+    memory_limit_gib: float | None = None  # None: the device's memory (no limit on the CPU)
+    time_budget_s: float | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    teacher: str = DEFAULT_TEACHER
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [f for f in self.families if f not in (*FAMILIES, "tiny")]
+        if unknown:
+            raise ValueError(f"unknown --families {unknown}; choose from {', '.join(FAMILIES)}")
+        bad = [a for a in self.attention if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"--attention fractions must be in [0, 1], got {bad}")
+        if min(self.batches + self.contexts + self.hf_batches + [self.new_tokens, self.repeats], default=1) < 1:
+            raise ValueError("batch sizes, contexts, --new-tokens and --repeats must be at least 1")
+        if set(self.paths) - {"engine", "hf"}:
+            raise ValueError(f"--paths takes engine and/or hf, got {self.paths}")
+        # Teacher first, then fewer and fewer attention layers (each hybrid converts the one before).
+        self.attention = sorted(set(self.attention), reverse=True)
+        self.batches, self.contexts = sorted(set(self.batches)), sorted(set(self.contexts))
+        self.hf_batches = sorted(set(self.hf_batches))
+
+
+def parse_list(text: str, kind: Callable[[str], float | int] = int) -> list:
+    """'1,16,64' -> [1, 16, 64]; '' or 'none' -> []."""
+    text = text.strip()
+    if text.lower() in ("", "none"):
+        return []
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The models: teachers of each family and their hybrids
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # what one would serve with
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+@contextmanager
+def materialise_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Create modules directly on ``device`` in ``dtype``: an 8B model never exists as a CPU
+    float32 copy (32 GB and a slow CPU initialisation) before reaching the GPU."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def llama8b_config():
+    from transformers import LlamaConfig
+
+    # Llama-3-8B's shape. Its 8k context is widened so 32k prompts are legal; plain RoPE costs the
+    # same as Llama 3.1's scaled one.
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=128000, eos_token_id=128001, pad_token_id=0,
+    )
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    # Eight layers, so that 50 / 25 / 12.5 % attention keep 4 / 2 / 1 layers.
+    return LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def build_teacher(family: str, device: torch.device, dtype: torch.dtype, teacher: str = DEFAULT_TEACHER,
+                  seed: int = 0) -> nn.Module:
+    """The family's teacher on ``device`` in ``dtype``, in eval mode."""
+    if family == "smollm2":
+        from .teachers import load_teacher
+
+        model, _ = load_teacher(teacher, dtype=dtype, device=device)
+        return model.eval()
+    from transformers import LlamaForCausalLM
+
+    config = llama8b_config() if family == "llama8b" else tiny_config()
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)  # speed does not depend on the weights; random ones are reproducible
+    with materialise_on(device, dtype):
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def attention_layers_of(model: nn.Module) -> list[int]:
+    if isinstance(model, HybridForCausalLM):
+        return list(model.config.attn_layers)
+    return list(range(model.config.num_hidden_layers))
+
+
+def model_label(fraction: float) -> str:
+    return "teacher" if fraction == 1.0 else f"hybrid-{100 * fraction:g}%"
+
+
+def models_of(family: str, options: BenchOptions, device: torch.device,
+              dtype: torch.dtype) -> Iterator[tuple[float, nn.Module]]:
+    """(fraction, model) for each attention fraction, most attention first.
+
+    Each hybrid is converted from the model before it when its attention layers are a subset of
+    that model's (true for 1 > 1/2 > 1/4 > 1/8 > 0: convert() takes a hybrid and converts more of
+    its layers), so at most two models share the GPU, and only while converting. Otherwise it is
+    converted from a freshly built teacher.
+    """
+    def build() -> nn.Module:
+        return build_teacher(family, device, dtype, options.teacher, options.seed)
+
+    current = build()
+    num_layers = current.config.num_hidden_layers
+    for fraction in options.attention:
+        layers = attention_layers_for(num_layers, fraction)
+        if fraction < 1.0 or len(layers) < num_layers:
+            if not set(layers) <= set(attention_layers_of(current)):
+                current = None  # let the previous model go before building the teacher again
+                free_memory()
+                current = build()
+            with materialise_on(device, dtype):  # the hybrid is created where it will run
+                hybrid = convert(current, attention=layers, seed=options.seed).eval()
+            current = hybrid
+            free_memory()
+        yield fraction, current
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes: what a decode step moves (the roofline) and what a point holds (the memory estimate)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class MambaShape:
+    conv_dim: int
+    d_conv: int
+    heads: int
+    d_state: int
+    head_dim: int
+
+
+LayerShape = AttentionShape | MambaShape
+
+
+def layer_shapes(model: nn.Module) -> list[LayerShape]:
+    """Each layer's token mixer, read from the modules as the engine reads them."""
+    shapes: list[LayerShape] = []
+    for layer in model.model.layers:
+        mixer = getattr(layer, "mamba", None)
+        if isinstance(mixer, Mamba2Mixer):
+            shapes.append(MambaShape(mixer.conv_dim, mixer.d_conv, mixer.num_heads, mixer.d_state, mixer.head_dim))
+        else:
+            attention = layer.self_attn
+            shapes.append(AttentionShape(attention.k_proj.out_features // attention.head_dim, attention.head_dim))
+    return shapes
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """All parameters in their dtype; tied weights count once (parameters() yields them once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_cache_bytes(shapes: Sequence[LayerShape], batch: int, slots: int, dtype: torch.dtype) -> int:
+    """Keys and values of every attention layer: 2 * kv_heads * head_dim * slots * batch * itemsize."""
+    itemsize = dtype.itemsize
+    return sum(2 * s.kv_heads * s.head_dim * slots * batch * itemsize for s in shapes if isinstance(s, AttentionShape))
+
+
+def mamba_state_bytes(shapes: Sequence[LayerShape], batch: int, dtype: torch.dtype) -> int:
+    """Conv state (conv_dim x (d_conv - 1), model dtype) and SSM state (heads x d_state x head_dim,
+    float32, as the engine keeps it) of every Mamba layer."""
+    ssm_itemsize = torch.promote_types(dtype, torch.float32).itemsize
+    return sum(
+        batch * (s.conv_dim * (s.d_conv - 1) * dtype.itemsize + s.heads * s.d_state * s.head_dim * ssm_itemsize)
+        for s in shapes if isinstance(s, MambaShape)
+    )
+
+
+def decode_step_bytes(weights: int, shapes: Sequence[LayerShape], batch: int, slots: int, dtype: torch.dtype) -> int:
+    """HBM traffic of one decode step: every weight once, the K/V of every slot the step reads,
+    and the Mamba states read and written."""
+    return weights + kv_cache_bytes(shapes, batch, slots, dtype) + 2 * mamba_state_bytes(shapes, batch, dtype)
+
+
+def prefill_scratch_bytes(model: nn.Module, shapes: Sequence[LayerShape], rows: int, width: int,
+                          dtype: torch.dtype, engine_mask: bool = True) -> int:
+    """A rough lower bound on a prefill's temporary memory (out-of-memory is still caught).
+
+    Activations: a few hidden-wide and three MLP-wide tensors per token. The engine's attention
+    mask is materialised per query and key: the (rows, t, s) bool mask and its pieces, then per
+    layer the mask repeated for the query heads of a group and SDPA's additive copy of it
+    (2 bytes each) -- quadratic in the context, which is what limits long prefills.
+    """
+    config = model.config
+    activations = rows * width * (6 * config.hidden_size + 3 * config.intermediate_size) * dtype.itemsize
+    attention = [s for s in shapes if isinstance(s, AttentionShape)]
+    if not (engine_mask and attention):
+        return activations
+    group = max(config.num_attention_heads // s.kv_heads for s in attention)
+    return activations + rows * width * width * (4 + 3 * group)
+
+
+def estimate_memory(model: nn.Module, batch: int, context: int, new_tokens: int, dtype: torch.dtype,
+                    prefill_rows: int = 1, engine_mask: bool = True) -> dict[str, int]:
+    """Bytes a point needs at least: weights, its caches (C + N slots), and a prefill of ``prefill_rows`` rows."""
+    shapes = layer_shapes(model)
+    weights = weight_bytes(model)
+    cache = kv_cache_bytes(shapes, batch, context + new_tokens, dtype) + mamba_state_bytes(shapes, batch, dtype)
+    scratch = prefill_scratch_bytes(model, shapes, prefill_rows, context, dtype, engine_mask)
+    return {"weights": weights, "cache": cache, "prefill_scratch": scratch, "total": weights + cache + scratch}
+
+
+def memory_limit_bytes(options: BenchOptions, device: torch.device) -> int | None:
+    if options.memory_limit_gib is not None:
+        return int(options.memory_limit_gib * GIB)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+class Clock:
+    """Marks on the device's timeline: CUDA events on a GPU (no host sync inside a timed region),
+    time.perf_counter on the CPU. ``seconds`` synchronises, so call it after the region."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = GIB, repeats: int = 20) -> float | None:
+    """Bytes/s of a device-to-device copy, counting bytes read + written; None on the CPU.
+    1 GiB is far beyond the 60 MB L2, so this is HBM's practical ceiling."""
+    if device.type != "cuda":
+        return None
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    clock = Clock(device)
+    for _ in range(3):
+        target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        start = clock.mark()
+        target.copy_(source)
+        times.append(clock.seconds(start, clock.mark()))
+    del source, target
+    free_memory()
+    return 2 * nbytes / statistics.median(times)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def random_ids(rows: int, width: int, vocab_size: int, seed: int, device: torch.device) -> torch.Tensor:
+    # Random ids: prefill and decode cost do not depend on which tokens they are.
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (rows, width), generator=generator).to(device)
+
+
+def oom_message(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# One engine point
+
+
+@dataclass
+class PointSpec:
+    family: str
+    label: str
+    fraction: float
+    batch: int
+    context: int
+
+
+def new_point(spec: PointSpec, model: nn.Module | None, path: str, dtype: torch.dtype, slots: int,
+              bandwidth: float | None) -> dict:
+    """The fields every point has, the decode step's bytes among them (None without a model: a
+    point that was never reached)."""
+    point = {
+        "family": spec.family, "model": spec.label, "attention": spec.fraction, "path": path,
+        "batch": spec.batch, "context": spec.context, "dtype": str(dtype).removeprefix("torch."),
+        "status": "ok", "reason": None, "kv_slots_read": slots,
+        "attention_layers": None, "layers": None, "weights_bytes": None, "kv_bytes_per_step": None,
+        "mamba_state_bytes_per_step": None, "bytes_per_step": None, "roofline_step_ms": None,
+    }
+    if model is not None:
+        shapes = layer_shapes(model)
+        weights = weight_bytes(model)
+        step_bytes = decode_step_bytes(weights, shapes, spec.batch, slots, dtype)
+        point.update(
+            attention_layers=sum(isinstance(s, AttentionShape) for s in shapes), layers=len(shapes),
+            weights_bytes=weights, kv_bytes_per_step=kv_cache_bytes(shapes, spec.batch, slots, dtype),
+            mamba_state_bytes_per_step=2 * mamba_state_bytes(shapes, spec.batch, dtype), bytes_per_step=step_bytes,
+            roofline_step_ms=step_bytes / bandwidth * 1e3 if bandwidth else None,
+        )
+    return point
+
+
+def skip(point: dict, reason: str) -> dict:
+    point.update(status="skipped", reason=reason)
+    return point
+
+
+def bench_engine_point(model: nn.Module, spec: PointSpec, options: BenchOptions, device: torch.device,
+                       dtype: torch.dtype, clock: Clock, bandwidth: float | None, warmed: set) -> dict:
+    point = new_point(spec, model, "engine", dtype, spec.context + options.new_tokens, bandwidth)
+    estimate = estimate_memory(model, spec.batch, spec.context, options.new_tokens, dtype)
+    point["estimated_memory_gib"] = estimate["total"] / GIB
+    limit = memory_limit_bytes(options, device)
+    if limit is not None and estimate["total"] > limit:
+        return skip(point, (
+            f"needs about {estimate['total'] / GIB:.1f} GiB (weights {estimate['weights'] / GIB:.1f}, caches "
+            f"{estimate['cache'] / GIB:.1f}, one-row prefill {estimate['prefill_scratch'] / GIB:.1f}) > "
+            f"{limit / GIB:.1f} GiB"))
+    reset_peak_memory(device)
+    reason = None
+    try:
+        point.update(measure_engine(model, spec, options, device, clock, warmed))
+    except PointSkipped as skipped:
+        reason = str(skipped)
+    # Out of the handler nothing references the point's engine any more: its caches can go.
+    free_memory()
+    if reason is not None:
+        return skip(point, reason)
+    point["peak_memory_gib"] = peak_memory_gib(device)
+    if point["roofline_step_ms"] is not None:
+        point["roofline_fraction"] = point["roofline_step_ms"] / point["decode_step_ms"]
+    return point
+
+
+def without_oom(run: Callable, what: str):
+    """run(), turning running out of device memory into a skipped point."""
+    try:
+        return run()
+    except torch.OutOfMemoryError as err:
+        message = oom_message(err)
+    # Raised outside the handler so the failed call's tensors are not kept alive by its traceback.
+    raise PointSkipped(f"out of memory {what}: {message}")
+
+
+def measure_engine(model: nn.Module, spec: PointSpec, options: BenchOptions, device: torch.device,
+                   clock: Clock, warmed: set) -> dict:
+    batch, context, steps = spec.batch, spec.context, options.new_tokens
+    vocab = model.config.vocab_size
+    engine = without_oom(lambda: Engine(model, max_batch_size=batch, max_length=context + steps),
+                         "allocating the caches")
+
+    # The first request of a batch size captures the decode graph (and runs it twice): time it
+    # apart with a short prompt, before the real prefill (the capture writes into the cache).
+    short = random_ids(batch, min(CAPTURE_PROMPT, context), vocab, options.seed + 1, device)
+    start = clock.mark()
+    without_oom(lambda: engine.prefill(short), "capturing the decode step")
+    capture_s = clock.seconds(start, clock.mark())
+
+    rows = min(batch, max(1, options.prefill_tokens // context))
+    prompt = random_ids(rows, context, vocab, options.seed, device)
+    rows, prefill = prefill_with_fallback(engine, prompt, options, clock, warmed)
+
+    # Decode continues from slot C in every row: the other rows get copies of the prefilled ones.
+    copy_rows(engine.cache, rows, batch)
+    first_tokens = prefill["first_tokens"].repeat(math.ceil(batch / rows))[:batch]
+    decode_s = without_oom(lambda: time_decode(engine, first_tokens, context, steps, options.repeats, clock),
+                           "decoding")
+
+    prefill_s, ttft_s = statistics.median(prefill["prefill_s"]), statistics.median(prefill["ttft_s"])
+    passes = math.ceil(batch / rows)  # sequential passes of `rows` rows would prefill the batch
+    decode_median = statistics.median(decode_s)
+    return {
+        "capture_s": capture_s,
+        "prefill_rows": rows, "prefill_ms": prefill_s * 1e3, "prefill_tok_s": rows * context / prefill_s,
+        "prefill_repeats_ms": [t * 1e3 for t in prefill["prefill_s"]],
+        "ttft_ms": (passes * prefill_s + ttft_s - prefill_s) * 1e3, "ttft_extrapolated": passes > 1,
+        "ttft_rows_ms": ttft_s * 1e3,
+        "new_tokens": steps, "decode_step_ms": decode_median / steps * 1e3,
+        "decode_tok_s": batch * steps / decode_median, "decode_repeats_ms": [t * 1e3 for t in decode_s],
+    }
+
+
+def prefill_with_fallback(engine: Engine, prompt: torch.Tensor, options: BenchOptions, clock: Clock,
+                          warmed: set) -> tuple[int, dict]:
+    """Time the prefill of the prompt's rows, halving the rows per pass while they do not fit."""
+    rows, context = prompt.shape
+    while True:
+        try:
+            return rows, time_prefill(engine, prompt[:rows], options, clock, warmed)
+        except torch.OutOfMemoryError:
+            pass
+        free_memory()  # outside the handler: the failed pass's activations are unreferenced now
+        if rows == 1:
+            raise PointSkipped(f"out of memory in the prefill of one row of {context} tokens")
+        rows //= 2
+
+
+@torch.no_grad()
+def time_prefill(engine: Engine, prompt: torch.Tensor, options: BenchOptions, clock: Clock, warmed: set) -> dict:
+    """Prefill passes straight into the engine's cache rows (what Engine.prefill runs, without
+    ending the request the capture started). The first pass of a (rows, width) shape warms up."""
+    rows, width = prompt.shape
+    cache = engine.cache.rows(rows)
+    mask = torch.ones_like(prompt)
+    if (rows, width) not in warmed:
+        engine.stack.prefill(prompt, mask, cache)
+        warmed.add((rows, width))
+    prefill_s: list[float] = []
+    ttft_s: list[float] = []
+    while not prefill_s or (len(prefill_s) < options.repeats and sum(prefill_s) < options.prefill_budget_s):
+        start = clock.mark()
+        logits = engine.stack.prefill(prompt, mask, cache)
+        prefilled = clock.mark()
+        first_tokens = logits[:, -1].argmax(-1)  # greedy: the first new token of each row
+        sampled = clock.mark()
+        prefill_s.append(clock.seconds(start, prefilled))
+        ttft_s.append(clock.seconds(start, sampled))
+    return {"prefill_s": prefill_s, "ttft_s": ttft_s, "first_tokens": first_tokens}
+
+
+def copy_rows(cache: StaticCache, rows: int, batch: int) -> None:
+    """Fill rows [rows, batch) of every cache buffer with copies of rows [0, rows)."""
+    buffers = [cache.pad_lengths]
+    for layer in cache.layers:
+        buffers += [getattr(layer, field.name) for field in dataclasses.fields(layer)]
+    for buffer in buffers:
+        for start in range(rows, batch, rows):
+            n = min(rows, batch - start)
+            buffer[start:start + n].copy_(buffer[:n])
+
+
+@torch.no_grad()
+def time_decode(engine: Engine, first_tokens: torch.Tensor, context: int, steps: int, repeats: int,
+                clock: Clock) -> list[float]:
+    """Seconds for ``steps`` greedy decode steps from slot ``context``, ``repeats`` times."""
+    request = engine._request  # the engine has no public rewind; see rewind() below
+
+    def rewind() -> None:
+        # Every run decodes slots C .. C+steps-1 again: the first C slots keep the prefilled
+        # context and the later ones are overwritten, so each run is what a fresh request at
+        # context C computes (the Mamba states just move on, at the same cost).
+        request.next_slot = context
+
+    def run(n: int) -> None:
+        tokens = first_tokens
+        for _ in range(n):
+            tokens = engine.decode(tokens).argmax(-1)
+
+    rewind()
+    run(min(steps, DECODE_WARMUP_STEPS))
+    times = []
+    for _ in range(repeats):
+        rewind()
+        start = clock.mark()
+        run(steps)
+        times.append(clock.seconds(start, clock.mark()))
+    return times
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' generate with a static cache (+ torch.compile on CUDA): the reference point
+
+
+def hf_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, max_cache_len: int,
+                compile_: bool) -> torch.Tensor:
+    """Greedy generate() of exactly ``new_tokens`` tokens into a static cache of a fixed length
+    (a length that changes would recompile). On CUDA, transformers compiles the decoding forward
+    itself when the cache is static (inductor, "reduce-overhead": CUDA graphs); the prefill stays eager."""
+    return model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, cache_implementation="static", max_cache_len=max_cache_len,
+        disable_compile=not compile_, pad_token_id=0,
+    )
+
+
+def bench_hf_point(model: nn.Module, spec: PointSpec, options: BenchOptions, device: torch.device,
+                   dtype: torch.dtype, clock: Clock, bandwidth: float | None) -> dict:
+    steps = options.new_tokens
+    slots = spec.context + steps
+    point = new_point(spec, model, "hf", dtype, slots, bandwidth)
+    estimate = estimate_memory(model, spec.batch, spec.context, steps, dtype, spec.batch, engine_mask=False)
+    point["estimated_memory_gib"] = estimate["total"] / GIB
+    limit = memory_limit_bytes(options, device)
+    if limit is not None and estimate["total"] > limit:
+        return skip(point, f"needs about {estimate['total'] / GIB:.1f} GiB > {limit / GIB:.1f} GiB")
+    # A static cache sized by an earlier, longer call would be reused (transformers keeps its
+    # length on the model to avoid recompiling): start each point from its own length.
+    if hasattr(model, "_previous_max_cache_length"):
+        del model._previous_max_cache_length
+    reset_peak_memory(device)
+    prompt = random_ids(spec.batch, spec.context, model.config.vocab_size, options.seed, device)
+    compile_ = device.type == "cuda"
+    reason = None
+    try:
+        point.update(measure_hf(model, prompt, steps, slots, options.repeats, clock, compile_))
+    except PointSkipped as skipped:
+        reason = str(skipped)
+    free_memory()
+    if reason is not None:
+        return skip(point, reason)
+    point["peak_memory_gib"] = peak_memory_gib(device)
+    if point["roofline_step_ms"] is not None:
+        point["roofline_fraction"] = point["roofline_step_ms"] / point["decode_step_ms"]
+    return point
+
+
+def measure_hf(model: nn.Module, prompt: torch.Tensor, steps: int, slots: int, repeats: int, clock: Clock,
+               compile_: bool) -> dict:
+    """Time to first token = generate(1 token); decode = generate(1 + steps) minus that, medians.
+    The warm-up (compilation and graph recording included) is timed apart."""
+    batch, context = prompt.shape
+    result: dict = {"compiled": compile_, "compile_error": None}
+
+    def warm_up() -> float:
+        start = clock.mark()
+        hf_generate(model, prompt, 1 + steps, slots, compile_)
+        hf_generate(model, prompt, 1, slots, compile_)
+        return clock.seconds(start, clock.mark())
+
+    error = None
+    try:
+        result["warmup_s"] = without_oom(warm_up, "in transformers' generate")
+    except PointSkipped:
+        raise
+    except Exception as err:  # torch.compile failing on this stack: record it, time the eager static path
+        if not compile_:
+            raise
+        error = f"{type(err).__name__}: {oom_message(err)}"
+    if error is not None:  # outside the handler, so the failed attempt's memory can be freed first
+        result.update(compiled=False, compile_error=error)
+        compile_ = False  # warm_up() and timed() read it when called
+        torch._dynamo.reset()
+        free_memory()
+        result["warmup_s"] = without_oom(warm_up, "in transformers' generate")
+
+    def timed(new_tokens: int) -> list[float]:
+        times = []
+        for _ in range(repeats):
+            start = clock.mark()
+            hf_generate(model, prompt, new_tokens, slots, compile_)
+            times.append(clock.seconds(start, clock.mark()))
+        return times
+
+    first = without_oom(lambda: timed(1), "in transformers' generate")
+    full = without_oom(lambda: timed(1 + steps), "in transformers' generate")
+    ttft_s = statistics.median(first)
+    decode_s = max(statistics.median(full) - ttft_s, 1e-9)
+    result.update(
+        prefill_rows=batch, ttft_ms=ttft_s * 1e3, ttft_extrapolated=False, ttft_repeats_ms=[t * 1e3 for t in first],
+        generate_repeats_ms=[t * 1e3 for t in full], new_tokens=steps, decode_step_ms=decode_s / steps * 1e3,
+        decode_tok_s=batch * steps / decode_s,
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: ratios, JSON, Markdown, plots
+
+
+def add_ratios(points: list[dict]) -> None:
+    """decode_vs_teacher: a hybrid's decode tokens/s over the teacher's (engine) at the same batch
+    and context; on transformers' points, engine_vs_hf: the teacher's engine over generate()."""
+    teacher = {
+        (p["family"], p["batch"], p["context"]): p["decode_tok_s"]
+        for p in points if p["path"] == "engine" and p["attention"] == 1.0 and p["status"] == "ok"
+    }
+    for p in points:
+        base = teacher.get((p["family"], p["batch"], p["context"]))
+        ok = p["status"] == "ok" and base is not None
+        if p["path"] == "engine":
+            p["decode_vs_teacher"] = p["decode_tok_s"] / base if ok else None
+        else:
+            p["engine_vs_hf"] = base / p["decode_tok_s"] if ok else None
+
+
+class Results:
+    """The document of a run, written to ``out`` as it grows."""
+
+    def __init__(self, out: Path, meta: dict, points: list[dict] | None = None):
+        self.out = out
+        self.doc = {"meta": meta, "points": points or []}
+        out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def points(self) -> list[dict]:
+        return self.doc["points"]
+
+    def add(self, point: dict) -> None:
+        self.points.append(point)
+        add_ratios(self.points)
+        write_json_atomic(self.out / "bench.json", self.doc)
+        print(progress_line(point, len(self.points)), flush=True)
+
+    def render(self) -> None:
+        add_ratios(self.points)
+        write_json_atomic(self.out / "bench.json", self.doc)
+        (self.out / "bench.md").write_text(markdown(self.doc))
+        plot(self.doc, self.out)
+
+
+def progress_line(p: dict, index: int) -> str:
+    head = f"[{index}] {p['family']} {p['model']} {p['path']} b={p['batch']} ctx={p['context']}:"
+    if p["status"] != "ok":
+        return f"{head} skipped ({p['reason']})"
+    parts = []
+    if "prefill_tok_s" in p:
+        parts.append(f"prefill {p['prefill_tok_s']:,.0f} tok/s")
+    parts.append(f"TTFT {p['ttft_ms']:,.1f} ms{' (extrapolated)' if p['ttft_extrapolated'] else ''}")
+    parts.append(f"decode {p['decode_tok_s']:,.0f} tok/s ({p['decode_step_ms']:.2f} ms/step")
+    if p.get("roofline_fraction") is not None:
+        parts[-1] += f"; roofline {p['roofline_step_ms']:.2f} ms = {100 * p['roofline_fraction']:.0f}%"
+    parts[-1] += ")"
+    if p.get("decode_vs_teacher") is not None and p["attention"] < 1.0:
+        parts.append(f"{p['decode_vs_teacher']:.2f}x teacher")
+    if p.get("peak_memory_gib") is not None:
+        parts.append(f"peak {p['peak_memory_gib']:.1f} GiB")
+    return f"{head} " + ", ".join(parts)
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def markdown(doc: dict) -> str:
+    meta, points = doc["meta"], doc["points"]
+    lines = ["# mambaify bench", ""]
+    bandwidth = meta.get("copy_bandwidth")
+    lines += [
+        f"Device: {meta.get('device')}; torch {meta.get('torch')}, transformers {meta.get('transformers')}; "
+        f"dtype {meta.get('dtype')}; {meta.get('new_tokens')} decode steps, median of {meta.get('repeats')} repeats; "
+        f"prefill passes of at most {meta.get('prefill_tokens')} prompt tokens; "
+        f"SSD scan backend {meta.get('ssd_backend')}.",
+        "",
+        (f"Copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (bytes read + written; H200 reference "
+         f"{H200_COPY_BANDWIDTH / 1e12:.2f} TB/s). Roofline = bytes a decode step moves (weights + K/V of "
+         "every slot read + Mamba states read and written) / that bandwidth." if bandwidth else
+         "No CUDA device: times from time.perf_counter; no peak memory, no roofline."),
+        "",
+        "TTFT marked ~ is extrapolated from a pass over fewer rows (the batch would need several such passes). "
+        "Engine = mambaify's Engine (static cache, CUDA-graph decode on CUDA); hf = transformers' generate, "
+        "static cache, torch.compile'd decode on CUDA. Setup = graph capture (engine) or warm-up incl. "
+        "compilation (hf), excluded from the timings.",
+        "",
+    ]
+    for family in dict.fromkeys(p["family"] for p in points):
+        rows = [p for p in points if p["family"] == family]
+        lines += [f"## {family}", "", *_family_table(rows), "", *_speedup_table(rows), ""]
+    notes = meta.get("notes") or []
+    if notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    return "\n".join(lines)
+
+
+def _family_table(rows: list[dict]) -> list[str]:
+    columns = ["model", "path", "batch", "context", "prefill tok/s", "TTFT ms", "decode tok/s", "x teacher",
+               "step ms", "roofline ms", "% roofline", "peak GiB", "setup s"]
+    out = ["| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * (len(columns) - 2)]
+    for p in rows:
+        path = p["path"] if p["path"] == "engine" or p.get("compiled", True) else "hf (eager)"
+        cells = [p["model"], path, str(p["batch"]), str(p["context"])]
+        if p["status"] != "ok":
+            cells += [f"skipped: {p['reason']}"] + [""] * (len(columns) - len(cells) - 1)
+        else:
+            fraction = p.get("roofline_fraction")
+            cells += [
+                _fmt(p.get("prefill_tok_s"), ",.0f"),
+                ("~" if p.get("ttft_extrapolated") else "") + f"{p['ttft_ms']:,.1f}",
+                f"{p['decode_tok_s']:,.0f}",
+                _fmt(p.get("decode_vs_teacher"), ".2f"),
+                f"{p['decode_step_ms']:.2f}",
+                _fmt(p.get("roofline_step_ms"), ".2f"),
+                _fmt(None if fraction is None else 100 * fraction, ".0f"),
+                _fmt(p.get("peak_memory_gib"), ".1f"),
+                _fmt(p.get("capture_s", p.get("warmup_s")), ".1f"),
+            ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _speedup_table(rows: list[dict]) -> list[str]:
+    """Hybrid decode tokens/s over the teacher's, one column per (batch, context)."""
+    hybrids = [p for p in rows if p["path"] == "engine" and p["attention"] < 1.0]
+    if not hybrids:
+        return []
+    cells = sorted({(p["context"], p["batch"]) for p in hybrids})
+    out = ["Decode speed-up over the teacher (engine, same batch and context):", "",
+           "| model | " + " | ".join(f"b{b} / {c}" for c, b in cells) + " |",
+           "| --- |" + " ---: |" * len(cells)]
+    for label in dict.fromkeys(p["model"] for p in hybrids):
+        by_cell = {(p["context"], p["batch"]): p.get("decode_vs_teacher") for p in hybrids if p["model"] == label}
+        out.append(f"| {label} | " + " | ".join(_fmt(by_cell.get(cell), ".2f") for cell in cells) + " |")
+    return out
+
+
+def plot(doc: dict, out: Path) -> None:
+    """decode.png: decode tokens/s against batch, one panel per family and context, a line per
+    model; roofline.png: the fraction of the roofline reached, same layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in doc["points"] if p["status"] == "ok"]
+    for name, key, ylabel, log in (
+        ("decode.png", "decode_tok_s", "decode tokens/s", True),
+        ("roofline.png", "roofline_fraction", "fraction of HBM roofline", False),
+    ):
+        shown = [p for p in points if p.get(key) is not None]
+        families = list(dict.fromkeys(p["family"] for p in shown))
+        contexts = sorted({p["context"] for p in shown})
+        if not shown:
+            fig, ax = plt.subplots(figsize=(6, 2))
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"no {ylabel} measured (no CUDA device)", ha="center", va="center")
+        else:
+            fig, axes = plt.subplots(len(families), len(contexts), squeeze=False,
+                                     figsize=(4.2 * len(contexts), 3.4 * len(families)))
+            for i, family in enumerate(families):
+                for j, context in enumerate(contexts):
+                    _plot_panel(axes[i][j], [p for p in shown if p["family"] == family and p["context"] == context],
+                                key, log)
+                    axes[i][j].set_title(f"{family}, context {context}", fontsize=9)
+                    axes[i][j].set_xlabel("batch")
+                    axes[i][j].set_ylabel(ylabel)
+            handles, labels = axes[0][0].get_legend_handles_labels()
+            for ax in axes.flat:  # one legend holding every series of any panel
+                for handle, label in zip(*ax.get_legend_handles_labels()):
+                    if label not in labels:
+                        handles.append(handle)
+                        labels.append(label)
+            fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+            fig.tight_layout(rect=(0, 0.08, 1, 1))
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def _plot_panel(ax, points: list[dict], key: str, log: bool) -> None:
+    for label in dict.fromkeys(p["model"] for p in points if p["path"] == "engine"):
+        series = sorted((p["batch"], p[key]) for p in points if p["path"] == "engine" and p["model"] == label)
+        ax.plot(*zip(*series), marker="o", label=label)
+    reference = sorted((p["batch"], p[key]) for p in points if p["path"] == "hf")
+    if reference:
+        ax.plot(*zip(*reference), "k*", markersize=10, linestyle="none", label="teacher, transformers generate")
+    ax.set_xscale("log", base=2)
+    batches = sorted({p["batch"] for p in points})
+    ax.set_xticks(batches, [str(b) for b in batches])  # 1, 16, 64 rather than powers of two
+    ax.minorticks_off()
+    if log:
+        ax.set_yscale("log")
+    else:  # the roofline itself at 1
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_ylim(0, max([1.1, *(1.05 * p[key] for p in points)]))
+    ax.grid(True, which="both", alpha=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def describe_run(options: BenchOptions, device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    from . import ops
+
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "new_tokens": options.new_tokens, "repeats": options.repeats,
+        "prefill_tokens": options.prefill_tokens, "ssd_backend": ops.select_backend(device),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(options).items()},
+        "notes": [],
+    }
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Measure every point of the grid; returns the document written to options.out/bench.json."""
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    if "llama8b" in options.families and device.type != "cuda":  # before anything is written
+        raise ValueError("the llama8b family needs a CUDA device (16 GB of bf16 weights)")
+    clock = Clock(device)
+    results = Results(Path(options.out), describe_run(options, device, dtype))
+    bandwidth = measure_copy_bandwidth(device)
+    results.doc["meta"]["copy_bandwidth"] = bandwidth
+    if bandwidth:
+        print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + written)", flush=True)
+    else:
+        print("no CUDA device: times from time.perf_counter; no peak memory, no roofline", flush=True)
+    started = time.monotonic()
+
+    def out_of_time() -> str | None:
+        spent = time.monotonic() - started
+        if options.time_budget_s is not None and spent > options.time_budget_s:
+            return f"time budget of {options.time_budget_s:g} s spent"
+        return None
+
+    with torch.no_grad():
+        for family in options.families:
+            if "engine" in options.paths and options.attention:
+                run_engine_grid(family, options, device, dtype, clock, bandwidth, results, out_of_time)
+            if "hf" in options.paths and options.hf_batches:
+                run_hf_reference(family, options, device, dtype, clock, bandwidth, results, out_of_time)
+    results.render()
+    print(f"wrote {results.out}/bench.json, bench.md, decode.png, roofline.png", flush=True)
+    return results.doc
+
+
+def run_engine_grid(family: str, options: BenchOptions, device: torch.device, dtype: torch.dtype, clock: Clock,
+                    bandwidth: float | None, results: Results, out_of_time: Callable[[], str | None]) -> None:
+    models = models_of(family, options, device, dtype)
+    for fraction in options.attention:
+        specs = [PointSpec(family, model_label(fraction), fraction, batch, context)
+                 for context in options.contexts for batch in options.batches]
+        late = out_of_time()
+        if late:  # not even built: converting an 8B model would spend more of the time left
+            for spec in specs:
+                results.add(skip(new_point(spec, None, "engine", dtype, spec.context + options.new_tokens, None), late))
+            continue
+        _, model = next(models)
+        warmed: set = set()  # the (rows, width) prefill shapes this model has run
+        for spec in specs:  # contexts outer, batches inner: prefill shapes repeat and skip their warm-up
+            late = out_of_time()
+            if late:
+                slots = spec.context + options.new_tokens
+                point = skip(new_point(spec, model, "engine", dtype, slots, bandwidth), late)
+            else:
+                point = bench_engine_point(model, spec, options, device, dtype, clock, bandwidth, warmed)
+            results.add(point)
+        del model
+        results.render()  # tables and plots so far, in case the run is cut short
+    models.close()
+    free_memory()
+
+
+def run_hf_reference(family: str, options: BenchOptions, device: torch.device, dtype: torch.dtype, clock: Clock,
+                     bandwidth: float | None, results: Results, out_of_time: Callable[[], str | None]) -> None:
+    # Shortest context first: transformers never shrinks a model's static cache back.
+    contexts = sorted(options.hf_contexts or [min(options.contexts)])
+    specs = [PointSpec(family, "teacher", 1.0, batch, context) for context in contexts for batch in options.hf_batches]
+    teacher = None if out_of_time() else build_teacher(family, device, dtype, options.teacher, options.seed)
+    for spec in specs:
+        late = out_of_time()
+        if late:
+            point = skip(new_point(spec, teacher, "hf", dtype, spec.context + options.new_tokens, bandwidth), late)
+        else:
+            point = bench_hf_point(teacher, spec, options, device, dtype, clock, bandwidth)
+        if point.get("compile_error"):
+            results.doc["meta"]["notes"].append(
+                f"{spec.family} b={spec.batch} ctx={spec.context}: torch.compile failed ({point['compile_error']}); "
+                "timed transformers' static cache without it")
+        results.add(point)
+    del teacher
+    torch._dynamo.reset()  # drop the compiled graphs and their CUDA-graph memory pools
+    free_memory()
+    results.render()
+
+
+def render_from_json(paths: Sequence[str | Path], out: Path) -> dict:
+    """Merge the points of earlier runs and write bench.json / bench.md / plots into ``out``."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    meta = dict(docs[0]["meta"])
+    meta["merged_from"] = [str(p) for p in paths]
+    meta["notes"] = [note for doc in docs for note in doc["meta"].get("notes", [])]
+    results = Results(Path(out), meta, [p for doc in docs for p in doc["points"]])
+    results.render()
+    return results.doc
+
+
+__all__ = [
+    "BenchOptions",
+    "decode_step_bytes",
+    "estimate_memory",
+    "kv_cache_bytes",
+    "layer_shapes",
+    "mamba_state_bytes",
+    "render_from_json",
+    "run_bench",
+    "weight_bytes",
+]

@@ -1,0 +1,157 @@
+"""`mambaify bench` on the CPU: the tiny family's grid end to end through the CLI, the roofline's
+byte count against a hand computation, and points that do not fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mambaify import bench
+from mambaify.cli import main as cli_main
+from mambaify.convert import convert
+from mambaify.generate.engine import Engine
+from tests.conftest import tiny_teacher
+
+CPU = torch.device("cpu")
+NEW_TOKENS = 4
+GRID = dict(attention=(1.0, 0.5, 0.0), batches=(1, 2), contexts=(16, 64))
+ARGV = [
+    "bench", "--families", "tiny", "--attention", "1,0.5,0", "--batch", "1,2", "--context", "16,64",
+    "--new-tokens", str(NEW_TOKENS), "--repeats", "1", "--hf-batch", "1", "--device", "cpu",
+]
+
+
+def tiny_family() -> dict[str, torch.nn.Module]:
+    teacher = bench.build_teacher("tiny", CPU, torch.float32)
+    return {bench.model_label(f): teacher if f == 1.0 else convert(teacher, attention=f) for f in GRID["attention"]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One CLI run of the tiny grid, with a memory limit just below the biggest point's estimate."""
+    estimates = {
+        (label, batch, context): bench.estimate_memory(model, batch, context, NEW_TOKENS, torch.float32)["total"]
+        for label, model in tiny_family().items() for batch in GRID["batches"] for context in GRID["contexts"]
+    }
+    biggest = max(estimates, key=estimates.get)
+    below = max(v for k, v in estimates.items() if k != biggest)
+    limit_gib = (estimates[biggest] + below) / 2 / bench.GIB
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend on a busy 2-core machine
+    try:
+        code = cli_main([*ARGV, "--out", str(out), "--memory-limit-gib", repr(limit_gib)])
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads((out / "bench.json").read_text())
+    return code, out, doc, biggest
+
+
+def test_tiny_grid_end_to_end_writes_json_markdown_and_plots(run):
+    code, out, doc, _ = run
+    assert code == 0
+    points = doc["points"]
+    engine = {(p["model"], p["batch"], p["context"]) for p in points if p["path"] == "engine"}
+    labels = ("teacher", "hybrid-50%", "hybrid-0%")
+    assert engine == {(label, b, c) for label in labels for c in GRID["contexts"] for b in GRID["batches"]}
+    hf = [p for p in points if p["path"] == "hf"]
+    assert [(p["model"], p["batch"], p["context"]) for p in hf] == [("teacher", 1, 16)]  # smallest context only
+    for p in points:
+        if p["status"] != "ok":
+            continue
+        assert p["decode_tok_s"] > 0 and p["ttft_ms"] > 0 and p["new_tokens"] == NEW_TOKENS
+        assert p["roofline_step_ms"] is None and p.get("roofline_fraction") is None  # no CUDA: no roofline
+        assert p["peak_memory_gib"] is None  # nor peak memory
+        assert p["bytes_per_step"] > p["weights_bytes"] > 0
+        if p["path"] == "engine":
+            assert p["prefill_tok_s"] > 0 and p["prefill_rows"] == p["batch"] and not p["ttft_extrapolated"]
+    # A hybrid's ratio is its decode speed over the teacher's at the same batch and context.
+    teacher = next(p for p in points if p["model"] == "teacher" and p["path"] == "engine" and p["batch"] == 1
+                   and p["context"] == 16)
+    hybrid = next(p for p in points if p["model"] == "hybrid-0%" and p["batch"] == 1 and p["context"] == 16)
+    assert hybrid["decode_vs_teacher"] == pytest.approx(hybrid["decode_tok_s"] / teacher["decode_tok_s"])
+    assert hf[0]["engine_vs_hf"] == pytest.approx(teacher["decode_tok_s"] / hf[0]["decode_tok_s"])
+
+    table = (out / "bench.md").read_text()
+    assert "## tiny" in table and "| hybrid-50% | engine | 2 | 16 |" in table and "Decode speed-up" in table
+    for name in ("decode.png", "roofline.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_point_over_the_memory_limit_is_skipped_with_its_reason(run):
+    code, out, doc, biggest = run
+    assert biggest == ("teacher", 2, 64)  # the most K/V and the largest prefill mask
+    skipped = [p for p in doc["points"] if p["status"] == "skipped"]
+    assert [(p["model"], p["batch"], p["context"]) for p in skipped] == [biggest]
+    assert "needs about" in skipped[0]["reason"] and "GiB" in skipped[0]["reason"]
+    assert skipped[0]["decode_vs_teacher"] is None
+    hybrid = next(p for p in doc["points"] if p["model"] == "hybrid-0%" and (p["batch"], p["context"]) == (2, 64))
+    assert hybrid["status"] == "ok" and hybrid["decode_vs_teacher"] is None  # no teacher point to compare with
+    assert "| teacher | engine | 2 | 64 | skipped: needs about" in (out / "bench.md").read_text()
+
+
+def test_roofline_bytes_equal_a_hand_computation():
+    # conftest's tiny Llama: 4 layers, hidden 64, 4 heads of 16, 2 kv heads, MLP 96, vocab 97,
+    # untied. At 50% attention layers 1 and 3 stay attention, 0 and 2 become Mamba2.
+    model = convert(tiny_teacher("llama"), attention=0.5)
+    embed = lm_head = 97 * 64
+    mlp = 3 * 64 * 96
+    norms = 2 * 64
+    attention_layer = (64 * 64) + 2 * (64 * 32) + (64 * 64) + mlp + norms  # q, k, v, o
+    # in_proj emits z (64), x (32), B (32), C (64), dt (4); the conv runs over x, B, C (128 channels).
+    mamba_layer = 64 * 196 + (128 * 4 + 128) + 3 * 4 + 64 + 64 * 64 + mlp + norms  # + dt_bias, A_log, D, norm, out_proj
+    weights = 4 * (embed + lm_head + 64 + 2 * attention_layer + 2 * mamba_layer)  # float32
+    assert bench.weight_bytes(model) == weights == 584032
+
+    batch, slots = 3, 20
+    kv = 2 * (2 * 2 * 16 * slots * batch * 4)  # 2 layers x (K and V) x kv_heads x head_dim x slots x batch x 4 B
+    conv = 128 * 3 * 4  # conv_dim x (d_conv - 1), float32 model
+    ssm = 4 * 16 * 16 * 4  # heads x d_state x head_dim, float32
+    mamba = 2 * (2 * batch * (conv + ssm))  # 2 layers, read and written
+    shapes = bench.layer_shapes(model)
+    assert bench.decode_step_bytes(weights, shapes, batch, slots, torch.float32) == weights + kv + mamba == 682336
+
+    # In bf16 the K/V and conv state halve; the SSM state stays float32.
+    assert bench.kv_cache_bytes(shapes, batch, slots, torch.bfloat16) == kv // 2
+    assert bench.mamba_state_bytes(shapes, batch, torch.bfloat16) == 2 * batch * (conv // 2 + ssm)
+
+    # The same formulas size the memory estimate: they match what the engine allocates.
+    engine = Engine(model, max_batch_size=batch, max_length=slots)
+    allocated = sum(getattr(layer, f).nbytes for layer in engine.cache.layers for f in layer.__dataclass_fields__)
+    assert allocated == bench.kv_cache_bytes(shapes, batch, slots, torch.float32) + bench.mamba_state_bytes(
+        shapes, batch, torch.float32)
+
+
+def test_prefill_halves_its_rows_until_they_fit_and_skips_when_one_row_does_not(monkeypatch):
+    model = convert(tiny_teacher("llama"), attention=0.5)
+    engine = Engine(model, max_batch_size=4, max_length=24)
+    options = bench.BenchOptions(out="unused", repeats=1)
+    clock = bench.Clock(CPU)
+    prompt = torch.randint(3, 97, (4, 16))
+    real_prefill = engine.stack.prefill
+
+    def prefill_up_to(max_rows: int):
+        def prefill(ids, *args, **kwargs):
+            if ids.shape[0] > max_rows:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_prefill(ids, *args, **kwargs)
+        return prefill
+
+    monkeypatch.setattr(engine.stack, "prefill", prefill_up_to(1))
+    rows, timing = bench.prefill_with_fallback(engine, prompt, options, clock, set())
+    assert rows == 1 and len(timing["prefill_s"]) == 1 and timing["first_tokens"].shape == (1,)
+
+    monkeypatch.setattr(engine.stack, "prefill", prefill_up_to(0))
+    with pytest.raises(bench.PointSkipped, match="out of memory in the prefill of one row of 16 tokens"):
+        bench.prefill_with_fallback(engine, prompt, options, clock, set())
+
+
+def test_from_json_rerenders_a_report_without_measuring(run, tmp_path):
+    _, out, doc, _ = run
+    assert cli_main(["bench", "--out", str(tmp_path / "again"), "--from-json", str(out / "bench.json")]) == 0
+    again = json.loads((tmp_path / "again" / "bench.json").read_text())
+    assert again["points"] == doc["points"]
+    assert (tmp_path / "again" / "bench.md").read_text().startswith("# mambaify bench")
+    assert (tmp_path / "again" / "decode.png").is_file()
