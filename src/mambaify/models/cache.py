@@ -71,7 +71,7 @@ class MambaLayerCache(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         # A recurrent state cannot be rewound: speculative decoding replays instead (generate/).
-        if tokens_to_remove not in (0,) and tokens_to_remove != self.seen_tokens:
+        if tokens_to_remove:
             raise RuntimeError(
                 "a Mamba layer's state cannot be cropped; use mambaify's speculative decoder, "
                 "which replays accepted tokens instead of rewinding"
