@@ -206,8 +206,7 @@ class MambaRunner:
         xBC = ops.conv_step_inplace(state.conv_state, xBC[:, 0], m.conv1d.weight[:, 0], m.conv1d.bias)  # SiLU-ed
         x, B, C = m.split_heads(xBC[:, None])
         dt = F.softplus(dt[:, 0] + m.dt_bias)
-        A = -torch.exp(m.A_log.to(torch.promote_types(m.A_log.dtype, torch.float32)))
-        y = ops.ssd_step_inplace(state.ssm_state, x[:, 0], dt, A, B[:, 0], C[:, 0], m.D)
+        y = ops.ssd_step_inplace(state.ssm_state, x[:, 0], dt, m.A, B[:, 0], C[:, 0], m.D)
         return m.out_proj(m.norm(y.reshape(b, 1, m.d_inner), z))
 
 

@@ -62,10 +62,6 @@ class MambaVerifyState:
     window: torch.Tensor
 
 
-def _A(mixer: Mamba2Mixer) -> torch.Tensor:
-    return -torch.exp(mixer.A_log.to(torch.promote_types(mixer.A_log.dtype, torch.float32)))
-
-
 def mamba_empty_state(mixer: Mamba2Mixer, batch: int, dtype: torch.dtype, device) -> MambaVerifyState:
     """The state before any token: zero checkpoint, no cached inputs, a zero conv history."""
     h, p, n = mixer.num_heads, mixer.head_dim, mixer.d_state
@@ -97,16 +93,11 @@ def replay(checkpoint: torch.Tensor, x, dt, B, A: torch.Tensor, counts: torch.Te
     Tokens past a row's count get dt = 0: decay exp(0) = 1 and a zero write, so they leave that
     row's state exactly as it was, while every row runs the same number of steps.
     """
-    t = x.shape[1]
-    keep = torch.arange(t, device=x.device)[None, :] < counts[:, None]  # (b, t)
-    cdt = checkpoint.dtype
-    dt = dt.to(cdt).masked_fill(~keep[..., None], 0.0)
-    state = checkpoint
-    for i in range(t):
-        decay = torch.exp(dt[:, i] * A.to(cdt))[..., None, None]
-        write = B[:, i, :, :, None].to(cdt) * (dt[:, i, :, None] * x[:, i].to(cdt))[:, :, None, :]
-        state = decay * state + write
-    return state
+    keep = torch.arange(x.shape[1], device=x.device)[None, :] < counts[:, None]  # (b, t)
+    dt = dt.masked_fill(~keep[..., None], 0.0)
+    # The recurrence's own definition; the read-out is not needed, so C is zero.
+    _, state = ssd_sequential(x, dt, A, B, torch.zeros_like(B), initial_state=checkpoint)
+    return state.to(checkpoint.dtype)
 
 
 def slide_window(window: torch.Tensor, counts: torch.Tensor, d_conv: int) -> torch.Tensor:
@@ -117,7 +108,7 @@ def slide_window(window: torch.Tensor, counts: torch.Tensor, d_conv: int) -> tor
 
 def mamba_fold(mixer: Mamba2Mixer, state: MambaVerifyState, counts: torch.Tensor) -> None:
     """Replay last call's accepted tokens into the checkpoint and the conv history, in place."""
-    state.checkpoint = replay(state.checkpoint, state.x, state.dt, state.B, _A(mixer), counts)
+    state.checkpoint = replay(state.checkpoint, state.x, state.dt, state.B, mixer.A, counts)
     state.window = slide_window(state.window, counts, mixer.d_conv)
     state.x, state.dt, state.B = state.x[:, :0], state.dt[:, :0], state.B[:, :0]
 
@@ -136,7 +127,7 @@ def mamba_verify(
     x, B, C = mixer.split_heads(F.silu(conv))
     dt = F.softplus(dt + mixer.dt_bias)
     # The outputs need every token's state, but only as a transient: the scan's final state is dropped.
-    y, _ = ssd_sequential(x, dt, _A(mixer), B, C, mixer.D, initial_state=state.checkpoint)
+    y, _ = ssd_sequential(x, dt, mixer.A, B, C, mixer.D, initial_state=state.checkpoint)
     state.x, state.dt, state.B = x, dt, B
     state.window = torch.cat([history, xBC], dim=1)
     return mixer.out_proj(mixer.norm(y.reshape(b, t, mixer.d_inner), z))

@@ -141,6 +141,11 @@ class Mamba2Mixer(nn.Module):
             bound = 1 / math.sqrt(self.d_conv)  # fan-in of a depthwise filter
             init.uniform_(self.conv1d.bias, -bound, bound)
 
+    @property
+    def A(self) -> torch.Tensor:
+        """The per-head decay rate A = -exp(A_log), in float32 at least (decays compound over time)."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         return z, xBC, dt
@@ -181,10 +186,9 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt + self.dt_bias)
         if padding_mask is not None:
             dt = dt.masked_fill(pad, 0.0)  # dt = 0: decay 1 and nothing written
-        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
         reset = seq_pos == 0 if seq_pos is not None else None
         y, new_ssm_state = ops.ssd_scan(
-            x, dt, A, B, C, self.D, initial_state=ssm_state, reset=reset, chunk_size=self.chunk_size
+            x, dt, self.A, B, C, self.D, initial_state=ssm_state, reset=reset, chunk_size=self.chunk_size
         )
         if cache is not None:
             cache.update_state(new_conv_state, new_ssm_state, t)
