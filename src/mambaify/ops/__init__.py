@@ -15,7 +15,18 @@ from typing import Callable, Protocol
 import torch
 
 from . import reference
-from .reference import causal_conv1d, segsum, ssd_chunked, ssd_sequential, ssd_step
+from .reference import (
+    causal_conv1d,
+    check_counts,
+    check_verify_shapes,
+    conv_verify,
+    segsum,
+    ssd_chunked,
+    ssd_fold,
+    ssd_sequential,
+    ssd_step,
+    ssd_verify,
+)
 
 
 class SSDScan(Protocol):
@@ -165,11 +176,131 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     return weight * h.to(y.dtype)
 
 
+# --- Speculative verify (PAPER.md section 3): one call per Mamba layer and verify round ------
+
+
+def ssd_verify_inplace(
+    checkpoint: torch.Tensor,
+    x_cache: torch.Tensor,
+    dt_cache: torch.Tensor,
+    B_cache: torch.Tensor,
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    check_counts_values: bool | None = None,
+) -> torch.Tensor:
+    """:func:`ssd_verify` in place: fold the first counts[b] cached tokens into ``checkpoint``
+    (b,h,n,p), run the new tokens x (b,t,h,p), dt (b,t,h), B, C (b,t,h,n) from there, then
+    store x, dt, B into positions 0..t-1 of x_cache (b,T,h,p), dt_cache (b,T,h), B_cache
+    (b,T,h,n) (T >= t). Returns y (b,t,h,p), in ``out`` if given.
+
+    On CUDA one fused kernel that writes no per-token state and allocates nothing when ``out``
+    is given (CUDA-graph safe after a warm-up call). counts (b,) must lie in [0, T]; it is
+    checked except while a CUDA graph is captured (``check_counts_values``: see
+    :func:`reference.check_counts`).
+    """
+    kernels = _gpu_kernels(checkpoint)
+    if kernels is not None:
+        return kernels.ssd_verify_inplace(
+            checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out,
+            check_counts_values=check_counts_values,
+        )
+    T, t = check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
+    check_counts(counts, T, check_counts_values)
+    folded = ssd_fold(checkpoint, x_cache, dt_cache, B_cache, counts, A)
+    y, _ = ssd_sequential(x, dt, A, B, C, D, initial_state=folded)
+    checkpoint.copy_(folded)
+    # Only after the fold: the caches hold the inputs it replays.
+    x_cache[:, :t].copy_(x)
+    dt_cache[:, :t].copy_(dt)
+    B_cache[:, :t].copy_(B)
+    return y if out is None else out.copy_(y)
+
+
+def ssd_verify_store_states(
+    checkpoint: torch.Tensor,
+    states: torch.Tensor,
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    check_counts_values: bool | None = None,
+) -> torch.Tensor:
+    """The naive verify call that :func:`ssd_verify_inplace` is benchmarked against: every
+    per-token state is written to states (b,T,h,n,p), and the next call starts from the accepted
+    one, states[b, counts[b]-1] (``checkpoint`` when counts[b] = 0), by a gather instead of a
+    replay; that start is saved into ``checkpoint``. Same y and checkpoint as the fused call."""
+    kernels = _gpu_kernels(checkpoint)
+    if kernels is not None:
+        return kernels.ssd_verify_store_states(
+            checkpoint, states, counts, x, dt, A, B, C, D, out, check_counts_values=check_counts_values
+        )
+    t = x.shape[1]
+    if states.dim() != 5 or t > states.shape[1]:
+        raise ValueError(f"ssd_verify_store_states: states {tuple(states.shape)} must be (b,T,h,n,p) with T >= t = {t}")
+    check_counts(counts, states.shape[1], check_counts_values, what="ssd_verify_store_states")
+    rows = torch.arange(states.shape[0], device=states.device)
+    gathered = states[rows, (counts.long() - 1).clamp(min=0)]
+    state = torch.where((counts > 0).view(-1, 1, 1, 1), gathered, checkpoint)
+    checkpoint.copy_(state)
+    ys = []
+    for i in range(t):
+        y_i, state = ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D)
+        states[:, i].copy_(state)
+        ys.append(y_i)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
+    return y if out is None else out.copy_(y)
+
+
+def conv_verify_inplace(
+    window: torch.Tensor,
+    counts: torch.Tensor,
+    xBC: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    silu: bool = False,
+    check_counts_values: bool | None = None,
+) -> torch.Tensor:
+    """:func:`conv_verify` in place: slide row b of ``window`` (b, d_conv-1+T, c) by counts[b],
+    return the conv of xBC (b,t,c) over that history (pre-activation, with bias; SiLU-ed if
+    ``silu``), and leave window = [history, xBC, rows after untouched]. On CUDA one kernel."""
+    kernels = _gpu_kernels(window)
+    if kernels is not None:
+        return kernels.conv_verify_inplace(
+            window, counts, xBC, weight, bias, out, silu=silu, check_counts_values=check_counts_values
+        )
+    d_conv = weight.shape[-1]
+    T = window.shape[1] - (d_conv - 1)
+    check_counts(counts, T, check_counts_values, what="conv_verify_inplace")
+    y, history = conv_verify(window, counts, xBC, weight, bias)
+    t = xBC.shape[1]
+    window[:, : d_conv - 1].copy_(history)
+    window[:, d_conv - 1 : d_conv - 1 + t].copy_(xBC)
+    if silu:
+        y = torch.nn.functional.silu(y)
+    return y if out is None else out.copy_(y)
+
+
 __all__ = [
     "SSDScan",
     "available_backends",
     "causal_conv1d",
     "conv_step_inplace",
+    "conv_verify",
+    "conv_verify_inplace",
     "gated_rmsnorm",
     "reference",
     "register_backend",
@@ -180,4 +311,7 @@ __all__ = [
     "ssd_sequential",
     "ssd_step",
     "ssd_step_inplace",
+    "ssd_verify",
+    "ssd_verify_inplace",
+    "ssd_verify_store_states",
 ]

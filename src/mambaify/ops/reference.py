@@ -210,3 +210,158 @@ def causal_conv1d(
         y = y + tap
     new_state = xp[:, -(K - 1) :].transpose(1, 2) if K > 1 else x.new_zeros(b, d, 0)
     return y, new_state.contiguous()
+
+
+# --- Speculative verification (PAPER.md section 3) -------------------------------------------
+# A Mamba layer keeps one checkpointed state plus the inputs (x, dt, B) of the last verify call's
+# tokens; a verify call first folds the counts[b] accepted ones into the checkpoint, then runs
+# the new tokens from there. The conv keeps a window of raw inputs, slid by the same counts.
+
+
+def check_verify_shapes(
+    checkpoint: torch.Tensor,
+    x_cache: torch.Tensor,
+    dt_cache: torch.Tensor,
+    B_cache: torch.Tensor,
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+) -> tuple[int, int]:
+    """Raise a ValueError naming the mismatch unless the shapes fit :func:`ssd_verify`; returns (T, t)."""
+    if checkpoint.dim() != 4 or x.dim() != 4 or x_cache.dim() != 4:
+        raise ValueError(
+            f"ssd_verify expects checkpoint (b,h,n,p), x and x_cache (b,t,h,p); got checkpoint "
+            f"{tuple(checkpoint.shape)}, x {tuple(x.shape)}, x_cache {tuple(x_cache.shape)}"
+        )
+    b, h, n, p = checkpoint.shape
+    T, t = x_cache.shape[1], x.shape[1]
+    expected = {
+        "x_cache": (x_cache, (b, T, h, p)),
+        "dt_cache": (dt_cache, (b, T, h)),
+        "B_cache": (B_cache, (b, T, h, n)),
+        "counts": (counts, (b,)),
+        "x": (x, (b, t, h, p)),
+        "dt": (dt, (b, t, h)),
+        "B": (B, (b, t, h, n)),
+        "C": (C, (b, t, h, n)),
+    }
+    wrong = [f"{k} {tuple(v.shape)} (expected {s})" for k, (v, s) in expected.items() if tuple(v.shape) != s]
+    if wrong:
+        raise ValueError(
+            f"ssd_verify shapes disagree with checkpoint (b,h,n,p)={tuple(checkpoint.shape)}: " + ", ".join(wrong)
+        )
+    if t > T:
+        raise ValueError(
+            f"ssd_verify: {t} new tokens do not fit the input caches of length {T}; allocate the caches "
+            f"with T >= the tokens per verify call (K + 1)"
+        )
+    if counts.dtype.is_floating_point or counts.dtype == torch.bool:
+        raise ValueError(f"ssd_verify: counts must be an integer tensor, got {counts.dtype}")
+    return T, t
+
+
+def check_counts(counts: torch.Tensor, T: int, check: bool | None = None, what: str = "ssd_verify") -> None:
+    """Raise a ValueError unless 0 <= counts <= T.
+
+    Reading the values of a CUDA tensor waits for the GPU, and a CUDA graph cannot wait while it
+    is captured, so ``check=None`` checks everywhere except during a capture; ``check=False``
+    skips the check (the kernels clamp counts to [0, T] anyway, so no memory is touched out of
+    bounds, but the results would be wrong), ``check=True`` always checks.
+    """
+    if check is None:
+        check = not (counts.is_cuda and torch.cuda.is_current_stream_capturing())
+    if not check or counts.numel() == 0:
+        return
+    lo, hi = int(counts.min()), int(counts.max())
+    if lo < 0 or hi > T:
+        raise ValueError(
+            f"{what}: counts must lie in [0, {T}] (tokens of the last call to fold in), got values in [{lo}, {hi}]"
+        )
+
+
+def ssd_fold(
+    checkpoint: torch.Tensor,
+    x_cache: torch.Tensor,
+    dt_cache: torch.Tensor,
+    B_cache: torch.Tensor,
+    counts: torch.Tensor,
+    A: torch.Tensor,
+) -> torch.Tensor:
+    """The checkpoint (b,h,n,p) with the first counts[b] cached tokens of row b folded in.
+
+    x_cache (b,T,h,p), dt_cache (b,T,h), B_cache (b,T,h,n), counts (b,). Tokens past a row's
+    count are zeroed (dt = 0: decay exp(0) = 1 and a zero write; x and B too, so that whatever
+    stale values those slots hold, even NaN, leave the state bit for bit as it was).
+    Returns the new state in the compute dtype.
+    """
+    keep = torch.arange(x_cache.shape[1], device=x_cache.device)[None, :] < counts[:, None]  # (b, T)
+    x_, dt_, B_ = (v.masked_fill(~keep.view(*keep.shape, *[1] * (v.dim() - 2)), 0.0) for v in (x_cache, dt_cache, B_cache))
+    _, state = ssd_sequential(x_, dt_, A, B_, torch.zeros_like(B_), initial_state=checkpoint)
+    return state
+
+
+def ssd_verify(
+    checkpoint: torch.Tensor,
+    x_cache: torch.Tensor,
+    dt_cache: torch.Tensor,
+    B_cache: torch.Tensor,
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Mamba layer's verify call, out of place: fold, then run the new tokens.
+
+    checkpoint (b,h,n,p); the last call's cached inputs x_cache (b,T,h,p), dt_cache (b,T,h),
+    B_cache (b,T,h,n), of which the first counts[b] (b,) were accepted; the new tokens x
+    (b,t,h,p), dt (b,t,h) (already softplus-ed), B and C (b,t,h,n); A (h); D (h) or None.
+    Returns y (b,t,h,p) in x's dtype and the folded checkpoint (b,h,n,p) in the compute dtype:
+    the state after the accepted tokens, *not* after the new ones (their states are transients;
+    the caller caches x, dt, B to fold the accepted ones in next time).
+    """
+    T, _ = check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
+    check_counts(counts, T)
+    folded = ssd_fold(checkpoint, x_cache, dt_cache, B_cache, counts, A)
+    y, _ = ssd_sequential(x, dt, A, B, C, D, initial_state=folded)
+    return y, folded
+
+
+def slide_conv_window(window: torch.Tensor, counts: torch.Tensor, d_conv: int) -> torch.Tensor:
+    """The d_conv - 1 raw conv inputs before the next token, (b, d_conv-1, c): rows
+    counts[b] .. counts[b] + d_conv - 2 of window (b, d_conv-1+T, c)."""
+    offsets = counts[:, None].long() + torch.arange(d_conv - 1, device=window.device)[None, :]
+    return window.gather(1, offsets[..., None].expand(-1, -1, window.shape[-1]))
+
+
+def conv_verify(
+    window: torch.Tensor,
+    counts: torch.Tensor,
+    xBC: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv side of a verify call, out of place.
+
+    window (b, d_conv-1+T, c): the d_conv - 1 raw inputs before the last call, then that call's
+    T slots; counts (b,) of them were accepted. xBC (b,t,c) the new raw inputs, weight (c, d_conv),
+    bias (c) or None. Returns the pre-activation conv output (b,t,c) of xBC over the slid
+    history, and that history (b, d_conv-1, c); the new window is [history, xBC, rest].
+    """
+    d_conv = weight.shape[-1]
+    T = window.shape[1] - (d_conv - 1)
+    if window.dim() != 3 or xBC.dim() != 3 or window.shape[0] != xBC.shape[0] or window.shape[2] != xBC.shape[2]:
+        raise ValueError(f"conv_verify: window {tuple(window.shape)} and xBC {tuple(xBC.shape)} must be (b, ., c) alike")
+    if xBC.shape[1] > T:
+        raise ValueError(
+            f"conv_verify: {xBC.shape[1]} new tokens do not fit a window of d_conv-1+{T} rows; "
+            f"allocate it with d_conv - 1 + (tokens per verify call) rows"
+        )
+    check_counts(counts, T, what="conv_verify")
+    history = slide_conv_window(window, counts, d_conv)
+    y, _ = causal_conv1d(xBC, weight, bias, history.transpose(1, 2))
+    return y, history

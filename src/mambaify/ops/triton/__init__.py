@@ -1,9 +1,10 @@
 """GPU kernels behind :mod:`mambaify.ops`.
 
 Importing this package needs Triton (an ImportError tells :mod:`mambaify.ops` that there are no
-GPU kernels). It holds our own Triton kernels for decoding (:mod:`.decode`) and the gated
-RMSNorm (:mod:`.norm`), and registers the ``fla`` scan backend (:mod:`.fla_scan`), preferred
-for CUDA tensors, where fla-core imports and CUDA is available.
+GPU kernels). It holds our own Triton kernels for decoding (:mod:`.decode`), speculative
+verification (:mod:`.verify`) and the gated RMSNorm (:mod:`.norm`), and registers the ``fla``
+scan backend (:mod:`.fla_scan`), preferred for CUDA tensors, where fla-core imports and CUDA is
+available.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import triton  # noqa: F401  (the ImportError that says "no GPU kernels here")
 from .. import register_backend
 from .decode import conv_step_inplace, ssd_step, ssd_step_inplace
 from .norm import gated_rmsnorm
+from .verify import conv_verify_inplace, ssd_verify_inplace, ssd_verify_store_states
 
 logger = logging.getLogger(__name__)
 
@@ -34,4 +36,13 @@ def _register_fla() -> bool:
 
 FLA_AVAILABLE = _register_fla()
 
-__all__ = ["FLA_AVAILABLE", "conv_step_inplace", "gated_rmsnorm", "ssd_step", "ssd_step_inplace"]
+__all__ = [
+    "FLA_AVAILABLE",
+    "conv_step_inplace",
+    "conv_verify_inplace",
+    "gated_rmsnorm",
+    "ssd_step",
+    "ssd_step_inplace",
+    "ssd_verify_inplace",
+    "ssd_verify_store_states",
+]
