@@ -379,7 +379,130 @@ def _token_ids(value: int | Sequence[int] | None) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
-class Engine:
+class GenerationFrontend:
+    """The request-facing half an engine shares with the speculative one: prompt batching and
+    checks, stop and pad tokens, and text in / text out over a tokenizer.
+
+    A subclass sets ``model``, ``tokenizer``, ``device``, ``max_batch_size``, ``max_length``,
+    ``stop_token_ids`` and ``pad_token_id`` (see :meth:`_special_tokens`) and provides
+    ``stream(prompts, **options)`` (one list of each row's token, or None, per step) and
+    ``generate(prompts, **options)`` (batch, steps).
+    """
+
+    def _special_tokens(self) -> tuple[list[int], int]:
+        """Stop ids: the generation config's eos (else the config's), plus the tokenizer's eos.
+        Pad id: the generation config's, the config's or the tokenizer's, else the first stop id."""
+        generation = getattr(self.model, "generation_config", None)
+        config = self.model.config
+        stop = _token_ids(getattr(generation, "eos_token_id", None)) or _token_ids(
+            getattr(config, "eos_token_id", None)
+        )
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tokenizer_eos is not None and tokenizer_eos not in stop:
+            stop.append(tokenizer_eos)
+        pads = [
+            getattr(generation, "pad_token_id", None),
+            getattr(config, "pad_token_id", None),
+            getattr(self.tokenizer, "pad_token_id", None),
+        ]
+        pad = next((p for p in pads if p is not None), stop[0] if stop else 0)
+        return stop, int(pad)
+
+    def _stop_ids(self, given: int | Sequence[int] | None) -> list[int]:
+        return _token_ids(given) if given is not None else self.stop_token_ids
+
+    def _batch(self, prompts: Prompts, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts as a left-padded (ids, mask) pair on the engine's device, checked."""
+        if isinstance(prompts, torch.Tensor):
+            input_ids = prompts.to(self.device)
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be (batch, width) with width >= 1, got {tuple(input_ids.shape)}")
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+            if mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+                )
+            if not bool((mask[:, 1:] >= mask[:, :-1]).all() & mask[:, -1].bool().all()):
+                raise ValueError(
+                    "the engine needs left padding (each attention_mask row zeros, then ones, ending "
+                    "with a real token); tokenize with padding_side='left'"
+                )
+        else:
+            rows = [list(p) for p in prompts]
+            if not rows or not all(rows):
+                raise ValueError("give at least one prompt, and at least one token in each")
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, row in enumerate(rows):
+                input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+                mask[i, width - len(row):] = 1
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        if input_ids.shape[0] > self.max_batch_size:
+            raise ValueError(f"{input_ids.shape[0]} prompts exceed the engine's max_batch_size={self.max_batch_size}")
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(f"prompt width {input_ids.shape[1]} exceeds the engine's max_length={self.max_length}")
+        return input_ids, mask.long()
+
+    # --- text in, text out ----------------------------------------------------------------
+
+    def generate_text(self, prompts: str | Sequence[str], **options) -> str | list[str]:
+        """Complete each prompt; the reply text stops before the stop token. Options as for generate()."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tokens = self.generate([self._encode(text) for text in texts], **options)
+        stop = set(self._stop_ids(options.get("stop_token_ids")))
+        replies = [self._decode_reply(row, stop) for row in tokens.tolist()]
+        return replies[0] if isinstance(prompts, str) else replies
+
+    def stream_text(self, prompt: str, **options) -> Iterator[str]:
+        """Complete one prompt, yielding the text as it comes. Options as for generate()."""
+        return self._stream_reply(self._encode(prompt), options)
+
+    def chat(self, messages: Sequence[dict], **options) -> str:
+        """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
+        return "".join(self.stream_chat(messages, **options))
+
+    def stream_chat(self, messages: Sequence[dict], **options) -> Iterator[str]:
+        """The assistant's reply to a conversation, yielded as it comes (the tokenizer's chat template)."""
+        tokenizer = self._need_tokenizer()
+        if not tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        # The template writes the special tokens itself (BOS included).
+        return self._stream_reply(tokenizer(text, add_special_tokens=False)["input_ids"], options)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("text in and out needs a tokenizer: Engine(model, tokenizer)")
+        return self.tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        return self._need_tokenizer()(text)["input_ids"]
+
+    def _decode_reply(self, tokens: list[int], stop: set[int]) -> str:
+        end = next((i for i, token in enumerate(tokens) if token in stop), len(tokens))
+        return self._need_tokenizer().decode(tokens[:end], skip_special_tokens=True)
+
+    def _stream_reply(self, prompt_ids: list[int], options: dict) -> Iterator[str]:
+        tokenizer = self._need_tokenizer()
+        stop = set(self._stop_ids(options.get("stop_token_ids")))
+        reply: list[int] = []
+        shown = ""
+        for (token,) in self.stream([prompt_ids], **options):
+            if token in stop:
+                continue
+            reply.append(token)
+            text = tokenizer.decode(reply, skip_special_tokens=True)
+            # A byte-level token can end inside a multi-byte character: wait for the rest of it.
+            if not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+        rest = tokenizer.decode(reply, skip_special_tokens=True)[len(shown):]
+        if rest:
+            yield rest
+
+
+class Engine(GenerationFrontend):
     """Batched prefill + decode over static caches, for a hybrid or a Llama-family causal LM.
 
     Engine(model, tokenizer=None, max_batch_size=8, max_length=2048) allocates, once, for every
@@ -437,28 +560,6 @@ class Engine:
             raise ValueError("CUDA graphs need a CUDA device and a RoPE that does not depend on the positions seen")
         return bool(setting)
 
-    def _special_tokens(self) -> tuple[list[int], int]:
-        """Stop ids: the generation config's eos (else the config's), plus the tokenizer's eos.
-        Pad id: the generation config's, the config's or the tokenizer's, else the first stop id."""
-        generation = getattr(self.model, "generation_config", None)
-        config = self.model.config
-        stop = _token_ids(getattr(generation, "eos_token_id", None)) or _token_ids(
-            getattr(config, "eos_token_id", None)
-        )
-        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if tokenizer_eos is not None and tokenizer_eos not in stop:
-            stop.append(tokenizer_eos)
-        pads = [
-            getattr(generation, "pad_token_id", None),
-            getattr(config, "pad_token_id", None),
-            getattr(self.tokenizer, "pad_token_id", None),
-        ]
-        pad = next((p for p in pads if p is not None), stop[0] if stop else 0)
-        return stop, int(pad)
-
-    def _stop_ids(self, given: int | Sequence[int] | None) -> list[int]:
-        return _token_ids(given) if given is not None else self.stop_token_ids
-
     # --- the two steps --------------------------------------------------------------------
 
     def prefill(
@@ -510,39 +611,6 @@ class Engine:
         logits = request.decoder(token_ids.to(self.device), request.next_slot)
         request.next_slot += 1
         return logits
-
-    def _batch(self, prompts: Prompts, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts as a left-padded (ids, mask) pair on the engine's device, checked."""
-        if isinstance(prompts, torch.Tensor):
-            input_ids = prompts.to(self.device)
-            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-                raise ValueError(f"input_ids must be (batch, width) with width >= 1, got {tuple(input_ids.shape)}")
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-            if mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
-                )
-            if not bool((mask[:, 1:] >= mask[:, :-1]).all() & mask[:, -1].bool().all()):
-                raise ValueError(
-                    "the engine needs left padding (each attention_mask row zeros, then ones, ending "
-                    "with a real token); tokenize with padding_side='left'"
-                )
-        else:
-            rows = [list(p) for p in prompts]
-            if not rows or not all(rows):
-                raise ValueError("give at least one prompt, and at least one token in each")
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for i, row in enumerate(rows):
-                input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-                mask[i, width - len(row):] = 1
-            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        if input_ids.shape[0] > self.max_batch_size:
-            raise ValueError(f"{input_ids.shape[0]} prompts exceed the engine's max_batch_size={self.max_batch_size}")
-        if input_ids.shape[1] > self.max_length:
-            raise ValueError(f"prompt width {input_ids.shape[1]} exceeds the engine's max_length={self.max_length}")
-        return input_ids, mask.long()
 
     # --- generation -----------------------------------------------------------------------
 
@@ -622,63 +690,6 @@ class Engine:
         steps = self._steps(prompts, attention_mask, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
         return torch.stack([tokens for tokens, _ in steps], dim=1)
 
-    # --- text in, text out ----------------------------------------------------------------
-
-    def generate_text(self, prompts: str | Sequence[str], **options) -> str | list[str]:
-        """Complete each prompt; the reply text stops before the stop token. Options as for generate()."""
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        tokens = self.generate([self._encode(text) for text in texts], **options)
-        stop = set(self._stop_ids(options.get("stop_token_ids")))
-        replies = [self._decode_reply(row, stop) for row in tokens.tolist()]
-        return replies[0] if isinstance(prompts, str) else replies
-
-    def stream_text(self, prompt: str, **options) -> Iterator[str]:
-        """Complete one prompt, yielding the text as it comes. Options as for generate()."""
-        return self._stream_reply(self._encode(prompt), options)
-
-    def chat(self, messages: Sequence[dict], **options) -> str:
-        """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
-        return "".join(self.stream_chat(messages, **options))
-
-    def stream_chat(self, messages: Sequence[dict], **options) -> Iterator[str]:
-        """The assistant's reply to a conversation, yielded as it comes (the tokenizer's chat template)."""
-        tokenizer = self._need_tokenizer()
-        if not tokenizer.chat_template:
-            raise ValueError("the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        # The template writes the special tokens itself (BOS included).
-        return self._stream_reply(tokenizer(text, add_special_tokens=False)["input_ids"], options)
-
-    def _need_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError("text in and out needs a tokenizer: Engine(model, tokenizer)")
-        return self.tokenizer
-
-    def _encode(self, text: str) -> list[int]:
-        return self._need_tokenizer()(text)["input_ids"]
-
-    def _decode_reply(self, tokens: list[int], stop: set[int]) -> str:
-        end = next((i for i, token in enumerate(tokens) if token in stop), len(tokens))
-        return self._need_tokenizer().decode(tokens[:end], skip_special_tokens=True)
-
-    def _stream_reply(self, prompt_ids: list[int], options: dict) -> Iterator[str]:
-        tokenizer = self._need_tokenizer()
-        stop = set(self._stop_ids(options.get("stop_token_ids")))
-        reply: list[int] = []
-        shown = ""
-        for (token,) in self.stream([prompt_ids], **options):
-            if token in stop:
-                continue
-            reply.append(token)
-            text = tokenizer.decode(reply, skip_special_tokens=True)
-            # A byte-level token can end inside a multi-byte character: wait for the rest of it.
-            if not text.endswith("\ufffd"):
-                yield text[len(shown):]
-                shown = text
-        rest = tokenizer.decode(reply, skip_special_tokens=True)[len(shown):]
-        if rest:
-            yield rest
-
 
 # ---------------------------------------------------------------------------------------------
 # The opt-in from a model
@@ -734,6 +745,7 @@ __all__ = [
     "DecodingStack",
     "EagerDecoder",
     "Engine",
+    "GenerationFrontend",
     "KVBuffers",
     "MambaBuffers",
     "MambaRunner",

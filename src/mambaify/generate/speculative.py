@@ -377,22 +377,51 @@ def accept_rejection(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The standard speculative sampling rule, so that the output is distributed as the target's:
     accept draft token d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection
-    sample from normalize(max(0, p_i - q_i)); if all K are accepted sample one more from p_K."""
+    sample from normalize(max(0, p_i - q_i)); if all K are accepted sample one more from p_K.
+    The randomness comes from ``generator`` (on the logits' device); see :func:`rejection_rule`."""
     b, k = drafts.shape
     p = _probs(logits, temperature)  # (b, k+1, V)
+    u = torch.rand(b, k + 1, generator=generator, dtype=p.dtype, device=p.device)
+    return rejection_rule(drafts, p, q.to(p.dtype), u[:, :k], u[:, k])
+
+
+def rejection_rule(
+    drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u_accept: torch.Tensor, u_next: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`accept_rejection` given its uniforms, so that a CUDA graph can run it with random
+    numbers drawn outside: fixed shapes, no host reads, no random number generator inside.
+
+    drafts (b,k); p (b,k+1,V) the target's distributions after each input; q (b,k,V) the draft's
+    distributions the drafts were drawn from; u_accept (b,k), u_next (b,) uniform in [0, 1).
+    Returns (accepted (b,), next token (b,)).
+    """
+    b, k = drafts.shape
     p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]
     q_d = q.gather(-1, drafts[..., None])[..., 0]
-    u = torch.rand(b, k, generator=generator, dtype=p.dtype)
-    ok = (u * q_d < p_d).long()  # u < p/q without dividing by a tiny q
+    ok = (u_accept * q_d < p_d).long()  # u < p/q without dividing by a tiny q
     accepted = ok.cumprod(-1).sum(-1)
-    rows = torch.arange(b)
+    rows = torch.arange(b, device=drafts.device)
     p_at = p[rows, accepted]  # p_n: the distribution the next token comes from
-    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]  # q_K := 0, so all accepted -> p_K
+    # q_K := 0, so that when all k are accepted the next token comes from p_K itself.
+    q_at = q[rows, accepted.clamp(max=k - 1)] * (accepted < k)[:, None].to(q.dtype)
     residual = (p_at - q_at).clamp(min=0)
     total = residual.sum(-1, keepdim=True)
     # p == q gives an all-zero residual, but then rejection had probability 0; fall back to p.
-    residual = torch.where(total > 0, residual / total.clamp(min=1e-300), p_at)
-    return accepted, torch.multinomial(residual, 1, generator=generator)[:, 0]
+    residual = torch.where(total > 0, residual / total.clamp(min=torch.finfo(total.dtype).tiny), p_at)
+    return accepted, sample_inverse_cdf(residual, u_next)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs (b, V) (need not sum to 1) for uniforms u (b,) in [0, 1): the
+    first token whose cumulative probability exceeds u * total. A zero-probability token is
+    never picked (its cumulative value equals its predecessor's)."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    token = torch.searchsorted(cdf, u.to(cdf.dtype)[:, None] * total, right=True)[:, 0]
+    # u * total can round up to the total itself: then take the last token the total is reached
+    # at (the last with probability > 0), never one past it.
+    last_possible = (cdf < total).sum(-1)
+    return torch.minimum(token, last_possible)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +513,8 @@ __all__ = [
     "mamba_fold",
     "mamba_verify",
     "propose_draft",
+    "rejection_rule",
+    "sample_inverse_cdf",
     "speculative_generate",
     "target_commit",
     "target_prefill",

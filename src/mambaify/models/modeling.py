@@ -373,6 +373,19 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         # generate() must not hand us a DynamicCache: the model makes its own HybridCache.
         return False
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, assistant_model=None,
+                 **kwargs):
+        """transformers' generate(); given ``assistant_model`` (a draft model of the same tokenizer),
+        mambaify's speculative engine instead, with ``num_assistant_tokens`` draft tokens per round
+        (an int, or "auto"): see :func:`mambaify.generate.speculative_engine.assisted_generate`."""
+        if assistant_model is None:
+            return super().generate(inputs, generation_config, *args, **kwargs)
+        if args:
+            raise TypeError("with assistant_model, pass generate()'s options by keyword")
+        from ..generate.speculative_engine import assisted_generate
+
+        return assisted_generate(self, assistant_model, inputs, generation_config, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

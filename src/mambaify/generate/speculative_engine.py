@@ -1,0 +1,1147 @@
+"""Speculative decoding on static caches, with the draft and verify steps replayed as CUDA graphs.
+
+The fast counterpart of :mod:`mambaify.generate.speculative` (the CPU reference; PAPER.md
+section 3), built like :mod:`mambaify.generate.engine`: buffers allocated once, a prefill over the
+left-padded prompts, then fixed-shape steps that read and write the buffers in place, so that a
+CUDA graph can capture each of them once and replay it every round.
+
+One round, for every row at once (K draft tokens per round):
+
+1. **Draft round** (one graph per K): the draft runs K + 1 single-token steps over
+   ``[last, d1, ..., dK]``, where ``last`` is the newest committed token and d_i is the token
+   its step i - 1 chose (argmax, or sampled with its distribution q_i kept). The last step only
+   ingests dK, so that the draft has seen exactly the tokens the target is about to verify.
+2. **Verify round** (one graph per K): the target runs the K + 1 tokens ``[last, d1..dK]`` in one
+   call, accepts per row the longest prefix n of the drafts (greedy: matching its argmax; sampling:
+   the standard rejection rule, so that tokens are distributed as the target's), appends its
+   own next token, and *commits* n + 1 tokens in both models: per-row lengths advance by n + 1
+   and the Mamba layers' fold counts are set to n + 1. Stop tokens and max_new_tokens end rows
+   here too; a finished row commits nothing from then on.
+
+So after every round the draft and the target have committed the same tokens, and the next
+round starts from the target's new token in every row, whatever n was: the uniform scheme
+costs one draft step per round (ingesting dK, which is wasted when dK is rejected) and buys
+one code path for every row and every outcome. (The alternative, feeding dK together with the
+next round's first token in a two-token first call, saves that step only for fully accepted
+rows and gives the draft's first call a per-row token count.)
+
+State, per model (the draft's and the target's are alike):
+
+* Attention layers: K/V buffers (batch, kv_heads, slots, head_dim). Row b's committed tokens,
+  left padding included, fill slots 0..lengths[b]-1; a call over t tokens writes slots
+  lengths[b]..lengths[b]+t-1 and its queries see the row's real slots up to their own. Rejected
+  tokens are "truncated" by not advancing lengths[b]: they lie past every later query's causal
+  mask and are overwritten by the next call.
+* Mamba layers: one checkpointed SSM state at the last folded token, the inputs (x, dt, B) of
+  the last call's K + 1 tokens, and a conv window of d_conv - 1 + K + 1 raw inputs. A call first
+  folds the counts[b] accepted tokens into the checkpoint and slides the window (the fused
+  ``ops.ssd_verify_inplace`` / ``ops.conv_verify_inplace``), then runs its tokens from there
+  without storing per-token states. The draft's round is that verify call done one token at a
+  time: step 0 folds, copies the checkpoint into a transient running state and conv state,
+  and steps 1..K advance only those (``ops.ssd_step_inplace`` / ``ops.conv_step_inplace``) while
+  caching each token's inputs; the next round folds what the target accepted.
+
+Randomness: the uniforms a round needs (K for the draft's samples, K for the acceptance tests,
+one for the final token) are drawn before the round from a ``torch.Generator`` on the device,
+and tokens are drawn from them by inverse CDF, so a graph holds no random number generator and
+seeded runs reproduce, eagerly or from a graph.
+
+Adaptive K (``k="auto"``): each round picks, among the K values with captured graphs, the one
+with the most expected tokens per second, (1 - a^(K+1)) / (1 - a) tokens per row and round at a
+running per-token acceptance rate a, over the measured time of that K's draft round, verify call
+and host overhead (see :class:`AdaptiveK`).
+
+Reading order: kernels -> buffers -> RowContext / attend_rows -> mamba_verify / mamba_draft_step
+-> SpeculativeStack -> RoundBuffers / round functions -> AdaptiveK -> SpeculativeEngine ->
+generate() / assisted_generate().
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..models.modeling import Mamba2Mixer
+from .engine import (
+    AttentionRunner,
+    DecodingStack,
+    GenerationFrontend,
+    KVBuffers,
+    MambaBuffers,
+    MambaRunner,
+    Prompts,
+    StaticCache,
+    _rope_is_static,
+    grouped_query_attention,
+)
+from .sampling import SamplingParams, keep_top_k, keep_top_p
+from .speculative import accept_greedy, rejection_rule, sample_inverse_cdf
+
+KChoice = int | Literal["auto"]
+DEFAULT_K_CHOICES = (1, 2, 3, 4, 6, 8)
+STOP_SLOTS = 16  # stop token ids a request may give (the buffer a graph reads them from)
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: the fused verify calls of mambaify.ops (Triton on CUDA, PyTorch elsewhere)
+
+
+def _conv_verify_reference(window, counts, xBC, weight, bias=None, out=None):
+    from .speculative import slide_window
+
+    d_conv = weight.shape[-1]
+    history = slide_window(window, counts, d_conv)
+    y, _ = ops.causal_conv1d(xBC, weight, bias, history.transpose(1, 2))
+    window[:, : d_conv - 1].copy_(history)
+    window[:, d_conv - 1 : d_conv - 1 + xBC.shape[1]].copy_(xBC)
+    return y if out is None else out.copy_(y)
+
+
+def _ssd_verify_reference(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D=None, out=None):
+    from .speculative import replay
+
+    checkpoint.copy_(replay(checkpoint, x_cache, dt_cache, B_cache, A, counts))
+    y, _ = ops.ssd_sequential(x, dt, A, B, C, D, initial_state=checkpoint)
+    t = x.shape[1]
+    x_cache[:, :t].copy_(x)
+    dt_cache[:, :t].copy_(dt)
+    B_cache[:, :t].copy_(B)
+    return y if out is None else out.copy_(y)
+
+
+def _kernel(name: str, reference: Callable | None) -> Callable:
+    # Until the fused kernels' module is in place, the same algorithm in PyTorch.
+    found = getattr(ops, name, None)
+    if found is None and reference is None:
+        raise NotImplementedError(f"mambaify.ops.{name} is not available in this version")
+    return found or reference
+
+
+def conv_verify_inplace(window, counts, xBC, weight, bias=None):
+    """``ops.conv_verify_inplace``: slide each row of window (b, d_conv-1+T, c) by counts[b],
+    return the pre-activation conv of xBC (b,t,c) over that history, leave window = [history, xBC]."""
+    return _kernel("conv_verify_inplace", _conv_verify_reference)(window, counts, xBC, weight, bias)
+
+
+def ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D=None):
+    """``ops.ssd_verify_inplace``: fold counts[b] cached tokens into checkpoint (b,h,n,p), run x
+    (b,t,h,p) from there -> y (b,t,h,p), then cache x, dt, B in the caches' first t positions."""
+    return _kernel("ssd_verify_inplace", _ssd_verify_reference)(
+        checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D
+    )
+
+
+def ssd_verify_store_states(checkpoint, states, counts, x, dt, A, B, C, D=None):
+    """``ops.ssd_verify_store_states``: the naive verify call that writes every per-token state
+    to states (b,T,h,n,p) and restarts from the accepted one (benchmarks only)."""
+    return _kernel("ssd_verify_store_states", None)(checkpoint, states, counts, x, dt, A, B, C, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers
+
+
+@dataclass
+class MambaVerifyBuffers:
+    """One Mamba layer's verification state (b rows, T = K_max + 1 tokens per call).
+
+    checkpoint (b,h,n,p): the SSM state after the last folded token (float32 at least).
+    x (b,T,h,p), dt (b,T,h), B (b,T,h,n): the inputs of the last call's tokens.
+    window (b, d_conv-1+T, conv_dim): the raw conv inputs before the last call, then its tokens'.
+    running_state (b,h,n,p), running_conv (b, conv_dim, d_conv-1): the draft's transient state
+    during a draft round (None for a target).
+    states (b,T,h,n,p): every per-token state, for the naive store-states verify (None otherwise).
+    """
+
+    checkpoint: torch.Tensor
+    x: torch.Tensor
+    dt: torch.Tensor
+    B: torch.Tensor
+    window: torch.Tensor
+    running_state: torch.Tensor | None = None
+    running_conv: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+
+    @classmethod
+    def allocate(
+        cls, mixer: Mamba2Mixer, batch: int, tokens: int, dtype: torch.dtype, device: torch.device,
+        draft: bool, store_states: bool,
+    ) -> MambaVerifyBuffers:
+        h, p, n, c = mixer.num_heads, mixer.head_dim, mixer.d_state, mixer.conv_dim
+        state_dtype = torch.promote_types(dtype, torch.float32)
+
+        def zeros(*shape, dt=dtype):
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        return cls(
+            checkpoint=zeros(batch, h, n, p, dt=state_dtype),
+            x=zeros(batch, tokens, h, p),
+            dt=zeros(batch, tokens, h),
+            B=zeros(batch, tokens, h, n),
+            window=zeros(batch, mixer.d_conv - 1 + tokens, c),
+            running_state=zeros(batch, h, n, p, dt=state_dtype) if draft else None,
+            running_conv=zeros(batch, c, mixer.d_conv - 1) if draft else None,
+            states=zeros(batch, tokens, h, n, p, dt=state_dtype) if store_states else None,
+        )
+
+    def rows(self, n: int) -> MambaVerifyBuffers:
+        return MambaVerifyBuffers(*(None if t is None else t[:n] for t in (
+            self.checkpoint, self.x, self.dt, self.B, self.window, self.running_state, self.running_conv, self.states
+        )))
+
+    def as_decode_buffers(self) -> MambaBuffers:
+        """The engine's view of this state for a prefill: its conv state is the window's first
+        d_conv - 1 rows (a transposed view, written in place), its SSM state the checkpoint."""
+        d_conv_minus_1 = self.window.shape[1] - self.x.shape[1]
+        return MambaBuffers(self.window[:, :d_conv_minus_1].transpose(1, 2), self.checkpoint)
+
+
+@dataclass
+class SpeculativeCache:
+    """A model's buffers for speculative decoding, one per layer, plus per-row bookkeeping:
+    pad_lengths (b,) the left padding, lengths (b,) the committed slots (padding included),
+    counts (b,) the tokens of the last call to fold into the Mamba checkpoints."""
+
+    layers: list[KVBuffers | MambaVerifyBuffers]
+    pad_lengths: torch.Tensor
+    lengths: torch.Tensor
+    counts: torch.Tensor
+
+    def rows(self, n: int) -> SpeculativeCache:
+        """The first n rows, as views: a graph captured on them sees every update."""
+        return SpeculativeCache(
+            [layer.rows(n) for layer in self.layers], self.pad_lengths[:n], self.lengths[:n], self.counts[:n]
+        )
+
+    def as_static_cache(self) -> StaticCache:
+        layers = [b.as_decode_buffers() if isinstance(b, MambaVerifyBuffers) else b for b in self.layers]
+        return StaticCache(layers, self.pad_lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention with per-row slots
+
+
+@dataclass
+class RowContext:
+    """Where one call's tokens sit, per row, shared by all layers.
+
+    slots (b,t): each token's cache slot (row b: lengths[b] + offset + 0..t-1).
+    mask (b,1,t,S) bool: the row's real slots up to the query's own, and the query's own slot.
+    key_slots (S,): all slots; rotary: RoPE (cos, sin) at the tokens' positions, or None.
+    """
+
+    slots: torch.Tensor
+    mask: torch.Tensor
+    key_slots: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+
+    def attention_mask(self, sliding_window: int | None) -> torch.Tensor:
+        if sliding_window is None:
+            return self.mask
+        # A row's real tokens sit in consecutive slots, so slot distance is position distance.
+        in_window = self.slots[:, None, :, None] - self.key_slots < sliding_window
+        return self.mask & in_window
+
+
+def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, kv: KVBuffers) -> torch.Tensor:
+    """``AttentionRunner.forward`` with each row writing its keys/values at its own slots."""
+    attn = runner.attention
+    b, t, _ = hidden.shape
+    heads = (b, t, -1, runner.head_dim)
+    query = attn.q_proj(hidden).view(heads).transpose(1, 2)
+    key = attn.k_proj(hidden).view(heads).transpose(1, 2)
+    value = attn.v_proj(hidden).view(heads).transpose(1, 2)
+    query, key = runner.apply_rotary(query, key, *ctx.rotary)
+    index = ctx.slots[:, None, :, None].expand(b, runner.num_kv_heads, t, runner.head_dim)
+    kv.keys.scatter_(2, index, key)
+    kv.values.scatter_(2, index, value)
+    out = grouped_query_attention(
+        query, kv.keys, kv.values, ctx.attention_mask(runner.sliding_window), attn.scaling
+    )
+    return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba layers: a verify call, and a draft step
+
+
+def _mamba_inputs(mixer: Mamba2Mixer, activated: torch.Tensor, dt: torch.Tensor):
+    x, B, C = mixer.split_heads(activated)
+    return x, B, C, F.softplus(dt + mixer.dt_bias)
+
+
+def mamba_verify(
+    mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor
+) -> torch.Tensor:
+    """One Mamba layer over t tokens (b,t,d) from the checkpoint after folding counts[b] tokens
+    (the fused kernels, or the naive store-every-state call when ``buf.states`` is allocated)."""
+    b, t, _ = hidden.shape
+    z, xBC, dt = mixer.project(hidden)
+    conv = conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
+    x, B, C, dt = _mamba_inputs(mixer, F.silu(conv), dt)
+    if buf.states is None:
+        y = ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
+    else:
+        y = ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D)
+    return mixer.out_proj(mixer.norm(y.reshape(b, t, mixer.d_inner), z))
+
+
+def mamba_draft_step(
+    mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor, step: int
+) -> torch.Tensor:
+    """Step ``step`` of a draft round, one token (b,1,d): "a verify call done one token at a time".
+
+    Step 0 is a one-token verify call (folds counts[b] tokens into the checkpoint, slides the
+    window, caches the token's inputs at position 0) that then copies the state after the token
+    into the transient running state. Steps 1..K advance only the running state and conv, and
+    cache their token's inputs at position ``step`` and its raw conv input in the window, so that
+    the next round's fold sees the same layout as after a verify call over all K + 1 tokens.
+    """
+    b = hidden.shape[0]
+    z, xBC, dt = mixer.project(hidden)
+    weight, bias = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
+    d_conv = mixer.d_conv
+    if step == 0:
+        conv = conv_verify_inplace(buf.window, counts, xBC, weight, bias)
+        x, B, C, dt = _mamba_inputs(mixer, F.silu(conv), dt)
+        y = ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
+        buf.running_state.copy_(buf.checkpoint)
+        ops.ssd_step_inplace(buf.running_state, x[:, 0], dt[:, 0], mixer.A, B[:, 0], C[:, 0])
+        buf.running_conv.copy_(buf.window[:, 1:d_conv].transpose(1, 2))
+    else:
+        activated = ops.conv_step_inplace(buf.running_conv, xBC[:, 0], weight, bias)  # SiLU-ed
+        buf.window[:, d_conv - 1 + step].copy_(xBC[:, 0])
+        x, B, C, dt = _mamba_inputs(mixer, activated[:, None], dt)
+        y = ops.ssd_step_inplace(buf.running_state, x[:, 0], dt[:, 0], mixer.A, B[:, 0], C[:, 0], mixer.D)[:, None]
+        buf.x[:, step].copy_(x[:, 0])
+        buf.dt[:, step].copy_(dt[:, 0])
+        buf.B[:, step].copy_(B[:, 0])
+    return mixer.out_proj(mixer.norm(y.reshape(b, 1, mixer.d_inner), z))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+
+
+class SpeculativeStack(DecodingStack):
+    """A causal LM's modules (a hybrid, pure Mamba2, or a Llama-family model) run against a
+    :class:`SpeculativeCache`: a prefill, a verify call over t <= max_tokens tokens per row, and
+    a draft step of one token per row. num_slots bounds the committed tokens plus one call's."""
+
+    def __init__(self, model: nn.Module, num_slots: int, max_tokens: int):
+        super().__init__(model, num_slots)
+        self.max_tokens = max_tokens
+        self.vocab_size = model.lm_head.weight.shape[0]
+        self.token_range = torch.arange(max_tokens, device=self.slot_range.device)
+
+    def allocate_speculative(
+        self, batch: int, dtype: torch.dtype, device: torch.device, *, draft: bool = False,
+        store_states: bool = False,
+    ) -> SpeculativeCache:
+        layers = []
+        for runner in self.layers:
+            if isinstance(runner.mixer, MambaRunner):
+                layers.append(MambaVerifyBuffers.allocate(
+                    runner.mixer.mixer, batch, self.max_tokens, dtype, device, draft, store_states
+                ))
+            else:
+                layers.append(runner.mixer.allocate(batch, self.num_slots, dtype, device))
+
+        def per_row():
+            return torch.zeros(batch, dtype=torch.long, device=device)
+
+        return SpeculativeCache(layers, per_row(), per_row(), per_row())
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: SpeculativeCache) -> None:
+        """Run a left-padded prompt batch (b, W) (W may be 0) from slot 0; nothing left to fold."""
+        b, width = input_ids.shape
+        if width:
+            self.prefill(input_ids, attention_mask, cache.as_static_cache())
+        else:
+            cache.pad_lengths.zero_()
+            for buffers in cache.layers:
+                if isinstance(buffers, MambaVerifyBuffers):
+                    buffers.checkpoint.zero_()
+                    buffers.window.zero_()
+        cache.lengths.fill_(width)
+        cache.counts.zero_()
+
+    def row_context(self, hidden: torch.Tensor, slots: torch.Tensor, pad_lengths: torch.Tensor) -> RowContext:
+        keys = self.slot_range
+        causal = keys <= slots[:, :, None]  # (b, t, S)
+        real = keys >= pad_lengths[:, None, None]
+        own = keys == slots[:, :, None]
+        mask = ((causal & real) | own)[:, None]
+        rotary = None
+        if self.has_attention:
+            rotary = self.rotary_emb(hidden, (slots - pad_lengths[:, None]).clamp(min=0))
+        return RowContext(slots, mask, keys, rotary)
+
+    def _run(self, token_ids: torch.Tensor, first_slot_offset: int, cache: SpeculativeCache,
+             mamba: Callable[[Mamba2Mixer, torch.Tensor, MambaVerifyBuffers], torch.Tensor]) -> torch.Tensor:
+        t = token_ids.shape[1]
+        hidden = self.embed_tokens(token_ids)
+        slots = cache.lengths[:, None] + first_slot_offset + self.token_range[:t]
+        ctx = self.row_context(hidden, slots, cache.pad_lengths)
+        for runner, buffers in zip(self.layers, cache.layers):
+            layer = runner.layer
+            normed = layer.input_layernorm(hidden)
+            if isinstance(runner.mixer, AttentionRunner):
+                hidden = hidden + attend_rows(runner.mixer, normed, ctx, buffers)
+            else:
+                hidden = hidden + mamba(runner.mixer.mixer, normed, buffers)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.norm(hidden)
+
+    def verify(self, token_ids: torch.Tensor, cache: SpeculativeCache) -> torch.Tensor:
+        """token_ids (b,t) at each row's next t slots -> logits (b,t,V). Commit afterwards by
+        advancing cache.lengths and setting cache.counts (see SpeculativeEngine)."""
+        if token_ids.shape[1] > self.max_tokens:
+            raise ValueError(f"a verify call takes at most {self.max_tokens} tokens, got {token_ids.shape[1]}")
+
+        def mamba(mixer, normed, buffers):
+            return mamba_verify(mixer, normed, buffers, cache.counts)
+
+        return self.lm_head(self._run(token_ids, 0, cache, mamba))
+
+    def draft_step(self, token_ids: torch.Tensor, step: int, cache: SpeculativeCache,
+                   want_logits: bool = True) -> torch.Tensor | None:
+        """Draft step ``step`` of a round: token_ids (b,1) at slot lengths[b] + step -> logits
+        (b,V), or None when ``want_logits`` is False (the round's last step only ingests)."""
+        if not 0 <= step < self.max_tokens:
+            raise ValueError(f"a draft round has at most {self.max_tokens} steps, got step {step}")
+
+        def mamba(mixer, normed, buffers):
+            return mamba_draft_step(mixer, normed, buffers, cache.counts, step)
+
+        hidden = self._run(token_ids, step, cache, mamba)
+        return self.lm_head(hidden)[:, 0] if want_logits else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing tokens
+
+
+def token_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """softmax of the warped logits (..., V) in float32: temperature, then top-k, then top-p
+    (as sample_next_tokens warps them), so that draft and target are compared on the same terms."""
+    scores = logits.float() / params.temperature
+    if params.top_k:
+        scores = keep_top_k(scores, params.top_k)
+    if params.top_p < 1:
+        scores = keep_top_p(scores, params.top_p)
+    return scores.softmax(dim=-1)
+
+
+def fit_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A draft's logits on the target's vocabulary: extra rows dropped, missing ones -inf
+    (models of one tokenizer often pad their embedding tables to different sizes)."""
+    have = logits.shape[-1]
+    if have == vocab_size:
+        return logits
+    if have > vocab_size:
+        return logits[..., :vocab_size]
+    return F.pad(logits, (0, vocab_size - have), value=float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------------
+# One round's buffers and the two steps a graph captures
+
+
+@dataclass
+class RoundBuffers:
+    """What a round reads and writes besides the models' caches (max_batch rows, K <= k_max).
+
+    last (B,): each row's newest committed token, the first input of the next round.
+    drafts (B, k_max); q (B, k_max, V) float32: the draft's distributions (sampling only).
+    uniforms (B, 2 k_max + 1): the round's random numbers (drafts, acceptance tests, next token).
+    generated (B,), active (B,) bool, max_new (1,), stop_ids (STOP_SLOTS,) padded with -1.
+    report (B, 4 + k_max + 1): per row [was active, accepted n, emitted count, still active,
+    emitted tokens...], the one thing the host reads back per round.
+    """
+
+    last: torch.Tensor
+    drafts: torch.Tensor
+    q: torch.Tensor | None
+    uniforms: torch.Tensor
+    generated: torch.Tensor
+    active: torch.Tensor
+    max_new: torch.Tensor
+    stop_ids: torch.Tensor
+    report: torch.Tensor
+
+    @classmethod
+    def allocate(cls, batch: int, k_max: int, device: torch.device) -> RoundBuffers:
+        def longs(*shape):
+            return torch.zeros(*shape, dtype=torch.long, device=device)
+
+        return cls(
+            last=longs(batch), drafts=longs(batch, k_max), q=None,
+            uniforms=torch.zeros(batch, 2 * k_max + 1, device=device),
+            generated=longs(batch), active=torch.zeros(batch, dtype=torch.bool, device=device),
+            max_new=longs(1), stop_ids=longs(STOP_SLOTS), report=longs(batch, 4 + k_max + 1),
+        )
+
+
+class GraphedStep:
+    """A step captured once in a CUDA graph (after a warm-up on a side stream, as PyTorch's
+    CUDA-graph notes prescribe) and replayed. The step must write its results into persistent
+    buffers and return nothing: then graphs can share one memory pool whatever order they are
+    replayed in, since none keeps a live tensor in it."""
+
+    def __init__(self, step: Callable[[], None], pool, warmup_steps: int = 2):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            step()
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+@dataclass
+class RoundProgram:
+    """The draft round and the verify round of one (batch size, K, sampling) setting."""
+
+    k: int
+    draft: Callable[[], None]
+    verify: Callable[[], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and the choice of K
+
+
+@dataclass
+class SpeculativeStats:
+    """One request's counts. row_rounds: (row, round) pairs in which the row was generating;
+    accepted: draft tokens accepted over those; emitted: tokens emitted (accepted + the target's
+    own, less what a stop token or max_new_tokens cut). seconds: prefill and rounds, wall clock."""
+
+    rounds: int = 0
+    row_rounds: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    seconds: float = 0.0
+    k_used: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Draft tokens accepted per row and verify call."""
+        return self.accepted / max(self.row_rounds, 1)
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens emitted per row and verify call (mean accepted + 1, less cut-offs)."""
+        return self.emitted / max(self.row_rounds, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.emitted / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return dict(rounds=self.rounds, row_rounds=self.row_rounds, accepted=self.accepted, emitted=self.emitted,
+                    seconds=self.seconds, mean_accepted=self.mean_accepted, tokens_per_round=self.tokens_per_round,
+                    tokens_per_second=self.tokens_per_second, k_used=dict(self.k_used))
+
+
+@dataclass
+class RoundTimes:
+    """Measured seconds of one setting's rounds, per K (moving averages): the draft round, the
+    verify round, and the host's share (launches, the read-back, bookkeeping)."""
+
+    draft: dict[int, float] = field(default_factory=dict)
+    verify: dict[int, float] = field(default_factory=dict)
+    overhead: float | None = None
+
+    def observe(self, k: int, draft_s: float, verify_s: float, wall_s: float, weight: float = 0.3) -> None:
+        def mix(old, new):
+            return new if old is None else (1 - weight) * old + weight * new
+
+        self.draft[k] = mix(self.draft.get(k), draft_s)
+        self.verify[k] = mix(self.verify.get(k), verify_s)
+        self.overhead = mix(self.overhead, max(wall_s - draft_s - verify_s, 0.0))
+
+    def round_seconds(self, k: int) -> float | None:
+        """The expected time of a round at K: measured, or estimated from the K values measured
+        (the draft's cost per step times K + 1; the verify time interpolated, flat outside)."""
+        if not self.verify:
+            return None
+        draft = self.draft.get(k)
+        if draft is None:
+            draft = (k + 1) * sum(s / (j + 1) for j, s in self.draft.items()) / len(self.draft)
+        verify = self.verify.get(k)
+        if verify is None:
+            known = sorted(self.verify)
+            below = [j for j in known if j < k]
+            above = [j for j in known if j > k]
+            if below and above:
+                lo, hi = below[-1], above[0]
+                verify = self.verify[lo] + (self.verify[hi] - self.verify[lo]) * (k - lo) / (hi - lo)
+            else:
+                verify = self.verify[below[-1] if below else above[0]]
+        return draft + verify + (self.overhead or 0.0)
+
+
+class AdaptiveK:
+    """Picks K for the next round among ``choices`` to maximise expected tokens per second.
+
+    Acceptance: a draft token is taken to be accepted with a fixed probability a given that the
+    ones before it were, so a round at K yields (1 - a^(K+1)) / (1 - a) tokens per row. a is
+    estimated as accepted / tried over past rounds (a row that accepts n < K drafts tried n + 1,
+    one that accepts all K tried K), starting from a prior worth a few tokens and forgetting old
+    rounds geometrically, so that it follows the text. Cost: :meth:`RoundTimes.round_seconds`.
+    """
+
+    def __init__(self, choices: Sequence[int], times: RoundTimes, start: int | None = None,
+                 prior_alpha: float = 0.6, prior_tokens: float = 4.0, memory: float = 0.95):
+        self.choices = sorted(set(choices))
+        self.times = times
+        self.start = start if start is not None else min(self.choices, key=lambda k: abs(k - 4))
+        self.memory = memory
+        self.hits, self.tries = prior_alpha * prior_tokens, prior_tokens
+
+    @property
+    def alpha(self) -> float:
+        return self.hits / self.tries
+
+    def observe(self, k: int, accepted: Sequence[int]) -> None:
+        self.hits *= self.memory
+        self.tries *= self.memory
+        for n in accepted:
+            self.hits += n
+            self.tries += n + (n < k)
+
+    def expected_tokens(self, k: int) -> float:
+        a = self.alpha
+        return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+
+    def choose(self) -> int:
+        cost = {k: self.times.round_seconds(k) for k in self.choices}
+        if any(c is None or c <= 0 for c in cost.values()):
+            return self.start
+        return max(self.choices, key=lambda k: self.expected_tokens(k) / cost[k])
+
+
+class _Clock:
+    """Seconds between marks: CUDA events on a GPU (read after the round's sync), else the host
+    clock (eager CPU calls are synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class _Request:
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _RoundReport:
+    """One row's outcome of a round, as read back from the report buffer."""
+
+    was_active: bool
+    accepted: int
+    tokens: list[int]
+    still_active: bool
+
+
+class SpeculativeEngine(GenerationFrontend):
+    """Batched speculative decoding of ``target`` with proposals from ``draft``, over static
+    caches, for a hybrid, a pure Mamba2 model or a Llama-family target, and any causal LM of the
+    same tokenizer as the draft (a small Transformer, a Llama-family model, a pure-Mamba2 hybrid).
+
+    k: tokens the draft proposes per round, or "auto" to choose per round among ``k_choices``
+    (see :class:`AdaptiveK`); a request may override it (``k=`` of stream/generate) within
+    max(k, k_choices) for "auto", or k for a fixed value, the largest K the buffers hold.
+    max_batch_size / max_length: as for :class:`~mambaify.generate.engine.Engine` (prompt width
+    + max_new_tokens <= max_length). use_cuda_graph: "auto" captures each round's two steps on
+    CUDA, once per (batch size, K, sampling settings), before the request's prefill.
+    store_states: the target's Mamba layers verify with the naive call that stores every
+    per-token state instead of the fused checkpoint + replay one (for benchmarks).
+
+    The text helpers (generate_text, stream_text, chat, stream_chat) work as the Engine's.
+    After each request, ``stats`` holds its :class:`SpeculativeStats`.
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        draft: nn.Module,
+        tokenizer=None,
+        *,
+        k: KChoice = 4,
+        k_choices: Sequence[int] = DEFAULT_K_CHOICES,
+        max_batch_size: int = 8,
+        max_length: int = 2048,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        use_cuda_graph: bool | Literal["auto"] = "auto",
+        store_states: bool = False,
+    ):
+        if max_batch_size < 1 or max_length < 2:
+            raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
+        self.k = _check_k(k)
+        self.k_choices = sorted({_check_k(c) for c in k_choices})
+        if not self.k_choices:
+            raise ValueError("k_choices must hold at least one K")
+        if device is not None or dtype is not None:
+            target.to(device=device, dtype=dtype)
+            draft.to(device=device, dtype=dtype)
+        self.device = target.lm_head.weight.device
+        self.dtype = target.lm_head.weight.dtype
+        if draft.lm_head.weight.device != self.device:
+            raise ValueError(
+                f"the draft is on {draft.lm_head.weight.device} and the target on {self.device}; "
+                "move both to one device (or pass device=)"
+            )
+        self.model, self.draft_model, self.tokenizer = target, draft, tokenizer
+        self.max_batch_size, self.max_length = max_batch_size, max_length
+        self.k_max = max([*self.k_choices, self.k] if self.k != "auto" else self.k_choices)
+
+        # A round writes K + 1 slots past the committed ones, which stay below max_length + K.
+        slots = max_length + self.k_max + 1
+        self.target_stack = SpeculativeStack(target, slots, self.k_max + 1)
+        self.draft_stack = SpeculativeStack(draft, slots, self.k_max + 1)
+        self.vocab_size = self.target_stack.vocab_size
+        target_dtype, draft_dtype = target.lm_head.weight.dtype, draft.lm_head.weight.dtype
+        self.target_cache = self.target_stack.allocate_speculative(
+            max_batch_size, target_dtype, self.device, store_states=store_states
+        )
+        self.draft_cache = self.draft_stack.allocate_speculative(max_batch_size, draft_dtype, self.device, draft=True)
+        self.buffers = RoundBuffers.allocate(max_batch_size, self.k_max, self.device)
+        self.step_range = torch.arange(self.k_max + 1, device=self.device)
+
+        capturable = self.device.type == "cuda" and all(
+            _rope_is_static(s.rotary_emb) for s in (self.target_stack, self.draft_stack)
+        )
+        if use_cuda_graph == "auto":
+            self.use_cuda_graph = capturable
+        elif use_cuda_graph and not capturable:
+            raise ValueError("CUDA graphs need a CUDA device and a RoPE that does not depend on the positions seen")
+        else:
+            self.use_cuda_graph = bool(use_cuda_graph)
+        self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        self._programs: dict[tuple, RoundProgram] = {}
+        self._times: dict[tuple, RoundTimes] = {}
+        self._request: _Request | None = None
+        self.stop_token_ids, self.pad_token_id = self._special_tokens()
+        self.stats = SpeculativeStats()
+
+    # --- building the round programs ------------------------------------------------------
+
+    def _program(self, batch: int, k: int, sampling: SamplingParams) -> RoundProgram:
+        key = (batch, k, sampling)
+        if key not in self._programs:
+            draft_round, verify_round = self._round_functions(batch, k, sampling)
+            if self.use_cuda_graph:
+                self._reset_rows(batch)  # capture's warm-up runs the steps: keep them in bounds
+                draft_round, verify_round = GraphedStep(draft_round, self._pool), GraphedStep(verify_round, self._pool)
+            self._programs[key] = RoundProgram(k, draft_round, verify_round)
+        return self._programs[key]
+
+    def _reset_rows(self, batch: int) -> None:
+        for cache in (self.target_cache, self.draft_cache):
+            for t in (cache.lengths, cache.counts, cache.pad_lengths):
+                t[:batch].zero_()
+        self.buffers.active[:batch].zero_()  # nothing commits
+        self.buffers.generated[:batch].zero_()
+
+    def _round_functions(self, b: int, k: int, sampling: SamplingParams) -> tuple[Callable, Callable]:
+        """The draft round and the verify round for the first b rows at K = k: fixed shapes, no
+        host reads, every result in a persistent buffer."""
+        rb = self.buffers
+        if not sampling.greedy and rb.q is None:
+            rb.q = torch.zeros(self.max_batch_size, self.k_max, self.vocab_size, device=self.device)
+        target_cache, draft_cache = self.target_cache.rows(b), self.draft_cache.rows(b)
+        last, drafts, active, generated = rb.last[:b], rb.drafts[:b, :k], rb.active[:b], rb.generated[:b]
+        uniforms = rb.uniforms[:b]
+        q = rb.q[:b, :k] if rb.q is not None else None
+        steps = self.step_range[: k + 1]
+        k_max, pad = self.k_max, self.pad_token_id
+
+        def draft_round() -> None:
+            token = last[:, None]
+            for i in range(k + 1):
+                logits = self.draft_stack.draft_step(token, i, draft_cache, want_logits=i < k)
+                if i == k:
+                    break
+                logits = fit_vocabulary(logits, self.vocab_size)
+                if sampling.greedy:
+                    chosen = logits.argmax(-1)
+                else:
+                    dist = token_distribution(logits, sampling)
+                    q[:, i].copy_(dist)
+                    chosen = sample_inverse_cdf(dist, uniforms[:, i])
+                drafts[:, i].copy_(chosen)
+                token = chosen[:, None]
+
+        def verify_round() -> None:
+            logits = self.target_stack.verify(torch.cat([last[:, None], drafts], 1), target_cache)
+            if sampling.greedy:
+                accepted, following = accept_greedy(drafts, logits)
+            else:
+                p = token_distribution(logits, sampling)
+                accepted, following = rejection_rule(
+                    drafts, p, q, uniforms[:, k_max : k_max + k], uniforms[:, 2 * k_max]
+                )
+            # The row's new tokens: its accepted drafts, then the target's token, cut after the
+            # first stop token and at max_new_tokens; finished rows emit and commit nothing.
+            emitted = torch.where(steps < accepted[:, None], torch.cat([drafts, drafts[:, :1]], 1), following[:, None])
+            is_stop = (emitted[..., None] == rb.stop_ids).any(-1) & (steps <= accepted[:, None])
+            first_stop = torch.where(is_stop.any(-1), is_stop.long().argmax(-1), k + 1)
+            count = torch.minimum(torch.minimum(accepted, first_stop) + 1, rb.max_new - generated)
+            count = torch.where(active, count, 0)
+            commit = torch.where(active, accepted + 1, 0)
+            for cache in (target_cache, draft_cache):
+                cache.lengths.add_(commit)
+                cache.counts.copy_(commit)
+            generated.add_(count)
+            still_active = active & (first_stop >= count) & (generated < rb.max_new)
+            rb.report[:b, :4].copy_(torch.stack([active.long(), accepted, count, still_active.long()], 1))
+            rb.report[:b, 4 : 5 + k].copy_(emitted.masked_fill(steps >= count[:, None], pad))
+            last.copy_(torch.where(active, following, last))
+            active.copy_(still_active)
+
+        return draft_round, verify_round
+
+    # --- one request ----------------------------------------------------------------------
+
+    def _resolve_k(self, k: KChoice | None) -> list[int]:
+        k = self.k if k is None else _check_k(k)
+        if k == "auto":
+            return [c for c in self.k_choices if c <= self.k_max]
+        if k > self.k_max:
+            raise ValueError(f"k={k} exceeds the engine's largest K ({self.k_max}); make the engine with k={k}")
+        return [k]
+
+    @torch.no_grad()
+    def _rounds(
+        self,
+        prompts: Prompts,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        seed: int | None,
+        stop_token_ids: Sequence[int] | None,
+        k: KChoice | None,
+    ) -> Iterator[list[_RoundReport]]:
+        """Run one request, yielding each round's per-row outcome."""
+        ks = self._resolve_k(k)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids, attention_mask = self._batch(prompts, attention_mask)
+        if input_ids.shape[1] + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"prompt width {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+                f"engine's max_length={self.max_length}"
+            )
+        stop = self._stop_ids(stop_token_ids)
+        if len(stop) > STOP_SLOTS:
+            raise ValueError(f"at most {STOP_SLOTS} stop token ids, got {len(stop)}")
+        b = input_ids.shape[0]
+        times = self._times.setdefault((b, sampling), RoundTimes())
+        new_programs = [kk for kk in ks if (b, kk, sampling) not in self._programs]
+        programs = {kk: self._program(b, kk, sampling) for kk in ks}  # captures come before the prefill
+        if self.use_cuda_graph and len(ks) > 1:
+            self._calibrate([programs[kk] for kk in new_programs], b, times)
+        chooser = AdaptiveK(ks, times) if len(ks) > 1 else None
+        if not sampling.greedy:
+            if seed is None:  # follow torch's global seed, as transformers' sampling does
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        # The prompt's last token is the first round's first input, which yields the first new token.
+        started = time.perf_counter()
+        request = self._request = _Request(b)
+        self.target_stack.start(input_ids[:, :-1], attention_mask[:, :-1], self.target_cache.rows(b))
+        self.draft_stack.start(input_ids[:, :-1], attention_mask[:, :-1], self.draft_cache.rows(b))
+        rb = self.buffers
+        rb.last[:b].copy_(input_ids[:, -1])
+        rb.generated[:b].zero_()
+        rb.active[:b].fill_(True)
+        rb.max_new.fill_(max_new_tokens)
+        rb.stop_ids.fill_(-1)
+        rb.stop_ids[: len(stop)] = torch.tensor(stop, dtype=torch.long, device=self.device)
+        stats = self.stats = SpeculativeStats()
+        clock = _Clock(self.device)
+        while True:
+            if request is not self._request:
+                raise RuntimeError("another request started on this engine while this one was being decoded")
+            program = programs[chooser.choose() if chooser else ks[0]]
+            if not sampling.greedy:
+                rb.uniforms[:b].copy_(torch.rand(rb.uniforms[:b].shape, generator=generator, device=self.device))
+            wall = time.perf_counter()
+            start = clock.mark()
+            program.draft()
+            middle = clock.mark()
+            program.verify()
+            end = clock.mark()
+            report = rb.report[:b, : 5 + program.k].tolist()  # the round's one wait for the device
+            times.observe(program.k, clock.seconds(start, middle), clock.seconds(middle, end),
+                          time.perf_counter() - wall)
+            rows = [_RoundReport(bool(r[0]), r[1], r[4 : 4 + r[2]], bool(r[3])) for r in report]
+            accepted = [row.accepted for row in rows if row.was_active]
+            if chooser:
+                chooser.observe(program.k, accepted)
+            stats.rounds += 1
+            stats.row_rounds += len(accepted)
+            stats.accepted += sum(accepted)
+            stats.emitted += sum(len(row.tokens) for row in rows)
+            stats.k_used[program.k] = stats.k_used.get(program.k, 0) + 1
+            stats.seconds = time.perf_counter() - started
+            yield rows
+            if not any(row.still_active for row in rows):
+                return
+
+    def _calibrate(self, programs: list[RoundProgram], batch: int, times: RoundTimes, repeats: int = 3) -> None:
+        """Time freshly captured programs before the request (their replays commit nothing), so
+        that adaptive K starts from measured costs."""
+        self._reset_rows(batch)
+        clock = _Clock(self.device)
+        for program in programs:
+            for _ in range(repeats):
+                wall = time.perf_counter()
+                start = clock.mark()
+                program.draft()
+                middle = clock.mark()
+                program.verify()
+                end = clock.mark()
+                self.buffers.report[:batch].tolist()
+                times.observe(program.k, clock.seconds(start, middle), clock.seconds(middle, end),
+                              time.perf_counter() - wall)
+
+    # --- the public interface -------------------------------------------------------------
+
+    def stream(
+        self,
+        prompts: Prompts,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        k: KChoice | None = None,
+    ) -> Iterator[list[int | None]]:
+        """Yield one list per step, as Engine.stream does: each row's new token, or None once
+        the row has stopped. A round yields the steps that every running row has reached.
+
+        Greedy (temperature 0) yields the target's own greedy tokens; sampling yields tokens
+        distributed as the target's (temperature, top-k, top-p), reproducibly for a seed at a
+        fixed K. stop_token_ids default to the target's eos; a row emits its stop token, then None.
+        """
+        sampling = SamplingParams(temperature, top_k, top_p)
+        pending: list[list[int]] | None = None
+        running: list[bool] = []
+        for rows in self._rounds(prompts, attention_mask, max_new_tokens, sampling, seed, stop_token_ids, k):
+            if pending is None:
+                pending = [[] for _ in rows]
+            for queue, row in zip(pending, rows):
+                queue.extend(row.tokens)
+            running = [row.still_active for row in rows]
+            while all(queue or not on for queue, on in zip(pending, running)) and any(pending):
+                yield [queue.pop(0) if queue else None for queue in pending]
+        while pending and any(pending):  # the last round's rest: every row has stopped
+            yield [queue.pop(0) if queue else None for queue in pending]
+
+    def generate(
+        self,
+        prompts: Prompts,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        k: KChoice | None = None,
+    ) -> torch.Tensor:
+        """The new tokens (batch, steps), as :meth:`stream` produces them; stopped rows hold the
+        pad id. steps <= max_new_tokens: generation ends when every row has stopped."""
+        steps = list(self.stream(
+            prompts, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, k=k,
+        ))
+        pad = self.pad_token_id
+        return torch.tensor([[pad if t is None else t for t in step] for step in steps], dtype=torch.long).T
+
+
+def _check_k(k) -> KChoice:
+    if k == "auto":
+        return k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (draft tokens per round) must be an integer >= 1 or 'auto', got {k!r}")
+    return k
+
+
+def parse_k(text: str) -> KChoice:
+    """'4' -> 4, 'auto' -> 'auto' (for command lines)."""
+    text = text.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return _check_k(int(text))
+    except ValueError:
+        raise ValueError(f"--k takes an integer >= 1 or 'auto', got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The opt-in from a model
+
+
+_ENGINE_ATTRIBUTE = "_mambaify_speculative_engine"
+_LENGTH_QUANTUM = 256
+
+
+def generate(
+    target: nn.Module,
+    draft: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    k: KChoice = 4,
+    **options,
+) -> torch.Tensor:
+    """The prompt then the new tokens (batch, width + steps) of speculative decoding of ``target``
+    with ``draft`` (options as for SpeculativeEngine.generate; greedy by default). The engine is
+    kept on the target and reused while it fits the request, as engine.generate does."""
+    batch, width = input_ids.shape
+    engine = _engine_for(target, draft, batch, width + max_new_tokens, k)
+    new_tokens = engine.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, k=k, **options)
+    return torch.cat([input_ids.to(new_tokens.device), new_tokens], dim=1)
+
+
+def _engine_for(target: nn.Module, draft: nn.Module, batch_size: int, length: int, k: KChoice) -> SpeculativeEngine:
+    engine: SpeculativeEngine | None = getattr(target, _ENGINE_ATTRIBUTE, None)
+    weight = target.lm_head.weight
+    needed_k = max(DEFAULT_K_CHOICES) if k == "auto" else k
+    if (
+        engine is None
+        or engine.draft_model is not draft
+        or engine.max_batch_size < batch_size
+        or engine.max_length < length
+        or engine.k_max < needed_k
+        or (engine.device, engine.dtype) != (weight.device, weight.dtype)
+    ):
+        setattr(target, _ENGINE_ATTRIBUTE, None)  # let the old caches go before allocating new ones
+        engine = SpeculativeEngine(
+            target, draft, k=k, max_batch_size=batch_size,
+            max_length=-(-length // _LENGTH_QUANTUM) * _LENGTH_QUANTUM,
+        )
+        setattr(target, _ENGINE_ATTRIBUTE, engine)
+    return engine
+
+
+# transformers' defaults for settings a generation config leaves unset (GenerationConfig docs).
+_HF_DEFAULTS = dict(max_length=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0)
+_SUPPORTED = {"input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature", "top_k",
+              "top_p", "eos_token_id", "pad_token_id", "num_assistant_tokens", "seed", "use_cache"}
+
+
+def assisted_generate(
+    model: nn.Module,
+    assistant_model: nn.Module,
+    inputs: torch.Tensor | None = None,
+    generation_config=None,
+    **kwargs,
+) -> torch.Tensor:
+    """``model.generate(input_ids, ..., assistant_model=draft, num_assistant_tokens=k)`` through
+    the speculative engine: the prompt then the new tokens (batch, width + steps), finished rows
+    padded with the pad id, as transformers returns them.
+
+    Settings come from the keyword arguments, then ``generation_config`` (else the model's), then
+    transformers' defaults: max_new_tokens / max_length, do_sample, temperature, top_k, top_p,
+    eos_token_id, pad_token_id. num_assistant_tokens: K per round, an int or "auto" (default 4).
+    seed: sampling seed (default: drawn from torch's global generator).
+    """
+    unknown = sorted(name for name, value in kwargs.items() if name not in _SUPPORTED and value is not None)
+    if unknown:
+        raise ValueError(
+            f"generate(assistant_model=...) runs mambaify's speculative engine, which does not take "
+            f"{', '.join(unknown)}; supported: {', '.join(sorted(_SUPPORTED))}"
+        )
+    input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+    if input_ids is None:
+        raise ValueError("generate(assistant_model=...) needs input_ids")
+    config = generation_config or getattr(model, "generation_config", None)
+
+    def setting(name):
+        value = kwargs.get(name)
+        if value is None and config is not None:
+            value = getattr(config, name, None)
+        return _HF_DEFAULTS.get(name) if value is None else value
+
+    width = input_ids.shape[1]
+    max_new = kwargs.get("max_new_tokens")
+    if max_new is None and kwargs.get("max_length") is None and config is not None:
+        max_new = getattr(config, "max_new_tokens", None)
+    if max_new is None:
+        max_new = setting("max_length") - width
+    if max_new < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={max_new} (max_length counts the prompt's {width} tokens)")
+    k = kwargs.get("num_assistant_tokens") or 4
+    sample = bool(setting("do_sample"))
+    options = dict(temperature=float(setting("temperature")), top_k=int(setting("top_k") or 0),
+                   top_p=float(setting("top_p"))) if sample else {}
+    eos = kwargs.get("eos_token_id")
+    if eos is None and config is not None:
+        eos = getattr(config, "eos_token_id", None)
+    engine = _engine_for(model, assistant_model, input_ids.shape[0], width + max_new, k)
+    pad = kwargs.get("pad_token_id")
+    if pad is None and config is not None and getattr(config, "pad_token_id", None) is not None:
+        pad = config.pad_token_id
+    engine.pad_token_id = engine.pad_token_id if pad is None else int(pad)
+    new_tokens = engine.generate(
+        input_ids, kwargs.get("attention_mask"), max_new_tokens=max_new, seed=kwargs.get("seed"),
+        stop_token_ids=[] if eos is None else eos, k=k, **options,
+    )
+    return torch.cat([input_ids.to(new_tokens.device), new_tokens], dim=1)
+
+
+__all__ = [
+    "AdaptiveK",
+    "MambaVerifyBuffers",
+    "RoundTimes",
+    "SpeculativeCache",
+    "SpeculativeEngine",
+    "SpeculativeStack",
+    "SpeculativeStats",
+    "assisted_generate",
+    "generate",
+    "mamba_draft_step",
+    "mamba_verify",
+    "parse_k",
+    "token_distribution",
+]
