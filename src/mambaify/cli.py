@@ -1,8 +1,8 @@
 """The ``mambaify`` command line.
 
     mambaify convert TEACHER OUT --attention 0.5
-    mambaify generate MODEL "prompt" --max-new-tokens 64
-    mambaify chat MODEL
+    mambaify generate MODEL "prompt" --max-new-tokens 64 [--draft DRAFT --k 4|auto]
+    mambaify chat MODEL [--draft DRAFT --k 4|auto]
 
 Bad input ends with one line on stderr and exit status 2, never a traceback
 (set MAMBAIFY_DEBUG=1 to see one).
@@ -126,34 +126,77 @@ def _generation_options(args: argparse.Namespace) -> dict:
                 top_p=args.top_p, seed=args.seed)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _speculative_k(args: argparse.Namespace):
+    """--k checked (before the slow model load); None without --draft."""
+    from .generate.speculative_engine import parse_k
+
+    k = parse_k(args.k)
+    return k if args.draft else None
+
+
+def _make_engine(args: argparse.Namespace, model, tokenizer, max_length: int, k):
+    """The plain engine, or with --draft the speculative one (the draft loaded like the model)."""
     from .generate.engine import Engine
     from .generate.loading import load_for_generation
 
+    cuda_graph = False if args.eager else "auto"
+    if not args.draft:
+        return Engine(model, tokenizer, max_batch_size=1, max_length=max_length, use_cuda_graph=cuda_graph)
+    from .draft import check_draft_compatible
+    from .generate.speculative_engine import SpeculativeEngine
+
+    draft, draft_tokenizer = load_for_generation(args.draft, device=args.device, dtype=args.dtype)
+    check_draft_compatible(model, draft, tokenizer, draft_tokenizer)
+    return SpeculativeEngine(model, draft, tokenizer, k=k, max_batch_size=1, max_length=max_length,
+                             use_cuda_graph=cuda_graph)
+
+
+def _add_speculation(totals: dict, engine) -> None:
+    """Add the last request's speculative statistics (if the engine is speculative) to totals."""
+    stats = getattr(engine, "stats", None)
+    if stats is not None:
+        for name in ("row_rounds", "accepted", "emitted", "seconds"):
+            totals[name] = totals.get(name, 0) + getattr(stats, name)
+
+
+def _report_speculation(totals: dict) -> None:
+    """Mean accepted length and tokens/s on stderr, when there were speculative rounds."""
+    if totals.get("row_rounds"):
+        seconds = totals["seconds"]
+        print(f"mean accepted length {totals['accepted'] / totals['row_rounds']:.2f} draft tokens per verify "
+              f"call, {totals['emitted'] / seconds if seconds else 0.0:.1f} tokens/s", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate.loading import load_for_generation
+
     options = _generation_options(args)
+    k = _speculative_k(args)
     model, tokenizer = load_for_generation(args.model, device=args.device, dtype=args.dtype)
     prompt_length = len(tokenizer(args.prompt)["input_ids"])
-    engine = Engine(model, tokenizer, max_batch_size=1, max_length=prompt_length + args.max_new_tokens,
-                    use_cuda_graph=False if args.eager else "auto")
+    engine = _make_engine(args, model, tokenizer, prompt_length + args.max_new_tokens, k)
     if args.stream:
         for piece in engine.stream_text(args.prompt, **options):
             print(piece, end="", flush=True)
         print()
     else:
         print(engine.generate_text(args.prompt, **options))
+    totals: dict = {}
+    _add_speculation(totals, engine)
+    _report_speculation(totals)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .generate.engine import Engine
     from .generate.loading import load_for_generation
 
     options = _generation_options(args)
+    k = _speculative_k(args)
     model, tokenizer = load_for_generation(args.model, device=args.device, dtype=args.dtype)
     if not tokenizer.chat_template:
         raise UsageError(f"{args.model} has no chat template; use `mambaify generate` for plain text")
     context = getattr(model.config, "max_position_embeddings", None) or args.max_length
-    engine = Engine(model, tokenizer, max_batch_size=1, max_length=min(args.max_length, context),
-                    use_cuda_graph=False if args.eager else "auto")
+    engine = _make_engine(args, model, tokenizer, min(args.max_length, context), k)
+    totals: dict = {}
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -173,6 +216,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
             reply.append(piece)
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
+        _add_speculation(totals, engine)
+    _report_speculation(totals)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -207,6 +252,9 @@ def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--dtype", choices=["auto", *sorted(_DTYPES)], default="auto",
                    help="auto: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--eager", action="store_true", help="do not capture the decode step in a CUDA graph")
+    p.add_argument("--draft", help="a draft model of the same tokenizer (folder, .gguf, hub id or teacher name): "
+                   "speculative decoding; prints the mean accepted length and tokens/s to stderr")
+    p.add_argument("--k", default="4", help="with --draft: draft tokens per round, or 'auto' to adapt it (default 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,61 +90,6 @@ DEFAULT_K_CHOICES = (1, 2, 3, 4, 6, 8)
 STOP_SLOTS = 16  # stop token ids a request may give (the buffer a graph reads them from)
 
 # ---------------------------------------------------------------------------------------------
-# Kernels: the fused verify calls of mambaify.ops (Triton on CUDA, PyTorch elsewhere)
-
-
-def _conv_verify_reference(window, counts, xBC, weight, bias=None, out=None):
-    from .speculative import slide_window
-
-    d_conv = weight.shape[-1]
-    history = slide_window(window, counts, d_conv)
-    y, _ = ops.causal_conv1d(xBC, weight, bias, history.transpose(1, 2))
-    window[:, : d_conv - 1].copy_(history)
-    window[:, d_conv - 1 : d_conv - 1 + xBC.shape[1]].copy_(xBC)
-    return y if out is None else out.copy_(y)
-
-
-def _ssd_verify_reference(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D=None, out=None):
-    from .speculative import replay
-
-    checkpoint.copy_(replay(checkpoint, x_cache, dt_cache, B_cache, A, counts))
-    y, _ = ops.ssd_sequential(x, dt, A, B, C, D, initial_state=checkpoint)
-    t = x.shape[1]
-    x_cache[:, :t].copy_(x)
-    dt_cache[:, :t].copy_(dt)
-    B_cache[:, :t].copy_(B)
-    return y if out is None else out.copy_(y)
-
-
-def _kernel(name: str, reference: Callable | None) -> Callable:
-    # Until the fused kernels' module is in place, the same algorithm in PyTorch.
-    found = getattr(ops, name, None)
-    if found is None and reference is None:
-        raise NotImplementedError(f"mambaify.ops.{name} is not available in this version")
-    return found or reference
-
-
-def conv_verify_inplace(window, counts, xBC, weight, bias=None):
-    """``ops.conv_verify_inplace``: slide each row of window (b, d_conv-1+T, c) by counts[b],
-    return the pre-activation conv of xBC (b,t,c) over that history, leave window = [history, xBC]."""
-    return _kernel("conv_verify_inplace", _conv_verify_reference)(window, counts, xBC, weight, bias)
-
-
-def ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D=None):
-    """``ops.ssd_verify_inplace``: fold counts[b] cached tokens into checkpoint (b,h,n,p), run x
-    (b,t,h,p) from there -> y (b,t,h,p), then cache x, dt, B in the caches' first t positions."""
-    return _kernel("ssd_verify_inplace", _ssd_verify_reference)(
-        checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D
-    )
-
-
-def ssd_verify_store_states(checkpoint, states, counts, x, dt, A, B, C, D=None):
-    """``ops.ssd_verify_store_states``: the naive verify call that writes every per-token state
-    to states (b,T,h,n,p) and restarts from the accepted one (benchmarks only)."""
-    return _kernel("ssd_verify_store_states", None)(checkpoint, states, counts, x, dt, A, B, C, D)
-
-
-# ---------------------------------------------------------------------------------------------
 # Buffers
 
 
@@ -285,12 +230,12 @@ def mamba_verify(
     (the fused kernels, or the naive store-every-state call when ``buf.states`` is allocated)."""
     b, t, _ = hidden.shape
     z, xBC, dt = mixer.project(hidden)
-    conv = conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
-    x, B, C, dt = _mamba_inputs(mixer, F.silu(conv), dt)
+    conv = ops.conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, silu=True)
+    x, B, C, dt = _mamba_inputs(mixer, conv, dt)
     if buf.states is None:
-        y = ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
+        y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
     else:
-        y = ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D)
+        y = ops.ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D)
     return mixer.out_proj(mixer.norm(y.reshape(b, t, mixer.d_inner), z))
 
 
@@ -310,9 +255,9 @@ def mamba_draft_step(
     weight, bias = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
     d_conv = mixer.d_conv
     if step == 0:
-        conv = conv_verify_inplace(buf.window, counts, xBC, weight, bias)
-        x, B, C, dt = _mamba_inputs(mixer, F.silu(conv), dt)
-        y = ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
+        activated = ops.conv_verify_inplace(buf.window, counts, xBC, weight, bias, silu=True)
+        x, B, C, dt = _mamba_inputs(mixer, activated, dt)
+        y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
         buf.running_state.copy_(buf.checkpoint)
         ops.ssd_step_inplace(buf.running_state, x[:, 0], dt[:, 0], mixer.A, B[:, 0], C[:, 0])
         buf.running_conv.copy_(buf.window[:, 1:d_conv].transpose(1, 2))

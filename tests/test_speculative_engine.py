@@ -1,0 +1,510 @@
+"""The speculative engine (static caches, CUDA-graph rounds) against plain greedy decoding, against
+from-scratch forward passes (the target's and the draft's states after rounds of any outcome),
+and against the target's distribution when sampling; plus its entry points (model.generate with
+an assistant, the CLI) and the benchmark script on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import mambaify
+from mambaify.cli import main as cli_main
+from mambaify.generate import speculative_engine as spec
+from mambaify.generate.engine import Engine
+from mambaify.generate.speculative import replay, slide_window
+from mambaify.generate.speculative_engine import (
+    AdaptiveK,
+    MambaVerifyBuffers,
+    RoundTimes,
+    SpeculativeEngine,
+    parse_k,
+)
+from tests._tiny_data import tiny_tokenizer
+from tests.conftest import tiny_teacher
+from tests.test_speculative import SMALL, V, _chi_square, _exact_two_tokens, _full_forward, _prompts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine are much slower with 2 threads than with 1.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models whose drafts agree with their targets often, but not always
+
+
+def bigram_teacher(seed: int, num_hidden_layers: int = 4, embedding_scale: float = 0.12):
+    """A tiny Llama whose embeddings and head follow one random bigram table for every seed
+    (the head maps token a's embedding to token perm[a]), and whose random layers perturb that
+    table. Two such models agree on most next tokens but not all, so rounds accept 1-3 of 4
+    drafts, differently per row (random tiny models agree on almost nothing)."""
+    model = tiny_teacher("llama", seed=seed, num_hidden_layers=num_hidden_layers)
+    g = torch.Generator().manual_seed(123)
+    vocab, width = model.config.vocab_size, model.config.hidden_size
+    perm = torch.randperm(vocab, generator=g)
+    table = torch.randn(vocab, width, generator=g)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(embedding_scale * table)
+        model.lm_head.weight.copy_(table[perm] / width**0.5)
+    return model
+
+
+def without_eos(model):
+    model.generation_config.eos_token_id = None  # compare fixed lengths
+    return model
+
+
+@pytest.fixture(scope="module")
+def targets():
+    teacher = bigram_teacher(0)
+    return {
+        "hybrid50": without_eos(mambaify.convert(teacher, attention=0.5).eval()),
+        "mamba2": without_eos(mambaify.convert(teacher, attention=0.0).eval()),
+    }
+
+
+@pytest.fixture(scope="module")
+def drafts():
+    return {
+        "transformer": bigram_teacher(2, num_hidden_layers=2),
+        "mamba2": mambaify.convert(bigram_teacher(3, num_hidden_layers=2), attention=0.0).eval(),
+    }
+
+
+class ConstantHead(nn.Module):
+    """An LM head whose argmax is always ``token``."""
+
+    def __init__(self, vocab: int, token: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(vocab, 1))
+        self.token = token
+
+    def forward(self, hidden):
+        logits = hidden.new_zeros(*hidden.shape[:-1], self.weight.shape[0])
+        logits[..., self.token] = 1.0
+        return logits
+
+
+def rejecting_draft(token: int):
+    """A draft that always proposes ``token`` (greedy): every round rejects if the target never
+    picks it."""
+    draft = tiny_teacher("llama", seed=4, num_hidden_layers=2)
+    draft.lm_head = ConstantHead(draft.config.vocab_size, token)
+    return draft
+
+
+_engines: dict = {}
+
+
+def engine_for(target, draft, **options) -> SpeculativeEngine:
+    """Engines are reused across tests (one per target, draft and options)."""
+    key = (id(target), id(draft), tuple(sorted(options.items())))
+    if key not in _engines:
+        _engines[key] = SpeculativeEngine(target, draft, **{"max_batch_size": 4, "max_length": 40, **options})
+    return _engines[key]
+
+
+def plain_greedy(target, ids, mask, new):
+    with torch.no_grad():
+        out = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy: token for token the target's own greedy decoding
+
+
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+@pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_equals_plain_greedy(targets, drafts, target_name, draft_name, batch):
+    target, draft = targets[target_name], drafts[draft_name]
+    ids, mask = _prompts(batch)
+    new = 12
+    expected = plain_greedy(target, ids, mask, new)
+    engine = engine_for(target, draft, k="auto")
+    accepted = set()
+    for k in [1, 2, 3, 4, 5, 6, "auto"]:
+        tokens = engine.generate(ids, mask, max_new_tokens=new, stop_token_ids=[], k=k)
+        assert torch.equal(tokens, expected), f"k={k}"
+        stats = engine.stats
+        assert stats.emitted == batch * new
+        assert 0 <= stats.mean_accepted <= (max(stats.k_used) if k == "auto" else k)
+        assert stats.tokens_per_round >= 1
+        accepted.add(round(stats.mean_accepted, 3))
+    assert len(accepted) > 1 and max(accepted) > 0.5  # drafts were right sometimes, not always
+
+
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+def test_naive_store_states_verify_gives_the_same_tokens(targets, drafts, target_name):
+    """The benchmark's baseline (every per-token state stored, restart by a gather) decodes alike."""
+    target = targets[target_name]
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids, mask, 12)
+    engine = SpeculativeEngine(target, drafts["mamba2"], k=4, max_batch_size=4, max_length=32, store_states=True)
+    for k in (1, 4):
+        assert torch.equal(engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[], k=k), expected)
+
+
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+def test_random_target_with_random_and_identical_drafts(target_name):
+    """A random tiny target (whose greedy path depends on every detail of its state) with a random
+    draft (almost every round rejects) and with itself as the draft (every round accepts all)."""
+    teacher = tiny_teacher("llama")
+    target = without_eos(mambaify.convert(teacher, attention=0.5 if target_name == "hybrid50" else 0.0).eval())
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids, mask, 10)
+    for draft in (tiny_teacher("llama", seed=1), target):
+        engine = SpeculativeEngine(target, draft, k=6, max_batch_size=4, max_length=32)
+        for k in (1, 3, 6):
+            assert torch.equal(engine.generate(ids, mask, max_new_tokens=10, stop_token_ids=[], k=k), expected)
+            if draft is target:
+                assert engine.stats.mean_accepted == k
+
+
+# ---------------------------------------------------------------------------------------------
+# States after rounds: equal to what a from-scratch forward over the committed tokens reaches
+
+
+def assert_state_equals_full_forward(model, stack, cache, committed: list[list[int]]):
+    """Fold the cache's pending counts (with the reference replay) and compare every layer's state
+    with a from-scratch forward over each row's committed tokens: the Mamba checkpoint and conv
+    history, and the keys/values of the row's real slots."""
+    _, full = _full_forward(model, committed)
+    longest = max(len(r) for r in committed)
+    lengths, pads = cache.lengths.tolist(), cache.pad_lengths.tolist()
+    assert [n - p for n, p in zip(lengths, pads)] == [len(r) for r in committed]
+    for i, (runner, buffers) in enumerate(zip(stack.layers, cache.layers)):
+        if isinstance(buffers, MambaVerifyBuffers):
+            mixer = runner.mixer.mixer
+            checkpoint = replay(buffers.checkpoint, buffers.x, buffers.dt, buffers.B, mixer.A, cache.counts)
+            history = slide_window(buffers.window, cache.counts, mixer.d_conv)
+            layer = full.layers[i]
+            torch.testing.assert_close(checkpoint, layer.ssm_state, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(history, layer.conv_state.transpose(1, 2), atol=1e-5, rtol=1e-4)
+        else:
+            keys, values = full.layers[i].keys, full.layers[i].values
+            for row, (n, p) in enumerate(zip(lengths, pads)):
+                size = n - p
+                torch.testing.assert_close(buffers.keys[row, :, p:n], keys[row, :, longest - size:], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(buffers.values[row, :, p:n], values[row, :, longest - size:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+@pytest.mark.parametrize("draft_kind", ["all-rejected", "all-accepted", "mixed-transformer", "mixed-mamba2"])
+def test_rounds_leave_the_state_of_sequential_decoding(targets, drafts, target_name, draft_kind):
+    target = targets[target_name]
+    ids, mask = _prompts(4)
+    k, new = 3, 9
+    continuation = plain_greedy(target, ids, mask, new + k + 1).tolist()  # past the last commit
+    if draft_kind == "all-rejected":
+        unused = sorted(set(range(3, 97)) - {t for row in continuation for t in row})[0]
+        draft = rejecting_draft(unused)
+    elif draft_kind == "all-accepted":
+        draft = target
+    else:
+        draft = drafts[draft_kind.split("-")[1]]
+    engine = SpeculativeEngine(target, draft, k=k, max_batch_size=4, max_length=32)
+    tokens = engine.generate(ids, mask, max_new_tokens=new, stop_token_ids=[])
+    assert tokens.tolist() == [row[:new] for row in continuation]
+    if draft_kind == "all-rejected":
+        assert engine.stats.accepted == 0 and engine.stats.rounds == new
+    if draft_kind == "all-accepted":
+        assert engine.stats.mean_accepted == k and engine.stats.rounds == -(-new // (k + 1))
+    # Row b committed its prompt and then its greedy continuation, up to its length.
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    pads = engine.target_cache.pad_lengths[:4]
+    sizes = (engine.target_cache.lengths[:4] - pads).tolist()
+    committed = [(p + c)[:n] for p, c, n in zip(prompts, continuation, sizes)]
+    assert_state_equals_full_forward(target, engine.target_stack, engine.target_cache.rows(4), committed)
+    # The draft commits the same tokens: its own state must match its own full forward too.
+    assert torch.equal(engine.draft_cache.lengths[:4], engine.target_cache.lengths[:4])
+    assert_state_equals_full_forward(draft, engine.draft_stack, engine.draft_cache.rows(4), committed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_sampling_is_seeded(targets, drafts):
+    target, draft = targets["hybrid50"], drafts["mamba2"]
+    ids, mask = _prompts(4)
+    engine = engine_for(target, draft, k=3)
+    options = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.95, stop_token_ids=[])
+    first = engine.generate(ids, mask, seed=7, **options)
+    assert torch.equal(engine.generate(ids, mask, seed=7, **options), first)
+    assert not torch.equal(engine.generate(ids, mask, seed=8, **options), first)
+    torch.manual_seed(3)  # no seed: follows torch's global one
+    again = engine.generate(ids, mask, **options)
+    torch.manual_seed(3)
+    assert torch.equal(engine.generate(ids, mask, **options), again)
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    """As tests/test_speculative.py's: a 2-layer hybrid over 8 tokens and a draft that disagrees."""
+    target = mambaify.convert(tiny_teacher("llama", **SMALL), attention=0.5).eval()
+    return target, tiny_teacher("llama", seed=1, **SMALL)
+
+
+def _always_accept(drafts, p, q, u_accept, u_next):
+    """A wrong rule: keep every draft token, then sample the target's next token."""
+    b, k = drafts.shape
+    from mambaify.generate.speculative import sample_inverse_cdf
+
+    return torch.full((b,), k, device=drafts.device), sample_inverse_cdf(p[:, k], u_next)
+
+
+@pytest.mark.parametrize("rule, k, ok", [(None, 2, True), (None, 1, True), (_always_accept, 2, False)],
+                         ids=["rejection-k2", "rejection-k1", "always-accept"])
+def test_sampling_preserves_target_distribution(small_pair, monkeypatch, rule, k, ok):
+    """3000 rows sample 2 tokens each through the engine; the rejection rule passes the chi-square
+    bound of tests/test_speculative.py and a wrong rule, swapped into the engine, fails it."""
+    target, draft = small_pair
+    if rule is not None:
+        monkeypatch.setattr(spec, "rejection_rule", rule)
+    prompt = torch.tensor([5])
+    rows = 3000
+    engine = SpeculativeEngine(target, draft, k=k, max_batch_size=rows, max_length=8)
+    tokens = engine.generate(prompt[None].expand(rows, -1), max_new_tokens=2, temperature=1.0, seed=k,
+                             stop_token_ids=[])
+    stat, df = _chi_square(tokens, _exact_two_tokens(target, prompt))
+    bound = df + 6 * (2 * df) ** 0.5
+    assert (stat < bound) == ok, f"chi2={stat:.1f} df={df} bound={bound:.1f}"
+    if rule is None:
+        assert 0 < engine.stats.mean_accepted < k  # both acceptance and rejection happened
+    assert tokens.max() < V
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping, streaming, bad input
+
+
+def test_stop_tokens_and_max_new_tokens_per_row(targets, drafts):
+    """Rows stop at their own stop token (emitted, then padding) mid-round, as the plain engine's do."""
+    target, draft = targets["hybrid50"], drafts["transformer"]
+    ids, mask = _prompts(4)
+    plain = Engine(target, max_batch_size=4, max_length=40)
+    engine = engine_for(target, draft, k="auto")
+    free = plain.generate(ids, mask, max_new_tokens=14, stop_token_ids=[])
+    for stop in ([free[1, 4].item()], [free[0, 2].item(), free[3, 9].item()], [free[2, 0].item()]):
+        expected = plain.generate(ids, mask, max_new_tokens=14, stop_token_ids=stop)
+        for k in (2, 5):
+            assert torch.equal(engine.generate(ids, mask, max_new_tokens=14, stop_token_ids=stop, k=k), expected)
+    for new in (1, 2, 7):
+        assert torch.equal(engine.generate(ids, mask, max_new_tokens=new, stop_token_ids=[], k=6), free[:, :new])
+
+
+def test_stream_yields_what_generate_returns(targets, drafts):
+    target, draft = targets["mamba2"], drafts["mamba2"]
+    ids, mask = _prompts(4)
+    engine = engine_for(target, draft, k=4)
+    free = engine.generate(ids, mask, max_new_tokens=10, stop_token_ids=[])
+    stop = [free[2, 3].item()]
+    generated = engine.generate(ids, mask, max_new_tokens=10, stop_token_ids=stop)
+    steps = list(engine.stream(ids, mask, max_new_tokens=10, stop_token_ids=stop))
+    assert len(steps) == generated.shape[1]
+    streamed = torch.tensor([[engine.pad_token_id if t is None else t for t in step] for step in steps]).T
+    assert torch.equal(streamed, generated)
+    stopped_at = next(i for i, step in enumerate(steps) if step[2] is None)
+    assert steps[stopped_at - 1][2] == stop[0]
+
+
+def test_bad_requests_are_refused(targets, drafts):
+    target, draft = targets["hybrid50"], drafts["transformer"]
+    with pytest.raises(ValueError, match="k .draft tokens per round"):
+        SpeculativeEngine(target, draft, k=0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        SpeculativeEngine(target, draft, max_batch_size=0)
+    engine = engine_for(target, draft, k=3, k_choices=(1, 2, 3))
+    with pytest.raises(ValueError, match="largest K"):
+        engine.generate([[5, 6]], max_new_tokens=4, k=7)
+    with pytest.raises(ValueError, match="max_length"):
+        engine.generate([[5, 6]], max_new_tokens=39)
+    with pytest.raises(ValueError, match="stop token ids"):
+        engine.generate([[5, 6]], max_new_tokens=4, stop_token_ids=list(range(17)))
+    with pytest.raises(ValueError, match="left padding"):
+        engine.generate(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]), max_new_tokens=4)
+    stream = engine.stream([[5, 6]], max_new_tokens=8, stop_token_ids=[])
+    next(stream)
+    engine.generate([[7, 8]], max_new_tokens=2)  # a new request takes over the buffers
+    with pytest.raises(RuntimeError, match="another request"):
+        list(stream)
+    assert parse_k("auto") == "auto" and parse_k("3") == 3
+    with pytest.raises(ValueError, match="--k"):
+        parse_k("many")
+
+
+def test_adaptive_k_follows_acceptance_and_costs():
+    """High acceptance and a cheap draft favour a large K; low acceptance a small one; unmeasured
+    K values are estimated from the measured ones."""
+    times = RoundTimes()
+    times.observe(2, draft_s=0.3e-3, verify_s=10e-3, wall_s=10.5e-3)
+    times.observe(8, draft_s=0.9e-3, verify_s=11e-3, wall_s=12.1e-3)
+    assert times.round_seconds(4) == pytest.approx(0.5e-3 + 10e-3 + (11e-3 - 10e-3) * 2 / 6 + 0.2e-3)
+    chooser = AdaptiveK([1, 2, 4, 8], times)
+    for _ in range(30):
+        chooser.observe(8, [8, 8, 7, 8])
+    assert chooser.alpha > 0.9 and chooser.choose() == 8
+    for _ in range(150):  # the old rounds are forgotten
+        chooser.observe(2, [0, 0, 1, 0])
+    assert chooser.alpha == pytest.approx(0.2, abs=0.02)
+    assert chooser.choose() == 2  # one more draft step costs 1% of a round and yields 4%
+    slow_draft = RoundTimes()  # a draft step costs half a verify call
+    slow_draft.observe(1, draft_s=10e-3, verify_s=10e-3, wall_s=20e-3)
+    slow_draft.observe(2, draft_s=15e-3, verify_s=10e-3, wall_s=25e-3)
+    chooser.times = slow_draft
+    assert chooser.choose() == 1
+    assert AdaptiveK([1, 3, 6], RoundTimes()).choose() == 3  # nothing measured: start near 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points: model.generate(assistant_model=...), the module function, the CLI
+
+
+def test_model_generate_with_an_assistant(targets, drafts):
+    target, draft = targets["hybrid50"], drafts["mamba2"]
+    ids, mask = _prompts(4)
+    target.generation_config.eos_token_id = 2
+    try:
+        expected = target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
+        for k in (3, "auto"):
+            out = target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
+                                  assistant_model=draft, num_assistant_tokens=k)
+            assert torch.equal(out, expected)
+        torch.manual_seed(0)
+        sampled = target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, assistant_model=draft)
+        torch.manual_seed(0)
+        assert torch.equal(target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True,
+                                           assistant_model=draft), sampled)
+        assert sampled.shape[0] == 4 and torch.equal(sampled[:, : ids.shape[1]], ids)
+        with pytest.raises(ValueError, match="num_beams"):
+            target.generate(ids, max_new_tokens=3, num_beams=2, assistant_model=draft)
+    finally:
+        target.generation_config.eos_token_id = None
+
+
+def test_plain_llama_target():
+    """A Llama-family target (every layer attention) with a pure-Mamba2 draft."""
+    teacher = without_eos(bigram_teacher(0))
+    draft = mambaify.convert(bigram_teacher(3, num_hidden_layers=2), attention=0.0).eval()
+    ids, mask = _prompts(4)
+    expected = teacher.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(spec.generate(teacher, draft, ids, mask, max_new_tokens=10, k=3), expected)
+    assert torch.equal(spec.generate(teacher, draft, ids, mask, max_new_tokens=10, k="auto"), expected)
+
+
+@pytest.fixture(scope="module")
+def saved_pair(teacher_dir, tmp_path_factory):
+    """A saved 50% hybrid of the tiny teacher, and the teacher itself as its draft (one tokenizer)."""
+    target_dir = tmp_path_factory.mktemp("target")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    mambaify.convert(teacher, attention=0.5).save_pretrained(target_dir)
+    tiny_tokenizer().save_pretrained(target_dir)
+    return target_dir, teacher_dir
+
+
+def test_cli_generate_and_chat_with_a_draft(saved_pair, capsys, monkeypatch):
+    target_dir, draft_dir = saved_pair
+    plain = ["generate", str(target_dir), "Hello! How", "--max-new-tokens", "8", "--device", "cpu"]
+    assert cli_main(plain) == 0
+    expected = capsys.readouterr().out
+    for extra in (["--k", "3"], ["--k", "auto", "--stream"]):
+        assert cli_main([*plain, "--draft", str(draft_dir), *extra]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == expected
+        assert "mean accepted length" in captured.err and "tokens/s" in captured.err
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    first = Engine(model, tiny_tokenizer(), max_length=256).chat([{"role": "user", "content": "Hello!"}],
+                                                                  max_new_tokens=6)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\n/exit\n"))
+    args = ["chat", str(target_dir), "--max-new-tokens", "6", "--device", "cpu", "--draft", str(draft_dir)]
+    assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{first}\n" and "mean accepted length" in captured.err
+
+    assert cli_main([*plain, "--draft", str(draft_dir), "--k", "zero"]) == 2
+    assert "--k" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark script, on tiny models on the CPU
+
+
+def test_benchmark_script_runs_on_tiny_models(tmp_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_speculative.py"), "--tiny", "--out", str(out),
+               "--k", "1,3", "--batch", "1,2", "--new-tokens", "12", "--prompts", "2", "--verify-k", "2,3",
+               "--repeats", "2", "--accepted", "1.5,2.5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "bench_speculative.json").read_text())
+    end_to_end = data["end_to_end"]
+    assert {p["batch"] for p in end_to_end} == {1, 2}
+    assert {p["k"] for p in end_to_end if p["path"] == "speculative"} == {1, 3, "auto"}
+    assert all(p["tokens_per_s"] > 0 for p in end_to_end)
+    verify = data["verify_cost"]
+    assert {p["k"] for p in verify} == {2, 3} and {p["kernel"] for p in verify} == {"fused", "store_states"}
+    assert all(p["verify_ms"] > 0 and p["decode_steps_ms"] > 0 for p in verify)
+    assert data["speedup"] and all(p["speedup"] > 0 for p in data["speedup"])
+    markdown = (out / "bench_speculative.md").read_text()
+    assert "| batch |" in markdown and "verify" in markdown
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+def test_cuda_graph_rounds_equal_eager(targets, drafts, target_name):
+    target = copy.deepcopy(targets[target_name]).cuda()
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids.cuda(), mask.cuda(), 16)
+    for draft in (copy.deepcopy(drafts["transformer"]).cuda(), copy.deepcopy(drafts["mamba2"]).cuda()):
+        graphed = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=48, use_cuda_graph=True)
+        eager = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=48, use_cuda_graph=False)
+        for rows in (slice(0, 4), slice(0, 1)):  # two batch sizes: two sets of graphs
+            batch, batch_mask = ids[rows].cuda(), mask[rows].cuda()
+            for k in (1, 4, "auto"):
+                options = dict(max_new_tokens=16, stop_token_ids=[], k=k)
+                tokens = graphed.generate(batch, batch_mask, **options)
+                assert torch.equal(tokens, eager.generate(batch, batch_mask, **options))
+                assert torch.equal(tokens, expected[rows].cpu())
+                if k != "auto":  # a seeded run reproduces at a fixed K
+                    sampled = dict(options, temperature=1.0, top_p=0.9, seed=3)
+                    assert torch.equal(graphed.generate(batch, batch_mask, **sampled),
+                                       eager.generate(batch, batch_mask, **sampled))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_bf16_greedy_matches_plain_engine(targets, drafts):
+    """In bfloat16 on the GPU, the graphed speculative engine follows the plain engine's greedy
+    decoding (up to bf16 near-ties, so most rows match exactly over 16 tokens)."""
+    target = copy.deepcopy(targets["hybrid50"]).cuda().bfloat16()
+    draft = copy.deepcopy(drafts["mamba2"]).cuda().bfloat16()
+    ids, mask = _prompts(4)
+    plain = Engine(target, max_batch_size=4, max_length=48).generate(ids, mask, max_new_tokens=16, stop_token_ids=[])
+    engine = SpeculativeEngine(target, draft, k=4, max_batch_size=4, max_length=48)
+    tokens = engine.generate(ids, mask, max_new_tokens=16, stop_token_ids=[])
+    assert (tokens == plain.cpu()).float().mean() > 0.8
+    assert engine.stats.mean_accepted > 0.5
