@@ -451,8 +451,8 @@ def test_cli_generate_and_chat_with_a_draft(saved_pair, capsys, monkeypatch):
 def test_benchmark_script_runs_on_tiny_models(tmp_path):
     out = tmp_path / "bench"
     command = [sys.executable, str(REPO / "benchmarks" / "bench_speculative.py"), "--tiny", "--out", str(out),
-               "--k", "1,3", "--batch", "1,2", "--new-tokens", "12", "--prompts", "2", "--verify-k", "2,3",
-               "--repeats", "2", "--accepted", "1.5,2.5"]
+               "--k", "1,3,auto", "--batch", "1,2", "--new-tokens", "8", "--prompts", "2", "--verify-k", "2,3",
+               "--attention", "0.5", "--repeats", "1", "--accepted", "1.5,2.5"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "bench_speculative.json").read_text())

@@ -1,0 +1,577 @@
+"""Speculative decoding speed: end to end on real models, and the verify call on an 8B-shaped hybrid.
+
+Usage (on the H200, after ``source benchmarks/h200/env.sh``):
+
+    # (a) a hybrid with its draft: plain engine vs speculative, batch 1 and 8, bf16
+    python3 benchmarks/bench_speculative.py --out DIR --target HYBRID_DIR --draft DRAFT_DIR \
+        [--k 2,3,4,6,auto] [--batch 1,8] [--new-tokens 128] [--prompts 16]
+    # (b) an 8B-shaped random-weight hybrid: one verify call vs K+1 decode steps, fused vs naive
+    python3 benchmarks/bench_speculative.py --out DIR --shape llama8b [--attention 0.25,0.5] \
+        [--verify-k 2,3,4,5,6,7,8] [--verify-batch 1] [--context 512] [--accepted 2.1,3.0]
+    # both at once, or on the CPU with tiny random models (what the tests run):
+    python3 benchmarks/bench_speculative.py --out DIR --tiny
+
+(a) End to end. Prompts are chat prompts from the repository's offline Wikipedia data (the
+ones ``mambaify eval`` uses), rendered with the target tokenizer's chat template (``--prompts-file``
+gives others: one prompt per line); with ``--tiny``, random token ids. Each batch of prompts is
+generated greedily for ``--new-tokens`` tokens per row (stop tokens off, so both paths produce
+the same number of tokens) by the plain :class:`Engine` (CUDA-graph decode) and by the
+:class:`SpeculativeEngine` at each K (and adaptive K). Reported: tokens/s (wall clock of whole
+requests, prefill included, after a warm-up request that captures the graphs), the ratio to
+plain decoding, the mean accepted length (draft tokens accepted per row and verify call), and
+``match``, the fraction of tokens equal to the plain engine's (1.0 up to bf16 near-ties).
+
+(b) The verify call. A Llama-3-8B-shaped model with random weights (``mambaify bench``'s
+llama8b), converted to hybrids at ``--attention``, a prompt of ``--context`` random tokens, and a
+2-layer draft built from the teacher's first and last layers. Timed with CUDA events over CUDA
+graph replays, medians of ``--repeats``: one verify call over K + 1 tokens (the target's forward,
+the Mamba layers' fused checkpoint + replay kernel, or the naive kernel storing every per-token
+state, and the greedy acceptance's argmax), K + 1 plain decode steps of the Engine, and a draft
+round (K + 1 draft steps). The speed-up that follows for a mean accepted length ``a`` (from (a),
+measured at ``--accepted-k``): the per-token acceptance rate alpha solving
+(1 - alpha^(K0+1)) / (1 - alpha) = a + 1 gives (1 - alpha^(K+1)) / (1 - alpha) tokens per round at
+each K, so speed-up(K) = tokens per round x decode step / (verify(K) + draft round(K)).
+``--draft-step-ms`` replaces the measured draft cost.
+
+Writes OUT/bench_speculative.json (rewritten after every point), bench_speculative.md and
+bench_speculative.png. Points past ``--time-budget-s`` are skipped (recorded as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+DEFAULT_BUILTIN_PROMPTS = [
+    # Used only when the offline Wikipedia data cannot be loaded (no network, no cache).
+    "Explain how photosynthesis works.",
+    "Write a short paragraph about the history of the printing press.",
+    "What is the difference between weather and climate?",
+    "Give me a brief overview of the French Revolution.",
+    "Why is the ocean salty?",
+    "Tell me about the planet Jupiter.",
+    "Explain what a black hole is in simple terms.",
+    "Describe how vaccines train the immune system.",
+]
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def k_list(text: str) -> list:
+    from mambaify.generate.speculative_engine import parse_k
+
+    try:
+        return [parse_k(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for bench_speculative.{json,md,png}")
+    p.add_argument("--tiny", action="store_true", help="tiny random models on any device, for tests (both parts)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--time-budget-s", type=float, default=450.0, help="skip points after this many seconds")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per point (medians reported)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.add_argument_group("(a) end to end")
+    a.add_argument("--target", help="the target model (a saved hybrid folder, or anything mambaify generate loads)")
+    a.add_argument("--draft", help="its draft (same tokenizer)")
+    a.add_argument("--k", type=k_list, default=k_list("2,3,4,6,auto"), help="K values, 'auto' too (default 2,3,4,6,auto)")
+    a.add_argument("--batch", type=int_list, default=[1, 8], help="batch sizes (default 1,8)")
+    a.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default 128)")
+    a.add_argument("--prompts", type=int, default=16, help="prompts per batch size (default 16)")
+    a.add_argument("--prompts-file", type=Path, help="prompts, one per line (default: offline Wikipedia chat prompts)")
+    b = p.add_argument_group("(b) the verify call on an 8B-shaped hybrid")
+    b.add_argument("--shape", choices=["llama8b"], help="run (b) with this model shape")
+    b.add_argument("--attention", type=float_list, default=[0.25, 0.5], help="attention fractions (default 0.25,0.5)")
+    b.add_argument("--verify-k", type=int_list, default=list(range(2, 9)), help="K values (default 2..8)")
+    b.add_argument("--verify-batch", type=int_list, default=[1], help="batch sizes (default 1)")
+    b.add_argument("--context", type=int, help="prompt tokens before the timed calls (default 512; 32 with --tiny)")
+    b.add_argument("--accepted", type=float_list, default=[2.1, 3.0],
+                   help="mean accepted lengths from (a) for the speed-up table (default 2.1,3.0)")
+    b.add_argument("--accepted-k", type=int, default=4, help="the K the --accepted lengths were measured at")
+    b.add_argument("--draft-step-ms", type=float, help="a draft step's cost, instead of measuring one")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and results
+
+
+class Clock:
+    """CUDA events on a GPU, perf_counter on the CPU; ``seconds`` waits for the end mark."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Results:
+    """The run's points, written out after each one."""
+
+    def __init__(self, out: Path, meta: dict, budget_s: float):
+        self.out, self.meta = out, meta
+        self.data = {"meta": meta, "end_to_end": [], "verify_cost": [], "speedup": [], "skipped": []}
+        self.deadline = time.perf_counter() + budget_s
+        out.mkdir(parents=True, exist_ok=True)
+
+    def out_of_time(self, what: str) -> bool:
+        if time.perf_counter() < self.deadline:
+            return False
+        self.data["skipped"].append({"point": what, "reason": "time budget"})
+        print(f"skipped (time budget): {what}", flush=True)
+        return True
+
+    def add(self, part: str, point: dict) -> None:
+        self.data[part].append(point)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in point.items()}
+        print(f"[{part}] {json.dumps(shown)}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        path = self.out / "bench_speculative.json"
+        path.with_suffix(".tmp").write_text(json.dumps(self.data, indent=1))
+        path.with_suffix(".tmp").replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) End to end
+
+
+def load_prompts(args, tokenizer, count: int, vocab_size: int) -> list[list[int]]:
+    """Token ids of ``count`` prompts: chat-rendered text prompts, or random ids with --tiny."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(args.seed)
+        return [torch.randint(3, vocab_size, (int(n),), generator=g).tolist()
+                for n in torch.randint(4, 24, (count,), generator=g)]
+    if args.prompts_file:
+        texts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    else:
+        from mambaify.distill import data as D
+
+        try:
+            texts = D.wiki_prompts(count, seed=args.seed + 777)
+        except (D.DataError, OSError) as err:
+            print(f"warning: offline Wikipedia prompts unavailable ({str(err)[:160]}); using built-in prompts",
+                  flush=True)
+            texts = DEFAULT_BUILTIN_PROMPTS
+    texts = [texts[i % len(texts)] for i in range(count)]
+    if getattr(tokenizer, "chat_template", None):
+        rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                  add_generation_prompt=True) for t in texts]
+        return [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def tiny_pair(device: torch.device, dtype: torch.dtype):
+    """A tiny 50% hybrid and a 2-layer draft built from its teacher's first and last layers."""
+    import mambaify
+    from mambaify.bench import build_teacher
+    from mambaify.draft import build_draft_from_teacher
+
+    teacher = build_teacher("tiny", device, dtype)
+    draft = build_draft_from_teacher(teacher).eval()
+    return mambaify.convert(teacher, attention=0.5).eval(), draft
+
+
+def timed_generate(engine, batches: list[list[list[int]]], device: torch.device, **options) -> tuple[float, list, list]:
+    """Seconds to generate every batch (one request each), the tokens, and each request's
+    SpeculativeStats (None for the plain engine)."""
+    sync(device)
+    start = time.perf_counter()
+    outputs, stats = [], []
+    for batch in batches:
+        outputs.append(engine.generate(batch, **options))
+        stats.append(getattr(engine, "stats", None))
+    sync(device)
+    return time.perf_counter() - start, outputs, stats
+
+
+def acceptance_over(stats: list) -> dict:
+    """Acceptance statistics over several requests."""
+    row_rounds = sum(s.row_rounds for s in stats)
+    k_used: dict = {}
+    for s in stats:
+        for k, n in s.k_used.items():
+            k_used[k] = k_used.get(k, 0) + n
+    return dict(mean_accepted=sum(s.accepted for s in stats) / max(row_rounds, 1),
+                tokens_per_round=sum(s.emitted for s in stats) / max(row_rounds, 1),
+                rounds=sum(s.rounds for s in stats), k_used=k_used)
+
+
+def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dtype) -> None:
+    from mambaify.generate.engine import Engine
+    from mambaify.generate.loading import load_for_generation
+    from mambaify.generate.speculative_engine import SpeculativeEngine
+
+    if args.tiny:
+        (target, draft), tokenizer = tiny_pair(device, dtype), None
+    else:
+        target, tokenizer = load_for_generation(args.target, device=str(device), dtype=str(dtype).split(".")[-1])
+        draft, _ = load_for_generation(args.draft, device=str(device), dtype=str(dtype).split(".")[-1])
+    prompts = load_prompts(args, tokenizer, max(args.prompts, max(args.batch)), target.config.vocab_size)
+    new = args.new_tokens
+    length = max(len(p) for p in prompts) + new
+    fixed = [k for k in args.k if k != "auto"]
+    options = dict(max_new_tokens=new, stop_token_ids=[])
+    for batch in args.batch:
+        batches = [prompts[i:i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
+        label = f"batch {batch}"
+        if results.out_of_time(f"(a) {label}"):
+            continue
+        plain = Engine(target, tokenizer, max_batch_size=batch, max_length=length)
+        plain.generate(batches[0], max_new_tokens=4, stop_token_ids=[])  # capture the decode graph
+        times, reference = [], None
+        for _ in range(args.repeats):
+            seconds, reference, _ = timed_generate(plain, batches, device, **options)
+            times.append(seconds)
+        tokens = sum(o.numel() for o in reference)
+        plain_tps = tokens / statistics.median(times)
+        results.add("end_to_end", dict(path="plain", batch=batch, k=None, prompts=len(batches) * batch,
+                                       tokens=tokens, seconds=statistics.median(times), tokens_per_s=plain_tps,
+                                       ratio=1.0))
+        del plain
+        engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,),
+                                   max_batch_size=batch, max_length=length)
+        for k in args.k:
+            if results.out_of_time(f"(a) {label} k={k}"):
+                continue
+            engine.generate(batches[0], max_new_tokens=4, stop_token_ids=[], k=k)  # capture the round graphs
+            times, stats = [], []
+            for _ in range(args.repeats):
+                seconds, outputs, request_stats = timed_generate(engine, batches, device, k=k, **options)
+                times.append(seconds)
+                stats += request_stats
+            same = sum(int((o == r).sum()) for o, r in zip(outputs, reference))
+            acceptance = acceptance_over(stats)
+            tps = tokens / statistics.median(times)
+            results.add("end_to_end", dict(path="speculative", batch=batch, k=k, prompts=len(batches) * batch,
+                                           tokens=tokens, seconds=statistics.median(times), tokens_per_s=tps,
+                                           ratio=tps / plain_tps, match=same / tokens, **acceptance))
+        del engine
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) The verify call
+
+
+def graphed(fn, device: torch.device):
+    """fn captured in a CUDA graph on a GPU (replays), or fn itself on the CPU."""
+    if device.type != "cuda":
+        return fn
+    from mambaify.generate.speculative_engine import GraphedStep
+
+    return GraphedStep(fn, torch.cuda.graph_pool_handle())
+
+
+def median_seconds(step, clock: Clock, repeats: int, calls: int = 10) -> float:
+    """Median over repeats of the mean time of ``calls`` back-to-back calls."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = clock.mark()
+        for _ in range(calls):
+            step()
+        times.append(clock.seconds(start, clock.mark()) / calls)
+    return statistics.median(times)
+
+
+def decode_step_seconds(model, batch: int, context: int, device, clock: Clock, repeats: int) -> float:
+    """One plain decode step of the Engine (CUDA graph on a GPU) after a prompt of ``context`` tokens."""
+    from mambaify.bench import random_ids, time_decode
+    from mambaify.generate.engine import Engine
+
+    steps = 16
+    engine = Engine(model, max_batch_size=batch, max_length=context + steps + 1)
+    prompt = random_ids(batch, context, model.config.vocab_size, 0, device)
+    first = engine.prefill(prompt)[:, -1].argmax(-1)
+    times = time_decode(engine, first, context, steps, repeats, clock)
+    del engine
+    return statistics.median(times) / steps
+
+
+@torch.no_grad()
+def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[int], device, clock, repeats):
+    """{(k, kernel): verify seconds} and {k: draft round seconds}, from CUDA-graph replays.
+
+    The target's verify call runs with counts = K + 1 (the previous round accepted everything, so
+    the fused kernel also replays K + 1 cached tokens: the most it ever folds) and no commit, so
+    that every replay does the same work. The draft round is K + 1 draft steps with argmax."""
+    from mambaify.bench import random_ids
+    from mambaify.generate.speculative_engine import SpeculativeStack
+
+    k_max = max(ks)
+    prompt = random_ids(batch, context, target.config.vocab_size, 1, device)
+    mask = torch.ones_like(prompt)
+    slots = context + k_max + 2
+    target_stack = SpeculativeStack(target, slots, k_max + 1)
+    cache = target_stack.allocate_speculative(batch, target.lm_head.weight.dtype, device, store_states=True)
+    target_stack.start(prompt, mask, cache)
+    fused_cache = dataclasses.replace(cache, layers=[
+        dataclasses.replace(layer, states=None) if hasattr(layer, "states") else layer for layer in cache.layers
+    ])
+    draft_stack = SpeculativeStack(draft, slots, k_max + 1)
+    draft_cache = draft_stack.allocate_speculative(batch, draft.lm_head.weight.dtype, device, draft=True)
+    draft_stack.start(prompt, mask, draft_cache)
+    verify, rounds = {}, {}
+    for k in ks:
+        tokens = random_ids(batch, k + 1, target.config.vocab_size, 2 + k, device)
+        best = torch.zeros(batch, k + 1, dtype=torch.long, device=device)
+        for kernel, use in (("fused", fused_cache), ("store_states", cache)):
+            use.counts.fill_(k + 1)
+
+            def verify_call(use=use):
+                best.copy_(target_stack.verify(tokens, use).argmax(-1))
+
+            verify[(k, kernel)] = median_seconds(graphed(verify_call, device), clock, repeats)
+        draft_cache.counts.fill_(k + 1)
+
+        def draft_round(k=k):
+            token = tokens[:, :1]
+            for i in range(k + 1):
+                logits = draft_stack.draft_step(token, i, draft_cache, want_logits=i < k)
+                if logits is not None:
+                    token = logits.argmax(-1, keepdim=True)
+
+        rounds[k] = median_seconds(graphed(draft_round, device), clock, repeats)
+    return verify, rounds
+
+
+def tokens_per_round(alpha: float, k: int) -> float:
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def alpha_for(accepted: float, k: int) -> float:
+    """The per-token acceptance rate at which a round at K yields accepted + 1 tokens (bisection)."""
+    target = min(accepted, k) + 1
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tokens_per_round(mid, k) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.dtype) -> None:
+    import mambaify
+    from mambaify.bench import build_teacher, free_memory, materialise_on
+    from mambaify.convert import attention_layers_for
+    from mambaify.draft import build_draft_from_teacher
+
+    clock = Clock(device)
+    family = "tiny" if args.tiny else args.shape
+    current = build_teacher(family, device, dtype, seed=args.seed)
+    draft = build_draft_from_teacher(current).eval()  # layers [0, last], embeddings and head
+    num_layers = current.config.num_hidden_layers
+    for fraction in sorted(set(args.attention), reverse=True):  # each hybrid converts the one before
+        if results.out_of_time(f"(b) attention {fraction}"):
+            continue
+        layers = attention_layers_for(num_layers, fraction)
+        with materialise_on(device, dtype):  # the hybrid is created where it runs
+            current = mambaify.convert(current, attention=layers, seed=args.seed).eval()
+        free_memory()
+        for batch in args.verify_batch:
+            what = f"(b) attention {fraction} batch {batch}"
+            if results.out_of_time(what):
+                continue
+            try:
+                decode_s = decode_step_seconds(current, batch, args.context, device, clock, args.repeats)
+                verify, rounds = verify_and_draft_seconds(current, draft, batch, args.context, args.verify_k,
+                                                          device, clock, args.repeats)
+            except torch.OutOfMemoryError as err:
+                results.data["skipped"].append({"point": what, "reason": str(err).splitlines()[0][:200]})
+                free_memory()
+                continue
+            for (k, kernel), verify_s in sorted(verify.items()):
+                draft_s = rounds[k] if args.draft_step_ms is None else (k + 1) * args.draft_step_ms / 1e3
+                results.add("verify_cost", dict(
+                    attention=fraction, batch=batch, k=k, kernel=kernel, context=args.context,
+                    verify_ms=1e3 * verify_s, decode_step_ms=1e3 * decode_s, decode_steps_ms=1e3 * (k + 1) * decode_s,
+                    verify_over_decode_steps=verify_s / ((k + 1) * decode_s), draft_round_ms=1e3 * draft_s,
+                ))
+                for accepted in args.accepted:
+                    alpha = alpha_for(accepted, args.accepted_k)
+                    per_round = tokens_per_round(alpha, k)
+                    results.add("speedup", dict(
+                        attention=fraction, batch=batch, k=k, kernel=kernel, accepted_at_k0=accepted,
+                        alpha=alpha, tokens_per_round=per_round,
+                        speedup=per_round * decode_s / (verify_s + draft_s),
+                    ))
+            free_memory()
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def render(data: dict, out: Path) -> None:
+    lines = ["# Speculative decoding benchmark", "", f"Device: {data['meta'].get('device_name')}, "
+             f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}.", ""]
+    if data["end_to_end"]:
+        lines += ["## (a) End to end: plain engine vs speculative", "",
+                  "| batch | path | K | tokens/s | ratio | mean accepted | tokens/round | match | K used |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for p in data["end_to_end"]:
+            lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {p['tokens_per_s']:.1f} | "
+                         f"{p['ratio']:.2f} | {_fmt(p.get('mean_accepted'))} | {_fmt(p.get('tokens_per_round'))} | "
+                         f"{_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} |")
+        lines.append("")
+    if data["verify_cost"]:
+        lines += ["## (b) One verify call over K+1 tokens vs K+1 plain decode steps", "",
+                  "| attention | batch | K | kernel | verify ms | K+1 decode steps ms | ratio | draft round ms |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for p in data["verify_cost"]:
+            lines.append(f"| {p['attention']:g} | {p['batch']} | {p['k']} | {p['kernel']} | {p['verify_ms']:.3f} | "
+                         f"{p['decode_steps_ms']:.3f} | {p['verify_over_decode_steps']:.3f} | {p['draft_round_ms']:.3f} |")
+        lines += ["", "## (b) Speed-up over plain decoding at the given acceptance", "",
+                  "| attention | batch | kernel | accepted (at K0) | alpha | " +
+                  " | ".join(f"K={k}" for k in sorted({p['k'] for p in data['speedup']})) + " |",
+                  "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in {p['k'] for p in data['speedup']}) + " |"]
+        groups: dict = {}
+        for p in data["speedup"]:
+            groups.setdefault((p["attention"], p["batch"], p["kernel"], p["accepted_at_k0"], p["alpha"]), {})[p["k"]] = p
+        for (attention, batch, kernel, accepted, alpha), by_k in groups.items():
+            cells = " | ".join(f"{by_k[k]['speedup']:.2f}x" if k in by_k else "-"
+                               for k in sorted({p['k'] for p in data['speedup']}))
+            lines.append(f"| {attention:g} | {batch} | {kernel} | {accepted:g} | {alpha:.3f} | {cells} |")
+        lines.append("")
+    if data["skipped"]:
+        lines += ["Skipped: " + "; ".join(f"{s['point']} ({s['reason']})" for s in data["skipped"]), ""]
+    (out / "bench_speculative.md").write_text("\n".join(lines))
+    plot(data, out / "bench_speculative.png")
+
+
+def plot(data: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is missing: no plot", flush=True)
+        return
+    panels = [p for p in ("end_to_end", "verify_cost", "speedup") if data[p]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "end_to_end":
+            for batch in sorted({p["batch"] for p in data[panel]}):
+                points = [p for p in data[panel] if p["batch"] == batch]
+                ax.plot([str(p["k"]) if p["path"] == "speculative" else "plain" for p in points],
+                        [p["tokens_per_s"] for p in points], "o-", label=f"batch {batch}")
+            ax.set(title="(a) end to end", xlabel="K", ylabel="tokens/s")
+        elif panel == "verify_cost":
+            for key in sorted({(p["attention"], p["batch"], p["kernel"]) for p in data[panel]}):
+                points = [p for p in data[panel] if (p["attention"], p["batch"], p["kernel"]) == key]
+                ax.plot([p["k"] for p in points], [p["verify_over_decode_steps"] for p in points], "o-",
+                        label=f"attn {key[0]:g}, b{key[1]}, {key[2]}")
+            ax.set(title="(b) verify call / (K+1) decode steps", xlabel="K", ylabel="time ratio")
+        else:
+            for key in sorted({(p["attention"], p["batch"], p["kernel"], p["accepted_at_k0"]) for p in data[panel]}):
+                points = [p for p in data[panel] if (p["attention"], p["batch"], p["kernel"], p["accepted_at_k0"]) == key]
+                ax.plot([p["k"] for p in points], [p["speedup"] for p in points], "o-",
+                        label=f"attn {key[0]:g}, b{key[1]}, {key[2]}, a={key[3]:g}")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set(title="(b) speed-up over plain decoding", xlabel="K", ylabel="speed-up")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_a = args.tiny or args.target is not None
+    run_b = args.tiny or args.shape is not None
+    if not (run_a or run_b):
+        print("nothing to run: give --target and --draft for (a), --shape llama8b for (b), or --tiny", file=sys.stderr)
+        return 2
+    if args.target is not None and args.draft is None:
+        print("--target needs --draft", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    if args.shape == "llama8b" and device.type != "cuda":
+        print("--shape llama8b needs a GPU (an 8B model); use --tiny on the CPU", file=sys.stderr)
+        return 2
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    meta = dict(argv=sys.argv[1:], device=str(device), dtype=str(dtype), torch=torch.__version__,
+                python=platform.python_version(),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
+    if args.context is None:
+        args.context = 32 if args.tiny else 512
+    results = Results(args.out, meta, args.time_budget_s)
+    torch.manual_seed(args.seed)
+    status = 0
+    with torch.no_grad():
+        for run, part in ((run_a, run_end_to_end), (run_b, run_verify_cost)):
+            if not run:
+                continue
+            try:
+                part(args, results, device, dtype)
+            except Exception:  # record the failure, still write what was measured
+                traceback.print_exc()
+                results.data["skipped"].append({"point": part.__name__, "reason": traceback.format_exc(limit=1)[-300:]})
+                status = 1
+    results.save()
+    render(results.data, args.out)
+    print(f"wrote {args.out}/bench_speculative.json, .md, .png", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
