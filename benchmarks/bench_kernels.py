@@ -3,7 +3,8 @@
 Usage (on the H200, after ``source benchmarks/h200/env.sh``):
 
     python3 benchmarks/bench_kernels.py OUT_DIR [--prefill b8,t2048,h32,p64,n64 ...]
-        [--decode b1,h32,p128,n128 ...] [--only scan|decode] [--no-compile]
+        [--decode b1,h32,p128,n128 ...] [--only scan|decode|verify] [--no-compile]
+        [--verify-batch 1,8] [--verify-k 2,3,4,5,6,7,8]
 
 Prefill/training: the reference chunked scan (eager and torch.compile'd) against fla's
 chunk_simple_gla and chunk_gla, forward and forward+backward, in bf16 (decays and states fp32).
@@ -11,6 +12,11 @@ Decode (one token, an 8B-shaped model by default: 32 heads of 128, d_state 128, 
 6144, norm width 4096): our Triton kernels against the PyTorch path, timed both as launched from
 Python and replayed in a CUDA graph (how the generation engine runs them); the SSD step is
 memory-bound, so its achieved bandwidth is reported against the H200's 4.08 TB/s.
+Verify (speculative decoding, one 8B-shaped Mamba layer, batch 1 and 8, K = 2..8 drafts): one
+fused verify call over K + 1 tokens (replay of the K + 1 accepted cached tokens, the replay's
+worst case, then K + 1 new tokens, no per-token state stored), the naive variant that stores
+every per-token state, and K + 1 single-token ssd_step_inplace calls, each in a CUDA graph; the
+conv window likewise. "cost in steps" = a call's time over one plain decode step's.
 
 Times are medians of triton.testing.do_bench / do_bench_cudagraph, in milliseconds. A case
 that fails (compile error, out of memory, a kernel refusing the machine) is recorded with its
@@ -34,6 +40,9 @@ HBM_BYTES_PER_S = 4.08e12  # H200 HBM3e peak
 DEVICE = "cuda"
 DEFAULT_PREFILL = ["b8,t2048,h32,p64,n64", "b2,t4096,h32,p128,n128"]
 DEFAULT_DECODE = ["b1,h32,p128,n128", "b64,h32,p128,n128"]
+# The 8B-shaped Mamba layer the conversion makes from Llama-3-8B: 32 heads of 128, d_state 128,
+# x and B from 8 kv heads (conv width 8 * (128 + 128) + 32 * 128 = 6144), d_conv 4.
+VERIFY_SHAPE = {"h": 32, "p": 128, "n": 128}
 
 
 def parse_shape(spec: str, keys: str) -> dict[str, int]:
@@ -49,6 +58,13 @@ def parse_shape(spec: str, keys: str) -> dict[str, int]:
     return out
 
 
+def _int_list(spec: str) -> list[int]:
+    try:
+        return [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {spec!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", type=Path, help="folder for bench_kernels.json and bench_kernels.md")
@@ -58,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"decode shape b,h,p,n (repeatable; default {' and '.join(DEFAULT_DECODE)})")
     p.add_argument("--kv-heads", type=int, default=8, help="x/B heads for the conv width (default 8)")
     p.add_argument("--d-conv", type=int, default=4)
-    p.add_argument("--only", choices=["scan", "decode"], help="run one group only")
+    p.add_argument("--only", choices=["scan", "decode", "verify"], help="run one group only")
+    p.add_argument("--verify-batch", type=_int_list, default=[1, 8], help="verify batch sizes (default 1,8)")
+    p.add_argument("--verify-k", type=_int_list, default=list(range(2, 9)), help="draft lengths K (default 2..8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     p.add_argument("--rep", type=int, default=100, help="target ms of timed repetitions per case")
     return p
@@ -246,6 +264,125 @@ def bench_norm_training(rec: Recorder, shape: dict[str, int], torch, bench) -> N
     rec.run("gated norm fwd+bwd", name, "torch (GatedRMSNorm's ops)", lambda: bench(run(lambda *a: _torch_norm(torch, *a))))
 
 
+# --------------------------------------------------------------------------- verify
+
+
+def bench_verify(rec: Recorder, b: int, k: int, args, torch, bench_graph) -> None:
+    """One 8B-shaped Mamba layer's verify call over t = K + 1 tokens: fused vs naive vs t steps."""
+    from mambaify.ops import triton as kernels
+
+    h, p, n = (VERIFY_SHAPE[c] for c in "hpn")
+    t = T = k + 1
+    dev, bf16 = DEVICE, torch.bfloat16
+    name = f"b{b} K{k} h{h} p{p} n{n}"
+    torch.manual_seed(0)
+    x = torch.randn(b, t, h, p, device=dev, dtype=bf16)
+    dt = torch.nn.functional.softplus(torch.randn(b, t, h, device=dev) - 1).to(bf16)
+    A = -torch.rand(h, device=dev) - 0.1
+    B = (torch.randn(b, t, h, n, device=dev) * n**-0.5).to(bf16)
+    C = (torch.randn(b, t, h, n, device=dev) * n**-0.5).to(bf16)
+    D = torch.randn(h, device=dev)
+    y = torch.empty_like(x)
+    checkpoint = torch.randn(b, h, n, p, device=dev)
+    x_cache, dt_cache, B_cache = x.clone(), dt.clone(), B.clone()
+    states = torch.randn(b, T, h, n, p, device=dev)
+    counts = torch.full((b,), t, device=dev, dtype=torch.int32)  # every cached token replayed
+
+    state_bytes = checkpoint.numel() * 4
+    token_inputs = (x.numel() + dt.numel() + B.numel()) * 2  # what the caches hold, per call
+    io_bytes = token_inputs + (C.numel() + y.numel()) * 2
+    traffic = {
+        # checkpoint read + written, the cached inputs replayed and rewritten, the call's own I/O
+        "fused": 2 * state_bytes + 2 * token_inputs + io_bytes,
+        # the accepted state gathered, saved as the checkpoint, t states written, the call's I/O
+        "naive": (2 + t) * state_bytes + io_bytes,
+        "steps": t * 2 * state_bytes + io_bytes,
+    }
+
+    def bandwidth(kind):
+        return {
+            "GB_per_s": lambda ms: traffic[kind] / (ms * 1e-3) / 1e9,
+            "pct_of_hbm_peak": lambda ms: 100 * traffic[kind] / (ms * 1e-3) / HBM_BYTES_PER_S,
+        }
+
+    def steps():
+        for i in range(t):
+            kernels.ssd_step_inplace(checkpoint, x[:, i], dt[:, i], A, B[:, i], C[:, i], D, out=y[:, i])
+
+    def fused():
+        kernels.ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out=y)
+
+    def naive():
+        kernels.ssd_verify_store_states(checkpoint, states, counts, x, dt, A, B, C, D, out=y)
+
+    step_ms: list[float] = []
+
+    def timed_steps():
+        ms = bench_graph(steps)
+        step_ms.append(ms / t)
+        return ms
+
+    rec.run("verify ssd", name, f"{t} x ssd_step_inplace, CUDA graph", timed_steps, **bandwidth("steps"))
+    per_step = {"cost_in_steps": lambda ms: ms / step_ms[0]} if step_ms else {}
+    rec.run("verify ssd", name, "fused ssd_verify_inplace, CUDA graph", lambda: bench_graph(fused),
+            **bandwidth("fused"), **per_step)
+    rec.run("verify ssd", name, "naive ssd_verify_store_states, CUDA graph", lambda: bench_graph(naive),
+            **bandwidth("naive"), **per_step)
+
+    # The conv window of the same layer.
+    c = args.kv_heads * (p + n) + h * n
+    K = args.d_conv
+    window = torch.randn(b, K - 1 + T, c, device=dev, dtype=bf16)
+    conv_state = torch.randn(b, c, K - 1, device=dev, dtype=bf16)
+    xBC = torch.randn(b, t, c, device=dev, dtype=bf16)
+    w = torch.randn(c, K, device=dev, dtype=bf16)
+    bias = torch.randn(c, device=dev, dtype=bf16)
+    yc = torch.empty_like(xBC)
+    conv_name = f"b{b} K{k} d{c} d_conv{K}"
+
+    def conv_steps():
+        for i in range(t):
+            kernels.conv_step_inplace(conv_state, xBC[:, i], w, bias, True, out=yc[:, i])
+
+    conv_step_ms: list[float] = []
+
+    def timed_conv_steps():
+        ms = bench_graph(conv_steps)
+        conv_step_ms.append(ms / t)
+        return ms
+
+    rec.run("verify conv", conv_name, f"{t} x conv_step_inplace (silu), CUDA graph", timed_conv_steps)
+    per_conv_step = {"cost_in_steps": lambda ms: ms / conv_step_ms[0]} if conv_step_ms else {}
+    rec.run("verify conv", conv_name, "conv_verify_inplace (silu), CUDA graph",
+            lambda: bench_graph(lambda: kernels.conv_verify_inplace(window, counts, xBC, w, bias, out=yc, silu=True)),
+            **per_conv_step)
+
+
+def verify_markdown(rows: list[dict]) -> str:
+    """The verify rows again, with the cost of a call in plain decode steps."""
+    rows = [r for r in rows if r["group"].startswith("verify") and "ms" in r]
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "## Speculative verify, one 8B-shaped Mamba layer",
+        "",
+        "A call over K + 1 tokens, its cost in plain one-token decode steps (fewer than the tokens a",
+        "call commits on average = the Mamba layer gains), and the bandwidth it achieves.",
+        "",
+        "| group | shape | implementation | ms | cost in steps | GB/s |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        cost = r.get("cost_in_steps")
+        gbs = r.get("GB_per_s")
+        lines.append(
+            f"| {r['group']} | {r['shape']} | {r['impl']} | {r['ms']:.4f} | "
+            f"{'' if cost is None else format(cost, '.2f')} | {'' if gbs is None else format(gbs, ',.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -269,7 +406,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['group']} | {r['shape']} | {r['impl']} | {ms} | {num(r.get('tokens_per_s'), ',.0f')} "
             f"| {num(r.get('GB_per_s'), ',.0f')} | {num(r.get('pct_of_hbm_peak'), '.1f')} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + verify_markdown(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "decode"):
         for shape in decode:
             bench_decode(rec, shape, args, torch, bench, bench_graph)
+    if args.only in (None, "verify"):
+        for b in args.verify_batch:
+            for k in args.verify_k:
+                bench_verify(rec, b, k, args, torch, bench_graph)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": rec.rows}, indent=2))
