@@ -58,7 +58,6 @@ generate() / assisted_generate().
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
