@@ -381,23 +381,26 @@ def test_adaptive_k_follows_acceptance_and_costs():
 def test_model_generate_with_an_assistant(targets, drafts):
     target, draft = targets["hybrid50"], drafts["mamba2"]
     ids, mask = _prompts(4)
-    target.generation_config.eos_token_id = 2
-    try:
-        expected = target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
-        for k in (3, "auto"):
-            out = target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
-                                  assistant_model=draft, num_assistant_tokens=k)
-            assert torch.equal(out, expected)
-        torch.manual_seed(0)
-        sampled = target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, assistant_model=draft)
-        torch.manual_seed(0)
-        assert torch.equal(target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True,
-                                           assistant_model=draft), sampled)
-        assert sampled.shape[0] == 4 and torch.equal(sampled[:, : ids.shape[1]], ids)
-        with pytest.raises(ValueError, match="num_beams"):
-            target.generate(ids, max_new_tokens=3, num_beams=2, assistant_model=draft)
-    finally:
-        target.generation_config.eos_token_id = None
+    free = plain_greedy(target, ids, mask, 9)
+    eos = free[1, 3].item()  # row 1 (at least) ends early; the others are padded once they end
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
+                               eos_token_id=eos)
+    assert (expected[:, ids.shape[1]:] == 0).any()
+    for k in (3, "auto"):
+        out = target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
+                              eos_token_id=eos, assistant_model=draft, num_assistant_tokens=k)
+        assert torch.equal(out, expected)
+    torch.manual_seed(0)
+    sampled = target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, assistant_model=draft)
+    torch.manual_seed(0)
+    assert torch.equal(target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True,
+                                       assistant_model=draft), sampled)
+    assert sampled.shape == (4, ids.shape[1] + 6) and torch.equal(sampled[:, : ids.shape[1]], ids)
+    with pytest.raises(ValueError, match="num_beams"):
+        target.generate(ids, max_new_tokens=3, num_beams=2, assistant_model=draft)
+    # Without an assistant, generate() is transformers' own.
+    assert torch.equal(target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False,
+                                       pad_token_id=0)[:, ids.shape[1]:], free)
 
 
 def test_plain_llama_target():
