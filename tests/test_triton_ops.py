@@ -37,7 +37,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Norm-wise relative error, computed in float64."""
-    a, e = actual.double(), expected.double()
+    a, e = actual.double().cpu(), expected.double().cpu()
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
 
 
@@ -317,8 +317,9 @@ FLA_SHAPES = [(2, 100, 4, 64, 64), (1, 157, 3, 48, 32)]  # odd lengths; the seco
 @pytest.mark.parametrize("reset_kind", ["none", "t0", "packed"])
 @pytest.mark.parametrize("shape", FLA_SHAPES, ids=lambda s: "b{}t{}h{}p{}n{}".format(*s))
 def test_fla_scan_forward_backward(fla_scan, kernel, reset_kind, shape):
-    if kernel == "simple_gla" and not fla_scan.simple_gla_backward_ok(torch.cuda.current_device()):
-        pytest.skip("chunk_simple_gla's gated backward refuses this GPU / triton (fla issue 640)")
+    # Where fla refuses chunk_simple_gla's gated backward (fla issue 640: Hopper, triton < 3.7.1)
+    # the backend still uses it for inference, so its forward is checked all the same.
+    forward_only = kernel == "simple_gla" and not fla_scan.simple_gla_backward_ok(torch.cuda.current_device())
     b, t, h, p, n = shape
     i = scan_inputs(b, t, h, p, n)
     reset = resets(reset_kind, b, t)
@@ -326,7 +327,7 @@ def test_fla_scan_forward_backward(fla_scan, kernel, reset_kind, shape):
     # The reference in float32 on the same bf16-rounded values.
     ref_leaves = [v.detach().float().requires_grad_(True) for v in leaves]
     for v in leaves:
-        v.requires_grad_(True)
+        v.requires_grad_(not forward_only)
     g = torch.Generator().manual_seed(1)
     w_y = randn(b, t, h, p, g=g, device="cuda", dtype=torch.float32)
     w_s = randn(b, h, n, p, g=g, device="cuda", dtype=torch.float32)
@@ -336,6 +337,8 @@ def test_fla_scan_forward_backward(fla_scan, kernel, reset_kind, shape):
     y_ref, s_ref = ops.ssd_chunked(*ref_leaves, reset=reset)
     assert rel_err(y, y_ref) < 1e-2
     assert rel_err(s, s_ref) < 1e-2
+    if forward_only:
+        return
 
     grads = torch.autograd.grad((y.float() * w_y).sum() + (s * w_s).sum(), leaves)
     ref_grads = torch.autograd.grad((y_ref * w_y).sum() + (s_ref * w_s).sum(), ref_leaves)
