@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_distill)
 
+    from .draft import add_distill_draft_arguments, run_distill_draft
+
+    p = sub.add_parser("distill-draft", help="build a speculative-decoding draft from the target's layers and distil it")
+    add_distill_draft_arguments(p)
+    p.set_defaults(func=run_distill_draft)
+
     p = sub.add_parser("eval", help="compare a saved model with its teacher (perplexity, KL, agreement)")
     p.add_argument("model", help="a saved hybrid (or any causal LM folder)")
     p.add_argument("--teacher", required=True, help="the teacher to compare with")
