@@ -27,6 +27,14 @@ def load_teacher(name_or_path: str, **kwargs):
     return _load(name_or_path, **kwargs)
 
 
+def build_draft_from_teacher(teacher, layers=None, **kwargs):
+    """A speculative-decoding draft made of ``teacher``'s own layers (default: first and last);
+    see :func:`mambaify.draft.build_draft_from_teacher`."""
+    from .draft import build_draft_from_teacher as _build
+
+    return _build(teacher, layers, **kwargs)
+
+
 __all__ = [
     "HybridCache",
     "HybridConfig",
@@ -34,6 +42,7 @@ __all__ = [
     "HybridModel",
     "UnsupportedArchitectureError",
     "attention_layers_for",
+    "build_draft_from_teacher",
     "convert",
     "load_teacher",
     "__version__",
