@@ -54,3 +54,17 @@ def test_bad_input_gets_one_line_and_no_overwrite(teacher_dir, tmp_path, capsys,
     assert "Traceback" not in err
     assert (taken / "keep.txt").read_text() == "precious"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "distill-draft"])
+def test_a_model_folder_without_tokenizer_is_named_with_the_fix(teacher_dir, tmp_path, capsys, command):
+    code, _, _ = run(capsys, "convert", teacher_dir, tmp_path / "h", "--attention", "0.5")
+    assert code == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "h" / name).unlink(missing_ok=True)
+    args = {"generate": ["generate", tmp_path / "h", "hello"],
+            "distill-draft": ["distill-draft", "--target", tmp_path / "h", "--out", tmp_path / "d"]}[command]
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert f"no tokenizer in {tmp_path / 'h'}" in err and "save_pretrained" in err, err
+    assert not (tmp_path / "d").exists()

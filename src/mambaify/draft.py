@@ -314,10 +314,10 @@ def load_target(name_or_path: str, *, dtype: torch.dtype = torch.float32, device
 
     config_path = Path(name_or_path) / "config.json"
     if config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == HybridConfig.model_type:
-        from transformers import AutoTokenizer
+        from .teachers import load_folder_tokenizer
 
         model = HybridForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = load_folder_tokenizer(name_or_path)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # batched forward passes need a pad id
         return model, tokenizer

@@ -54,6 +54,7 @@ __all__ = [
     "builtin_teacher_dir",
     "ensure_builtin_teacher",
     "list_builtin_teachers",
+    "load_folder_tokenizer",
     "load_teacher",
     "mambaify_cache_dir",
     "resolve_teacher",
@@ -207,6 +208,22 @@ def load_teacher(
     else:
         model, tokenizer = _load_from_hub(resolved.location, dtype=dtype)
     return _finish(model, tokenizer, device)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_folder_tokenizer(folder: str | os.PathLike[str]):
+    """The tokenizer saved in a model folder, with an error that says how to fix a missing one
+    (transformers' own message names only the backends it tried)."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise OSError(
+            f"no tokenizer in {folder}: save it beside the model (tokenizer.save_pretrained(folder); "
+            "mambaify convert, distill and distill-draft do this) or copy the teacher's tokenizer files there"
+        )
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _load_from_hub(hub_id: str, *, dtype: torch.dtype):

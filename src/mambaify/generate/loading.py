@@ -33,15 +33,15 @@ def load_for_generation(name_or_path: str, *, device: str = "auto", dtype: str =
     (a .gguf file, a hub id, a built-in name).
     """
     import mambaify  # noqa: F401  (registers the hybrid with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from ..teachers import load_teacher
+    from ..teachers import load_folder_tokenizer, load_teacher
 
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     if (Path(name_or_path) / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = load_folder_tokenizer(name_or_path)
         return model.to(target).eval(), tokenizer
     return load_teacher(name_or_path, dtype=torch_dtype, device=target)
 
