@@ -21,6 +21,7 @@ import mambaify
 from mambaify.cli import main as cli_main
 from mambaify.generate import speculative_engine as spec
 from mambaify.generate.engine import Engine
+from mambaify.ops.attention import decode_attention
 from mambaify.generate.speculative import replay, slide_window
 from mambaify.generate.speculative_engine import (
     AdaptiveK,
@@ -149,6 +150,27 @@ def test_greedy_equals_plain_greedy(targets, drafts, target_name, draft_name, ba
         assert stats.tokens_per_round >= 1
         accepted.add(round(stats.mean_accepted, 3))
     assert len(accepted) > 1 and max(accepted) > 0.5  # drafts were right sometimes, not always
+
+
+@pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
+def test_split_k_attention_path_gives_the_same_tokens(targets, drafts, draft_name, monkeypatch):
+    """The CUDA branch of attention (ops.decode_attention fed slots and pad lengths, no mask),
+    run here on its PyTorch path: same tokens, for a target and a draft with attention layers."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[4].shape)  # query_slots (b, t)
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(spec, "use_split_k_attention", lambda device: True)
+    monkeypatch.setattr(spec, "decode_attention", counted)
+    target = targets["hybrid50"]
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids, mask, 12)
+    engine = SpeculativeEngine(target, drafts[draft_name], k=3, max_batch_size=4, max_length=40)
+    for k in (1, 3, 6):
+        assert torch.equal(engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[], k=k), expected), k
+    assert (4, 7) in calls  # the target's verify over K + 1 = 7 tokens went through the split-K op
 
 
 @pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])

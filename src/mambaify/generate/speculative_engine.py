@@ -69,6 +69,7 @@ from torch import nn
 
 from .. import ops
 from ..models.modeling import Mamba2Mixer
+from ..ops.attention import decode_attention
 from .engine import (
     AttentionRunner,
     DecodingStack,
@@ -178,12 +179,15 @@ class RowContext:
     """Where one call's tokens sit, per row, shared by all layers.
 
     slots (b,t): each token's cache slot (row b: lengths[b] + offset + 0..t-1).
-    mask (b,1,t,S) bool: the row's real slots up to the query's own, and the query's own slot.
+    pad_lengths (b,): each row's first real slot (its left padding comes before).
+    mask (b,1,t,S) bool: the row's real slots up to the query's own, and the query's own slot
+    (built on the CPU only: on CUDA the split-K kernel reads slots and pad_lengths directly).
     key_slots (S,): all slots; rotary: RoPE (cos, sin) at the tokens' positions, or None.
     """
 
     slots: torch.Tensor
-    mask: torch.Tensor
+    pad_lengths: torch.Tensor
+    mask: torch.Tensor | None
     key_slots: torch.Tensor
     rotary: tuple[torch.Tensor, torch.Tensor] | None
 
@@ -193,6 +197,12 @@ class RowContext:
         # A row's real tokens sit in consecutive slots, so slot distance is position distance.
         in_window = self.slots[:, None, :, None] - self.key_slots < sliding_window
         return self.mask & in_window
+
+
+def use_split_k_attention(device: torch.device) -> bool:
+    """Whether verify/draft attention runs ops.decode_attention (the Triton split-K kernel on CUDA)
+    rather than SDPA over a (b,1,t,S) mask, which is simpler where kernels do not run."""
+    return device.type == "cuda"
 
 
 def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, kv: KVBuffers) -> torch.Tensor:
@@ -207,9 +217,15 @@ def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, 
     index = ctx.slots[:, None, :, None].expand(b, runner.num_kv_heads, t, runner.head_dim)
     kv.keys.scatter_(2, index, key)
     kv.values.scatter_(2, index, value)
-    out = grouped_query_attention(
-        query, kv.keys, kv.values, ctx.attention_mask(runner.sliding_window), attn.scaling
-    )
+    if ctx.mask is None:
+        # Split-K over each row's real slots only (mambaify.ops.attention): the same rule as the mask.
+        out = decode_attention(
+            query, kv.keys, kv.values, ctx.pad_lengths, ctx.slots, attn.scaling, runner.sliding_window
+        )
+    else:
+        out = grouped_query_attention(
+            query, kv.keys, kv.values, ctx.attention_mask(runner.sliding_window), attn.scaling
+        )
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -320,14 +336,16 @@ class SpeculativeStack(DecodingStack):
 
     def row_context(self, hidden: torch.Tensor, slots: torch.Tensor, pad_lengths: torch.Tensor) -> RowContext:
         keys = self.slot_range
-        causal = keys <= slots[:, :, None]  # (b, t, S)
-        real = keys >= pad_lengths[:, None, None]
-        own = keys == slots[:, :, None]
-        mask = ((causal & real) | own)[:, None]
+        mask = None
+        if not use_split_k_attention(hidden.device):
+            causal = keys <= slots[:, :, None]  # (b, t, S)
+            real = keys >= pad_lengths[:, None, None]
+            own = keys == slots[:, :, None]
+            mask = ((causal & real) | own)[:, None]
         rotary = None
         if self.has_attention:
             rotary = self.rotary_emb(hidden, (slots - pad_lengths[:, None]).clamp(min=0))
-        return RowContext(slots, mask, keys, rotary)
+        return RowContext(slots, pad_lengths, mask, keys, rotary)
 
     def _run(self, token_ids: torch.Tensor, first_slot_offset: int, cache: SpeculativeCache,
              mamba: Callable[[Mamba2Mixer, torch.Tensor, MambaVerifyBuffers], torch.Tensor]) -> torch.Tensor:
