@@ -4,25 +4,27 @@ hybrids at 50% and 0% attention and the Llama teacher itself (100%)."""
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mambaify import convert
+from mambaify import convert, ops
 from mambaify.cli import main as cli_main
 from mambaify.generate import engine as engine_module
 from mambaify.generate.engine import Engine
 from mambaify.generate.sampling import SamplingParams, keep_top_k, keep_top_p
+from mambaify.models.modeling import GatedRMSNorm
 from tests._tiny_data import tiny_llama, tiny_tokenizer
 from tests.conftest import tiny_teacher
 
 PAD, EOS = 0, 2  # the tiny teacher's
 
 
-def perturbed_hybrid(attention: float):
+def perturbed_hybrid(attention: float, **teacher_overrides):
     """A converted tiny Llama with its conv and skip moved off their init, so every path matters."""
-    model = convert(tiny_teacher("llama"), attention=attention)
+    model = convert(tiny_teacher("llama", **teacher_overrides), attention=attention)
     torch.manual_seed(1)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -115,6 +117,30 @@ def test_other_families_and_sliding_windows(family, overrides):
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert torch.equal(Engine(model, max_batch_size=1, max_length=16).generate(ids, max_new_tokens=8),
                            expected[:, ids.shape[1]:])
+
+
+def test_step_constants_follow_the_model():
+    """What the decode step keeps computed: the RoPE table equals the model's rotary embedding at
+    every position, and A = -exp(A_log) follows the parameters from one request to the next."""
+    model = perturbed_hybrid(0.5)
+    engine = Engine(model, max_batch_size=2, max_length=32)
+    at = torch.tensor([[0, 5, 31], [7, 1, 30]])
+    cos, sin = model.model.rotary_emb(torch.empty(0), at)
+    table = engine.stack.rope_table[at]
+    assert torch.equal(table[:, :, 0], cos) and torch.equal(table[:, :, 1], sin)
+    ids, mask = left_padded(random_prompts(6, 3))
+    continuation = torch.tensor(random_prompts(4, 4, seed=5))
+    full_ids = torch.cat([ids, continuation], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)
+    for shift in (0.0, 1.5):  # a second request after the decay rates changed
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if not layer.is_attention:
+                    layer.mamba.A_log.add_(shift)
+            expected = model(full_ids, attention_mask=full_mask, position_ids=positions(full_mask)).logits
+        engine.prefill(ids, mask)
+        stepped = torch.stack([engine.decode(continuation[:, i]).clone() for i in range(4)], dim=1)
+        assert torch.allclose(stepped, expected[:, ids.shape[1]:], atol=1e-5)
 
 
 # --- sampling, stopping, streaming ------------------------------------------------------------
@@ -277,3 +303,197 @@ def test_cuda_graph_decode_equals_eager(attention):
     eager.prefill(ids, mask)
     token = torch.tensor([5, 6, 7], device="cuda")
     assert torch.allclose(graphed.decode(token), eager.decode(token), atol=1e-4)
+
+
+# --- torch.compile: the decode step, and the custom ops it sees -------------------------------
+# Inductor on the CPU, one compile per test, of two-layer models (an attention and a Mamba layer
+# in the hybrid): compile time grows with the layers, and the first compile in a fresh
+# environment also builds inductor's own C++ prelude.
+
+
+@pytest.mark.parametrize("attention", [0.5, 1.0], ids=["hybrid-50", "llama"])
+def test_compiled_decode_equals_eager(attention):
+    two_layers = dict(num_hidden_layers=2)
+    model = tiny_teacher("llama", **two_layers) if attention == 1.0 else perturbed_hybrid(attention, **two_layers)
+    prompts = random_prompts(7, 3)  # batch 2, left-padded by the engine
+    # Three rows of cache, two in use: the compiled step writes into views of the buffers.
+    compiled = Engine(model, max_batch_size=3, max_length=32, compile=True)
+    eager = Engine(model, max_batch_size=3, max_length=32)
+    greedy = dict(max_new_tokens=12, stop_token_ids=[])
+    sampled = dict(greedy, temperature=1.0, top_p=0.9, seed=3)
+    for options in (greedy, sampled):
+        assert torch.equal(compiled.generate(prompts, **options), eager.generate(prompts, **options))
+    assert compiled.is_compiled(2) and not eager.is_compiled(2) and compiled.compile_error is None
+    seconds = compiled.compile_seconds
+    assert seconds > 0
+    ids, mask = left_padded(prompts)
+    compiled.prefill(ids, mask)
+    eager.prefill(ids, mask)
+    for token in ([5, 6], [7, 8], [9, 10]):
+        token = torch.tensor(token)
+        assert torch.allclose(compiled.decode(token), eager.decode(token), atol=1e-5)
+    # Every request ran the step compiled once: no recompile (the compiled step would raise on one).
+    assert compiled.compile_seconds == seconds
+
+
+def test_compile_settings(hybrid, monkeypatch, caplog):
+    assert Engine(hybrid, max_length=16, compile="auto").compile is False  # off on the CPU
+    with pytest.raises(ValueError, match="compile"):
+        Engine(hybrid, max_length=16, compile="yes")
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        Engine(hybrid, max_length=16, compile=True, compile_mode="reduce-overhead")
+
+    def broken(step, mode):
+        raise RuntimeError("inductor is unhappy\nsecond line")
+
+    monkeypatch.setattr(engine_module, "compile_step", broken)
+    prompts = random_prompts(4, 6)
+    expected = Engine(hybrid, max_batch_size=2, max_length=16).generate(prompts, max_new_tokens=4)
+    insisting = Engine(hybrid, max_batch_size=2, max_length=16, compile=True)
+    with pytest.raises(engine_module.CompileError, match="inductor is unhappy"):
+        insisting.generate(prompts, max_new_tokens=4)
+    # "auto" (on CUDA) falls back to the eager step and says why.
+    falling_back = Engine(hybrid, max_batch_size=2, max_length=16, compile=True)
+    falling_back.compile_setting = "auto"
+    with caplog.at_level("WARNING", logger=engine_module.__name__):
+        assert torch.equal(falling_back.generate(prompts, max_new_tokens=4), expected)
+    assert falling_back.compile is False and not falling_back.is_compiled(2)
+    assert falling_back.compile_error == "RuntimeError: inductor is unhappy"
+    assert "decoding without torch.compile" in caplog.text
+
+
+def mamba_step_inputs(seed: int = 0, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    b, h, n, p, d, K = 2, 3, 4, 5, 7, 4
+    return dict(
+        state=randn(b, h, n, p), x=randn(b, h, p), dt=torch.nn.functional.softplus(randn(b, h)),
+        A=-torch.rand(h, generator=g, dtype=torch.float64) - 0.1, B=randn(b, h, n), C=randn(b, h, n), D=randn(h),
+        conv_state=randn(b, d, K - 1), u=randn(b, d), weight=randn(d, K), bias=randn(d),
+        y=randn(b, 3, h * p), z=randn(b, 3, h * p), norm_weight=randn(h * p),
+    )
+
+
+def mamba_ops_step(i: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three ops a compiled decode step calls, each writing its state in place."""
+    conv = ops.conv_step_inplace(i["conv_state"], i["u"], i["weight"], i["bias"])
+    y = ops.ssd_step_inplace(i["state"], i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"])
+    return conv, y, ops.gated_rmsnorm(i["y"], i["z"], i["norm_weight"], 1e-5)
+
+
+def test_custom_ops_equal_the_reference_and_stay_opaque_under_compile():
+    i = mamba_step_inputs()
+    # The registered ops themselves, against the reference.
+    y_ref, state_ref = ops.ssd_step(i["state"], i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"])
+    state, out = i["state"].clone(), torch.empty_like(i["x"])
+    torch.ops.mambaify.ssd_step_inplace(state, i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], out)
+    assert torch.equal(out, y_ref) and torch.equal(state, state_ref)
+    conv_ref, conv_state_ref = ops.causal_conv1d(i["u"][:, None], i["weight"], i["bias"], i["conv_state"])
+    conv_state, conv_out = i["conv_state"].clone(), torch.empty_like(i["u"])
+    torch.ops.mambaify.conv_step_inplace(conv_state, i["u"], i["weight"], i["bias"], True, conv_out)
+    assert torch.equal(conv_out, torch.nn.functional.silu(conv_ref[:, 0])) and torch.equal(conv_state, conv_state_ref)
+    norm = GatedRMSNorm(i["y"].shape[-1], eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(i["norm_weight"])
+        normed = torch.ops.mambaify.gated_rmsnorm(i["y"], i["z"], i["norm_weight"], 1e-5)
+        assert torch.equal(normed, norm(i["y"], i["z"]))
+    # Declared mutations, fake (meta) functions and schemas agree with what the ops do.
+    torch.library.opcheck(torch.ops.mambaify.ssd_step_inplace.default,
+                          (i["state"].clone(), i["x"], i["dt"], i["A"], i["B"], i["C"], None, torch.empty_like(i["x"])))
+    torch.library.opcheck(torch.ops.mambaify.conv_step_inplace.default,
+                          (i["conv_state"].clone(), i["u"], i["weight"], None, False, torch.empty_like(i["u"])))
+    torch.library.opcheck(torch.ops.mambaify.gated_rmsnorm.default, (i["y"], i["z"], i["norm_weight"], 1e-5))
+
+    # Under torch.compile: one graph (fullgraph), holding each op as one opaque call.
+    seen: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    eager_inputs = {k: v.clone() for k, v in i.items()}
+    compiled_inputs = {k: v.clone() for k, v in i.items()}
+    with torch.no_grad():
+        expected = mamba_ops_step(eager_inputs)
+        got = torch.compile(mamba_ops_step, backend=recording_backend, fullgraph=True)(compiled_inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    for name in ("state", "conv_state"):  # written in place, as eagerly
+        assert torch.equal(compiled_inputs[name], eager_inputs[name])
+        assert not torch.equal(compiled_inputs[name], i[name])
+    mambaify_ops = sorted(target.removesuffix(".default") for target in seen if target.startswith("mambaify."))
+    assert mambaify_ops == ["mambaify.conv_step_inplace", "mambaify.gated_rmsnorm", "mambaify.ssd_step_inplace"], seen
+
+    # Where a gradient is wanted (training), gated_rmsnorm stays the differentiable function.
+    seen.clear()
+    weight = i["norm_weight"].clone().requires_grad_()
+    differentiable = torch.compile(ops.gated_rmsnorm, backend=recording_backend, fullgraph=True)
+    differentiable(i["y"], i["z"], weight, 1e-5).sum().backward()
+    assert not any(target.startswith("mambaify.") for target in seen) and weight.grad is not None
+
+
+def test_bench_compile_flag_records_what_ran(tmp_path, monkeypatch):
+    """`python -m mambaify.bench --compile`: each point records whether its step ran compiled, a
+    step that fails to compile is timed uncompiled with a note, and merged runs keep the two
+    apart. compile_step is replaced here (the bench's bookkeeping is under test, not inductor)."""
+    from mambaify import bench
+
+    modes = []
+
+    def recorded(step, mode):
+        modes.append(mode)
+        return step
+
+    monkeypatch.setattr(engine_module, "compile_step", recorded)
+    argv = ["--families", "tiny", "--attention", "1", "--batch", "1", "--context", "16", "--new-tokens", "2",
+            "--repeats", "1", "--hf-batch", "none", "--device", "cpu", "--out"]
+    docs = {}
+    for name, flags in (("on", ["--compile"]), ("off", [])):
+        assert bench.main([*flags, *argv, str(tmp_path / name)]) == 0
+        docs[name] = json.loads((tmp_path / name / "bench.json").read_text())
+    assert modes == ["default"]
+    on, off = docs["on"]["points"][0], docs["off"]["points"][0]
+    assert on["compiled"] is True and off["compiled"] is False and on["compile_error"] is None
+    assert docs["on"]["meta"]["options"]["compile"] is True and on["compile_s"] <= on["capture_s"]
+
+    def broken(step, mode):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(engine_module, "compile_step", broken)
+    assert bench.main(["--compile", *argv, str(tmp_path / "broken")]) == 0
+    doc = json.loads((tmp_path / "broken" / "bench.json").read_text())
+    point = doc["points"][0]
+    assert point["status"] == "ok" and point["compiled"] is False and "no compiler here" in point["compile_error"]
+    assert any("no compiler here" in note for note in doc["meta"]["notes"])
+
+    merged = bench.render_from_json([tmp_path / "on" / "bench.json", tmp_path / "off" / "bench.json"], tmp_path / "all")
+    table = (tmp_path / "all" / "bench.md").read_text()
+    assert "| teacher | engine (compiled) | 1 | 16 |" in table and "| teacher | engine | 1 | 16 |" in table
+    # Each teacher point is its own reference (compiled with compiled, uncompiled with uncompiled).
+    assert [p["decode_vs_teacher"] for p in merged["points"]] == [1.0, 1.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", [0.5, 1.0], ids=["hybrid-50", "llama"])
+def test_cuda_compiled_graph_decode_equals_eager_in_bf16(attention):
+    """The compiled step captured in a CUDA graph, against the uncompiled step run eagerly, in
+    bf16: the Triton kernels as custom ops inside inductor's graph, and inductor's fused kernels
+    rounding where eager rounds."""
+    model = (tiny_teacher("llama") if attention == 1.0 else perturbed_hybrid(attention)).to("cuda", torch.bfloat16)
+    prompts = random_prompts(7, 2, 12)
+    compiled = Engine(model, max_batch_size=4, max_length=48, use_cuda_graph=True, compile=True)
+    eager = Engine(model, max_batch_size=4, max_length=48, use_cuda_graph=False)
+    for batch in (prompts, prompts[:1]):  # two batch sizes: two compiled steps, two graphs
+        options = dict(max_new_tokens=24, stop_token_ids=[])
+        assert torch.equal(compiled.generate(batch, **options), eager.generate(batch, **options))
+        sampled = dict(options, temperature=1.0, top_p=0.9, seed=3)
+        assert torch.equal(compiled.generate(batch, **sampled), eager.generate(batch, **sampled))
+    assert compiled.is_compiled(3) and compiled.is_compiled(1)
+    ids, mask = left_padded(prompts)
+    compiled.prefill(ids, mask)
+    eager.prefill(ids, mask)
+    token = torch.tensor([5, 6, 7], device="cuda")
+    assert torch.allclose(compiled.decode(token).float(), eager.decode(token).float(), atol=2e-2, rtol=2e-2)

@@ -13,7 +13,11 @@ How one engine point (batch B, context C, N new tokens) is measured:
 * Memory is estimated first (weights + caches + a one-row prefill); a point over the limit is
   recorded as skipped with the estimate, and so is one that runs out of memory anyway.
 * The engine is built for B rows and C + N slots. Its first request, a short prompt of B rows,
-  captures the CUDA graph of the decode step; that time is reported apart ("capture").
+  captures the CUDA graph of the decode step; that time is reported apart ("capture"). With
+  ``--compile`` the decode step is compiled by torch.compile first (``Engine(compile=True)``);
+  the compilation is part of the capture time and also reported on its own ("compile_s"), and
+  every engine point records ``compiled``: whether its step ran compiled (for a skipped point,
+  whether it was asked to). A step that fails to compile is timed uncompiled, with a note.
 * Prefill: the prompt is C random token ids. A pass covers at most ``--prefill-tokens`` tokens
   (whole rows): a pass over more is compute-bound and no faster per token, and the mask of the
   engine's prefill grows with C^2, so big batches time a few rows and the batch's time to first
@@ -41,12 +45,14 @@ measured), bench.md (tables) and decode.png / roofline.png (written after every 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import json
 import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,7 +64,7 @@ from torch import nn
 
 from .convert import attention_layers_for, convert
 from .fileio import write_json_atomic
-from .generate.engine import Engine, StaticCache
+from .generate.engine import CompileError, Engine, StaticCache
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
 GIB = 2**30
@@ -93,6 +99,7 @@ class BenchOptions:
     dtype: str = "auto"
     teacher: str = DEFAULT_TEACHER
     seed: int = 0
+    compile: bool = False  # the engine's decode step through torch.compile (off: comparable to earlier runs)
 
     def __post_init__(self):
         unknown = [f for f in self.families if f not in (*FAMILIES, "tiny")]
@@ -414,11 +421,13 @@ class PointSpec:
 
 
 def new_point(spec: PointSpec, model: nn.Module | None, path: str, dtype: torch.dtype, slots: int,
-              bandwidth: float | None) -> dict:
+              bandwidth: float | None, compiled: bool = False) -> dict:
     """The fields every point has, the decode step's bytes among them (None without a model: a
-    point that was never reached)."""
+    point that was never reached). ``compiled``: the engine's step through torch.compile (as asked
+    until measured)."""
     point = {
         "family": spec.family, "model": spec.label, "attention": spec.fraction, "path": path,
+        "compiled": compiled,
         "batch": spec.batch, "context": spec.context, "dtype": str(dtype).removeprefix("torch."),
         "status": "ok", "reason": None, "kv_slots_read": slots,
         "attention_layers": None, "layers": None, "weights_bytes": None, "kv_bytes_per_step": None,
@@ -444,7 +453,7 @@ def skip(point: dict, reason: str) -> dict:
 
 def bench_engine_point(model: nn.Module, spec: PointSpec, options: BenchOptions, device: torch.device,
                        dtype: torch.dtype, clock: Clock, bandwidth: float | None, warmed: set) -> dict:
-    point = new_point(spec, model, "engine", dtype, spec.context + options.new_tokens, bandwidth)
+    point = new_point(spec, model, "engine", dtype, spec.context + options.new_tokens, bandwidth, options.compile)
     estimate = estimate_memory(model, spec.batch, spec.context, options.new_tokens, dtype)
     point["estimated_memory_gib"] = estimate["total"] / GIB
     limit = memory_limit_bytes(options, device)
@@ -483,14 +492,28 @@ def measure_engine(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
                    clock: Clock, warmed: set) -> dict:
     batch, context, steps = spec.batch, spec.context, options.new_tokens
     vocab = model.config.vocab_size
-    engine = without_oom(lambda: Engine(model, max_batch_size=batch, max_length=context + steps),
-                         "allocating the caches")
 
-    # The first request of a batch size captures the decode graph (and runs it twice): time it
-    # apart with a short prompt, before the real prefill (the capture writes into the cache).
+    def build(compile_: bool) -> Engine:
+        return without_oom(lambda: Engine(model, max_batch_size=batch, max_length=context + steps, compile=compile_),
+                           "allocating the caches")
+
+    # The first request of a batch size captures the decode graph (and runs it twice), compiling
+    # the step first with --compile: time it apart with a short prompt, before the real prefill
+    # (the capture writes into the cache).
     short = random_ids(batch, min(CAPTURE_PROMPT, context), vocab, options.seed + 1, device)
+    engine = build(options.compile)
+    compile_error = None
     start = clock.mark()
-    without_oom(lambda: engine.prefill(short), "capturing the decode step")
+    try:
+        without_oom(lambda: engine.prefill(short), "capturing the decode step")
+    except CompileError as err:
+        compile_error = str(err)
+    if compile_error is not None:  # outside the handler: the failed engine's caches can go first
+        engine = None
+        free_memory()
+        engine = build(False)
+        start = clock.mark()
+        without_oom(lambda: engine.prefill(short), "capturing the decode step")
     capture_s = clock.seconds(start, clock.mark())
 
     rows = min(batch, max(1, options.prefill_tokens // context))
@@ -507,7 +530,8 @@ def measure_engine(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
     passes = math.ceil(batch / rows)  # sequential passes of `rows` rows would prefill the batch
     decode_median = statistics.median(decode_s)
     return {
-        "capture_s": capture_s,
+        "capture_s": capture_s, "compiled": engine.is_compiled(batch), "compile_s": engine.compile_seconds,
+        "compile_error": compile_error,
         "prefill_rows": rows, "prefill_ms": prefill_s * 1e3, "prefill_tok_s": rows * context / prefill_s,
         "prefill_repeats_ms": [t * 1e3 for t in prefill["prefill_s"]],
         "ttft_ms": (passes * prefill_s + ttft_s - prefill_s) * 1e3, "ttft_extrapolated": passes > 1,
@@ -614,7 +638,7 @@ def bench_hf_point(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
                    dtype: torch.dtype, clock: Clock, bandwidth: float | None) -> dict:
     steps = options.new_tokens
     slots = spec.context + steps
-    point = new_point(spec, model, "hf", dtype, slots, bandwidth)
+    point = new_point(spec, model, "hf", dtype, slots, bandwidth, compiled=device.type == "cuda")
     estimate = estimate_memory(model, spec.batch, spec.context, steps, dtype, spec.batch, engine_mask=False)
     point["estimated_memory_gib"] = estimate["total"] / GIB
     limit = memory_limit_bytes(options, device)
@@ -695,14 +719,19 @@ def measure_hf(model: nn.Module, prompt: torch.Tensor, steps: int, slots: int, r
 
 
 def add_ratios(points: list[dict]) -> None:
-    """decode_vs_teacher: a hybrid's decode tokens/s over the teacher's (engine) at the same batch
-    and context; on transformers' points, engine_vs_hf: the teacher's engine over generate()."""
+    """decode_vs_teacher: a hybrid's decode tokens/s over the teacher's (engine, compiled alike) at
+    the same batch and context; on transformers' points, engine_vs_hf: the teacher's engine
+    (uncompiled where both were run) over generate()."""
     teacher = {
-        (p["family"], p["batch"], p["context"]): p["decode_tok_s"]
+        (p["family"], p["batch"], p["context"], p.get("compiled", False)): p["decode_tok_s"]
         for p in points if p["path"] == "engine" and p["attention"] == 1.0 and p["status"] == "ok"
     }
     for p in points:
-        base = teacher.get((p["family"], p["batch"], p["context"]))
+        key = (p["family"], p["batch"], p["context"])
+        if p["path"] == "engine":
+            base = teacher.get((*key, p.get("compiled", False)))
+        else:
+            base = teacher.get((*key, False), teacher.get((*key, True)))
         ok = p["status"] == "ok" and base is not None
         if p["path"] == "engine":
             p["decode_vs_teacher"] = p["decode_tok_s"] / base if ok else None
@@ -735,8 +764,15 @@ class Results:
         plot(self.doc, self.out)
 
 
+def path_label(p: dict) -> str:
+    """engine / engine (compiled) / hf / hf (eager): the path and whether it ran compiled."""
+    if p["path"] == "engine":
+        return "engine (compiled)" if p.get("compiled") else "engine"
+    return "hf" if p.get("compiled", True) else "hf (eager)"
+
+
 def progress_line(p: dict, index: int) -> str:
-    head = f"[{index}] {p['family']} {p['model']} {p['path']} b={p['batch']} ctx={p['context']}:"
+    head = f"[{index}] {p['family']} {p['model']} {path_label(p)} b={p['batch']} ctx={p['context']}:"
     if p["status"] != "ok":
         return f"{head} skipped ({p['reason']})"
     parts = []
@@ -774,9 +810,10 @@ def markdown(doc: dict) -> str:
          "No CUDA device: times from time.perf_counter; no peak memory, no roofline."),
         "",
         "TTFT marked ~ is extrapolated from a pass over fewer rows (the batch would need several such passes). "
-        "Engine = mambaify's Engine (static cache, CUDA-graph decode on CUDA); hf = transformers' generate, "
-        "static cache, torch.compile'd decode on CUDA. Setup = graph capture (engine) or warm-up incl. "
-        "compilation (hf), excluded from the timings.",
+        "Engine = mambaify's Engine (static cache, CUDA-graph decode on CUDA); engine (compiled) = the same "
+        "with its decode step compiled by torch.compile before the capture (--compile); hf = transformers' "
+        "generate, static cache, torch.compile'd decode on CUDA. Setup = graph capture incl. compilation "
+        "(engine) or warm-up incl. compilation (hf), excluded from the timings.",
         "",
     ]
     for family in dict.fromkeys(p["family"] for p in points):
@@ -793,8 +830,7 @@ def _family_table(rows: list[dict]) -> list[str]:
                "step ms", "roofline ms", "% roofline", "peak GiB", "setup s"]
     out = ["| " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * (len(columns) - 2)]
     for p in rows:
-        path = p["path"] if p["path"] == "engine" or p.get("compiled", True) else "hf (eager)"
-        cells = [p["model"], path, str(p["batch"]), str(p["context"])]
+        cells = [p["model"], path_label(p), str(p["batch"]), str(p["context"])]
         if p["status"] != "ok":
             cells += [f"skipped: {p['reason']}"] + [""] * (len(columns) - len(cells) - 1)
         else:
@@ -820,13 +856,17 @@ def _speedup_table(rows: list[dict]) -> list[str]:
     if not hybrids:
         return []
     cells = sorted({(p["context"], p["batch"]) for p in hybrids})
-    out = ["Decode speed-up over the teacher (engine, same batch and context):", "",
+    out = ["Decode speed-up over the teacher (engine, same batch and context, compiled alike):", "",
            "| model | " + " | ".join(f"b{b} / {c}" for c, b in cells) + " |",
            "| --- |" + " ---: |" * len(cells)]
-    for label in dict.fromkeys(p["model"] for p in hybrids):
-        by_cell = {(p["context"], p["batch"]): p.get("decode_vs_teacher") for p in hybrids if p["model"] == label}
+    for label in dict.fromkeys(_series_label(p) for p in hybrids):
+        by_cell = {(p["context"], p["batch"]): p.get("decode_vs_teacher") for p in hybrids if _series_label(p) == label}
         out.append(f"| {label} | " + " | ".join(_fmt(by_cell.get(cell), ".2f") for cell in cells) + " |")
     return out
+
+
+def _series_label(p: dict) -> str:
+    return f"{p['model']} (compiled)" if p.get("compiled") else p["model"]
 
 
 def plot(doc: dict, out: Path) -> None:
@@ -872,9 +912,10 @@ def plot(doc: dict, out: Path) -> None:
 
 
 def _plot_panel(ax, points: list[dict], key: str, log: bool) -> None:
-    for label in dict.fromkeys(p["model"] for p in points if p["path"] == "engine"):
-        series = sorted((p["batch"], p[key]) for p in points if p["path"] == "engine" and p["model"] == label)
-        ax.plot(*zip(*series), marker="o", label=label)
+    engine = [p for p in points if p["path"] == "engine"]
+    for label in dict.fromkeys(_series_label(p) for p in engine):
+        series = sorted((p["batch"], p[key]) for p in engine if _series_label(p) == label)
+        ax.plot(*zip(*series), marker="o", linestyle="--" if label.endswith("(compiled)") else "-", label=label)
     reference = sorted((p["batch"], p[key]) for p in points if p["path"] == "hf")
     if reference:
         ax.plot(*zip(*reference), "k*", markersize=10, linestyle="none", label="teacher, transformers generate")
@@ -953,7 +994,8 @@ def run_engine_grid(family: str, options: BenchOptions, device: torch.device, dt
         late = out_of_time()
         if late:  # not even built: converting an 8B model would spend more of the time left
             for spec in specs:
-                results.add(skip(new_point(spec, None, "engine", dtype, spec.context + options.new_tokens, None), late))
+                slots = spec.context + options.new_tokens
+                results.add(skip(new_point(spec, None, "engine", dtype, slots, None, options.compile), late))
             continue
         _, model = next(models)
         warmed: set = set()  # the (rows, width) prefill shapes this model has run
@@ -961,9 +1003,13 @@ def run_engine_grid(family: str, options: BenchOptions, device: torch.device, dt
             late = out_of_time()
             if late:
                 slots = spec.context + options.new_tokens
-                point = skip(new_point(spec, model, "engine", dtype, slots, bandwidth), late)
+                point = skip(new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile), late)
             else:
                 point = bench_engine_point(model, spec, options, device, dtype, clock, bandwidth, warmed)
+            if point.get("compile_error"):
+                results.doc["meta"]["notes"].append(
+                    f"{spec.family} {spec.label} b={spec.batch} ctx={spec.context}: {point['compile_error']}; "
+                    "timed the engine's uncompiled step")
             results.add(point)
         del model
         results.render()  # tables and plots so far, in case the run is cut short
@@ -980,7 +1026,8 @@ def run_hf_reference(family: str, options: BenchOptions, device: torch.device, d
     for spec in specs:
         late = out_of_time()
         if late:
-            point = skip(new_point(spec, teacher, "hf", dtype, spec.context + options.new_tokens, bandwidth), late)
+            slots = spec.context + options.new_tokens
+            point = skip(new_point(spec, teacher, "hf", dtype, slots, bandwidth, compiled=device.type == "cuda"), late)
         else:
             point = bench_hf_point(teacher, spec, options, device, dtype, clock, bandwidth)
         if point.get("compile_error"):
@@ -1005,14 +1052,66 @@ def render_from_json(paths: Sequence[str | Path], out: Path) -> dict:
     return results.doc
 
 
+# ---------------------------------------------------------------------------------------------
+# Command line: `mambaify bench` parses the arguments; `python -m mambaify.bench` adds --compile
+
+COMPILE_HELP = ("compile the engine's decode step with torch.compile before capturing it (default off, "
+                "comparable to earlier runs); each point records whether it ran compiled")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """BenchOptions from the parsed arguments of ``mambaify bench`` (compile off where they have none)."""
+    return BenchOptions(
+        out=Path(args.out), families=parse_list(args.families, str), attention=parse_list(args.attention, float),
+        batches=parse_list(args.batch), contexts=parse_list(args.context), new_tokens=args.new_tokens,
+        repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_budget_s=args.prefill_budget_s,
+        paths=parse_list(args.paths, str), hf_batches=parse_list(args.hf_batch),
+        hf_contexts=parse_list(args.hf_context) or None, memory_limit_gib=args.memory_limit_gib,
+        time_budget_s=args.time_budget_s, device=args.device, dtype=args.dtype, teacher=args.teacher, seed=args.seed,
+        compile=getattr(args, "compile", False),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mambaify.bench [--compile] ARGS`` runs ``mambaify bench ARGS``, with --compile."""
+    import logging
+
+    from .cli import build_parser
+
+    flag = argparse.ArgumentParser(add_help=False)
+    flag.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    known, rest = flag.parse_known_args(argv)
+    args = build_parser().parse_args(["bench", *rest])
+    args.compile = known.compile
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.from_json:
+            render_from_json(args.from_json, Path(args.out))
+            print(f"wrote {args.out}/bench.json, bench.md, decode.png, roofline.png")
+        else:
+            run_bench(options_from_args(args))
+    except ValueError as err:
+        print(f"mambaify bench: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 __all__ = [
+    "COMPILE_HELP",
     "BenchOptions",
     "decode_step_bytes",
     "estimate_memory",
     "kv_cache_bytes",
     "layer_shapes",
+    "main",
     "mamba_state_bytes",
+    "options_from_args",
     "render_from_json",
     "run_bench",
     "weight_bytes",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

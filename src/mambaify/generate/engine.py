@@ -14,16 +14,24 @@ padding, and a query at slot s may attend to the slots in [pad_lengths[b], s]. A
 row therefore computes what its prompt alone computes, and one decode step is the same for every
 row: fixed shapes, no branching on values, so CUDA graphs can capture it.
 
+Compiled decode (``Engine(compile=...)``): the fixed-shape step is compiled by torch.compile
+(whole graph, static shapes), which fuses the many small kernels of a step (norms, RoPE, SiLU *
+up, residual adds, the mask) that cost a few microseconds each even inside a CUDA graph; the
+engine then captures the compiled step in its CUDA graph as it captures the eager one. The
+Mamba kernels stay one opaque custom op each (see :mod:`mambaify.ops`).
+
 Reading order: cache buffers -> AttentionRunner / MambaRunner (one token mixer, prefill and
 decode) -> DecoderLayerRunner -> DecodingStack (the whole model) -> EagerDecoder /
-CUDAGraphDecoder -> Engine -> generate().
+CUDAGraphDecoder -> compile_step -> Engine -> generate().
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -36,6 +44,7 @@ from ..models.modeling import Mamba2Mixer
 from .sampling import SamplingParams, sample_next_tokens
 
 Prompts = torch.Tensor | Sequence[Sequence[int]]
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Static cache buffers
@@ -97,6 +106,7 @@ class ForwardContext:
     mask: torch.Tensor
     rotary: tuple[torch.Tensor, torch.Tensor] | None
     padding_mask: torch.Tensor | None
+    _biases: dict = field(default_factory=dict, repr=False)
 
     def attention_mask(self, sliding_window: int | None) -> torch.Tensor:
         if sliding_window is None:
@@ -106,6 +116,22 @@ class ForwardContext:
         in_window = self.query_slots[:, None] - self.key_slots[None, :] < sliding_window
         return self.mask & in_window
 
+    def attention_bias(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`attention_mask` as SDPA's additive form, (batch, 1, t, s) in ``dtype``: 0 where a
+        key is visible, -inf elsewhere. Built once per pass and window and shared by the layers
+        (SDPA would otherwise convert a boolean mask in every layer); the values are those of
+        SDPA's own conversion, so the attention is the same."""
+        key = (sliding_window, dtype)
+        if key not in self._biases:
+            mask = self.attention_mask(sliding_window)
+            b, _, t, s = mask.shape
+            # Rows padded to a multiple of 16 elements: the memory-efficient SDPA kernel copies
+            # a mask whose rows are not aligned, in every layer.
+            storage = torch.zeros(b, 1, t, -(-s // 16) * 16, dtype=dtype, device=mask.device)
+            bias = storage[..., :s]
+            self._biases[key] = bias.masked_fill_(~mask, float("-inf"))
+        return self._biases[key]
+
 
 def grouped_query_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
@@ -114,13 +140,15 @@ def grouped_query_attention(
 
     The heads of a group are laid along the query axis instead of repeating the keys and values
     per head: the cache is read once per group and every SDPA backend accepts the shapes.
-    query (b, h, t, d); keys, values (b, kv_heads, s, d); mask (b, 1, t, s) bool -> (b, h, t, d).
+    query (b, h, t, d); keys, values (b, kv_heads, s, d); mask (b, 1, t, s), bool or additive
+    -> (b, h, t, d).
     """
     b, h, t, d = query.shape
     kv_heads, s = keys.shape[1], keys.shape[2]
     group = h // kv_heads
     query = query.reshape(b, kv_heads, group * t, d)
-    mask = mask[:, :, None].expand(b, 1, group, t, s).reshape(b, 1, group * t, s)
+    if t > 1:  # one token (decode): its mask row broadcasts over the group's rows as it is
+        mask = mask[:, :, None].expand(b, 1, group, t, s).reshape(b, 1, group * t, s)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
 
@@ -164,7 +192,7 @@ class AttentionRunner:
             query,
             kv.keys[:, :, :readable],
             kv.values[:, :, :readable],
-            ctx.attention_mask(self.sliding_window),
+            ctx.attention_bias(self.sliding_window, query.dtype),
             attn.scaling,
         )
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -176,10 +204,17 @@ class MambaRunner:
     """A :class:`Mamba2Mixer` run against static conv/SSM state: the prompt goes through the
     mixer's own forward (padding masked, chunked scan via ``ops.ssd_scan``), each decoded token
     through one conv-window shift and one recurrence step (``ops.conv_step_inplace`` and
-    ``ops.ssd_step_inplace``)."""
+    ``ops.ssd_step_inplace``).
+
+    The decay rate A = -exp(A_log) is kept computed (float32) for the decode step, which would
+    otherwise cast and exponentiate A_log in every layer and step; every prefill refreshes it, so
+    a request always decodes with the mixer's current parameters.
+    """
 
     def __init__(self, mixer: Mamba2Mixer):
         self.mixer = mixer
+        with torch.no_grad():
+            self.A = mixer.A.clone()
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> MambaBuffers:
         m = self.mixer  # the state has one size whatever the number of slots
@@ -193,6 +228,8 @@ class MambaRunner:
 
     def prefill(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaBuffers) -> torch.Tensor:
         fresh = MambaLayerCache()  # no state yet: the scan starts from zeros
+        with torch.no_grad():
+            self.A.copy_(self.mixer.A)
         out = self.mixer(hidden, ctx.padding_mask, None, fresh)
         state.conv_state.copy_(fresh.conv_state)
         state.ssm_state.copy_(fresh.ssm_state)
@@ -206,7 +243,7 @@ class MambaRunner:
         xBC = ops.conv_step_inplace(state.conv_state, xBC[:, 0], m.conv1d.weight[:, 0], m.conv1d.bias)  # SiLU-ed
         x, B, C = m.split_heads(xBC[:, None])
         dt = F.softplus(dt[:, 0] + m.dt_bias)
-        y = ops.ssd_step_inplace(state.ssm_state, x[:, 0], dt, m.A, B[:, 0], C[:, 0], m.D)
+        y = ops.ssd_step_inplace(state.ssm_state, x[:, 0], dt, self.A, B[:, 0], C[:, 0], m.D)
         return m.out_proj(m.norm(y.reshape(b, 1, m.d_inner), z))
 
 
@@ -239,7 +276,13 @@ class DecoderLayerRunner:
 
 class DecodingStack:
     """A causal LM's modules run against a :class:`StaticCache`: a prefill over a left-padded
-    prompt batch, and a decode step of one token per row."""
+    prompt batch, and a decode step of one token per row.
+
+    rope_table (num_slots, 2, rotary_dim): RoPE's (cos, sin) at every position a slot can hold,
+    computed once by the model's own rotary embedding, in the model's dtype; a pass gathers its
+    rows instead of recomputing them (the same values: each position's are computed alone). None
+    without attention layers, or for a RoPE that depends on the positions seen (dynamic, long).
+    """
 
     def __init__(self, model: nn.Module, num_slots: int):
         base = model.model
@@ -249,6 +292,12 @@ class DecodingStack:
         self.has_attention = any(isinstance(r.mixer, AttentionRunner) for r in self.layers)
         self.num_slots = num_slots
         self.slot_range = torch.arange(num_slots, device=self.lm_head.weight.device)
+        self.rope_table = self._rope_table() if self.has_attention and _rope_is_static(self.rotary_emb) else None
+
+    def _rope_table(self) -> torch.Tensor:
+        weight = self.lm_head.weight  # the rotary embedding reads only its device and dtype
+        cos, sin = self.rotary_emb(weight.new_empty(0), self.slot_range[None])
+        return torch.stack([cos[0], sin[0]], dim=1)
 
     def allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> StaticCache:
         layers = [runner.allocate(batch, self.num_slots, dtype, device) for runner in self.layers]
@@ -272,7 +321,11 @@ class DecodingStack:
         rotary = None
         if self.has_attention:
             positions = (query_slots[None, :] - pad_lengths[:, None]).clamp(min=0)
-            rotary = self.rotary_emb(hidden, positions)
+            if self.rope_table is None:
+                rotary = self.rotary_emb(hidden, positions)
+            else:
+                table = self.rope_table[positions]  # (b, t, 2, rotary_dim)
+                rotary = (table[:, :, 0], table[:, :, 1])
         return ForwardContext(query_slots, keys, mask, rotary, padding_mask)
 
     def prefill(
@@ -311,11 +364,12 @@ class DecodeInputs:
 
 
 class EagerDecoder:
-    """Runs the decode step as ordinary PyTorch calls."""
+    """Runs the decode step as ordinary PyTorch calls (or a compiled step's: ``compiled``)."""
 
-    def __init__(self, step: Callable[[], torch.Tensor], inputs: DecodeInputs):
+    def __init__(self, step: Callable[[], torch.Tensor], inputs: DecodeInputs, compiled: bool = False):
         self.step = step
         self.inputs = inputs
+        self.compiled = compiled
 
     def load(self, token_ids: torch.Tensor, slot: int) -> None:
         self.inputs.token_ids.copy_(token_ids[:, None])
@@ -334,8 +388,10 @@ class CUDAGraphDecoder(EagerDecoder):
     the step for real, writing into the cache: capture before the request's prefill.
     """
 
-    def __init__(self, step: Callable[[], torch.Tensor], inputs: DecodeInputs, warmup_steps: int = 2):
-        super().__init__(step, inputs)
+    def __init__(
+        self, step: Callable[[], torch.Tensor], inputs: DecodeInputs, warmup_steps: int = 2, compiled: bool = False
+    ):
+        super().__init__(step, inputs, compiled)
         # Lazy initialisation (cuBLAS workspaces, autotuning) must happen before capture, on a side
         # stream as PyTorch's CUDA-graph notes prescribe.
         side = torch.cuda.Stream()
@@ -352,6 +408,60 @@ class CUDAGraphDecoder(EagerDecoder):
         self.load(token_ids, slot)
         self.graph.replay()
         return self.logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling the decode step
+
+# Inductor modes without CUDA graphs of inductor's own: the engine captures the compiled step in
+# its graph, and a graph cannot be captured inside another's capture.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# Dynamo keeps a cache of compiled entries per code object, 8 by default. Every engine and batch
+# size compiles the same code object (the step closure of Engine._make_decoder), each a
+# legitimate entry: allow many rather than silently running the 9th eagerly.
+_RECOMPILE_LIMIT = 1024
+
+
+class CompileError(RuntimeError):
+    """torch.compile could not compile (or capture) the decode step; Engine(compile=False) avoids it."""
+
+
+def _patch_config(module, **values):
+    # Options that this torch may not have yet are left out.
+    return module.patch(**{name: value for name, value in values.items() if hasattr(module, name)})
+
+
+def compile_step(step: Callable[[], torch.Tensor], mode: str = "default") -> Callable[[], torch.Tensor]:
+    """Compile a fixed-shape step with torch.compile, run it once (that compiles it) and return a
+    callable that runs the compiled code and raises rather than recompiling.
+
+    fullgraph: a graph break is an error, not a silent split; dynamic=False: specialised to the
+    step's shapes (one compile per batch size); ``mode`` one of :data:`COMPILE_MODES`. Inductor
+    rounds low-precision intermediates where eager rounds them (emulate_precision_casts), so the
+    compiled step computes what the eager one does, up to the order of float32 reductions. The
+    first call writes into whatever the step writes (the cache): compile before a prefill, as
+    the CUDA-graph capture does. Call the result under the grad mode of the first call.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r} (modes with inductor's "
+            "own CUDA graphs cannot run inside the engine's graph)"
+        )
+    from torch._dynamo import config as dynamo_config
+    from torch._inductor import config as inductor_config
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    limits = dict(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT)
+    with _patch_config(dynamo_config, **limits), _patch_config(inductor_config, emulate_precision_casts=True):
+        compiled()
+
+    def run() -> torch.Tensor:
+        # The engine's calls meet the guards of the first call (same tensors, same shapes); a
+        # recompile would mean something changed under the step, so it is an error.
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return compiled()
+
+    return run
 
 
 def _rope_is_static(rotary_emb: nn.Module) -> bool:
@@ -514,6 +624,13 @@ class Engine(GenerationFrontend):
     device / dtype: move / cast the model (in place) first; None keeps the model's.
     use_cuda_graph: "auto" replays a captured decode step on CUDA (one capture per batch size,
     made at the first request of that size); True insists; False always runs eagerly.
+    compile: compile the decode step with torch.compile (:func:`compile_step`; one compile per
+    batch size, at the first request of that size, before its CUDA-graph capture). True insists
+    (a failure raises :class:`CompileError`); "auto" compiles on CUDA and falls back to the
+    eager step, with a warning and ``compile_error`` set, where compilation fails; False (the
+    default) never compiles. ``compile_seconds`` adds up the time spent compiling;
+    :meth:`is_compiled` says whether a batch size's step runs compiled.
+    compile_mode: the inductor mode, one of :data:`COMPILE_MODES`.
 
     One request at a time: a new prefill ends the previous request, and a stream of the previous
     request raises if it is resumed after that.
@@ -529,9 +646,16 @@ class Engine(GenerationFrontend):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         use_cuda_graph: bool | Literal["auto"] = "auto",
+        compile: bool | Literal["auto"] = False,
+        compile_mode: str = "default",
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
+        if compile not in (True, False, "auto") or compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile takes True, False or 'auto' and compile_mode one of {', '.join(COMPILE_MODES)}; "
+                f"got {compile!r} and {compile_mode!r}"
+            )
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         self.device = model.lm_head.weight.device
@@ -548,6 +672,11 @@ class Engine(GenerationFrontend):
             slot=torch.zeros(1, dtype=torch.long, device=self.device),
         )
         self.use_cuda_graph = self._resolve_cuda_graph(use_cuda_graph)
+        self.compile_setting = compile
+        self.compile = self.device.type == "cuda" if compile == "auto" else bool(compile)
+        self.compile_mode = compile_mode
+        self.compile_error: str | None = None
+        self.compile_seconds = 0.0
         self._decoders: dict[int, EagerDecoder] = {}
         self._request: _Request | None = None
         self.stop_token_ids, self.pad_token_id = self._special_tokens()
@@ -589,6 +718,12 @@ class Engine(GenerationFrontend):
         self._request = _Request(batch_size=b, decoder=self._decoders[b], next_slot=width)
         return self.stack.prefill(input_ids, attention_mask, self.cache.rows(b), logits_to_keep)
 
+    def is_compiled(self, batch_size: int) -> bool:
+        """Whether requests of ``batch_size`` rows decode with the compiled step (False before
+        the first request of that size)."""
+        decoder = self._decoders.get(batch_size)
+        return decoder is not None and decoder.compiled
+
     def _make_decoder(self, batch_size: int) -> EagerDecoder:
         inputs = DecodeInputs(self.inputs.token_ids[:batch_size], self.inputs.slot)
         cache = self.cache.rows(batch_size)
@@ -596,7 +731,29 @@ class Engine(GenerationFrontend):
         def step() -> torch.Tensor:
             return self.stack.decode(inputs.token_ids, inputs.slot, cache)
 
-        return CUDAGraphDecoder(step, inputs) if self.use_cuda_graph else EagerDecoder(step, inputs)
+        decoder = CUDAGraphDecoder if self.use_cuda_graph else EagerDecoder
+        if self.compile:
+            try:
+                return decoder(self._compile_step(step), inputs, compiled=True)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # dynamo, inductor, or capturing the compiled step
+                reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                if self.compile_setting is True:
+                    raise CompileError(f"compiling the decode step failed ({reason}); use compile=False") from err
+                self.compile, self.compile_error = False, reason
+                logger.warning("compiling the decode step failed (%s); decoding without torch.compile", reason)
+        return decoder(step, inputs)
+
+    def _compile_step(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            compiled = compile_step(step, self.compile_mode)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.compile_seconds += time.perf_counter() - start
+        return compiled
 
     @torch.no_grad()
     def _decode(self, request: _Request, token_ids: torch.Tensor) -> torch.Tensor:
@@ -740,8 +897,10 @@ def _engine_for(model: nn.Module, batch_size: int, length: int) -> Engine:
 
 
 __all__ = [
+    "COMPILE_MODES",
     "AttentionRunner",
     "CUDAGraphDecoder",
+    "CompileError",
     "DecodingStack",
     "EagerDecoder",
     "Engine",
@@ -750,6 +909,7 @@ __all__ = [
     "MambaBuffers",
     "MambaRunner",
     "StaticCache",
+    "compile_step",
     "generate",
     "grouped_query_attention",
 ]

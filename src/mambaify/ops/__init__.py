@@ -112,6 +112,11 @@ def ssd_scan(
 # --- Fused decode / norm kernels: Triton on CUDA tensors, PyTorch elsewhere --------------------
 # One function each for the generation engine; the PyTorch forms compute the same in the
 # reference's terms and serve the CPU (and CUDA when Triton is missing).
+#
+# Under torch.compile each of them is one opaque custom op (``torch.ops.mambaify.*``, defined
+# below), so that the engine's compiled decode step neither traces into the Triton launchers
+# (which would break the graph) nor re-derives the kernels: the op's body is the same dispatch
+# as the eager call. Eagerly the functions run directly and cost no custom-op dispatch.
 
 
 def _gpu_kernels(t: torch.Tensor):
@@ -137,6 +142,14 @@ def ssd_step_inplace(
 ) -> torch.Tensor:
     """:func:`ssd_step` updating ``state`` (b,h,n,p) in place; y (b,h,p) goes to ``out`` if given.
     On CUDA one fused kernel that allocates nothing when ``out`` is given (CUDA-graph safe)."""
+    if torch.compiler.is_compiling():
+        out = torch.empty_like(x) if out is None else out
+        torch.ops.mambaify.ssd_step_inplace(state, x, dt, A, B, C, D, out)
+        return out
+    return _ssd_step_inplace(state, x, dt, A, B, C, D, out)
+
+
+def _ssd_step_inplace(state, x, dt, A, B, C, D=None, out=None):
     kernels = _gpu_kernels(state)
     if kernels is not None:
         return kernels.ssd_step_inplace(state, x, dt, A, B, C, D, out)
@@ -155,6 +168,14 @@ def conv_step_inplace(
 ) -> torch.Tensor:
     """:func:`causal_conv1d` for one token x (b,d), then SiLU (unless ``silu=False``), shifting
     ``conv_state`` (b,d,K-1) in place; the output goes to ``out`` if given."""
+    if torch.compiler.is_compiling():
+        out = torch.empty_like(x) if out is None else out
+        torch.ops.mambaify.conv_step_inplace(conv_state, x, weight, bias, silu, out)
+        return out
+    return _conv_step_inplace(conv_state, x, weight, bias, silu, out)
+
+
+def _conv_step_inplace(conv_state, x, weight, bias=None, silu=True, out=None):
     kernels = _gpu_kernels(conv_state)
     if kernels is not None:
         return kernels.conv_step_inplace(conv_state, x, weight, bias, silu, out)
@@ -167,6 +188,12 @@ def conv_step_inplace(
 def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """weight * RMSNorm(y * silu(z)) over the last dim, as ``models.modeling.GatedRMSNorm``
     computes it (differentiable on both paths)."""
+    if torch.compiler.is_compiling() and not _needs_grad(y, z, weight):
+        return torch.ops.mambaify.gated_rmsnorm(y, z, weight, eps)
+    return _gated_rmsnorm(y, z, weight, eps)
+
+
+def _gated_rmsnorm(y, z, weight, eps=1e-6):
     kernels = _gpu_kernels(y)
     if kernels is not None:
         return kernels.gated_rmsnorm(y, z, weight, eps)
@@ -174,6 +201,62 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     h = y.to(compute) * torch.nn.functional.silu(z.to(compute))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(y.dtype)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# The custom ops. Each body is the eager dispatch above (Triton on CUDA tensors, PyTorch
+# elsewhere); the fake (meta) functions tell the compiler the shapes: the two step ops write
+# into their state and ``out`` and return nothing, the norm returns a new tensor. The norm op
+# has no backward: gated_rmsnorm uses it only where no gradient is wanted (inference).
+
+
+@torch.library.custom_op("mambaify::ssd_step_inplace", mutates_args=("state", "out"))
+def _ssd_step_op(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    _ssd_step_inplace(state, x, dt, A, B, C, D, out)
+
+
+@_ssd_step_op.register_fake
+def _(state, x, dt, A, B, C, D, out) -> None:
+    return None
+
+
+@torch.library.custom_op("mambaify::conv_step_inplace", mutates_args=("conv_state", "out"))
+def _conv_step_op(
+    conv_state: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu: bool,
+    out: torch.Tensor,
+) -> None:
+    _conv_step_inplace(conv_state, x, weight, bias, silu, out)
+
+
+@_conv_step_op.register_fake
+def _(conv_state, x, weight, bias, silu, out) -> None:
+    return None
+
+
+@torch.library.custom_op("mambaify::gated_rmsnorm", mutates_args=())
+def _gated_rmsnorm_op(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _gated_rmsnorm(y, z, weight, eps)
+
+
+@_gated_rmsnorm_op.register_fake
+def _(y, z, weight, eps):
+    return y.new_empty(y.shape, dtype=torch.promote_types(weight.dtype, y.dtype))
 
 
 # --- Speculative verify (PAPER.md section 3): one call per Mamba layer and verify round ------
