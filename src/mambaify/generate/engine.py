@@ -41,6 +41,7 @@ from torch import nn
 from .. import ops
 from ..models.cache import MambaLayerCache
 from ..models.modeling import Mamba2Mixer
+from ..ops.attention import decode_attention_op
 from .sampling import SamplingParams, sample_next_tokens
 
 Prompts = torch.Tensor | Sequence[Sequence[int]]
@@ -96,16 +97,19 @@ class ForwardContext:
 
     query_slots (t,): the cache slots the tokens are written to.
     key_slots (s,): the slots attention reads, 0..s-1: the prompt's in prefill, all in decode.
-    mask (batch, 1, t, s) bool: the keys each query may see (before any sliding window).
+    mask (batch, 1, t, s) bool: the keys each query may see (before any sliding window); None
+    when attention runs the split-K kernel, which applies the same rule from the slots.
+    pad_lengths (batch,): each row's first real slot (the left padding comes before it).
     rotary: RoPE (cos, sin) at the tokens' positions; None when no layer is attention.
     padding_mask (batch, t): 1 on real tokens; the Mamba layers' input mask in prefill.
     """
 
     query_slots: torch.Tensor
     key_slots: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     rotary: tuple[torch.Tensor, torch.Tensor] | None
     padding_mask: torch.Tensor | None
+    pad_lengths: torch.Tensor | None = None
     _biases: dict = field(default_factory=dict, repr=False)
 
     def attention_mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -131,6 +135,13 @@ class ForwardContext:
             bias = storage[..., :s]
             self._biases[key] = bias.masked_fill_(~mask, float("-inf"))
         return self._biases[key]
+
+
+def use_split_k_attention(device: torch.device) -> bool:
+    """Whether decode/verify attention runs :func:`mambaify.ops.attention.decode_attention` (the
+    Triton split-K kernel on CUDA, which reads only each row's real slots) rather than SDPA over
+    a (b,1,t,S) mask; the mask path is the simpler one where no kernel runs."""
+    return device.type == "cuda"
 
 
 def grouped_query_attention(
@@ -187,6 +198,13 @@ class AttentionRunner:
         query, key = self.apply_rotary(query, key, *ctx.rotary)
         kv.keys.index_copy_(2, ctx.query_slots, key)
         kv.values.index_copy_(2, ctx.query_slots, value)
+        if ctx.mask is None:
+            # Decode on CUDA: split-K over each row's real slots up to the token's own (the rule
+            # of the mask, applied from the slots; nothing past the current slot is read).
+            out = decode_attention_op(
+                query, kv.keys, kv.values, ctx.pad_lengths, ctx.query_slots, attn.scaling, self.sliding_window
+            )
+            return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         readable = ctx.key_slots.shape[0]
         out = grouped_query_attention(
             query,
@@ -310,14 +328,17 @@ class DecodingStack:
         num_key_slots: int,
         pad_lengths: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
+        split_k: bool = False,
     ) -> ForwardContext:
         keys = self.slot_range[:num_key_slots]
-        causal = keys[None, :] <= query_slots[:, None]  # (t, s)
-        own = keys[None, :] == query_slots[:, None]
-        real = keys[None, None, :] >= pad_lengths[:, None, None]  # (b, 1, s)
-        # A query on a padding slot sees only itself: a row with no key at all would make NaNs,
-        # and no real token ever attends to a padding slot.
-        mask = (causal & (real | own))[:, None]
+        mask = None
+        if not split_k:
+            causal = keys[None, :] <= query_slots[:, None]  # (t, s)
+            own = keys[None, :] == query_slots[:, None]
+            real = keys[None, None, :] >= pad_lengths[:, None, None]  # (b, 1, s)
+            # A query on a padding slot sees only itself: a row with no key at all would make NaNs,
+            # and no real token ever attends to a padding slot.
+            mask = (causal & (real | own))[:, None]
         rotary = None
         if self.has_attention:
             positions = (query_slots[None, :] - pad_lengths[:, None]).clamp(min=0)
@@ -326,7 +347,7 @@ class DecodingStack:
             else:
                 table = self.rope_table[positions]  # (b, t, 2, rotary_dim)
                 rotary = (table[:, :, 0], table[:, :, 1])
-        return ForwardContext(query_slots, keys, mask, rotary, padding_mask)
+        return ForwardContext(query_slots, keys, mask, rotary, padding_mask, pad_lengths)
 
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: StaticCache, logits_to_keep: int = 1
@@ -345,7 +366,8 @@ class DecodingStack:
         """One token per row, token_ids (b, 1), written at ``slot`` (a (1,) tensor) -> logits (b, vocab).
         Fixed shapes and no host reads: the step a CUDA graph captures."""
         hidden = self.embed_tokens(token_ids)
-        ctx = self.context(hidden, slot, self.num_slots, cache.pad_lengths)
+        split_k = use_split_k_attention(hidden.device)
+        ctx = self.context(hidden, slot, self.num_slots, cache.pad_lengths, split_k=split_k)
         for runner, buffers in zip(self.layers, cache.layers):
             hidden = runner.decode(hidden, ctx, buffers)
         return self.lm_head(self.norm(hidden))[:, 0]

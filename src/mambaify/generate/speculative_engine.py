@@ -81,6 +81,7 @@ from .engine import (
     StaticCache,
     _rope_is_static,
     grouped_query_attention,
+    use_split_k_attention,
 )
 from .sampling import SamplingParams, keep_top_k, keep_top_p
 from .speculative import accept_greedy, rejection_rule, sample_inverse_cdf
@@ -197,12 +198,6 @@ class RowContext:
         # A row's real tokens sit in consecutive slots, so slot distance is position distance.
         in_window = self.slots[:, None, :, None] - self.key_slots < sliding_window
         return self.mask & in_window
-
-
-def use_split_k_attention(device: torch.device) -> bool:
-    """Whether verify/draft attention runs ops.decode_attention (the Triton split-K kernel on CUDA)
-    rather than SDPA over a (b,1,t,S) mask, which is simpler where kernels do not run."""
-    return device.type == "cuda"
 
 
 def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, kv: KVBuffers) -> torch.Tensor:

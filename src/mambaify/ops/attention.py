@@ -209,10 +209,48 @@ def decode_attention(
     )
 
 
+def decode_attention_op(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kv_start: torch.Tensor,
+    query_slots: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """:func:`decode_attention` as seen by ``torch.compile``: an opaque custom op (the compiler
+    would otherwise trace into the Triton launcher); eager calls go straight to the function."""
+    if torch.compiler.is_compiling():
+        return torch.ops.mambaify.decode_attention(query, keys, values, kv_start, query_slots, scale, sliding_window)
+    return decode_attention(query, keys, values, kv_start, query_slots, scale, sliding_window)
+
+
+@torch.library.custom_op("mambaify::decode_attention", mutates_args=())
+def _decode_attention_custom_op(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kv_start: torch.Tensor,
+    query_slots: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    # Slot values are not checked here: a compiled step is replayed from a CUDA graph.
+    return decode_attention(
+        query, keys, values, kv_start, query_slots, scale, sliding_window, check_values=False
+    )
+
+
+@_decode_attention_custom_op.register_fake
+def _(query, keys, values, kv_start, query_slots, scale, sliding_window):
+    return torch.empty_like(query)
+
+
 __all__ = [
     "attention_mask_from_slots",
     "check_attention_inputs",
     "check_slot_values",
     "decode_attention",
+    "decode_attention_op",
     "decode_attention_reference",
 ]
