@@ -16,6 +16,7 @@ from mambaify.generate import engine as engine_module
 from mambaify.generate.engine import Engine
 from mambaify.generate.sampling import SamplingParams, keep_top_k, keep_top_p
 from mambaify.models.modeling import GatedRMSNorm
+from mambaify.ops.attention import decode_attention, decode_attention_op
 from tests._tiny_data import tiny_llama, tiny_tokenizer
 from tests.conftest import tiny_teacher
 
@@ -117,6 +118,44 @@ def test_other_families_and_sliding_windows(family, overrides):
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert torch.equal(Engine(model, max_batch_size=1, max_length=16).generate(ids, max_new_tokens=8),
                            expected[:, ids.shape[1]:])
+
+
+@pytest.fixture
+def split_k(monkeypatch):
+    """Decode attention through ops.decode_attention (the CUDA branch), on its PyTorch path."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[4].shape)
+        return decode_attention(*args)
+
+    monkeypatch.setattr(engine_module, "use_split_k_attention", lambda device: True)
+    monkeypatch.setattr(engine_module, "decode_attention_op", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 5})])
+def test_split_k_decode_attention_branch_equals_generate(split_k, family, overrides):
+    teacher = tiny_teacher(family)
+    teacher.config.update(overrides)
+    for model in (teacher, convert(teacher, attention=0.5)):
+        prompts = random_prompts(7, 2, 12)
+        ids, mask = left_padded(prompts)
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(Engine(model, max_batch_size=3, max_length=32).generate(prompts, max_new_tokens=10),
+                           expected[:, ids.shape[1]:])
+    assert split_k and all(shape == (1,) for shape in split_k)  # one slot per decode step, every row
+
+
+def test_split_k_branch_under_compile(split_k, monkeypatch):
+    monkeypatch.setattr(engine_module, "decode_attention_op", decode_attention_op)  # the custom op itself
+    model = perturbed_hybrid(0.5, num_hidden_layers=2)
+    prompts = random_prompts(7, 3)
+    compiled = Engine(model, max_batch_size=2, max_length=32, compile=True)
+    eager = Engine(model, max_batch_size=2, max_length=32)
+    greedy = dict(max_new_tokens=12, stop_token_ids=[])
+    assert torch.equal(compiled.generate(prompts, **greedy), eager.generate(prompts, **greedy))
+    assert compiled.is_compiled(2) and compiled.compile_error is None
 
 
 def test_step_constants_follow_the_model():
@@ -435,7 +474,7 @@ def test_custom_ops_equal_the_reference_and_stay_opaque_under_compile():
 
 
 def test_bench_compile_flag_records_what_ran(tmp_path, monkeypatch):
-    """`python -m mambaify.bench --compile`: each point records whether its step ran compiled, a
+    """`mambaify bench --compile`: each point records whether its step ran compiled, a
     step that fails to compile is timed uncompiled with a note, and merged runs keep the two
     apart. compile_step is replaced here (the bench's bookkeeping is under test, not inductor)."""
     from mambaify import bench
@@ -451,7 +490,7 @@ def test_bench_compile_flag_records_what_ran(tmp_path, monkeypatch):
             "--repeats", "1", "--hf-batch", "none", "--device", "cpu", "--out"]
     docs = {}
     for name, flags in (("on", ["--compile"]), ("off", [])):
-        assert bench.main([*flags, *argv, str(tmp_path / name)]) == 0
+        assert cli_main(["bench", *flags, *argv, str(tmp_path / name)]) == 0
         docs[name] = json.loads((tmp_path / name / "bench.json").read_text())
     assert modes == ["default"]
     on, off = docs["on"]["points"][0], docs["off"]["points"][0]
@@ -462,7 +501,7 @@ def test_bench_compile_flag_records_what_ran(tmp_path, monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(engine_module, "compile_step", broken)
-    assert bench.main(["--compile", *argv, str(tmp_path / "broken")]) == 0
+    assert cli_main(["bench", "--compile", *argv, str(tmp_path / "broken")]) == 0
     doc = json.loads((tmp_path / "broken" / "bench.json").read_text())
     point = doc["points"][0]
     assert point["status"] == "ok" and point["compiled"] is False and "no compiler here" in point["compile_error"]

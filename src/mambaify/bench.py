@@ -1053,14 +1053,11 @@ def render_from_json(paths: Sequence[str | Path], out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: `mambaify bench` parses the arguments; `python -m mambaify.bench` adds --compile
-
-COMPILE_HELP = ("compile the engine's decode step with torch.compile before capturing it (default off, "
-                "comparable to earlier runs); each point records whether it ran compiled")
+# Command line (`mambaify bench` parses the arguments)
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    """BenchOptions from the parsed arguments of ``mambaify bench`` (compile off where they have none)."""
+    """BenchOptions from the parsed arguments of ``mambaify bench``."""
     return BenchOptions(
         out=Path(args.out), families=parse_list(args.families, str), attention=parse_list(args.attention, float),
         batches=parse_list(args.batch), contexts=parse_list(args.context), new_tokens=args.new_tokens,
@@ -1068,43 +1065,16 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         paths=parse_list(args.paths, str), hf_batches=parse_list(args.hf_batch),
         hf_contexts=parse_list(args.hf_context) or None, memory_limit_gib=args.memory_limit_gib,
         time_budget_s=args.time_budget_s, device=args.device, dtype=args.dtype, teacher=args.teacher, seed=args.seed,
-        compile=getattr(args, "compile", False),
+        compile=args.compile,
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mambaify.bench [--compile] ARGS`` runs ``mambaify bench ARGS``, with --compile."""
-    import logging
-
-    from .cli import build_parser
-
-    flag = argparse.ArgumentParser(add_help=False)
-    flag.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    known, rest = flag.parse_known_args(argv)
-    args = build_parser().parse_args(["bench", *rest])
-    args.compile = known.compile
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.from_json:
-            render_from_json(args.from_json, Path(args.out))
-            print(f"wrote {args.out}/bench.json, bench.md, decode.png, roofline.png")
-        else:
-            run_bench(options_from_args(args))
-    except ValueError as err:
-        print(f"mambaify bench: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 __all__ = [
-    "COMPILE_HELP",
     "BenchOptions",
     "decode_step_bytes",
     "estimate_memory",
     "kv_cache_bytes",
     "layer_shapes",
-    "main",
     "mamba_state_bytes",
     "options_from_args",
     "render_from_json",
@@ -1112,6 +1082,3 @@ __all__ = [
     "weight_bytes",
 ]
 
-
-if __name__ == "__main__":
-    sys.exit(main())

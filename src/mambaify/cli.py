@@ -223,21 +223,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .bench import BenchOptions, parse_list, render_from_json, run_bench
+    from .bench import options_from_args, render_from_json, run_bench
 
     if args.from_json:
         render_from_json(args.from_json, Path(args.out))
         print(f"wrote {args.out}/bench.json, bench.md, decode.png, roofline.png")
         return
-    options = BenchOptions(
-        out=Path(args.out), families=parse_list(args.families, str), attention=parse_list(args.attention, float),
-        batches=parse_list(args.batch), contexts=parse_list(args.context), new_tokens=args.new_tokens,
-        repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_budget_s=args.prefill_budget_s,
-        paths=parse_list(args.paths, str), hf_batches=parse_list(args.hf_batch),
-        hf_contexts=parse_list(args.hf_context) or None, memory_limit_gib=args.memory_limit_gib,
-        time_budget_s=args.time_budget_s, device=args.device, dtype=args.dtype, teacher=args.teacher, seed=args.seed,
-    )
-    run_bench(options)
+    run_bench(options_from_args(args))
 
 
 def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -339,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", *sorted(_DTYPES)], default="auto",
                    help="auto: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the engine's decode step with torch.compile before capturing it in a CUDA graph "
+                        "(default off, comparable to earlier runs); each point records whether it ran compiled")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="measure nothing: merge these bench.json files and write the report into --out")
     p.set_defaults(func=cmd_bench)
