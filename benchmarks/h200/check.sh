@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# On the H200, first call of a session (< 10 min): every GPU test, then the attention and verify
+# kernel benchmarks. Each part has its own time limit; logs and JSON go to $OUT.
+# Usage (from the repo root): bash benchmarks/h200/check.sh [TESTS_S]
+source benchmarks/h200/env.sh
+set +e
+tests_s=${1:-330}
+start=$(date +%s)
+timeout "$tests_s" python3 -m pytest -v -m gpu -p no:cacheprovider --timeout 200 -rfEs > "$OUT/gpu_tests.txt" 2>&1
+echo "gpu tests: exit $? after $(( $(date +%s) - start )) s"
+grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -3
+grep -E "FAILED|ERROR" "$OUT/gpu_tests.txt" | head -20
+timeout 110 python3 benchmarks/bench_attention.py --out "$OUT/attention" > "$OUT/attention.log" 2>&1
+echo "bench_attention: exit $?"; tail -4 "$OUT/attention.log"
+timeout 100 python3 benchmarks/bench_kernels.py "$OUT/kernels" --only verify > "$OUT/verify.log" 2>&1
+echo "bench_kernels verify: exit $?"; tail -4 "$OUT/verify.log"
+echo "total $(( $(date +%s) - start )) s"
