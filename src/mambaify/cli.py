@@ -39,15 +39,16 @@ def parse_attention(text: str) -> float | list[int]:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .convert import attention_layers_for, convert
+    from .convert import attention_layers_for, check_init, convert
     from .fileio import atomic_directory, check_output_dir
     from .teachers import load_teacher
 
     attention = parse_attention(args.attention)
+    check_init(args.init)
     check_output_dir(args.out)  # fail before the (slow) teacher load
     teacher, tokenizer = load_teacher(args.teacher, dtype=_DTYPES[args.dtype])
     attention_layers_for(teacher.config.num_hidden_layers, attention)  # validates against the depth
-    hybrid = convert(teacher, attention=attention, seed=args.seed)
+    hybrid = convert(teacher, attention=attention, seed=args.seed, init=args.init)
     with atomic_directory(args.out) as tmp:
         hybrid.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -65,6 +66,7 @@ _DISTILL_FLAGS = {
     "--out": ("out", str, "run directory (default runs/demo)"),
     "--schedule": ("schedule", str, "progressive '0.5,0.25,0.125' or 'stepwise:0.25'"),
     "--stage": ("stage", str, "stage1 (only Mamba layers train) or e2e (everything trains)"),
+    "--init": ("init", str, "how converted layers' new Mamba parameters start: paper (default) or linear-attention"),
     "--data": ("data", str, "builtin, a .jsonl/.txt file, or a Hugging Face dataset name"),
     "--tokens": ("tokens", int, "training tokens per stage"),
     "--seq-len": ("seq_len", int, "packed row length"),
@@ -266,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="0.5", help="fraction of layers kept as attention, or indices (default 0.5)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed for the new Mamba parameters")
+    p.add_argument("--init", default="paper",
+                   help="how the new Mamba parameters start: paper (the paper's draws, default) or linear-attention "
+                        "(identity conv, long memory, D = 0, out_proj = 0.1 * W_O; see RESULTS.md)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("distill", help="convert and distil a teacher into a hybrid (the main job)")

@@ -5,6 +5,11 @@ A converted layer's Mamba2 mixer starts as the attention it replaces, with the s
 x / B at the key/value width (grouped-query attention). The gate z, dt, A, D and the conv are new.
 Everything else (kept attention layers, MLPs, norms, embeddings, LM head) is copied unchanged.
 
+How the new parameters start is the ``init`` of ``convert`` (see ``INITS``): ``"paper"`` draws
+them as the paper does; ``"linear-attention"`` sets them so that a converted mixer computes
+normalised linear attention with long memory and starts at a tenth of W_O's output scale
+(RESULTS.md, "Where the converted hybrid starts", has the measurements behind it).
+
 ``convert`` also takes a hybrid: then it turns more of its attention layers into Mamba layers
 (progressive distillation), and copies its existing Mamba layers as they are.
 """
@@ -80,6 +85,50 @@ def init_mamba_from_attention(mixer: Mamba2Mixer, attention: nn.Module) -> None:
         mixer.out_proj.bias.copy_(attention.o_proj.bias)
 
 
+# What ``init="linear-attention"`` sets (the gate z keeps the paper's random draw: a neutral gate
+# needs a bias or calibration data, and in the ablation a coherent gate made step 0 worse).
+LINEAR_ATTENTION_DT = 1e-3  # every head: exp(dt * A) = 0.999 a token, so memory spans the context like attention
+LINEAR_ATTENTION_A = 1.0  # A = -1 for every head (A_log = 0)
+LINEAR_ATTENTION_OUT_SCALE = 0.1  # out_proj = 0.1 * W_O: near the identity residual, W_O's direction kept
+
+INITS = ("paper", "linear-attention")
+
+
+def check_init(init: str) -> str:
+    """``init`` itself, or a ValueError naming the accepted values."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: use one of {', '.join(repr(i) for i in INITS)}")
+    return init
+
+
+@torch.no_grad()
+def init_linear_attention(mixer: Mamba2Mixer, out_scale: float = LINEAR_ATTENTION_OUT_SCALE) -> None:
+    """Set a converted mixer's new parameters so it starts as normalised linear attention.
+
+    Call after ``init_mamba_from_attention``. The conv passes x, B, C through unchanged (centre
+    tap, i.e. the current position, 1; others and the bias 0); dt is input-independent (its
+    in_proj rows zero) at ``LINEAR_ATTENTION_DT`` with A = -``LINEAR_ATTENTION_A``, so the state
+    decays slowly; D = 0 drops the skip that attention has no counterpart for. Then
+    y_t ~ sum_s silu(q_t).silu(k_s) silu(v_s), normalised by the gated RMSNorm, and out_proj is
+    ``out_scale`` * W_O so the layer starts close to the residual identity.
+    """
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = 1.0  # causal padding: the last tap sees the current token
+    if mixer.conv1d.bias is not None:
+        mixer.conv1d.bias.zero_()
+    dt_rows = mixer.in_proj_slices["dt"]
+    mixer.in_proj.weight[dt_rows].zero_()
+    if mixer.in_proj.bias is not None:
+        mixer.in_proj.bias[dt_rows].zero_()
+    dt = torch.tensor(LINEAR_ATTENTION_DT, dtype=torch.float64)
+    mixer.dt_bias.fill_(float(dt + torch.log(-torch.expm1(-dt))))  # softplus^-1(dt)
+    mixer.A_log.fill_(math.log(LINEAR_ATTENTION_A))
+    mixer.D.zero_()
+    mixer.out_proj.weight.mul_(out_scale)
+    if mixer.out_proj.bias is not None:
+        mixer.out_proj.bias.mul_(out_scale)
+
+
 def _hybrid_config_for(model: PreTrainedModel, attn_layers: list[int]) -> HybridConfig:
     config = model.config
     if isinstance(model, HybridForCausalLM):
@@ -102,13 +151,18 @@ def convert(
     attention: float | Sequence[int] = 0.5,
     *,
     seed: int = 0,
+    init: str = "paper",
 ) -> HybridForCausalLM:
     """Build the hybrid of ``teacher`` that keeps ``attention`` (a fraction or indices) as attention.
 
     ``teacher`` is a Llama, Mistral or Qwen2 causal LM, or a hybrid (then only its attention
     layers can be converted further). The result has the teacher's dtype and device; the new
-    Mamba parameters that attention has no counterpart for are drawn with ``seed``.
+    Mamba parameters that attention has no counterpart for are drawn with ``seed`` and then set
+    as ``init`` says: ``"paper"`` (the default) keeps the paper's draws, ``"linear-attention"``
+    applies ``init_linear_attention`` to every newly converted layer. Mamba layers a hybrid
+    teacher already has are copied as they are, whatever ``init``.
     """
+    check_init(init)
     model_type = getattr(getattr(teacher, "config", None), "model_type", None)
     is_hybrid = isinstance(teacher, HybridForCausalLM)
     if not is_hybrid and (model_type not in SUPPORTED_BASE_MODEL_TYPES or not hasattr(teacher, "model")):
@@ -147,6 +201,8 @@ def convert(
         ]
         for i in newly_converted:
             init_mamba_from_attention(hybrid.model.layers[i].mamba, teacher.model.layers[i].self_attn)
+            if init == "linear-attention":
+                init_linear_attention(hybrid.model.layers[i].mamba)
 
     missing = [n for n in hybrid_state if n not in teacher_state and ".mamba." not in n]
     if missing:
@@ -156,4 +212,12 @@ def convert(
     return hybrid
 
 
-__all__ = ["UnsupportedArchitectureError", "attention_layers_for", "convert", "init_mamba_from_attention"]
+__all__ = [
+    "INITS",
+    "UnsupportedArchitectureError",
+    "attention_layers_for",
+    "check_init",
+    "convert",
+    "init_linear_attention",
+    "init_mamba_from_attention",
+]

@@ -26,7 +26,7 @@ import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ..convert import convert
+from ..convert import check_init, convert
 from ..fileio import replace_directory, write_json_atomic
 from ..models.modeling import HybridForCausalLM
 from . import data as D
@@ -56,6 +56,7 @@ class DistillConfig:
     attention: Any = 0.5  # fraction or list of indices; the first stage of a schedule
     schedule: str | None = None  # "0.5,0.25,0.125" (progressive) or "stepwise:0.25"
     stage: str = "stage1"  # "stage1" (Mamba only) or "e2e" (everything)
+    init: str = "paper"  # how converted layers' new Mamba parameters start: "paper" or "linear-attention"
     data: str = "builtin"  # "builtin", a .jsonl/.txt path, or an HF dataset name
     eval_data: str | None = None  # held-out text for perplexity (default: built-in Wikipedia)
     # The defaults are a demo budget that finishes on a 2-core CPU in about 10 minutes;
@@ -110,6 +111,10 @@ class DistillConfig:
             raise ValueError(f"--seq-len {self.seq_len} is beyond what any supported teacher handles")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        try:
+            check_init(self.init)
+        except ValueError as err:
+            raise ValueError(f"--init: {err}") from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> "DistillConfig":
@@ -528,7 +533,7 @@ def distill(cfg: DistillConfig, resume: bool = False, stop_after_steps: int | No
         for stage in stages[first_stage:]:
             if state is None:  # a fresh stage: convert from the previous stage (or the teacher)
                 source = student if student is not None else teacher
-                student = convert(source, attention=stage.attn_layers, seed=cfg.seed + stage.index)
+                student = convert(source, attention=stage.attn_layers, seed=cfg.seed + stage.index, init=cfg.init)
                 student = student.to(device=device, dtype=torch.float32)  # float32 master weights
                 if "before" not in metrics or metrics["before"] is None:
                     metrics["before"] = evaluate_pair(student, teacher, tokenizer, run_data, cfg, desc="before")
