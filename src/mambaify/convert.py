@@ -105,8 +105,8 @@ def check_init(init: str) -> str:
 def init_linear_attention(mixer: Mamba2Mixer, out_scale: float = LINEAR_ATTENTION_OUT_SCALE) -> None:
     """Set a converted mixer's new parameters so it starts as normalised linear attention.
 
-    Call after ``init_mamba_from_attention``. The conv passes x, B, C through unchanged (centre
-    tap, i.e. the current position, 1; others and the bias 0); dt is input-independent (its
+    Call after ``init_mamba_from_attention``. The conv passes x, B, C through unchanged (the tap
+    on the current position 1; the earlier taps and the bias 0); dt is input-independent (its
     in_proj rows zero) at ``LINEAR_ATTENTION_DT`` with A = -``LINEAR_ATTENTION_A``, so the state
     decays slowly; D = 0 drops the skip that attention has no counterpart for. Then
     y_t ~ sum_s silu(q_t).silu(k_s) silu(v_s), normalised by the gated RMSNorm, and out_proj is
