@@ -29,9 +29,10 @@ def weights(run_dir, sub="model"):
 
 
 def test_stage1_trains_only_mamba_and_improves(teacher_dir, data_files, tmp_path):
-    metrics = distill(config(teacher_dir, data_files, tmp_path / "run"))
+    cfg = config(teacher_dir, data_files, tmp_path / "run")
+    metrics = distill(cfg)
     teacher, _ = load_teacher(str(teacher_dir))
-    converted = convert(teacher, attention=0.5, seed=0).state_dict()
+    converted = convert(teacher, attention=0.5, seed=0, init=cfg.init).state_dict()  # the student at step 0
     trained = weights(tmp_path / "run")
     changed = [n for n in converted if not torch.equal(converted[n], trained[n])]
     assert changed and all(".mamba." in n for n in changed)

@@ -19,7 +19,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/spe
 }
 if [ ! -f "$runs/hybrid50/model/config.json" ]; then
   step hybrid 330 python3 -m mambaify.cli distill --config configs/h200-smollm2-attn50.yaml \
-    --out "$runs/hybrid50" --time-budget-s "$hybrid_s" --num-prompts 1024 --no-progress
+    --out "$runs/hybrid50" --init linear-attention --time-budget-s "$hybrid_s" --num-prompts 1024 --no-progress
 fi
 cp "$runs/hybrid50/metrics.json" "$OUT/spec/hybrid50-metrics.json" 2>/dev/null
 if [ ! -f "$runs/draft/model/config.json" ]; then

@@ -66,7 +66,8 @@ _DISTILL_FLAGS = {
     "--out": ("out", str, "run directory (default runs/demo)"),
     "--schedule": ("schedule", str, "progressive '0.5,0.25,0.125' or 'stepwise:0.25'"),
     "--stage": ("stage", str, "stage1 (only Mamba layers train) or e2e (everything trains)"),
-    "--init": ("init", str, "how converted layers' new Mamba parameters start: paper (default) or linear-attention"),
+    "--init": ("init", str, "how converted layers' new Mamba parameters start: linear-attention (default; trains "
+                         "faster, see RESULTS.md) or paper"),
     "--data": ("data", str, "builtin, a .jsonl/.txt file, or a Hugging Face dataset name"),
     "--tokens": ("tokens", int, "training tokens per stage"),
     "--seq-len": ("seq_len", int, "packed row length"),
