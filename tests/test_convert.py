@@ -290,11 +290,11 @@ def test_distill_init_reaches_convert_from_cli_and_yaml(teacher_dir, data_files,
     monkeypatch.setattr(trainer, "convert", recording_convert)
     run_dir = tmp_path / "run"
     code = cli_main(["distill", "--teacher", str(teacher_dir), "--data", str(data_files[0]), "--out", str(run_dir),
-                     "--init", "linear-attention", "--tokens", "128", "--seq-len", "64", "--batch-size", "2",
+                     "--init", "paper", "--tokens", "128", "--seq-len", "64", "--batch-size", "2",
                      "--device", "cpu", "--no-progress"])
-    assert code == 0 and seen == ["linear-attention"]
-    assert "init: linear-attention" in (run_dir / "config.yaml").read_text()
-    assert DistillConfig.from_yaml(run_dir / "config.yaml").init == "linear-attention"
-    assert DistillConfig().init == "paper"
+    assert code == 0 and seen == ["paper"]  # the flag overrides distill's default
+    assert "init: paper" in (run_dir / "config.yaml").read_text()
+    assert DistillConfig.from_yaml(run_dir / "config.yaml").init == "paper"
+    assert DistillConfig().init == "linear-attention"
     with pytest.raises(ValueError, match="--init: unknown init 'Paper'"):
         DistillConfig(init="Paper").validate()
