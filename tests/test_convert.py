@@ -291,9 +291,10 @@ def test_distill_init_reaches_convert_from_cli_and_yaml(teacher_dir, data_files,
     run_dir = tmp_path / "run"
     code = cli_main(["distill", "--teacher", str(teacher_dir), "--data", str(data_files[0]), "--out", str(run_dir),
                      "--init", "paper", "--tokens", "128", "--seq-len", "64", "--batch-size", "2",
-                     "--device", "cpu", "--no-progress"])
+                     "--time-budget-s", "600", "--device", "cpu", "--no-progress"])
     assert code == 0 and seen == ["paper"]  # the flag overrides distill's default
     assert "init: paper" in (run_dir / "config.yaml").read_text()
+    assert DistillConfig.from_yaml(run_dir / "config.yaml").time_budget_s == 600
     assert DistillConfig.from_yaml(run_dir / "config.yaml").init == "paper"
     assert DistillConfig().init == "linear-attention"
     with pytest.raises(ValueError, match="--init: unknown init 'Paper'"):

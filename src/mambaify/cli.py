@@ -70,6 +70,7 @@ _DISTILL_FLAGS = {
                          "faster, see RESULTS.md) or paper"),
     "--data": ("data", str, "builtin, a .jsonl/.txt file, or a Hugging Face dataset name"),
     "--tokens": ("tokens", int, "training tokens per stage"),
+    "--time-budget-s": ("time_budget_s", float, "fit each stage's schedule into this many seconds of training"),
     "--seq-len": ("seq_len", int, "packed row length"),
     "--batch-size": ("batch_size", int, "rows per micro-batch and process"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step"),
