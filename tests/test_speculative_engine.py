@@ -22,7 +22,7 @@ from mambaify.cli import main as cli_main
 from mambaify.generate import speculative_engine as spec
 from mambaify.generate.engine import Engine
 from mambaify.ops.attention import decode_attention
-from mambaify.generate.speculative import replay, slide_window
+from mambaify.ops.reference import slide_conv_window, ssd_fold
 from mambaify.generate.speculative_engine import (
     AdaptiveK,
     MambaVerifyBuffers,
@@ -215,8 +215,8 @@ def assert_state_equals_full_forward(model, stack, cache, committed: list[list[i
     for i, (runner, buffers) in enumerate(zip(stack.layers, cache.layers)):
         if isinstance(buffers, MambaVerifyBuffers):
             mixer = runner.mixer.mixer
-            checkpoint = replay(buffers.checkpoint, buffers.x, buffers.dt, buffers.B, mixer.A, cache.counts)
-            history = slide_window(buffers.window, cache.counts, mixer.d_conv)
+            checkpoint = ssd_fold(buffers.checkpoint, buffers.x, buffers.dt, buffers.B, cache.counts, mixer.A)
+            history = slide_conv_window(buffers.window, cache.counts, mixer.d_conv)
             layer = full.layers[i]
             torch.testing.assert_close(checkpoint, layer.ssm_state, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(history, layer.conv_state.transpose(1, 2), atol=1e-5, rtol=1e-4)

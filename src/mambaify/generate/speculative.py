@@ -39,7 +39,7 @@ from torch import nn
 
 from ..models.cache import MambaLayerCache
 from ..models.modeling import Mamba2Mixer
-from ..ops.reference import causal_conv1d, ssd_sequential
+from ..ops.reference import causal_conv1d, slide_conv_window, ssd_fold, ssd_sequential
 from .engine import grouped_query_attention
 
 # ---------------------------------------------------------------------------------------------
@@ -87,29 +87,11 @@ def mamba_prefill(
     return out, state
 
 
-def replay(checkpoint: torch.Tensor, x, dt, B, A: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Fold the first counts[b] cached tokens of each row into the checkpoint (step (a) of verify).
-
-    Tokens past a row's count get dt = 0: decay exp(0) = 1 and a zero write, so they leave that
-    row's state exactly as it was, while every row runs the same number of steps.
-    """
-    keep = torch.arange(x.shape[1], device=x.device)[None, :] < counts[:, None]  # (b, t)
-    dt = dt.masked_fill(~keep[..., None], 0.0)
-    # The recurrence's own definition; the read-out is not needed, so C is zero.
-    _, state = ssd_sequential(x, dt, A, B, torch.zeros_like(B), initial_state=checkpoint)
-    return state.to(checkpoint.dtype)
-
-
-def slide_window(window: torch.Tensor, counts: torch.Tensor, d_conv: int) -> torch.Tensor:
-    """The d_conv - 1 raw conv inputs before the next token: row b's window shifted by counts[b]."""
-    offsets = counts[:, None] + torch.arange(d_conv - 1, device=window.device)[None, :]
-    return window.gather(1, offsets[..., None].expand(-1, -1, window.shape[-1]))
-
-
 def mamba_fold(mixer: Mamba2Mixer, state: MambaVerifyState, counts: torch.Tensor) -> None:
     """Replay last call's accepted tokens into the checkpoint and the conv history, in place."""
-    state.checkpoint = replay(state.checkpoint, state.x, state.dt, state.B, mixer.A, counts)
-    state.window = slide_window(state.window, counts, mixer.d_conv)
+    # Tokens past a row's count are not folded (ssd_fold zeroes them: decay 1, nothing written).
+    state.checkpoint = ssd_fold(state.checkpoint, state.x, state.dt, state.B, counts, mixer.A).to(state.checkpoint.dtype)
+    state.window = slide_conv_window(state.window, counts, mixer.d_conv)
     state.x, state.dt, state.B = state.x[:, :0], state.dt[:, :0], state.B[:, :0]
 
 
