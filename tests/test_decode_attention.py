@@ -16,12 +16,7 @@ and the Triton flash-decoding kernels.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,12 +24,15 @@ import torch
 
 from mambaify.ops import attention as attn_ops
 from mambaify.ops.attention import attention_mask_from_slots, decode_attention, decode_attention_reference
+from tests._triton_cases import (
+    HAS_CUDA,
+    INTERPRET,
+    gpu,
+    kernel_module,
+    needs_triton,
+    run_interpreter_cases,
+)
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 # Tolerances against the float64 reference on the same (rounded) inputs.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
@@ -200,29 +198,17 @@ def test_split_count_fills_the_gpu(monkeypatch):
 # --------------------------------------------------------------------------- the Triton kernels
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@needs_triton
 @pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="kernels run compiled on CUDA / this is the subprocess")
 def test_kernels_in_triton_interpreter():
     """The ``interp`` kernel cases below, in a fresh interpreter with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp", __file__]
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_interpreter_cases(__file__, "interp", timeout=900)
 
 
 @pytest.fixture
 def kernels(request):
     """mambaify.ops.triton.decode_attention, compiled for CUDA or, in the subprocess, interpreted."""
-    callspec = getattr(request.node, "callspec", None)
-    device = callspec.params.get("device", "cuda") if callspec is not None else "cuda"
-    if device == "cpu" and HAS_CUDA:
-        pytest.skip("with CUDA present the kernels are compiled for it, not interpreted")
-    if device == "cpu" and not INTERPRET:
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_kernels_in_triton_interpreter")
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return importlib.import_module("mambaify.ops.triton.decode_attention")
+    return kernel_module(request, "mambaify.ops.triton.decode_attention")
 
 
 KERNEL_CASES = [

@@ -16,12 +16,6 @@ read), and compare every output and checkpoint with decoding the accepted stream
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,12 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from mambaify import ops
+from tests._triton_cases import (
+    HAS_CUDA,
+    INTERPRET,
+    gpu,
+    kernel_module,
+    needs_triton,
+    run_interpreter_cases,
+)
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 # Odd sizes throughout: n and p no powers of two, so every mask matters.
 b_, h_, n_, p_, T_ = 3, 2, 5, 7, 7
@@ -321,29 +318,18 @@ def test_ops_conv_verify_inplace_silu_and_out():
 # --------------------------------------------------------------------------- Triton kernels
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@needs_triton
 @pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="kernels run compiled on CUDA / this is the subprocess")
 def test_kernels_in_triton_interpreter():
     """The ``interp`` kernel cases below, in a fresh interpreter with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp and not in_triton_interpreter", __file__]
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout and " skipped" not in proc.stdout
+    out = run_interpreter_cases(__file__, "interp and not in_triton_interpreter", timeout=600)
+    assert " skipped" not in out
 
 
 @pytest.fixture
 def kernels(request):
     """mambaify.ops.triton, compiled for CUDA or, in the subprocess above, interpreted."""
-    callspec = getattr(request.node, "callspec", None)
-    device = callspec.params.get("device", "cuda") if callspec is not None else "cuda"
-    if device == "cpu" and HAS_CUDA:
-        pytest.skip("with CUDA present the kernels are compiled for it, not interpreted")
-    if device == "cpu" and not INTERPRET:
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_kernels_in_triton_interpreter")
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return importlib.import_module("mambaify.ops.triton")
+    return kernel_module(request, "mambaify.ops.triton")
 
 
 KERNEL_CASES = [
