@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--accepted", type=float_list, default=[2.1, 3.0],
                    help="mean accepted lengths from (a) for the speed-up table (default 2.1,3.0)")
     b.add_argument("--accepted-k", type=int, default=4, help="the K the --accepted lengths were measured at")
+    b.add_argument("--accepted-from", type=Path,
+                   help="an (a) run's bench_speculative.json: take --accepted from its mean accepted lengths at "
+                        "--accepted-k (one per batch size); if the file is missing, --accepted stays")
     b.add_argument("--draft-step-ms", type=float, help="a draft step's cost, instead of measuring one")
     return p
 
@@ -402,6 +405,16 @@ def alpha_for(accepted: float, k: int) -> float:
     return (lo + hi) / 2
 
 
+def accepted_lengths_from(path: Path, k: int) -> list[float]:
+    """The mean accepted lengths an (a) run measured at K = k, one per batch size."""
+    points = json.loads(path.read_text())["end_to_end"]
+    found = [p for p in points if p["path"] == "speculative" and p["k"] == k and p.get("mean_accepted") is not None]
+    if not found:
+        raise SystemExit(f"{path} has no speculative point at K={k} with a mean accepted length: "
+                         f"pick an --accepted-k the (a) run measured, or pass --accepted")
+    return [round(p["mean_accepted"], 3) for p in sorted(found, key=lambda p: p["batch"])]
+
+
 def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.dtype) -> None:
     import mambaify
     from mambaify.bench import build_teacher, free_memory, materialise_on
@@ -556,11 +569,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    meta = dict(argv=sys.argv[1:], device=str(device), dtype=str(dtype), torch=torch.__version__,
+    meta = dict(argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=str(device), dtype=str(dtype), torch=torch.__version__,
                 python=platform.python_version(),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
     if args.context is None:
         args.context = 32 if args.tiny else 512
+    if args.accepted_from is not None:
+        if args.accepted_from.exists():
+            args.accepted = accepted_lengths_from(args.accepted_from, args.accepted_k)
+            meta["accepted_from"] = str(args.accepted_from)
+        else:
+            print(f"--accepted-from {args.accepted_from} does not exist: using --accepted {args.accepted}", flush=True)
     results = Results(args.out, meta, args.time_budget_s)
     torch.manual_seed(args.seed)
     status = 0

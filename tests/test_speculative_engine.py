@@ -493,6 +493,23 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     assert "| batch |" in markdown and "verify" in markdown
 
 
+def test_benchmark_takes_accepted_lengths_from_an_end_to_end_run(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_speculative", REPO / "benchmarks" / "bench_speculative.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    points = [dict(path="plain", batch=1, k=None),
+              dict(path="speculative", batch=8, k=4, mean_accepted=1.75),
+              dict(path="speculative", batch=1, k=4, mean_accepted=2.5),
+              dict(path="speculative", batch=1, k=2, mean_accepted=1.5)]
+    path = tmp_path / "bench_speculative.json"
+    path.write_text(json.dumps({"end_to_end": points}))
+    assert bench.accepted_lengths_from(path, 4) == [2.5, 1.75]  # batch 1, then batch 8
+    with pytest.raises(SystemExit, match="K=6"):
+        bench.accepted_lengths_from(path, 6)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA graphs
 

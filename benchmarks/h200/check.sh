@@ -4,9 +4,9 @@
 # Usage (from the repo root): bash benchmarks/h200/check.sh [TESTS_S]
 source benchmarks/h200/env.sh
 set +e
-tests_s=${1:-330}
+tests_s=${1:-300}
 start=$(date +%s)
-timeout "$tests_s" python3 -m pytest -v -m gpu -p no:cacheprovider --timeout 200 -rfEs > "$OUT/gpu_tests.txt" 2>&1
+timeout "$tests_s" python3 -m pytest -v -m gpu -p no:cacheprovider -n 6 --timeout 240 -rfEs > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests: exit $? after $(( $(date +%s) - start )) s"
 grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -3
 grep -E "FAILED|ERROR" "$OUT/gpu_tests.txt" | head -20
