@@ -296,7 +296,7 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
                 seconds, outputs, request_stats = timed_generate(engine, batches, device, k=k, **options)
                 times.append(seconds)
                 stats += request_stats
-            same = sum(int((o == r).sum()) for o, r in zip(outputs, reference))
+            same = sum(int((o.cpu() == r.cpu()).sum()) for o, r in zip(outputs, reference))
             acceptance = acceptance_over(stats)
             tps = tokens / statistics.median(times)
             results.add("end_to_end", dict(path="speculative", batch=batch, k=k, prompts=len(batches) * batch,

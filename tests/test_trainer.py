@@ -129,3 +129,21 @@ def test_cli_distill_errors_are_one_line(teacher_dir, data_files, tmp_path, caps
     empty.write_text("")
     with pytest.raises(DataError):
         distill(config(teacher_dir, data_files, tmp_path / "e", data=str(empty)))
+
+
+def test_a_time_budget_without_a_token_count_trains_for_the_budget(tmp_path):
+    from mambaify.distill.trainer import TOKENS_UNTIL_THE_BUDGET
+    from mambaify.draft import DraftConfig
+
+    default = DistillConfig().tokens
+    assert DistillConfig.from_flags(None, {"tokens": None, "time_budget_s": None}).tokens == default
+    assert DistillConfig.from_flags(None, {"time_budget_s": 60.0}).tokens == TOKENS_UNTIL_THE_BUDGET
+    assert DistillConfig.from_flags(None, {"time_budget_s": 60.0, "tokens": 4096}).tokens == 4096  # a cap
+    assert DraftConfig.from_flags(None, {"time_budget_s": 60.0}).tokens == TOKENS_UNTIL_THE_BUDGET
+    with_tokens, without = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    with_tokens.write_text("tokens: 8192\ntime_budget_s: 30\n")
+    without.write_text("time_budget_s: 30\nseq_len: 64\n")
+    assert DistillConfig.from_flags(with_tokens, {}).tokens == 8192
+    assert DistillConfig.from_flags(without, {}).tokens == TOKENS_UNTIL_THE_BUDGET
+    assert DistillConfig.from_flags(without, {"tokens": 512}).tokens == 512
+    assert DistillConfig.from_flags(without, {}).seq_len == 64

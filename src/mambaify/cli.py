@@ -70,7 +70,8 @@ _DISTILL_FLAGS = {
                          "faster, see RESULTS.md) or paper"),
     "--data": ("data", str, "builtin, a .jsonl/.txt file, or a Hugging Face dataset name"),
     "--tokens": ("tokens", int, "training tokens per stage"),
-    "--time-budget-s": ("time_budget_s", float, "fit each stage's schedule into this many seconds of training"),
+    "--time-budget-s": ("time_budget_s", float, "fit each stage's schedule into this many seconds of training "
+                                                 "(without --tokens: train for the budget)"),
     "--seq-len": ("seq_len", int, "packed row length"),
     "--batch-size": ("batch_size", int, "rows per micro-batch and process"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step"),
@@ -94,10 +95,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         overrides["reverse_kl"] = True
     if args.no_progress:
         overrides["progress"] = False
-    if args.config:
-        cfg = DistillConfig.from_yaml(args.config, **overrides)
-    else:
-        cfg = DistillConfig(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = DistillConfig.from_flags(args.config, overrides)
     metrics = distill(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary
         return

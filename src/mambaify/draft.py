@@ -499,7 +499,8 @@ _DRAFT_FLAGS = {
                "Hugging Face dataset name"),
     "--eval-data": ("eval_data", str, "held-out text for KL and perplexity (default: built-in Wikipedia)"),
     "--tokens": ("tokens", int, "training tokens"),
-    "--time-budget-s": ("time_budget_s", float, "cap on the training time, in seconds (shortens the schedule)"),
+    "--time-budget-s": ("time_budget_s", float, "cap on the training time, in seconds (shortens the schedule; "
+                                                 "without --tokens: train for the budget)"),
     "--seq-len": ("seq_len", int, "packed row length"),
     "--batch-size": ("batch_size", int, "rows per micro-batch and process"),
     "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step"),
@@ -534,10 +535,7 @@ def run_distill_draft(args: argparse.Namespace) -> int:
         overrides["attention"] = 0.0
     if args.no_progress:
         overrides["progress"] = False
-    if args.config:
-        cfg = DraftConfig.from_yaml(args.config, **overrides)
-    else:
-        cfg = DraftConfig(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = DraftConfig.from_flags(args.config, overrides)
     metrics = distill_draft(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary
         return 0

@@ -47,6 +47,10 @@ STAGE_DEFAULTS = {
 }
 
 
+# The token count of a run that a time budget alone ends (see DistillConfig.from_flags).
+TOKENS_UNTIL_THE_BUDGET = 10**12
+
+
 @dataclass
 class DistillConfig:
     """Every option of a run; a YAML file can hold any subset (see ``mambaify distill --help``)."""
@@ -91,7 +95,9 @@ class DistillConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
     teacher_dtype: str = "auto"
     save_every: int = 100  # steps between checkpoints
-    time_budget_s: float | None = None  # cap on each stage's training time (shortens the schedule)
+    # Cap on each stage's training time (shortens the schedule); on the command line, a budget
+    # with no token count trains for the budget (DistillConfig.from_flags).
+    time_budget_s: float | None = None
     gradient_checkpointing: bool = False
     progress: bool = True
 
@@ -133,6 +139,21 @@ class DistillConfig:
             raise ValueError(f"unknown option(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**raw)
+
+    @classmethod
+    def from_flags(cls, config: str | os.PathLike | None, flags: dict[str, Any]) -> "DistillConfig":
+        """A command line's options: the YAML file (if any), the flags given (not None) on top.
+
+        A time budget with no token count, in the file or the flags, trains for the budget: the
+        demo default of ``tokens`` would otherwise end the run after a step or two at real batch
+        sizes, long before the budget (so a budget only ever shortens a given token count).
+        """
+        given = {k: v for k, v in flags.items() if v is not None}
+        cfg = cls.from_yaml(config, **given) if config else cls(**given)
+        in_file = config is not None and "tokens" in (yaml.safe_load(Path(config).read_text()) or {})
+        if cfg.time_budget_s is not None and "tokens" not in given and not in_file:
+            cfg = dataclasses.replace(cfg, tokens=TOKENS_UNTIL_THE_BUDGET)
+        return cfg
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -550,6 +571,7 @@ def distill(cfg: DistillConfig, resume: bool = False, stop_after_steps: int | No
                 tmp = stage_dir.with_name(stage_dir.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 student.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)  # a stage's model is usable on its own (generate, distill-draft)
                 replace_directory(tmp, stage_dir)
             after = evaluate_pair(student, teacher, tokenizer, run_data, cfg, desc=f"after stage {stage.index}")
             metrics["stages"].append({"index": stage.index, "label": stage.label, "attn_layers": stage.attn_layers,

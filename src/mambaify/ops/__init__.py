@@ -102,8 +102,10 @@ def ssd_scan(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the SSD scan over a sequence; see :mod:`mambaify.ops.reference` for the definition."""
-    if x.shape[1] == 1 and backend is None and x.device.type == "cpu":
-        # One token (decoding): the recurrence is a single step, no chunk to pad out.
+    if x.shape[1] == 1 and backend is None:
+        # One token (transformers' generate decoding through forward): a single recurrence step.
+        # No chunk to pad out, and on CUDA no scan kernel to compile and autotune for a shape
+        # (and dtype) that only this path uses: on the H200 that cost minutes per new shape.
         return ssd_sequential(x, dt, A, B, C, D, initial_state, reset)
     fn: Callable = _BACKENDS[select_backend(x.device, backend)]
     return fn(x, dt, A, B, C, D, initial_state, reset, chunk_size)

@@ -44,6 +44,10 @@ from ..reference import ssd_chunked
 
 Kernel = Literal["auto", "simple_gla", "gla"]
 
+# fla's kernels multiply [.., K] and [.., V] tiles with tl.dot, which needs every tile dimension
+# to be at least 16 (a 12-wide head fails to compile in chunk_gla's backward, seen on the H200).
+FLA_MIN_HEAD_DIM = 16
+
 
 @functools.cache
 def simple_gla_backward_ok(device_index: int) -> bool:
@@ -162,8 +166,10 @@ def fla_ssd_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``fla`` backend of :func:`mambaify.ops.ssd_scan` (the ``SSDScan`` signature).
 
-    float64 (exactness tests) and empty sequences go to the reference, which fla does not serve.
+    float64 (exactness tests), empty sequences and heads narrower than fla's tiles
+    (:data:`FLA_MIN_HEAD_DIM`, in x's head dim or the state dim) go to the reference, which fla
+    does not serve.
     """
-    if x.dtype == torch.float64 or x.shape[1] == 0:
+    if x.dtype == torch.float64 or x.shape[1] == 0 or min(x.shape[-1], B.shape[-1]) < FLA_MIN_HEAD_DIM:
         return ssd_chunked(x, dt, A, B, C, D, initial_state, reset, chunk_size)
     return fla_scan(x, dt, A, B, C, D, initial_state, reset)
