@@ -321,6 +321,22 @@ def test_cli_bad_input_is_one_error_line(saved_hybrid, tmp_path, capsys, args, m
     assert len(err) == 1 and err[0].startswith("mambaify generate: error:") and message in err[0]
 
 
+def test_cli_refuses_a_checkpoint_with_missing_weights(saved_hybrid, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_hybrid, broken)
+    weights = load_file(broken / "model.safetensors")
+    lost = next(k for k in weights if ".mamba." in k)
+    del weights[lost]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    assert cli_main(["generate", str(broken), "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mambaify generate: error:") and lost in err[-1] and "not a complete checkpoint" in err[-1]
+
+
 # --- CUDA graphs ------------------------------------------------------------------------------
 
 

@@ -15,7 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mambaify import convert, ops
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+# On the fla tests' xdist worker (see tests/test_triton_ops.py): fla autotunes once per process.
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("fla"),
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # SmolLM2-135M's widths (hidden 576, 9 query and 3 key/value heads of 64), four layers, a small vocabulary.
 SMOLLM2_WIDTHS = dict(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
@@ -58,7 +60,7 @@ def padded_batch(lengths: list[int], side: str, vocab: int, seed: int = 2) -> tu
 @pytest.fixture(scope="module")
 def model_and_reference():
     model = trained_like_hybrid()
-    batches = {side: padded_batch([700, 333, 17], side, model.config.vocab_size) for side in ("right", "left")}
+    batches = {side: padded_batch([1100, 333, 17], side, model.config.vocab_size) for side in ("right", "left")}
     with torch.no_grad():
         reference = {side: model(input_ids=ids, attention_mask=mask).logits for side, (ids, mask) in batches.items()}
     return model, batches, reference
@@ -84,3 +86,25 @@ def test_cuda_forward_equals_cpu_float32(model_and_reference, monkeypatch, backe
     assert rel < (2e-2 if dtype == torch.float32 else 8e-2), rel
     agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
     assert agree > (0.98 if dtype == torch.float32 else 0.9), agree
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cuda_transformers_generate_agrees_with_the_forward(dtype):
+    """transformers' generate (the HybridCache path the evaluation and pseudo-labelling use) picks,
+    at every step, the token the full forward over the text so far ranks first (up to near-ties)."""
+    model = trained_like_hybrid().to("cuda", dtype)
+    ids, mask = padded_batch([40, 23], "left", model.config.vocab_size, seed=5)
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        full_mask = torch.cat([mask, torch.ones_like(out[:, ids.shape[1]:])], dim=1)
+        logits = model(input_ids=out, attention_mask=full_mask).logits.float()
+    start = ids.shape[1]
+    picked = out[:, start:]
+    ranked = logits[:, start - 1:-1]
+    top2 = ranked.topk(2, dim=-1).values
+    chosen = ranked.gather(-1, picked[..., None])[..., 0]
+    # A token the forward does not rank first must be a near-tie with its first.
+    slack = 1e-3 if dtype == torch.float32 else 0.1
+    assert ((top2[..., 0] - chosen) <= slack).all(), (top2[..., 0] - chosen).max().item()

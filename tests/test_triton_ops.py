@@ -297,8 +297,10 @@ def fla_scan():
 
 
 # Odd lengths; the second odd widths too; the third a prompt shorter than one chunk (its "packed"
-# case: row 0 carries its initial state, the last row restarts two tokens before its end).
-FLA_SHAPES = [(2, 100, 4, 64, 64), (1, 157, 3, 48, 32), (3, 5, 4, 64, 64)]
+# case: row 0 carries its initial state, the last row restarts two tokens before its end); the
+# fourth one token, which ops.ssd_scan no longer sends to fla (a suspect in the H200 run where
+# transformers' generate on a bf16 hybrid produced text its own forward found improbable).
+FLA_SHAPES = [(2, 100, 4, 64, 64), (1, 157, 3, 48, 32), (3, 5, 4, 64, 64), (2, 1, 4, 64, 64)]
 
 
 # All fla tests share one xdist worker (check.sh runs the GPU tests with --dist loadgroup): fla

@@ -307,23 +307,6 @@ class _DraftStage:
     label: str = "draft"
 
 
-def load_target(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) of a target or draft source: a saved hybrid folder, or any teacher that
-    :func:`mambaify.load_teacher` takes (a built-in name, a folder, a hub id, a .gguf file)."""
-    from .teachers import load_teacher
-
-    config_path = Path(name_or_path) / "config.json"
-    if config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == HybridConfig.model_type:
-        from .teachers import load_folder_tokenizer
-
-        model = HybridForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-        tokenizer = load_folder_tokenizer(name_or_path)
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token  # batched forward passes need a pad id
-        return model, tokenizer
-    return load_teacher(name_or_path, dtype=dtype, device=device)
-
-
 def _count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights once
 
@@ -387,6 +370,7 @@ def distill_draft(cfg: DraftConfig, resume: bool = False, stop_after_steps: int 
     from .distill.trainer import _check_run_dir, _precision, check_memory, prepare_data, train_stage
     from .eval.report import evaluate_pair
     from .fileio import replace_directory, write_json_atomic
+    from .generate.loading import load_for_generation
 
     cfg.validate()
     run_dir = Path(cfg.out)
@@ -403,7 +387,7 @@ def distill_draft(cfg: DraftConfig, resume: bool = False, stop_after_steps: int 
 
     target_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
                     "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teacher_dtype]
-    target, tokenizer = load_target(cfg.teacher, dtype=target_dtype, device=str(device))
+    target, tokenizer = load_for_generation(cfg.teacher, dtype=target_dtype, device=device)
     for p in target.parameters():
         p.requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -412,7 +396,7 @@ def distill_draft(cfg: DraftConfig, resume: bool = False, stop_after_steps: int 
     source_name = cfg.draft_from or cfg.teacher
     if state is None:  # build the draft before claiming the run directory: bad layers fail here
         if cfg.draft_from:
-            source, source_tokenizer = load_target(cfg.draft_from, dtype=torch.float32, device=str(device))
+            source, source_tokenizer = load_for_generation(cfg.draft_from, dtype=torch.float32, device=device)
         else:
             source, source_tokenizer = target, tokenizer
         picked = draft_layer_indices(source.config.num_hidden_layers, cfg.layers)
@@ -557,7 +541,6 @@ __all__ = [
     "check_draft_compatible",
     "distill_draft",
     "draft_layer_indices",
-    "load_target",
     "parse_layers",
     "run_distill_draft",
 ]

@@ -207,7 +207,7 @@ def load_teacher(
         model, tokenizer = _load_pretrained(resolved.location, resolved.location, dtype=dtype)
     else:
         model, tokenizer = _load_from_hub(resolved.location, dtype=dtype)
-    return _finish(model, tokenizer, device)
+    return ready_for_inference(model, tokenizer, device)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -339,7 +339,8 @@ def _align_special_tokens(config, tokenizer) -> None:
             setattr(tokenizer, f"{role}_token", token)
 
 
-def _finish(model, tokenizer, device: str | torch.device):
+def ready_for_inference(model, tokenizer, device: str | torch.device):
+    """The model on ``device`` in eval mode with its KV cache on, and a pad token for batching."""
     model.to(device)
     model.eval()
     model.config.use_cache = True

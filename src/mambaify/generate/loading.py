@@ -25,24 +25,30 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_for_generation(name_or_path: str, *, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) in eval mode on the device.
+def load_for_generation(name_or_path: str, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
+    """(model, tokenizer) in eval mode on the device: what generate, chat, the speculative engine's
+    draft and distill-draft's target and draft source load.
 
     A folder with a config.json loads through the Auto classes (a saved hybrid too, since
-    importing mambaify registers it); anything else is a teacher for :func:`mambaify.load_teacher`
-    (a .gguf file, a hub id, a built-in name).
+    importing mambaify registers it) with the tokenizer saved beside it; anything else is a
+    teacher for :func:`mambaify.load_teacher` (a .gguf file, a hub id, a built-in name). Either
+    way the tokenizer gets a pad token if it has none. ``device`` and ``dtype`` are "auto" (the
+    GPU if there is one; bfloat16 there, float32 on the CPU) or explicit.
     """
     import mambaify  # noqa: F401  (registers the hybrid with the Auto classes)
     from transformers import AutoModelForCausalLM
 
-    from ..teachers import load_folder_tokenizer, load_teacher
+    from ..teachers import load_folder_tokenizer, load_teacher, ready_for_inference
 
-    target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target)
+    target = resolve_device(device) if isinstance(device, str) else device
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, target)
     if (Path(name_or_path) / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-        tokenizer = load_folder_tokenizer(name_or_path)
-        return model.to(target).eval(), tokenizer
+        model, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, output_loading_info=True)
+        if missing := info.get("missing_keys"):
+            # Freshly initialised weights would generate (or teach a draft) noise without a word.
+            raise ValueError(f"{name_or_path} lacks {len(missing)} weight(s) of its model ({', '.join(sorted(missing)[:3])}"
+                             ", ...): not a complete checkpoint; save it again with save_pretrained")
+        return ready_for_inference(model, load_folder_tokenizer(name_or_path), target)
     return load_teacher(name_or_path, dtype=torch_dtype, device=target)
 
 
