@@ -24,7 +24,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/spe
 # too), so that a run cut short in its final evaluation still gives a target.
 if [ ! -f "$runs/hybrid50/model/config.json" ] && [ -z "$(ls "$runs"/hybrid50/stages/*/config.json 2>/dev/null)" ]; then
   resume=""; [ -d "$runs/hybrid50/checkpoint" ] && resume="--resume"
-  step hybrid 330 python3 -m mambaify.cli distill --config configs/h200-smollm2-attn50.yaml $resume \
+  step hybrid 330 python3 -m mambaify.cli -v distill --config configs/h200-smollm2-attn50.yaml $resume \
     --out "$runs/hybrid50" --init linear-attention --time-budget-s "$hybrid_s" --num-prompts 1024 --no-progress
 fi
 cp "$runs/hybrid50/metrics.json" "$OUT/spec/hybrid50-metrics.json" 2>/dev/null
@@ -34,7 +34,7 @@ echo "target: $target"
 if [ ! -f "$runs/draft/model/config.json" ]; then
   resume=""; [ -d "$runs/draft/checkpoint" ] && resume="--resume"
   # --tokens is an upper bound: the time budget decides how long the draft trains.
-  step draft 240 python3 -m mambaify.cli distill-draft --target "$target" $resume \
+  step draft 240 python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
     --draft-from smollm2-135m-instruct --out "$runs/draft" --time-budget-s "$draft_s" --tokens 200000000 \
     --seq-len 1024 --batch-size 32 --lr 1e-3 --num-prompts 1024 --no-progress
 fi

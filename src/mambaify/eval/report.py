@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from .metrics import compare_on_documents, greedy_generations
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_pair(student, teacher, tokenizer, run_data, cfg, desc: str = "eval") -> dict[str, Any]:
@@ -14,17 +18,24 @@ def evaluate_pair(student, teacher, tokenizer, run_data, cfg, desc: str = "eval"
     and greedy generations side by side."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result: dict[str, Any] = {}
+    # Timed per part (logged with -v): on a GPU each part can first wait for kernels to compile.
+    start = time.perf_counter()
     if run_data.eval_text_docs:
         result["text"] = compare_on_documents(student, teacher, run_data.eval_text_docs, pad_id=pad_id,
                                               desc=f"{desc}: held-out text", progress=cfg.progress)
+        log.info("%s: held-out text in %.1f s", desc, time.perf_counter() - start)
     if run_data.eval_chat_docs:
+        start = time.perf_counter()
         result["chat"] = compare_on_documents(student, teacher, run_data.eval_chat_docs, pad_id=pad_id,
                                               desc=f"{desc}: held-out chat", progress=cfg.progress)
+        log.info("%s: held-out chat in %.1f s", desc, time.perf_counter() - start)
     if run_data.eval_prompts:
+        start = time.perf_counter()
         result["generations"] = greedy_generations(
             {"teacher": teacher, "student": student}, tokenizer, run_data.eval_prompts,
             max_new_tokens=cfg.eval_max_new_tokens,
         )
+        log.info("%s: %d generations in %.1f s", desc, len(run_data.eval_prompts), time.perf_counter() - start)
     return result
 
 
