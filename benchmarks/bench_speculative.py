@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=450.0, help="skip points after this many seconds")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per point (medians reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-json", type=Path,
+                   help="measure nothing: re-render this bench_speculative.json into --out, with (b)'s speed-ups "
+                        "recomputed at --accepted / --accepted-from (the verify timings do not depend on them)")
     a = p.add_argument_group("(a) end to end")
     a.add_argument("--target", help="the target model (a saved hybrid folder, or anything mambaify generate loads)")
     a.add_argument("--draft", help="its draft (same tokenizer)")
@@ -415,6 +418,21 @@ def accepted_lengths_from(path: Path, k: int) -> list[float]:
     return [round(p["mean_accepted"], 3) for p in sorted(found, key=lambda p: p["batch"])]
 
 
+def speedup_points(cost: dict, accepted_lengths: list[float], accepted_k: int) -> list[dict]:
+    """The speed-up over plain decoding that one verify_cost point gives at each mean accepted length
+    (measured at K = accepted_k): tokens per round x decode step / (verify + draft round)."""
+    points = []
+    for accepted in accepted_lengths:
+        alpha = alpha_for(accepted, accepted_k)
+        per_round = tokens_per_round(alpha, cost["k"])
+        points.append(dict(
+            attention=cost["attention"], batch=cost["batch"], k=cost["k"], kernel=cost["kernel"],
+            accepted_at_k0=accepted, alpha=alpha, tokens_per_round=per_round,
+            speedup=per_round * cost["decode_step_ms"] / (cost["verify_ms"] + cost["draft_round_ms"]),
+        ))
+    return points
+
+
 def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.dtype) -> None:
     import mambaify
     from mambaify.bench import build_teacher, free_memory, materialise_on
@@ -447,19 +465,14 @@ def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.d
                 continue
             for (k, kernel), verify_s in sorted(verify.items()):
                 draft_s = rounds[k] if args.draft_step_ms is None else (k + 1) * args.draft_step_ms / 1e3
-                results.add("verify_cost", dict(
+                cost = dict(
                     attention=fraction, batch=batch, k=k, kernel=kernel, context=args.context,
                     verify_ms=1e3 * verify_s, decode_step_ms=1e3 * decode_s, decode_steps_ms=1e3 * (k + 1) * decode_s,
                     verify_over_decode_steps=verify_s / ((k + 1) * decode_s), draft_round_ms=1e3 * draft_s,
-                ))
-                for accepted in args.accepted:
-                    alpha = alpha_for(accepted, args.accepted_k)
-                    per_round = tokens_per_round(alpha, k)
-                    results.add("speedup", dict(
-                        attention=fraction, batch=batch, k=k, kernel=kernel, accepted_at_k0=accepted,
-                        alpha=alpha, tokens_per_round=per_round,
-                        speedup=per_round * decode_s / (verify_s + draft_s),
-                    ))
+                )
+                results.add("verify_cost", cost)
+                for point in speedup_points(cost, args.accepted, args.accepted_k):
+                    results.add("speedup", point)
             free_memory()
 
 
@@ -537,12 +550,21 @@ def plot(data: dict, path: Path) -> None:
                         label=f"attn {key[0]:g}, b{key[1]}, {key[2]}")
             ax.set(title="(b) verify call / (K+1) decode steps", xlabel="K", ylabel="time ratio")
         else:
-            for key in sorted({(p["attention"], p["batch"], p["kernel"], p["accepted_at_k0"]) for p in data[panel]}):
-                points = [p for p in data[panel] if (p["attention"], p["batch"], p["kernel"], p["accepted_at_k0"]) == key]
-                ax.plot([p["k"] for p in points], [p["speedup"] for p in points], "o-",
-                        label=f"attn {key[0]:g}, b{key[1]}, {key[2]}, a={key[3]:g}")
+            # The fused kernel only (the naive one is within a few percent, see the table): colour =
+            # accepted length, line style = hybrid and batch.
+            fused = [p for p in data[panel] if p["kernel"] == "fused"] or data[panel]
+            lengths = sorted({p["accepted_at_k0"] for p in fused})
+            shapes = sorted({(p["attention"], p["batch"]) for p in fused})
+            styles = ["-", "--", ":", "-."]
+            for c, accepted in enumerate(lengths):
+                for s_i, (attention, batch) in enumerate(shapes):
+                    points = sorted((p for p in fused if (p["accepted_at_k0"], p["attention"], p["batch"])
+                                     == (accepted, attention, batch)), key=lambda p: p["k"])
+                    ax.plot([p["k"] for p in points], [p["speedup"] for p in points], marker="o", markersize=3,
+                            color=f"C{c}", linestyle=styles[s_i % len(styles)],
+                            label=f"a={accepted:g}, attn {attention:g}, b{batch}")
             ax.axhline(1.0, color="grey", lw=0.8)
-            ax.set(title="(b) speed-up over plain decoding", xlabel="K", ylabel="speed-up")
+            ax.set(title="(b) speed-up over plain decoding (fused kernel)", xlabel="K", ylabel="speed-up")
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -552,8 +574,25 @@ def plot(data: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def rerender(args) -> int:
+    """--from-json: the saved measurements, with (b)'s speed-ups at the accepted lengths given now."""
+    data = json.loads(args.from_json.read_text())
+    if args.accepted_from is not None:
+        args.accepted = accepted_lengths_from(args.accepted_from, args.accepted_k)
+        data["meta"]["accepted_from"] = str(args.accepted_from)
+    data["speedup"] = [point for cost in data["verify_cost"]
+                       for point in speedup_points(cost, args.accepted, args.accepted_k)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_speculative.json").write_text(json.dumps(data, indent=1))
+    render(data, args.out)
+    print(f"wrote {args.out}/bench_speculative.json, .md, .png", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json is not None:
+        return rerender(args)
     run_a = args.tiny or args.target is not None
     run_b = args.tiny or args.shape is not None
     if not (run_a or run_b):

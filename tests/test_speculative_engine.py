@@ -509,6 +509,19 @@ def test_benchmark_takes_accepted_lengths_from_an_end_to_end_run(tmp_path):
     with pytest.raises(SystemExit, match="K=6"):
         bench.accepted_lengths_from(path, 6)
 
+    # --from-json: (b)'s timings re-rendered with the speed-ups at those lengths, nothing measured
+    cost = dict(attention=0.5, batch=1, k=4, kernel="fused", verify_ms=7.0, decode_step_ms=6.0,
+                decode_steps_ms=30.0, verify_over_decode_steps=7 / 30, draft_round_ms=3.0)
+    saved = tmp_path / "b.json"
+    saved.write_text(json.dumps({"meta": {}, "end_to_end": [], "verify_cost": [cost], "speedup": [], "skipped": []}))
+    out = tmp_path / "rerendered"
+    assert bench.main(["--from-json", str(saved), "--accepted-from", str(path), "--out", str(out)]) == 0
+    speedups = json.loads((out / "bench_speculative.json").read_text())["speedup"]
+    assert [p["accepted_at_k0"] for p in speedups] == [2.5, 1.75]
+    # at K = K0 the fitted acceptance gives back accepted + 1 tokens per round
+    assert speedups[0]["speedup"] == pytest.approx(3.5 * 6.0 / (7.0 + 3.0))
+    assert "Speed-up over plain decoding" in (out / "bench_speculative.md").read_text()
+
 
 # ---------------------------------------------------------------------------------------------
 # CUDA graphs
