@@ -19,3 +19,4 @@ if [ "${2:-}" = "--bench" ]; then
   echo "bench_kernels verify: exit $?"; tail -4 "$OUT/verify.log"
 fi
 echo "total $(( $(date +%s) - start )) s"
+bash benchmarks/h200/keep_autotune.sh

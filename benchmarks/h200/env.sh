@@ -14,3 +14,8 @@ if [ ! -f .gpu/smollm2.gguf ] && [ -f .gpu/model/smollm2.gguf.part00 ] && [ -f .
 fi
 export MAMBAIFY_SMOLLM2_GGUF="$PWD/.gpu/smollm2.gguf" MAMBAIFY_CACHE="$PWD/.gpu/cache"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Triton's cache in a carried folder: fla caches its autotuning results there (FLA_CACHE_RESULTS,
+# on by default), which keep_autotune.sh brings back and a later session carries in again, so
+# fla's kernels are tuned once per image rather than once per session (minutes each time).
+export TRITON_CACHE_DIR="$PWD/.gpu/triton-cache"
+mkdir -p "$TRITON_CACHE_DIR"

@@ -44,3 +44,4 @@ step end_to_end 200 python3 benchmarks/bench_speculative.py --out "$OUT/spec/end
   --new-tokens 128 --prompts 16 --repeats 3 --time-budget-s 170
 cp -r "$OUT/spec/end_to_end" "$runs/" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+bash benchmarks/h200/keep_autotune.sh
