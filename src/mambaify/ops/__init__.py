@@ -104,8 +104,9 @@ def ssd_scan(
     """Run the SSD scan over a sequence; see :mod:`mambaify.ops.reference` for the definition."""
     if x.shape[1] == 1 and backend is None:
         # One token (transformers' generate decoding through forward): a single recurrence step.
-        # No chunk to pad out, and on CUDA no scan kernel to compile and autotune for a shape
-        # (and dtype) that only this path uses: on the H200 that cost minutes per new shape.
+        # No chunk to pad out, and on CUDA no chunked scan kernel for a call it is not made for:
+        # fla would compile and autotune kernels only this path uses, and a bf16 hybrid generating
+        # this way on the H200 produced text its own forward found improbable (BENCHMARKS.md).
         return ssd_sequential(x, dt, A, B, C, D, initial_state, reset)
     fn: Callable = _BACKENDS[select_backend(x.device, backend)]
     return fn(x, dt, A, B, C, D, initial_state, reset, chunk_size)
