@@ -333,6 +333,22 @@ def test_stop_tokens_and_max_new_tokens_per_row(targets, drafts):
         assert torch.equal(engine.generate(ids, mask, max_new_tokens=new, stop_token_ids=[], k=6), free[:, :new])
 
 
+
+@pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
+def test_an_engine_sized_to_the_request_holds_rows_that_finish_early(targets, drafts, draft_name):
+    """max_length exactly prompt + max_new_tokens: a row that reaches its budget mid-round (its
+    accepted drafts past the budget are not committed) sits out the rounds the other rows still
+    need, writing its K + 1 round slots within the engine's slots. Seen on the real models at
+    batch 4, K = 4 as an out-of-bounds cache index before the fix."""
+    target, draft = targets["hybrid50"], drafts[draft_name]
+    ids, mask = _prompts(4)
+    for new in (5, 9, 13):
+        engine = SpeculativeEngine(target, draft, k="auto", k_choices=(2, 4, 6), max_batch_size=4,
+                                   max_length=ids.shape[1] + new)
+        expected = plain_greedy(target, ids, mask, new)
+        for k in (2, 4, 6):
+            assert torch.equal(engine.generate(ids, mask, max_new_tokens=new, stop_token_ids=[], k=k), expected), (new, k)
+
 def test_stream_yields_what_generate_returns(targets, drafts):
     target, draft = targets["mamba2"], drafts["mamba2"]
     ids, mask = _prompts(4)

@@ -776,7 +776,11 @@ class SpeculativeEngine(GenerationFrontend):
             first_stop = torch.where(is_stop.any(-1), is_stop.long().argmax(-1), k + 1)
             count = torch.minimum(torch.minimum(accepted, first_stop) + 1, rb.max_new - generated)
             count = torch.where(active, count, 0)
-            commit = torch.where(active, accepted + 1, 0)
+            # A row commits what it emits: a row that goes on emits all accepted + 1; one that ends
+            # here (stop token, or its budget) commits no token past its last, so its length stays
+            # within prompt + max_new_tokens and the rounds it sits out (they still write K + 1
+            # slots for every row) stay inside the cache.
+            commit = count
             for cache in (target_cache, draft_cache):
                 cache.lengths.add_(commit)
                 cache.counts.copy_(commit)
