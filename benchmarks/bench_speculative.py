@@ -409,13 +409,15 @@ def alpha_for(accepted: float, k: int) -> float:
 
 
 def accepted_lengths_from(path: Path, k: int) -> list[float]:
-    """The mean accepted lengths an (a) run measured at K = k, one per batch size."""
+    """The mean accepted lengths an (a) run measured at K = k, one per batch size (in batch order;
+    repeats dropped)."""
     points = json.loads(path.read_text())["end_to_end"]
     found = [p for p in points if p["path"] == "speculative" and p["k"] == k and p.get("mean_accepted") is not None]
     if not found:
         raise SystemExit(f"{path} has no speculative point at K={k} with a mean accepted length: "
                          f"pick an --accepted-k the (a) run measured, or pass --accepted")
-    return [round(p["mean_accepted"], 3) for p in sorted(found, key=lambda p: p["batch"])]
+    lengths = [round(p["mean_accepted"], 3) for p in sorted(found, key=lambda p: p["batch"])]
+    return list(dict.fromkeys(lengths))  # batch sizes that accepted alike give one row
 
 
 def speedup_points(cost: dict, accepted_lengths: list[float], accepted_k: int) -> list[dict]:
