@@ -776,14 +776,13 @@ class SpeculativeEngine(GenerationFrontend):
             first_stop = torch.where(is_stop.any(-1), is_stop.long().argmax(-1), k + 1)
             count = torch.minimum(torch.minimum(accepted, first_stop) + 1, rb.max_new - generated)
             count = torch.where(active, count, 0)
-            # A row commits what it emits: a row that goes on emits all accepted + 1; one that ends
-            # here (stop token, or its budget) commits no token past its last, so its length stays
-            # within prompt + max_new_tokens and the rounds it sits out (they still write K + 1
-            # slots for every row) stay inside the cache.
-            commit = count
+            # A row commits what it emits (count): a row that goes on emits all accepted + 1; one
+            # that ends here (stop token, or its budget) commits no token past its last, so its
+            # length stays within prompt + max_new_tokens and the rounds it sits out (they still
+            # write K + 1 slots for every row) stay inside the cache.
             for cache in (target_cache, draft_cache):
-                cache.lengths.add_(commit)
-                cache.counts.copy_(commit)
+                cache.lengths.add_(count)
+                cache.counts.copy_(count)
             generated.add_(count)
             still_active = active & (first_stop >= count) & (generated < rb.max_new)
             rb.report[:b, :4].copy_(torch.stack([active.long(), accepted, count, still_active.long()], 1))
