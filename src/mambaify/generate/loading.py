@@ -9,15 +9,17 @@ import torch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' is the GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU and float32 on the CPU."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU and float32 on the CPU; a torch.dtype is itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
@@ -40,8 +42,8 @@ def load_for_generation(name_or_path: str, *, device: str | torch.device = "auto
 
     from ..teachers import load_folder_tokenizer, load_teacher, ready_for_inference
 
-    target = resolve_device(device) if isinstance(device, str) else device
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, target)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
     if (Path(name_or_path) / "config.json").is_file():
         model, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, output_loading_info=True)
         if missing := info.get("missing_keys"):
