@@ -126,7 +126,8 @@ class DistillConfig:
             raise ValueError(f"--init: {err}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> "DistillConfig":
+    def _read_yaml(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """The options a YAML file sets, checked to be options of this config."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
@@ -137,6 +138,11 @@ class DistillConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unknown option(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return raw
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> "DistillConfig":
+        raw = cls._read_yaml(path)
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**raw)
 
@@ -149,11 +155,10 @@ class DistillConfig:
         sizes, long before the budget (so a budget only ever shortens a given token count).
         """
         given = {k: v for k, v in flags.items() if v is not None}
-        cfg = cls.from_yaml(config, **given) if config else cls(**given)
-        in_file = config is not None and "tokens" in (yaml.safe_load(Path(config).read_text()) or {})
-        if cfg.time_budget_s is not None and "tokens" not in given and not in_file:
-            cfg = dataclasses.replace(cfg, tokens=TOKENS_UNTIL_THE_BUDGET)
-        return cfg
+        options = {**(cls._read_yaml(config) if config else {}), **given}
+        if options.get("time_budget_s") is not None and "tokens" not in options:
+            options["tokens"] = TOKENS_UNTIL_THE_BUDGET
+        return cls(**options)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
