@@ -9,6 +9,8 @@ gave perplexity NaN on held-out text, which no single-op test had shown.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,7 +78,7 @@ def test_cuda_forward_equals_cpu_float32(model_and_reference, monkeypatch, backe
     elif ops.select_backend(torch.device("cuda")) != "fla":
         pytest.skip("fla is not installed: 'auto' is the reference scan")
     ids, mask = batches[side]
-    cuda_model = trained_like_hybrid().to("cuda", dtype)
+    cuda_model = copy.deepcopy(model).to("cuda", dtype)
     with torch.no_grad():
         logits = cuda_model(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float().cpu()
     valid = mask.bool()
