@@ -303,10 +303,13 @@ def fla_scan():
 FLA_SHAPES = [(2, 100, 4, 64, 64), (1, 157, 3, 48, 32), (3, 5, 4, 64, 64), (2, 1, 4, 64, 64)]
 
 
-# All fla tests share one xdist worker (check.sh runs the GPU tests with --dist loadgroup): fla
-# autotunes every kernel once per process and shape, which takes minutes, so spreading these
-# tests over workers repeats the autotuning in each.
-FLA_GROUP = pytest.mark.xdist_group("fla")
+# fla autotunes every kernel once per process and shape, which takes minutes, so spreading these
+# tests over xdist workers would repeat the autotuning in each (check.sh runs the GPU tests with
+# --dist loadgroup). Each fla kernel family keeps to one worker: chunk_simple_gla (inference on
+# Hopper, and the whole-model tests) on one, chunk_gla (training) on another.
+FLA_GROUP = pytest.mark.xdist_group("fla-simple_gla")
+FLA_GLA_GROUP = pytest.mark.xdist_group("fla-gla")
+FLA_KERNELS = [pytest.param("simple_gla", marks=FLA_GROUP), pytest.param("gla", marks=FLA_GLA_GROUP)]
 
 
 @pytest.mark.parametrize("p, n", [(12, 32), (64, 8)])
@@ -327,10 +330,9 @@ def test_fla_backend_leaves_heads_narrower_than_its_tiles_to_the_reference(p, n)
     assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
 
 
-@FLA_GROUP
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("kernel", ["simple_gla", "gla"])
+@pytest.mark.parametrize("kernel", FLA_KERNELS)
 @pytest.mark.parametrize("reset_kind", ["none", "t0", "packed"])
 @pytest.mark.parametrize("shape", FLA_SHAPES, ids=lambda s: "b{}t{}h{}p{}n{}".format(*s))
 def test_fla_scan_forward_backward(fla_scan, kernel, reset_kind, shape):
@@ -387,7 +389,7 @@ def test_fla_backend_is_registered_and_preferred(fla_scan):
     assert torch.equal(y64, y64_ref)
 
 
-@FLA_GROUP
+@FLA_GLA_GROUP
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_fla_auto_kernel_choice_trains(fla_scan):
