@@ -271,10 +271,10 @@ def scan_inputs(b, t, h, p, n, dtype=torch.bfloat16, seed=0):
     )
 
 
-def resets(kind: str, b: int, t: int) -> torch.Tensor | None:
+def resets(kind: str, b: int, t: int, device: str = "cuda") -> torch.Tensor | None:
     if kind == "none":
         return None
-    r = torch.zeros(b, t, dtype=torch.bool, device="cuda")
+    r = torch.zeros(b, t, dtype=torch.bool, device=device)
     r[:, 0] = True  # a prompt's first token (position 0)
     if kind == "packed" and t > 66:
         r[0, 0] = False  # row 0 continues its initial state, then a document starts at 37
@@ -328,6 +328,60 @@ def test_fla_backend_leaves_heads_narrower_than_its_tiles_to_the_reference(p, n)
     y, s = module.fla_ssd_scan(x, dt, A, B, C, None, S0)
     y_ref, s_ref = ops.ssd_chunked(x, dt, A, B, C, None, S0)
     assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+
+
+def gla_recurrence(q, k, v, g, kernel, initial_state=None, cu_seqlens=None, cu_seqlens_cpu=None):
+    """What fla's chunk_simple_gla / chunk_gla compute (scale 1, final states asked for), one token
+    at a time in float64, with fla's varlen convention: batch 1, one initial and one final state
+    per cu_seqlens segment. Stands in for the Triton kernels so that the CPU checks the wrapper."""
+    b, t, h, kd = q.shape
+    q, k, v, g = (u.double() for u in (q, k, v, g))
+    if cu_seqlens is None:
+        spans = [(r, 0, t) for r in range(b)]
+    else:
+        assert b == 1 and torch.equal(cu_seqlens.cpu(), cu_seqlens_cpu)
+        bounds = cu_seqlens_cpu.tolist()
+        spans = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+    o = torch.full_like(v, float("nan"))  # a token no span covers stays NaN
+    finals = []
+    for i, (r, s, e) in enumerate(spans):
+        S = initial_state[i].double() if initial_state is not None else v.new_zeros(h, kd, v.shape[-1])
+        for j in range(s, e):
+            S = g[r, j].exp()[:, None, None] * S + k[r, j][:, :, None] * v[r, j][:, None, :]
+            o[r, j] = torch.einsum("hk,hkv->hv", q[r, j], S)
+        finals.append(S)
+    return o.float(), torch.stack(finals).float()
+
+
+@pytest.mark.parametrize("reset_kind", ["none", "t0", "packed", "shared-t0", "shared-packed"])
+def test_fla_wrapper_cuts_segments_as_the_reference(monkeypatch, reset_kind):
+    """fla_scan's bookkeeping around fla (dtypes, the decay, D, initial states, the varlen cuts
+    at row starts and resets), on the CPU, with fla's kernel replaced by its recurrence. "shared"
+    resets are (1, t), derived from position ids every row shares, as the model passes them;
+    the H200 showed that cutting segments from that one row left the other rows unwritten."""
+    pytest.importorskip("fla")
+    from mambaify.ops.triton import fla_scan as module
+
+    monkeypatch.setattr(module, "_gla", gla_recurrence)
+    b, t, h, p, n = 3, 70, 2, 4, 3
+    g = torch.Generator().manual_seed(4)
+    f32 = dict(g=g, dtype=torch.float32)
+    x, B, C = randn(b, t, h, p, **f32), randn(b, t, h, n, **f32), randn(b, t, h, n, **f32)
+    dt, A = torch.rand(b, t, h, generator=g), -torch.rand(h, generator=g) * 3
+    D, S0 = randn(h, **f32), randn(b, h, n, p, **f32)
+    if reset_kind.startswith("shared"):
+        reset = torch.zeros(1, t, dtype=torch.bool)
+        reset[0, 0] = True
+        if reset_kind == "shared-packed":
+            reset[0, 20] = reset[0, 21] = True
+    else:
+        reset = resets(reset_kind, b, t, device="cpu")
+    y, s = module.fla_scan(x, dt, A, B, C, D, S0, reset, kernel="simple_gla")
+    y_ref, s_ref = ops.ssd_sequential(x.double(), dt.double(), A.double(), B.double(), C.double(),
+                                      D.double(), S0.double(), reset)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s, s_ref.float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,8 @@ source benchmarks/h200/env.sh
 set +e
 tests_s=${1:-540}
 start=$(date +%s)
-timeout "$tests_s" python3 -m pytest -v -m gpu -p no:cacheprovider -n 6 --dist loadgroup --timeout 240 -rfEs > "$OUT/gpu_tests.txt" 2>&1
+# SIGINT, so that pytest still prints the failures it has seen when the time runs out.
+timeout -s INT -k 30 "$tests_s" python3 -m pytest -v -m gpu -p no:cacheprovider -n 6 --dist loadgroup --timeout 240 --tb=short -rfEs > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests: exit $? after $(( $(date +%s) - start )) s"
 grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -3
 echo "so far: $(grep -c ' PASSED' "$OUT/gpu_tests.txt") passed, $(grep -c ' FAILED' "$OUT/gpu_tests.txt") failed"
@@ -19,4 +20,5 @@ if [ "${2:-}" = "--bench" ]; then
   echo "bench_kernels verify: exit $?"; tail -4 "$OUT/verify.log"
 fi
 echo "total $(( $(date +%s) - start )) s"
+bash benchmarks/h200/pack.sh attention kernels
 bash benchmarks/h200/keep_autotune.sh

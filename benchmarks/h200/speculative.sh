@@ -43,5 +43,12 @@ step end_to_end 200 python3 benchmarks/bench_speculative.py --out "$OUT/spec/end
   --target "$target" --draft "$runs/draft/model" --k 2,3,4,6,auto --batch 1,8 \
   --new-tokens 128 --prompts 16 --repeats 3 --time-budget-s 170
 cp -r "$OUT/spec/end_to_end" "$runs/" 2>/dev/null
+cat "$OUT/spec/end_to_end/bench_speculative.md" 2>/dev/null
+for run in hybrid50 draft; do  # the runs' reports and plots beside the step logs
+  for f in report.md metrics.jsonl loss_curve.png before_after.png config.yaml; do
+    [ -f "$runs/$run/$f" ] && cp "$runs/$run/$f" "$OUT/spec/$run-$f"
+  done
+done
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+bash benchmarks/h200/pack.sh spec
 bash benchmarks/h200/keep_autotune.sh

@@ -126,7 +126,10 @@ def fla_scan(
         if reset is None:
             o, final = _gla(q, k, v, g, kernel, initial_state=h0)
         else:
-            cu_cpu, seg_row, seg_carries, row_last = _segments(reset)
+            # Resets derived from shared position ids come as (1, t) and hold for every row, as
+            # in the reference; cutting the segments from that one row would leave the other
+            # rows out of fla's varlen call (their outputs unwritten: NaN perplexity on the H200).
+            cu_cpu, seg_row, seg_carries, row_last = _segments(reset.expand(b, t))
             if len(cu_cpu) - 1 == b:  # resets at most at t = 0: one segment per row
                 if h0 is not None:
                     h0 = h0 * seg_carries.to(h0.device, h0.dtype)[:, None, None, None]
