@@ -11,8 +11,8 @@ Usage (on the H200, after ``source benchmarks/h200/env.sh``):
     # both at once, or on the CPU with tiny random models (what the tests run):
     python3 benchmarks/bench_speculative.py --out DIR --tiny
 
-(a) End to end. Prompts are chat prompts from the repository's offline Wikipedia data (the
-ones ``mambaify eval`` uses), rendered with the target tokenizer's chat template (``--prompts-file``
+(a) End to end. Prompts are chat prompts about the held-out titles of the repository's offline
+Wikipedia data (no distillation run trains on them), rendered with the target tokenizer's chat template (``--prompts-file``
 gives others: one prompt per line); with ``--tiny``, random token ids. Each batch of prompts is
 generated greedily for ``--new-tokens`` tokens per row (stop tokens off, so both paths produce
 the same number of tokens) by the plain :class:`Engine` (CUDA-graph decode) and by the
@@ -207,7 +207,9 @@ def load_prompts(args, tokenizer, count: int, vocab_size: int) -> list[list[int]
             texts = DEFAULT_BUILTIN_PROMPTS
         else:
             try:
-                texts = D.wiki_prompts(count, seed=args.seed + 777)
+                # Held-out titles: the target and the draft were distilled on train-split prompts,
+                # and acceptance measured on those would flatter the draft.
+                texts = D.wiki_prompts(count, seed=args.seed + 777, split="heldout")
             except (D.DataError, OSError) as err:
                 print(f"warning: offline Wikipedia prompts unavailable ({str(err)[:160]}); using built-in prompts",
                       flush=True)

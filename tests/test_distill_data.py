@@ -414,6 +414,15 @@ def test_wiki_split_is_stable(wiki_cache, monkeypatch):
     assert set(texts) <= {r["summary"] for r in heldout}
     with pytest.raises(DataError, match="train titles"):
         D.wiki_prompts(len(train) + 1)
+    # Held-out prompts (benchmarks): about held-out titles, never a train-split prompt.
+    held_prompts = D.wiki_prompts(30, seed=1, split="heldout")
+    heldout_titles = [r["title"] for r in heldout]
+    assert len(set(held_prompts)) == 30 and all(any(t in p for t in heldout_titles) for p in held_prompts)
+    assert not set(held_prompts) & set(D.wiki_prompts(None, seed=1))
+    with pytest.raises(DataError, match="heldout titles"):
+        D.wiki_prompts(len(heldout) + 1, split="heldout")
+    with pytest.raises(ValueError, match="split must be"):
+        D.wiki_prompts(3, split="test")
     assert D.load_source("wiki-offline:heldout")[0] == {"text": texts[0]}
     chat = D.load_source("wiki-offline", limit=3)
     assert chat[0]["messages"][0]["role"] == "user"

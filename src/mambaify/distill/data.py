@@ -465,13 +465,17 @@ def wiki_split(records: Sequence[Record] | None = None) -> tuple[list[Record], l
     return train, heldout
 
 
-def wiki_prompts(n: int | None = None, seed: int = 0) -> list[str]:
-    """``n`` chat prompts ("Tell me about X.") about distinct train-split titles, in an order
-    and with phrasings fixed by ``seed``; ``None`` for all of them."""
-    train = wiki_split()[0]
+def wiki_prompts(n: int | None = None, seed: int = 0, split: str = "train") -> list[str]:
+    """``n`` chat prompts ("Tell me about X.") about distinct titles of ``split`` ("train", or
+    "heldout": titles no training run's prompts or text use, for benchmarks that must not score
+    a model on what it was trained on), in an order and with phrasings fixed by ``seed``;
+    ``None`` for all of them."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    train = wiki_split()[split == "heldout"]
     if n is not None and n > len(train):
         raise DataError(
-            f"wiki-offline has {len(train)} train titles, {n} prompts asked; ask for fewer or add another source"
+            f"wiki-offline has {len(train)} {split} titles, {n} prompts asked; ask for fewer or add another source"
         )
     rng = random.Random(f"wiki-prompts/{seed}")
     order = list(range(len(train)))
