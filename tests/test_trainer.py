@@ -147,3 +147,34 @@ def test_a_time_budget_without_a_token_count_trains_for_the_budget(tmp_path):
     assert DistillConfig.from_flags(without, {}).tokens == TOKENS_UNTIL_THE_BUDGET
     assert DistillConfig.from_flags(without, {"tokens": 512}).tokens == 512
     assert DistillConfig.from_flags(without, {}).seq_len == 64
+
+
+def test_a_stage_that_would_pass_over_its_data_many_times_says_so(teacher_dir, data_files, tmp_path, caplog):
+    from mambaify.distill.trainer import MAX_DATA_PASSES, repetition_warning
+
+    assert repetition_warning(10, 1000, rows=5, seq_len=500) is None  # 10 k tokens over 2.5 k: 4 passes
+    warning = repetition_warning(11, 1000, rows=5, seq_len=500)
+    assert "4 passes" in warning and "--text-docs" in warning and "--data" in warning
+    assert MAX_DATA_PASSES == 4.0
+    # A run asking for far more tokens than its data holds warns before it trains (stopped after
+    # one step here); one within its data does not.
+    with caplog.at_level("WARNING", logger="mambaify.distill.trainer"), pytest.raises(RunInterrupted):
+        distill(config(teacher_dir, data_files, tmp_path / "long", tokens=10**7), stop_after_steps=1)
+    assert "passes), so the model will mostly memorise them" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mambaify.distill.trainer"), pytest.raises(RunInterrupted):
+        distill(config(teacher_dir, data_files, tmp_path / "short"), stop_after_steps=1)
+    assert "memorise" not in caplog.text
+
+
+def test_data_volume_flags_reach_the_configs():
+    from mambaify.cli import build_parser
+    from mambaify.draft import DraftConfig
+
+    parser = build_parser()
+    flags = ["--text-docs", "5000", "--num-prompts", "2000", "--label-tokens", "96", "--label-batch-size", "256"]
+    for command, cls in (("distill", DistillConfig), ("distill-draft", DraftConfig)):
+        args = parser.parse_args([command, *flags])
+        fields = ("text_docs", "num_prompts", "label_tokens", "label_batch_size")
+        cfg = cls.from_flags(None, {f: getattr(args, f) for f in fields})
+        assert (cfg.text_docs, cfg.num_prompts, cfg.label_tokens, cfg.label_batch_size) == (5000, 2000, 96, 256), command

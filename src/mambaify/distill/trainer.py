@@ -342,6 +342,27 @@ def save_checkpoint(run_dir: Path, accelerator: Accelerator, student, optimizer,
     accelerator.wait_for_everyone()
 
 
+# Beyond this many passes over the same tokens a run mostly memorises them. On the H200 a
+# two-layer draft trained 12 M tokens over about 0.2 M unique ones (the defaults' 256 summaries
+# and 1,024 short answers): KL 0.3 on its training rows, 2.5-3.4 on held-out text and answers.
+MAX_DATA_PASSES = 4.0
+
+
+def repetition_warning(total_steps: int, tokens_per_step: int, rows: int, seq_len: int) -> str | None:
+    """A warning when a stage's planned tokens pass over its packed rows more than
+    :data:`MAX_DATA_PASSES` times, naming the options that add data; None otherwise."""
+    unique = rows * seq_len
+    planned = total_steps * tokens_per_step
+    passes = planned / max(unique, 1)
+    if passes <= MAX_DATA_PASSES:
+        return None
+    return (
+        f"this stage trains {planned:,} tokens over {unique:,} unique ones ({passes:.0f} passes), so the model "
+        "will mostly memorise them: add data (built-in: --text-docs, --num-prompts, --label-tokens; or "
+        "--data FILE) or train fewer tokens (--tokens, --time-budget-s)"
+    )
+
+
 def train_stage(
     cfg: DistillConfig,
     stage: Stage,
@@ -369,6 +390,12 @@ def train_stage(
 
     optimizer = make_optimizer(params, hp["lr"], cfg)
     plan = {"total": total_steps}
+
+    def warn_if_repeating() -> None:  # once the number of steps is known (after a budget's calibration)
+        warning = repetition_warning(plan["total"] - start_step, tokens_per_step, len(rows), cfg.seq_len)
+        if warning and accelerator.is_main_process:
+            log.warning("stage %d: %s", stage.index, warning)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan, cfg.warmup, cfg.min_lr_ratio))
     start_step, tokens_seen = 0, 0
     calibrate = cfg.time_budget_s is not None
@@ -381,6 +408,8 @@ def train_stage(
         _set_rng_state(trainer_state["rng"])
         start_step, tokens_seen = resume["step"], resume["tokens_seen"]
 
+    if not calibrate:
+        warn_if_repeating()
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
     # Every process walks the same global order of micro-batches and takes its own share.
@@ -402,6 +431,7 @@ def train_stage(
             bar.total = plan["total"]
             calibrate = False
             log.info("time budget %.0fs: %d steps at %.2fs/step", cfg.time_budget_s, plan["total"], per_step)
+            warn_if_repeating()
             if step >= plan["total"]:  # the budget ends here: mark the stage done
                 save_checkpoint(run_dir, accelerator, student, optimizer, scheduler,
                                 {"stage": stage.index, "step": step, "tokens_seen": tokens_seen,
