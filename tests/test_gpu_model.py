@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mambaify import convert, ops
 
 # On the chunk_simple_gla tests' xdist worker (see tests/test_triton_ops.py): fla autotunes once per process.
-pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("fla-simple_gla"),
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("fla-simple_gla-64x64"),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # SmolLM2-135M's widths (hidden 576, 9 query and 3 key/value heads of 64), four layers, a small vocabulary.

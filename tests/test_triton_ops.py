@@ -303,13 +303,22 @@ def fla_scan():
 FLA_SHAPES = [(2, 100, 4, 64, 64), (1, 157, 3, 48, 32), (3, 5, 4, 64, 64), (2, 1, 4, 64, 64)]
 
 
-# fla autotunes every kernel once per process and shape, which takes minutes, so spreading these
-# tests over xdist workers would repeat the autotuning in each (check.sh runs the GPU tests with
-# --dist loadgroup). Each fla kernel family keeps to one worker: chunk_simple_gla (inference on
-# Hopper, and the whole-model tests) on one, chunk_gla (training) on another.
-FLA_GROUP = pytest.mark.xdist_group("fla-simple_gla")
-FLA_GLA_GROUP = pytest.mark.xdist_group("fla-gla")
-FLA_KERNELS = [pytest.param("simple_gla", marks=FLA_GROUP), pytest.param("gla", marks=FLA_GLA_GROUP)]
+# fla autotunes every kernel once per process and head widths, which takes minutes (chunk_gla's
+# backward most), so spreading these tests over xdist workers would repeat the autotuning in
+# each (check.sh runs the GPU tests with --dist loadgroup). Each kernel family and head width
+# keeps to one worker: chunk_simple_gla (inference, and the whole-model tests) and chunk_gla
+# (training on Hopper) at 64-wide heads, and each at the odd widths, tune side by side.
+def fla_group(kernel: str, p: int = 64, n: int = 64):
+    return pytest.mark.xdist_group(f"fla-{kernel}-{p}x{n}")
+
+
+FLA_GROUP = fla_group("simple_gla")
+FLA_GLA_GROUP = fla_group("gla")
+FLA_CASES = [
+    pytest.param(kernel, shape, marks=fla_group(kernel, shape[3], shape[4]),
+                 id="{}-b{}t{}h{}p{}n{}".format(kernel, *shape))
+    for shape in FLA_SHAPES for kernel in ("simple_gla", "gla")
+]
 
 
 @pytest.mark.parametrize("p, n", [(12, 32), (64, 8)])
@@ -386,10 +395,9 @@ def test_fla_wrapper_cuts_segments_as_the_reference(monkeypatch, reset_kind):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("kernel", FLA_KERNELS)
 @pytest.mark.parametrize("reset_kind", ["none", "t0", "packed"])
-@pytest.mark.parametrize("shape", FLA_SHAPES, ids=lambda s: "b{}t{}h{}p{}n{}".format(*s))
-def test_fla_scan_forward_backward(fla_scan, kernel, reset_kind, shape):
+@pytest.mark.parametrize("kernel, shape", FLA_CASES)
+def test_fla_scan_forward_backward(fla_scan, kernel, shape, reset_kind):
     # Where fla refuses chunk_simple_gla's gated backward (fla issue 640: Hopper, triton < 3.7.1)
     # the backend still uses it for inference, so its forward is checked all the same.
     forward_only = kernel == "simple_gla" and not fla_scan.simple_gla_backward_ok(torch.cuda.current_device())
