@@ -5,16 +5,24 @@
 # Each step has its own time limit, so a failing step leaves the others' results in $OUT. The run
 # folders stay in runs/h200-spec while the machine is warm: a second call resumes or skips what is
 # done.
-# Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S]
+# The whole call keeps within DEADLINE_S (default 570 s): a step that no longer fits is left for
+# the next call, which resumes (the machine must still be warm).
+# Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S] [DEADLINE_S]
+# TAG and BENCH_ARGS (environment): a variant of the benchmarks, e.g. TAG=-compiled BENCH_ARGS=--compile.
 source benchmarks/h200/env.sh
 set +e
 hybrid_s=${1:-120}
-draft_s=${2:-80}
+draft_s=${2:-150}
+deadline=$(( $(date +%s) + ${3:-570} ))
 runs=runs/h200-spec
 mkdir -p "$OUT/spec" "$runs"
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/spec/NAME.log
   local name=$1 limit=$2; shift 2
   local start=$(date +%s)
+  if (( start + limit > deadline )); then
+    echo "$name: needs up to $limit s, $(( deadline - start )) s left in this call: run the script again"
+    return
+  fi
   # SIGINT first: Python prints where it was, which a plain kill would not tell.
   timeout -s INT -k 10 "$limit" "$@" > "$OUT/spec/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s"
@@ -24,7 +32,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/spe
 # too), so that a run cut short in its final evaluation still gives a target.
 if [ ! -f "$runs/hybrid50/model/config.json" ] && [ -z "$(ls "$runs"/hybrid50/stages/*/config.json 2>/dev/null)" ]; then
   resume=""; [ -d "$runs/hybrid50/checkpoint" ] && resume="--resume"
-  step hybrid 330 python3 -m mambaify.cli -v distill --config configs/h200-smollm2-attn50.yaml $resume \
+  step hybrid 280 python3 -m mambaify.cli -v distill --config configs/h200-smollm2-attn50.yaml $resume \
     --out "$runs/hybrid50" --init linear-attention --time-budget-s "$hybrid_s" --num-prompts 1024 --no-progress
 fi
 cp "$runs/hybrid50/metrics.json" "$OUT/spec/hybrid50-metrics.json" 2>/dev/null
@@ -33,17 +41,30 @@ target="$runs/hybrid50/model"
 echo "target: $target"
 if [ ! -f "$runs/draft/model/config.json" ]; then
   resume=""; [ -d "$runs/draft/checkpoint" ] && resume="--resume"
-  # --tokens is an upper bound: the time budget decides how long the draft trains.
-  step draft 240 python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
+  # --tokens is an upper bound: the time budget decides how long the draft trains. The whole
+  # offline corpus (about 1.5 M tokens): session 4's draft memorised the defaults' 0.14 M.
+  step draft $(( draft_s + 120 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
     --draft-from smollm2-135m-instruct --out "$runs/draft" --time-budget-s "$draft_s" --tokens 200000000 \
-    --seq-len 1024 --batch-size 32 --lr 1e-3 --num-prompts 1024 --no-progress
+    --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 4096 --label-tokens 128 \
+    --label-batch-size 1024 --no-progress
 fi
 cp "$runs/draft/metrics.json" "$OUT/spec/draft-metrics.json" 2>/dev/null
-step end_to_end 200 python3 benchmarks/bench_speculative.py --out "$OUT/spec/end_to_end" \
-  --target "$target" --draft "$runs/draft/model" --k 2,3,4,6,auto --batch 1,8 \
-  --new-tokens 128 --prompts 16 --repeats 3 --time-budget-s 170
-cp -r "$OUT/spec/end_to_end" "$runs/" 2>/dev/null
-cat "$OUT/spec/end_to_end/bench_speculative.md" 2>/dev/null
+# The benchmarks write into the run folder (kept while the machine is warm: a later call skips a
+# finished one) and are copied to $OUT at the end. TAG names a variant, e.g. TAG=-compiled
+# BENCH_ARGS=--compile.
+bench() {  # bench NAME LIMIT_S ARGS...
+  local name=$1$TAG limit=$2; shift 2
+  [ -f "$runs/draft/model/config.json" ] || return
+  [ -f "$runs/$name/bench_speculative.json" ] && { echo "$name: done in an earlier call"; return; }
+  step "$name" "$limit" python3 benchmarks/bench_speculative.py --out "$runs/$name" --target "$target" \
+    --draft "$runs/draft/model" "$@" $BENCH_ARGS
+}
+bench end_to_end 200 --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 --time-budget-s 170
+# Greedy speculative output equals plain output exactly in float32 (bf16 rounds the verify call
+# and single steps differently, so near-ties part them): the same check on the GPU, briefly.
+bench exact_f32 150 --dtype float32 --k 2,4 --batch 1,8 --new-tokens 64 --prompts 8 --repeats 1 --time-budget-s 120
+for d in "$runs"/end_to_end* "$runs"/exact_f32*; do [ -d "$d" ] && cp -r "$d" "$OUT/spec/"; done
+cat "$runs/end_to_end$TAG/bench_speculative.md" 2>/dev/null
 for run in hybrid50 draft; do  # the runs' reports and plots beside the step logs
   for f in report.md metrics.jsonl loss_curve.png before_after.png config.yaml; do
     [ -f "$runs/$run/$f" ] && cp "$runs/$run/$f" "$OUT/spec/$run-$f"
