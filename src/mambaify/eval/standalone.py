@@ -26,7 +26,8 @@ def evaluate_model(model_path: str, teacher_name: str, *, out: str | None = None
     out_dir = Path(out) if out else Path(model_path) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    prompts = D.wiki_prompts(num_chats + num_generations, seed=12345)
+    # Held-out titles: every distillation run draws its prompts from the train split.
+    prompts = D.wiki_prompts(num_chats + num_generations, seed=12345, split="heldout")
     chat_path = out_dir / "heldout_labels.jsonl"
     D.generate_pseudo_labels(teacher, tokenizer, prompts[:num_chats], chat_path, max_new_tokens=96, batch_size=16)
     run_data = SimpleNamespace(
