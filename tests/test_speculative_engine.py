@@ -18,10 +18,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import mambaify
+from mambaify import ops
 from mambaify.cli import main as cli_main
 from mambaify.generate import speculative_engine as spec
 from mambaify.generate.engine import Engine
-from mambaify.ops.attention import decode_attention
+from mambaify.ops.attention import decode_attention_op
 from mambaify.ops.reference import slide_conv_window, ssd_fold
 from mambaify.generate.speculative_engine import (
     AdaptiveK,
@@ -160,10 +161,10 @@ def test_split_k_attention_path_gives_the_same_tokens(targets, drafts, draft_nam
 
     def counted(*args, **kwargs):
         calls.append(args[4].shape)  # query_slots (b, t)
-        return decode_attention(*args, **kwargs)
+        return decode_attention_op(*args, **kwargs)
 
     monkeypatch.setattr(spec, "use_split_k_attention", lambda device: True)
-    monkeypatch.setattr(spec, "decode_attention", counted)
+    monkeypatch.setattr(spec, "decode_attention_op", counted)
     target = targets["hybrid50"]
     ids, mask = _prompts(4)
     expected = plain_greedy(target, ids, mask, 12)
@@ -486,6 +487,205 @@ def test_cli_generate_and_chat_with_a_draft(saved_pair, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# torch.compile: the rounds compiled (inductor's C++ backend on the CPU) against the eager ones.
+# Two-layer models and one compiled (batch, K, sampling) setting per test: compiling a round
+# takes seconds, and the first compile in a fresh environment also builds inductor's prelude.
+
+
+@pytest.fixture(scope="module")
+def compile_models(drafts):
+    """A 2-layer hybrid target (an attention and a Mamba layer) and the file's 2-layer drafts.
+    The target's embeddings are smaller than bigram_teacher's default, so that its layers weigh
+    more than the bigram table: a wrong state changes its tokens, and the drafts (which follow
+    the table) are right about a third of the time."""
+    teacher = bigram_teacher(0, num_hidden_layers=2, embedding_scale=0.06)
+    return {"target": without_eos(mambaify.convert(teacher, attention=0.5).eval()), **drafts}
+
+
+def compiled_and_eager(target, draft, **options) -> tuple[SpeculativeEngine, SpeculativeEngine]:
+    # Three rows of buffers for two-row requests: the compiled rounds write into views of them.
+    options = dict(max_batch_size=3, max_length=40, **options)
+    return (SpeculativeEngine(target, draft, compile=True, **options), SpeculativeEngine(target, draft, **options))
+
+
+def assert_same_caches(a: spec.SpeculativeCache, b: spec.SpeculativeCache, rows: int) -> None:
+    a, b = a.rows(rows), b.rows(rows)
+    for name in ("pad_lengths", "lengths", "counts"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for layer_a, layer_b in zip(a.layers, b.layers):
+        if isinstance(layer_a, MambaVerifyBuffers):
+            pairs = [(layer_a.checkpoint, layer_b.checkpoint), (layer_a.window, layer_b.window), (layer_a.x, layer_b.x)]
+        else:
+            pairs = [(layer_a.keys, layer_b.keys), (layer_a.values, layer_b.values)]
+        for x, y in pairs:
+            assert torch.allclose(x, y, atol=1e-5), (type(layer_a).__name__, (x - y).abs().max())
+
+
+@pytest.mark.parametrize("draft_name, split_k", [("transformer", False), ("mamba2", True)],
+                         ids=["attention-draft", "mamba2-draft-split-k"])
+def test_compiled_rounds_equal_eager(compile_models, draft_name, split_k, monkeypatch):
+    """Greedy at batch 2, K = 2: the compiled rounds give the eager rounds' tokens, acceptance and
+    caches. split_k: the target's attention takes the CUDA branch (mambaify::decode_attention
+    over slots, on its PyTorch path), which must stay one opaque op for the round to compile."""
+    if split_k:
+        monkeypatch.setattr(spec, "use_split_k_attention", lambda device: True)
+    target, draft = compile_models["target"], compile_models[draft_name]
+    compiled, eager = compiled_and_eager(target, draft, k=2)
+    ids, mask = _prompts(2)
+    greedy = dict(max_new_tokens=16, stop_token_ids=[])
+    tokens = compiled.generate(ids, mask, **greedy)
+    assert torch.equal(tokens, eager.generate(ids, mask, **greedy))
+    assert torch.equal(tokens, plain_greedy(target, ids, mask, 16))
+    stats = compiled.stats
+    assert (stats.rounds, stats.accepted) == (eager.stats.rounds, eager.stats.accepted)
+    assert 0 < stats.mean_accepted < 2  # rounds that accepted and rounds that rejected
+    for ours, theirs in ((compiled.target_cache, eager.target_cache), (compiled.draft_cache, eager.draft_cache)):
+        assert_same_caches(ours, theirs, 2)
+    assert compiled.is_compiled(2, 2) and compiled.compile_error is None
+    assert not compiled.is_compiled(1, 2) and not compiled.is_compiled(2, 2, temperature=1.0)
+    assert not eager.is_compiled(2, 2)
+    seconds = compiled.compile_seconds
+    assert seconds > 0
+    # Another request of the setting (other prompts, a stop token) replays the compiled rounds,
+    # which raise rather than recompile.
+    later = dict(max_new_tokens=9, stop_token_ids=[int(tokens[0, 4])])
+    assert torch.equal(compiled.generate(ids.flip(0), mask.flip(0), **later),
+                       eager.generate(ids.flip(0), mask.flip(0), **later))
+    assert compiled.compile_seconds == seconds
+
+
+def test_compiled_sampling_rounds_equal_eager(compile_models):
+    """Seeded sampling (temperature, top-k, top-p; the rejection rule) draws the same tokens
+    from the compiled rounds as from the eager ones."""
+    compiled, eager = compiled_and_eager(compile_models["target"], compile_models["transformer"], k=2)
+    ids, mask = _prompts(2)
+    sampled = dict(max_new_tokens=16, stop_token_ids=[], temperature=1.0, top_k=20, top_p=0.95)
+    first = compiled.generate(ids, mask, seed=7, **sampled)
+    assert torch.equal(first, eager.generate(ids, mask, seed=7, **sampled))
+    assert compiled.stats.accepted == eager.stats.accepted
+    assert not torch.equal(compiled.generate(ids, mask, seed=8, **sampled), first)
+    assert compiled.is_compiled(2, 2, temperature=1.0, top_k=20, top_p=0.95) and not compiled.is_compiled(2, 2)
+
+
+def test_compiled_adaptive_k_switches_between_compiled_programs(compile_models):
+    """k="auto" over two K values compiles a program of each: four compiled rounds of two code
+    objects, whose compiled entries live side by side and replay without recompiling."""
+    target = compile_models["target"]
+    # The attention draft, as in test_compiled_rounds_equal_eager: the K = 2 program compiles
+    # the same graphs, which inductor's cache then holds.
+    compiled, eager = compiled_and_eager(target, compile_models["transformer"], k="auto", k_choices=(1, 2))
+    ids, mask = _prompts(2)
+    greedy = dict(max_new_tokens=16, stop_token_ids=[])
+    tokens = compiled.generate(ids, mask, **greedy)
+    assert torch.equal(tokens, eager.generate(ids, mask, **greedy))
+    assert torch.equal(tokens, plain_greedy(target, ids, mask, 16))
+    assert compiled.is_compiled(2, 1) and compiled.is_compiled(2, 2)
+    # The chooser may keep to one K on this text: requests at each fixed K replay both programs.
+    seconds = compiled.compile_seconds
+    for k in (1, 2):
+        assert torch.equal(compiled.generate(ids, mask, k=k, **greedy), tokens)
+        assert compiled.stats.k_used == {k: compiled.stats.rounds}
+    assert compiled.compile_seconds == seconds
+
+
+def test_compile_settings(compile_models, monkeypatch, caplog):
+    target, draft = compile_models["target"], compile_models["mamba2"]
+    small = dict(max_batch_size=2, max_length=24)
+    assert SpeculativeEngine(target, draft, compile="auto", **small).compile is False  # off on the CPU
+    with pytest.raises(ValueError, match="compile takes True, False or 'auto'"):
+        SpeculativeEngine(target, draft, compile="bogus", **small)
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        SpeculativeEngine(target, draft, compile=True, compile_mode="reduce-overhead", **small)
+
+    def broken(step, mode):
+        raise RuntimeError("inductor is unhappy\nsecond line")
+
+    monkeypatch.setattr(spec, "compile_step", broken)
+    ids, mask = _prompts(2)
+    options = dict(max_new_tokens=6, stop_token_ids=[], k=2)
+    expected = SpeculativeEngine(target, draft, **small).generate(ids, mask, **options)
+    insisting = SpeculativeEngine(target, draft, compile=True, **small)
+    with pytest.raises(spec.CompileError, match="inductor is unhappy"):
+        insisting.generate(ids, mask, **options)
+    # "auto" (on CUDA) falls back to the eager rounds and says why.
+    falling_back = SpeculativeEngine(target, draft, compile=True, **small)
+    falling_back.compile_setting = "auto"
+    with caplog.at_level("WARNING", logger=spec.__name__):
+        assert torch.equal(falling_back.generate(ids, mask, **options), expected)
+    assert falling_back.compile is False and not falling_back.is_compiled(2, 2)
+    assert falling_back.compile_error == "RuntimeError: inductor is unhappy"
+    assert "decoding without torch.compile" in caplog.text
+
+
+def verify_ops_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    b, T, t, h, n, p, c, d_conv = 2, 4, 3, 3, 4, 5, 6, 4
+    return dict(
+        checkpoint=randn(b, h, n, p), x_cache=randn(b, T, h, p), dt_cache=randn(b, T, h).abs(),
+        B_cache=randn(b, T, h, n), states=randn(b, T, h, n, p), counts=torch.tensor([1, T]),
+        x=randn(b, t, h, p), dt=randn(b, t, h).abs(), A=-torch.rand(h, generator=g, dtype=torch.float64) - 0.1,
+        B=randn(b, t, h, n), C=randn(b, t, h, n), D=randn(h),
+        window=randn(b, d_conv - 1 + T, c), xBC=randn(b, t, c), weight=randn(c, d_conv), bias=randn(c),
+    )
+
+
+def verify_ops_step(i: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The three verify calls a compiled round may make, each writing its buffers in place."""
+    conv = ops.conv_verify_inplace(i["window"], i["counts"], i["xBC"], i["weight"], i["bias"], silu=True)
+    y = ops.ssd_verify_inplace(i["checkpoint"], i["x_cache"], i["dt_cache"], i["B_cache"], i["counts"],
+                               i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"])
+    y_stored = ops.ssd_verify_store_states(i["checkpoint"], i["states"], i["counts"], i["x"], i["dt"], i["A"],
+                                           i["B"], i["C"], i["D"])
+    return conv, y, y_stored
+
+
+def test_round_custom_ops_stay_opaque_under_compile():
+    i = verify_ops_inputs()
+    # Declared mutations, fake functions and schemas agree with what the ops do.
+    fresh = {k: v.clone() for k, v in i.items()}
+    torch.library.opcheck(torch.ops.mambaify.ssd_verify_inplace.default, (
+        fresh["checkpoint"], fresh["x_cache"], fresh["dt_cache"], fresh["B_cache"], i["counts"], i["x"], i["dt"],
+        i["A"], i["B"], i["C"], None, torch.empty_like(i["x"]), None))
+    torch.library.opcheck(torch.ops.mambaify.ssd_verify_store_states.default, (
+        fresh["checkpoint"], fresh["states"], i["counts"], i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"],
+        torch.empty_like(i["x"]), True))
+    torch.library.opcheck(torch.ops.mambaify.conv_verify_inplace.default, (
+        fresh["window"], i["counts"], i["xBC"], i["weight"], None, torch.empty_like(i["xBC"]), False, None))
+    # The split-K attention op over a verify call's t = 3 queries, laid out as attend_rows makes
+    # them ((b, t, h, d) transposed): its output's layout must be the one its fake function gives.
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 3, 4, 8, generator=g).transpose(1, 2)
+    keys, values = torch.randn(2, 2, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    torch.library.opcheck(torch.ops.mambaify.decode_attention.default,
+                          (query, keys, values, torch.tensor([0, 2]), torch.tensor([[4, 5, 6], [5, 6, 7]]), 0.3, None))
+
+    # Under torch.compile: one graph (fullgraph: no host read of the counts), each call one
+    # opaque op, every buffer written in place as eagerly.
+    seen: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    eager_inputs = {k: v.clone() for k, v in i.items()}
+    compiled_inputs = {k: v.clone() for k, v in i.items()}
+    with torch.no_grad():
+        expected = verify_ops_step(eager_inputs)
+        got = torch.compile(verify_ops_step, backend=recording_backend, fullgraph=True)(compiled_inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    for name in ("checkpoint", "x_cache", "dt_cache", "B_cache", "states", "window"):
+        assert torch.equal(compiled_inputs[name], eager_inputs[name]), name
+        assert not torch.equal(compiled_inputs[name], i[name]), name
+    mambaify_ops = sorted(target.removesuffix(".default") for target in seen if target.startswith("mambaify."))
+    assert mambaify_ops == ["mambaify.conv_verify_inplace", "mambaify.ssd_verify_inplace",
+                            "mambaify.ssd_verify_store_states"], seen
+
+
+# ---------------------------------------------------------------------------------------------
 # The benchmark script, on tiny models on the CPU
 
 
@@ -507,6 +707,35 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     assert data["speedup"] and all(p["speedup"] > 0 for p in data["speedup"])
     markdown = (out / "bench_speculative.md").read_text()
     assert "| batch |" in markdown and "verify" in markdown
+
+
+def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):
+    """--compile builds the plain engine and the speculative one with compile=True and records
+    it per point. compile_step is replaced here (the flag's plumbing is under test, not inductor)."""
+    import importlib.util
+
+    from mambaify.generate import engine as engine_module
+
+    module_spec = importlib.util.spec_from_file_location("bench_speculative", REPO / "benchmarks" / "bench_speculative.py")
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    compiled_steps = []
+
+    def recorded(step, mode):
+        compiled_steps.append(step.__name__)
+        return step
+
+    monkeypatch.setattr(engine_module, "compile_step", recorded)
+    monkeypatch.setattr(spec, "compile_step", recorded)
+    argv = ["--tiny", "--k", "2", "--batch", "2", "--prompts", "2", "--new-tokens", "6", "--repeats", "1",
+            "--verify-k", "2", "--attention", "0.5"]
+    for flags in (["--compile"], []):
+        out = tmp_path / ("on" if flags else "off")
+        assert bench.main([*argv, *flags, "--out", str(out)]) == 0
+        points = json.loads((out / "bench_speculative.json").read_text())["end_to_end"]
+        assert [(p["path"], p["compiled"]) for p in points] == [("plain", bool(flags)), ("speculative", bool(flags))]
+        assert f"| 2 | speculative | 2 | {bool(flags)} |" in (out / "bench_speculative.md").read_text()
+    assert compiled_steps == ["step", "draft_round", "verify_round"]  # once each, with --compile only
 
 
 def test_benchmark_takes_accepted_lengths_from_an_end_to_end_run(tmp_path):
@@ -579,3 +808,25 @@ def test_cuda_graph_bf16_greedy_matches_plain_engine(targets, drafts):
     tokens = engine.generate(ids, mask, max_new_tokens=16, stop_token_ids=[])
     assert (tokens == plain.cpu()).float().mean() > 0.8
     assert engine.stats.mean_accepted > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
+def test_cuda_compiled_graph_rounds_equal_eager_in_bf16(compile_models, draft_name):
+    """The compiled rounds captured in CUDA graphs, against the uncompiled rounds run eagerly, in
+    bf16: the Triton verify, decode and split-K attention kernels as custom ops inside inductor's
+    graphs, and inductor's fused kernels rounding where eager rounds."""
+    target = copy.deepcopy(compile_models["target"]).to("cuda", torch.bfloat16)
+    draft = copy.deepcopy(compile_models[draft_name]).to("cuda", torch.bfloat16)
+    options = dict(k=2, max_batch_size=4, max_length=48)
+    compiled = SpeculativeEngine(target, draft, use_cuda_graph=True, compile=True, **options)
+    eager = SpeculativeEngine(target, draft, use_cuda_graph=False, **options)
+    ids, mask = (t.cuda() for t in _prompts(4))
+    greedy = dict(max_new_tokens=24, stop_token_ids=[])
+    sampled = dict(greedy, temperature=1.0, top_p=0.9, seed=3)
+    for request in (greedy, sampled):
+        assert torch.equal(compiled.generate(ids, mask, **request), eager.generate(ids, mask, **request))
+        assert compiled.stats.accepted == eager.stats.accepted
+    assert compiled.is_compiled(4, 2) and compiled.is_compiled(4, 2, temperature=1.0, top_p=0.9)
+    assert compiled.use_cuda_graph and compiled.compile_error is None

@@ -448,6 +448,16 @@ class CompileError(RuntimeError):
     """torch.compile could not compile (or capture) the decode step; Engine(compile=False) avoids it."""
 
 
+def check_compile_options(compile, compile_mode: str) -> None:
+    """Raise a ValueError unless ``compile`` is True, False or "auto" and ``compile_mode`` one of
+    :data:`COMPILE_MODES` (the engines' settings)."""
+    if compile not in (True, False, "auto") or compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile takes True, False or 'auto' and compile_mode one of {', '.join(COMPILE_MODES)}; "
+            f"got {compile!r} and {compile_mode!r}"
+        )
+
+
 def _patch_config(module, **values):
     # Options that this torch may not have yet are left out.
     return module.patch(**{name: value for name, value in values.items() if hasattr(module, name)})
@@ -673,11 +683,7 @@ class Engine(GenerationFrontend):
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
-        if compile not in (True, False, "auto") or compile_mode not in COMPILE_MODES:
-            raise ValueError(
-                f"compile takes True, False or 'auto' and compile_mode one of {', '.join(COMPILE_MODES)}; "
-                f"got {compile!r} and {compile_mode!r}"
-            )
+        check_compile_options(compile, compile_mode)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         self.device = model.lm_head.weight.device
@@ -931,6 +937,7 @@ __all__ = [
     "MambaBuffers",
     "MambaRunner",
     "StaticCache",
+    "check_compile_options",
     "compile_step",
     "generate",
     "grouped_query_attention",

@@ -51,6 +51,16 @@ with the most expected tokens per second, (1 - a^(K+1)) / (1 - a) tokens per row
 running per-token acceptance rate a, over the measured time of that K's draft round, verify call
 and host overhead (see :class:`AdaptiveK`).
 
+Compiled rounds (``SpeculativeEngine(compile=True)``, or "auto": on CUDA): the draft round and
+the verify round are each compiled whole by torch.compile, with the plain engine's
+:func:`~mambaify.generate.engine.compile_step` (one graph, static shapes, no CUDA graphs of
+inductor's own), before their CUDA-graph capture and before the request's prefill, once per
+(batch size, K, sampling settings). Inductor fuses the many small kernels of a round (norms,
+RoPE, SiLU * up, residual adds, the acceptance and sampling arithmetic) that cost microseconds
+each even inside a graph; the Mamba decode and verify kernels and the split-K attention stay one
+opaque custom op each (``torch.ops.mambaify.*``, see :mod:`mambaify.ops`). Off by default: each
+setting costs two compiles (seconds each, more on a cold cache).
+
 Reading order: kernels -> buffers -> RowContext / attend_rows -> mamba_verify / mamba_draft_step
 -> SpeculativeStack -> RoundBuffers / round functions -> AdaptiveK -> SpeculativeEngine ->
 generate() / assisted_generate().
@@ -58,6 +68,7 @@ generate() / assisted_generate().
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,9 +80,10 @@ from torch import nn
 
 from .. import ops
 from ..models.modeling import Mamba2Mixer
-from ..ops.attention import decode_attention
+from ..ops.attention import decode_attention_op
 from .engine import (
     AttentionRunner,
+    CompileError,
     DecodingStack,
     GenerationFrontend,
     KVBuffers,
@@ -80,11 +92,15 @@ from .engine import (
     Prompts,
     StaticCache,
     _rope_is_static,
+    check_compile_options,
+    compile_step,
     grouped_query_attention,
     use_split_k_attention,
 )
 from .sampling import SamplingParams, keep_top_k, keep_top_p
 from .speculative import accept_greedy, rejection_rule, sample_inverse_cdf
+
+logger = logging.getLogger(__name__)
 
 KChoice = int | Literal["auto"]
 DEFAULT_K_CHOICES = (1, 2, 3, 4, 6, 8)
@@ -214,7 +230,7 @@ def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, 
     kv.values.scatter_(2, index, value)
     if ctx.mask is None:
         # Split-K over each row's real slots only (mambaify.ops.attention): the same rule as the mask.
-        out = decode_attention(
+        out = decode_attention_op(
             query, kv.keys, kv.values, ctx.pad_lengths, ctx.slots, attn.scaling, runner.sliding_window
         )
     else:
@@ -471,11 +487,13 @@ class GraphedStep:
 
 @dataclass
 class RoundProgram:
-    """The draft round and the verify round of one (batch size, K, sampling) setting."""
+    """The draft round and the verify round of one (batch size, K, sampling) setting; compiled:
+    whether both run torch.compile'd code."""
 
     k: int
     draft: Callable[[], None]
     verify: Callable[[], None]
+    compiled: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,6 +661,13 @@ class SpeculativeEngine(GenerationFrontend):
     CUDA, once per (batch size, K, sampling settings), before the request's prefill.
     store_states: the target's Mamba layers verify with the naive call that stores every
     per-token state instead of the fused checkpoint + replay one (for benchmarks).
+    compile / compile_mode: as for the Engine: the draft round and the verify round are compiled
+    with :func:`~mambaify.generate.engine.compile_step`, once per (batch size, K, sampling
+    settings), before their CUDA-graph capture. True insists (a failure raises
+    :class:`~mambaify.generate.engine.CompileError`); "auto" compiles on CUDA and falls back to
+    the eager rounds, with a warning and ``compile_error`` set, where compilation fails; False
+    (the default) never compiles. ``compile_seconds`` adds up the time spent compiling;
+    :meth:`is_compiled` says whether a setting's rounds run compiled.
 
     The text helpers (generate_text, stream_text, chat, stream_chat) work as the Engine's.
     After each request, ``stats`` holds its :class:`SpeculativeStats`.
@@ -662,9 +687,12 @@ class SpeculativeEngine(GenerationFrontend):
         dtype: torch.dtype | None = None,
         use_cuda_graph: bool | Literal["auto"] = "auto",
         store_states: bool = False,
+        compile: bool | Literal["auto"] = False,
+        compile_mode: str = "default",
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
+        check_compile_options(compile, compile_mode)
         self.k = _check_k(k)
         self.k_choices = sorted({_check_k(c) for c in k_choices})
         if not self.k_choices:
@@ -706,6 +734,11 @@ class SpeculativeEngine(GenerationFrontend):
         else:
             self.use_cuda_graph = bool(use_cuda_graph)
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        self.compile_setting = compile
+        self.compile = self.device.type == "cuda" if compile == "auto" else bool(compile)
+        self.compile_mode = compile_mode
+        self.compile_error: str | None = None
+        self.compile_seconds = 0.0
         self._programs: dict[tuple, RoundProgram] = {}
         self._times: dict[tuple, RoundTimes] = {}
         self._request: _Request | None = None
@@ -717,12 +750,52 @@ class SpeculativeEngine(GenerationFrontend):
     def _program(self, batch: int, k: int, sampling: SamplingParams) -> RoundProgram:
         key = (batch, k, sampling)
         if key not in self._programs:
-            draft_round, verify_round = self._round_functions(batch, k, sampling)
-            if self.use_cuda_graph:
-                self._reset_rows(batch)  # capture's warm-up runs the steps: keep them in bounds
-                draft_round, verify_round = GraphedStep(draft_round, self._pool), GraphedStep(verify_round, self._pool)
-            self._programs[key] = RoundProgram(k, draft_round, verify_round)
+            rounds = self._round_functions(batch, k, sampling)
+            program = self._compiled_program(batch, k, rounds) if self.compile else None
+            self._programs[key] = program or self._make_program(batch, k, *rounds)
         return self._programs[key]
+
+    def _compiled_program(self, batch: int, k: int, rounds: tuple[Callable, Callable]) -> RoundProgram | None:
+        """The rounds compiled (and captured), or None where that fails and compile is "auto"."""
+        try:
+            return self._make_program(batch, k, *self._compile_rounds(batch, rounds), compiled=True)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # dynamo, inductor, or capturing the compiled rounds
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            if self.compile_setting is True:
+                raise CompileError(f"compiling the speculative rounds failed ({reason}); use compile=False") from err
+            self.compile, self.compile_error = False, reason
+            logger.warning("compiling the speculative rounds failed (%s); decoding without torch.compile", reason)
+            return None
+
+    def _make_program(
+        self, batch: int, k: int, draft_round: Callable, verify_round: Callable, compiled: bool = False
+    ) -> RoundProgram:
+        if self.use_cuda_graph:
+            self._reset_rows(batch)  # capture's warm-up runs the rounds: keep them in bounds
+            draft_round, verify_round = GraphedStep(draft_round, self._pool), GraphedStep(verify_round, self._pool)
+        return RoundProgram(k, draft_round, verify_round, compiled)
+
+    def _compile_rounds(self, batch: int, rounds: tuple[Callable, Callable]) -> list[Callable]:
+        # compile_step runs each round once, as a capture's warm-up does: from reset rows, so that
+        # every slot and count it reads stays in bounds, and before the request's prefill.
+        self._reset_rows(batch)
+        start = time.perf_counter()
+        try:
+            compiled = [compile_step(step, self.compile_mode) for step in rounds]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.compile_seconds += time.perf_counter() - start
+        return compiled
+
+    def is_compiled(self, batch_size: int, k: int, *, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0) -> bool:
+        """Whether requests of ``batch_size`` rows at K = ``k`` with these sampling settings run
+        compiled rounds (False before the first such request)."""
+        program = self._programs.get((batch_size, k, SamplingParams(temperature, top_k, top_p)))
+        return program is not None and program.compiled
 
     def _reset_rows(self, batch: int) -> None:
         for cache in (self.target_cache, self.draft_cache):

@@ -291,6 +291,19 @@ def ssd_verify_inplace(
     checked except while a CUDA graph is captured (``check_counts_values``: see
     :func:`reference.check_counts`).
     """
+    if torch.compiler.is_compiling():
+        out = torch.empty_like(x) if out is None else out
+        torch.ops.mambaify.ssd_verify_inplace(
+            checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values
+        )
+        return out
+    return _ssd_verify_inplace(
+        checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values
+    )
+
+
+def _ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D=None, out=None,
+                        check_counts_values=None):
     kernels = _gpu_kernels(checkpoint)
     if kernels is not None:
         return kernels.ssd_verify_inplace(
@@ -327,6 +340,16 @@ def ssd_verify_store_states(
     per-token state is written to states (b,T,h,n,p), and the next call starts from the accepted
     one, states[b, counts[b]-1] (``checkpoint`` when counts[b] = 0), by a gather instead of a
     replay; that start is saved into ``checkpoint``. Same y and checkpoint as the fused call."""
+    if torch.compiler.is_compiling():
+        out = torch.empty_like(x) if out is None else out
+        torch.ops.mambaify.ssd_verify_store_states(
+            checkpoint, states, counts, x, dt, A, B, C, D, out, check_counts_values
+        )
+        return out
+    return _ssd_verify_store_states(checkpoint, states, counts, x, dt, A, B, C, D, out, check_counts_values)
+
+
+def _ssd_verify_store_states(checkpoint, states, counts, x, dt, A, B, C, D=None, out=None, check_counts_values=None):
     kernels = _gpu_kernels(checkpoint)
     if kernels is not None:
         return kernels.ssd_verify_store_states(
@@ -363,6 +386,14 @@ def conv_verify_inplace(
     """:func:`conv_verify` in place: slide row b of ``window`` (b, d_conv-1+T, c) by counts[b],
     return the conv of xBC (b,t,c) over that history (pre-activation, with bias; SiLU-ed if
     ``silu``), and leave window = [history, xBC, rows after untouched]. On CUDA one kernel."""
+    if torch.compiler.is_compiling():
+        out = torch.empty_like(xBC) if out is None else out
+        torch.ops.mambaify.conv_verify_inplace(window, counts, xBC, weight, bias, out, silu, check_counts_values)
+        return out
+    return _conv_verify_inplace(window, counts, xBC, weight, bias, out, silu, check_counts_values)
+
+
+def _conv_verify_inplace(window, counts, xBC, weight, bias=None, out=None, silu=False, check_counts_values=None):
     kernels = _gpu_kernels(window)
     if kernels is not None:
         return kernels.conv_verify_inplace(
@@ -378,6 +409,80 @@ def conv_verify_inplace(
     if silu:
         y = torch.nn.functional.silu(y)
     return y if out is None else out.copy_(y)
+
+
+# The verify calls as custom ops, as the decode ones above: the speculative engine's compiled
+# rounds would otherwise trace into the Triton launchers on CUDA, and on the CPU into the count
+# check, whose host read of ``counts`` breaks the graph. The body is the eager call, count check
+# included: it still skips itself while a CUDA graph is captured.
+
+
+@torch.library.custom_op(
+    "mambaify::ssd_verify_inplace", mutates_args=("checkpoint", "x_cache", "dt_cache", "B_cache", "out")
+)
+def _ssd_verify_op(
+    checkpoint: torch.Tensor,
+    x_cache: torch.Tensor,
+    dt_cache: torch.Tensor,
+    B_cache: torch.Tensor,
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    out: torch.Tensor,
+    check_counts_values: bool | None,
+) -> None:
+    _ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values)
+
+
+@_ssd_verify_op.register_fake
+def _(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values) -> None:
+    # Shapes are known while tracing: a mismatch fails the compile with the eager call's message.
+    check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
+
+
+@torch.library.custom_op("mambaify::ssd_verify_store_states", mutates_args=("checkpoint", "states", "out"))
+def _ssd_verify_store_states_op(
+    checkpoint: torch.Tensor,
+    states: torch.Tensor,
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    out: torch.Tensor,
+    check_counts_values: bool | None,
+) -> None:
+    _ssd_verify_store_states(checkpoint, states, counts, x, dt, A, B, C, D, out, check_counts_values)
+
+
+@_ssd_verify_store_states_op.register_fake
+def _(checkpoint, states, counts, x, dt, A, B, C, D, out, check_counts_values) -> None:
+    return None
+
+
+@torch.library.custom_op("mambaify::conv_verify_inplace", mutates_args=("window", "out"))
+def _conv_verify_op(
+    window: torch.Tensor,
+    counts: torch.Tensor,
+    xBC: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    silu: bool,
+    check_counts_values: bool | None,
+) -> None:
+    _conv_verify_inplace(window, counts, xBC, weight, bias, out, silu, check_counts_values)
+
+
+@_conv_verify_op.register_fake
+def _(window, counts, xBC, weight, bias, out, silu, check_counts_values) -> None:
+    return None
 
 
 __all__ = [

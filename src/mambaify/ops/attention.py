@@ -235,9 +235,12 @@ def _decode_attention_custom_op(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    # Slot values are not checked here: a compiled step is replayed from a CUDA graph.
+    # Slot values are not checked here: a compiled step is replayed from a CUDA graph. The result
+    # has query's layout on every path, as the fake says (the PyTorch path's own is contiguous;
+    # the two differ once t > 1, in a speculative verify call).
+    out = torch.empty_like(query)
     return decode_attention(
-        query, keys, values, kv_start, query_slots, scale, sliding_window, check_values=False
+        query, keys, values, kv_start, query_slots, scale, sliding_window, out, check_values=False
     )
 
 
