@@ -4,7 +4,7 @@ Usage (on the H200, after ``source benchmarks/h200/env.sh``):
 
     # (a) a hybrid with its draft: plain engine vs speculative, batch 1 and 8, bf16
     python3 benchmarks/bench_speculative.py --out DIR --target HYBRID_DIR --draft DRAFT_DIR \
-        [--k 2,3,4,6,auto] [--batch 1,8] [--new-tokens 128] [--prompts 16]
+        [--k 2,3,4,6,auto] [--batch 1,8] [--new-tokens 128] [--prompts 16] [--compile]
     # (b) an 8B-shaped random-weight hybrid: one verify call vs K+1 decode steps, fused vs naive
     python3 benchmarks/bench_speculative.py --out DIR --shape llama8b [--attention 0.25,0.5] \
         [--verify-k 2,3,4,5,6,7,8] [--verify-batch 1] [--context 512] [--accepted 2.1,3.0]
@@ -20,6 +20,9 @@ the same number of tokens) by the plain :class:`Engine` (CUDA-graph decode) and 
 requests, prefill included, after a warm-up request that captures the graphs), the ratio to
 plain decoding, the mean accepted length (draft tokens accepted per row and verify call), and
 ``match``, the fraction of tokens equal to the plain engine's (1.0 up to bf16 near-ties).
+``--compile`` builds both engines with ``compile=True`` (torch.compile'd decode step and rounds,
+each compiled before its CUDA-graph capture, in the warm-up request), so that the comparison
+stays like for like; each point records ``compiled`` and the seconds its warm-up spent compiling.
 
 (b) The verify call. A Llama-3-8B-shaped model with random weights (``mambaify bench``'s
 llama8b), converted to hybrids at ``--attention``, a prompt of ``--context`` random tokens, and a
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default 128)")
     a.add_argument("--prompts", type=int, default=16, help="prompts per batch size (default 16)")
     a.add_argument("--prompts-file", type=Path, help="prompts, one per line (default: offline Wikipedia chat prompts)")
+    a.add_argument("--compile", action="store_true",
+                   help="torch.compile the plain engine's decode step and the speculative rounds (both engines)")
     b = p.add_argument_group("(b) the verify call on an 8B-shaped hybrid")
     b.add_argument("--shape", choices=["llama8b"], help="run (b) with this model shape")
     b.add_argument("--attention", type=float_list, default=[0.25, 0.5], help="attention fractions (default 0.25,0.5)")
@@ -278,8 +283,8 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
         label = f"batch {batch}"
         if results.out_of_time(f"(a) {label}"):
             continue
-        plain = Engine(target, tokenizer, max_batch_size=batch, max_length=length)
-        plain.generate(batches[0], max_new_tokens=4, stop_token_ids=[])  # capture the decode graph
+        plain = Engine(target, tokenizer, max_batch_size=batch, max_length=length, compile=args.compile)
+        plain.generate(batches[0], max_new_tokens=4, stop_token_ids=[])  # compile and capture the decode step
         times, reference = [], None
         for _ in range(args.repeats):
             seconds, reference, _ = timed_generate(plain, batches, device, **options)
@@ -288,14 +293,18 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
         plain_tps = tokens / statistics.median(times)
         results.add("end_to_end", dict(path="plain", batch=batch, k=None, prompts=len(batches) * batch,
                                        tokens=tokens, seconds=statistics.median(times), tokens_per_s=plain_tps,
-                                       ratio=1.0))
+                                       ratio=1.0, compiled=plain.is_compiled(batch), compile_s=plain.compile_seconds))
         del plain
         engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,),
-                                   max_batch_size=batch, max_length=length)
+                                   max_batch_size=batch, max_length=length, compile=args.compile)
         for k in args.k:
             if results.out_of_time(f"(a) {label} k={k}"):
                 continue
-            engine.generate(batches[0], max_new_tokens=4, stop_token_ids=[], k=k)  # capture the round graphs
+            compile_before = engine.compile_seconds
+            # Compile (with --compile) and capture the round graphs: every K that "auto" may pick.
+            engine.generate(batches[0], max_new_tokens=4, stop_token_ids=[], k=k)
+            ks = engine.k_choices if k == "auto" else [k]
+            compiled = all(engine.is_compiled(batch, kk) for kk in ks)
             times, stats = [], []
             for _ in range(args.repeats):
                 seconds, outputs, request_stats = timed_generate(engine, batches, device, k=k, **options)
@@ -306,7 +315,8 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
             tps = tokens / statistics.median(times)
             results.add("end_to_end", dict(path="speculative", batch=batch, k=k, prompts=len(batches) * batch,
                                            tokens=tokens, seconds=statistics.median(times), tokens_per_s=tps,
-                                           ratio=tps / plain_tps, match=same / tokens, **acceptance))
+                                           ratio=tps / plain_tps, match=same / tokens, compiled=compiled,
+                                           compile_s=engine.compile_seconds - compile_before, **acceptance))
         del engine
 
 
@@ -495,12 +505,12 @@ def render(data: dict, out: Path) -> None:
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}.", ""]
     if data["end_to_end"]:
         lines += ["## (a) End to end: plain engine vs speculative", "",
-                  "| batch | path | K | tokens/s | ratio | mean accepted | tokens/round | match | K used |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| batch | path | K | compiled | tokens/s | ratio | mean accepted | tokens/round | match | K used |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["end_to_end"]:
-            lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {p['tokens_per_s']:.1f} | "
-                         f"{p['ratio']:.2f} | {_fmt(p.get('mean_accepted'))} | {_fmt(p.get('tokens_per_round'))} | "
-                         f"{_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} |")
+            lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {_fmt(p.get('compiled'))} | "
+                         f"{p['tokens_per_s']:.1f} | {p['ratio']:.2f} | {_fmt(p.get('mean_accepted'))} | "
+                         f"{_fmt(p.get('tokens_per_round'))} | {_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} |")
         lines.append("")
     if data["verify_cost"]:
         lines += ["## (b) One verify call over K+1 tokens vs K+1 plain decode steps", "",
@@ -613,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     meta = dict(argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=str(device), dtype=str(dtype), torch=torch.__version__,
-                python=platform.python_version(),
+                python=platform.python_version(), compile=args.compile,
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
     if args.context is None:
         args.context = 32 if args.tiny else 512
