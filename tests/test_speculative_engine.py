@@ -485,6 +485,22 @@ def test_cli_generate_and_chat_with_a_draft(saved_pair, capsys, monkeypatch):
     assert cli_main([*plain, "--draft", str(draft_dir), "--k", "zero"]) == 2
     assert "--k" in capsys.readouterr().err
 
+    # --compile reaches both engines (compile_step stubbed: the compiled rounds' results are
+    # tested below; here only that the flag compiles the plain step and the speculative rounds).
+    compiled = []
+
+    def record(step, mode="default"):
+        compiled.append(step)
+        step()  # compile_step's own first call
+        return step
+
+    monkeypatch.setattr("mambaify.generate.engine.compile_step", record)
+    monkeypatch.setattr("mambaify.generate.speculative_engine.compile_step", record)
+    assert cli_main([*plain, "--compile"]) == 0
+    assert capsys.readouterr().out == expected and len(compiled) == 1
+    assert cli_main([*plain, "--compile", "--draft", str(draft_dir), "--k", "3"]) == 0
+    assert capsys.readouterr().out == expected and len(compiled) == 3  # + the draft and verify rounds
+
 
 # ---------------------------------------------------------------------------------------------
 # torch.compile: the rounds compiled (inductor's C++ backend on the CPU) against the eager ones.
