@@ -8,7 +8,8 @@
 # The whole call keeps within DEADLINE_S (default 570 s): a step that no longer fits is left for
 # the next call, which resumes (the machine must still be warm).
 # Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S] [DEADLINE_S]
-# TAG and BENCH_ARGS (environment): a variant of the benchmarks, e.g. TAG=-compiled BENCH_ARGS=--compile.
+# TAG and BENCH_ARGS (environment): a variant of the benchmarks, e.g. TAG=-compiled BENCH_ARGS=--compile;
+# BENCH_LIMIT_S: the end-to-end benchmark's time limit (default 200 s).
 source benchmarks/h200/env.sh
 set +e
 hybrid_s=${1:-120}
@@ -59,7 +60,9 @@ bench() {  # bench NAME LIMIT_S ARGS...
   step "$name" "$limit" python3 benchmarks/bench_speculative.py --out "$runs/$name" --target "$target" \
     --draft "$runs/draft/model" "$@" $BENCH_ARGS
 }
-bench end_to_end 200 --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 --time-budget-s 170
+limit=${BENCH_LIMIT_S:-200}
+bench end_to_end "$limit" --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 \
+  --time-budget-s $(( limit - 30 ))
 # Greedy speculative output equals plain output exactly in float32 (bf16 rounds the verify call
 # and single steps differently, so near-ties part them): the same check on the GPU, briefly.
 bench exact_f32 150 --dtype float32 --k 2,4 --batch 1,8 --new-tokens 64 --prompts 8 --repeats 1 --time-budget-s 120
