@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# On the H200 (one call, < 10 min; the default teacher must be carried, see benchmarks/README.md):
+# On the H200 (two calls of < 10 min; the default teacher must be carried, see benchmarks/README.md):
 # distil the default teacher's 50% hybrid, distil a draft from the teacher's first and last layers
-# against that hybrid, then time plain vs speculative decoding at batch 1 and 8 (issue 5, (a)).
+# against that hybrid, then time plain vs speculative decoding at batch 1 and 8 (issue 5, (a)),
+# check the greedy output in float32, and time both engines compiled.
 # Each step has its own time limit, so a failing step leaves the others' results in $OUT. The run
 # folders stay in runs/h200-spec while the machine is warm: a second call resumes or skips what is
 # done.
 # The whole call keeps within DEADLINE_S (default 570 s): a step that no longer fits is left for
 # the next call, which resumes (the machine must still be warm).
 # Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S] [DEADLINE_S]
-# TAG and BENCH_ARGS (environment): a variant of the benchmarks, e.g. TAG=-compiled BENCH_ARGS=--compile;
-# BENCH_LIMIT_S: the end-to-end benchmark's time limit (default 200 s).
+# TAG and BENCH_ARGS (environment): a variant of the benchmarks (see bench below).
 source benchmarks/h200/env.sh
 set +e
 hybrid_s=${1:-120}
@@ -51,8 +51,10 @@ if [ ! -f "$runs/draft/model/config.json" ]; then
 fi
 cp "$runs/draft/metrics.json" "$OUT/spec/draft-metrics.json" 2>/dev/null
 # The benchmarks write into the run folder (kept while the machine is warm: a later call skips a
-# finished one) and are copied to $OUT at the end. TAG names a variant, e.g. TAG=-compiled
-# BENCH_ARGS=--compile.
+# finished one) and are copied to $OUT at the end, in order of importance: plain vs speculative
+# (bf16), the same greedy output in float32, then both engines compiled (each batch size and K
+# compiles its own step or rounds, about 40-60 s each on the H200). TAG and BENCH_ARGS name and
+# add to a variant of all three, e.g. TAG=-b16 BENCH_ARGS="--batch 16".
 bench() {  # bench NAME LIMIT_S ARGS...
   local name=$1$TAG limit=$2; shift 2
   [ -f "$runs/draft/model/config.json" ] || return
@@ -60,12 +62,12 @@ bench() {  # bench NAME LIMIT_S ARGS...
   step "$name" "$limit" python3 benchmarks/bench_speculative.py --out "$runs/$name" --target "$target" \
     --draft "$runs/draft/model" "$@" $BENCH_ARGS
 }
-limit=${BENCH_LIMIT_S:-200}
-bench end_to_end "$limit" --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 \
-  --time-budget-s $(( limit - 30 ))
+bench end_to_end 200 --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 --time-budget-s 170
 # Greedy speculative output equals plain output exactly in float32 (bf16 rounds the verify call
 # and single steps differently, so near-ties part them): the same check on the GPU, briefly.
-bench exact_f32 150 --dtype float32 --k 2,4 --batch 1,8 --new-tokens 64 --prompts 8 --repeats 1 --time-budget-s 120
+bench exact_f32 100 --dtype float32 --k 2,4 --batch 1,8 --new-tokens 48 --prompts 8 --repeats 1 --time-budget-s 80
+bench end_to_end_compiled 260 --compile --k 2 --batch 1,8 --new-tokens 128 --prompts 16 --repeats 2 \
+  --time-budget-s 230
 for d in "$runs"/end_to_end* "$runs"/exact_f32*; do [ -d "$d" ] && cp -r "$d" "$OUT/spec/"; done
 cat "$runs/end_to_end$TAG/bench_speculative.md" 2>/dev/null
 for run in hybrid50 draft; do  # the runs' reports and plots beside the step logs
