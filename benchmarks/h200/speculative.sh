@@ -43,10 +43,10 @@ echo "target: $target"
 if [ ! -f "$runs/draft/model/config.json" ]; then
   resume=""; [ -d "$runs/draft/checkpoint" ] && resume="--resume"
   # --tokens is an upper bound: the time budget decides how long the draft trains. The whole
-  # offline corpus (about 1.5 M tokens): session 4's draft memorised the defaults' 0.14 M.
+  # offline corpus (about 2.5 M tokens): session 4's draft memorised the defaults' 0.14 M.
   step draft $(( draft_s + 120 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
     --draft-from smollm2-135m-instruct --out "$runs/draft" --time-budget-s "$draft_s" --tokens 200000000 \
-    --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 4096 --label-tokens 128 \
+    --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 8000 --label-tokens 128 \
     --label-batch-size 1024 --no-progress
 fi
 cp "$runs/draft/metrics.json" "$OUT/spec/draft-metrics.json" 2>/dev/null
