@@ -30,7 +30,7 @@ llama8b), converted to hybrids at ``--attention``, a prompt of ``--context`` ran
 graph replays, medians of ``--repeats``: one verify call over K + 1 tokens (the target's forward,
 the Mamba layers' fused checkpoint + replay kernel, or the naive kernel storing every per-token
 state, and the greedy acceptance's argmax), K + 1 plain decode steps of the Engine, and a draft
-round (K + 1 draft steps). The speed-up that follows for a mean accepted length ``a`` (from (a),
+round (K draft calls, the first over two tokens, as the engine runs them). The speed-up that follows for a mean accepted length ``a`` (from (a),
 measured at ``--accepted-k``): the per-token acceptance rate alpha solving
 (1 - alpha^(K0+1)) / (1 - alpha) = a + 1 gives (1 - alpha^(K+1)) / (1 - alpha) tokens per round at
 each K, so speed-up(K) = tokens per round x decode step / (verify(K) + draft round(K)).
@@ -365,7 +365,7 @@ def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[i
 
     The target's verify call runs with counts = K + 1 (the previous round accepted everything, so
     the fused kernel also replays K + 1 cached tokens: the most it ever folds) and no commit, so
-    that every replay does the same work. The draft round is K + 1 draft steps with argmax."""
+    that every replay does the same work. The draft round is the engine's K draft calls with argmax."""
     from mambaify.bench import random_ids
     from mambaify.generate.speculative_engine import SpeculativeStack
 
@@ -382,6 +382,7 @@ def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[i
     draft_stack = SpeculativeStack(draft, slots, k_max + 1)
     draft_cache = draft_stack.allocate_speculative(batch, draft.lm_head.weight.dtype, device, draft=True)
     draft_stack.start(prompt, mask, draft_cache)
+    prev_real = torch.ones(batch, dtype=torch.bool, device=device)
     verify, rounds = {}, {}
     for k in ks:
         tokens = random_ids(batch, k + 1, target.config.vocab_size, 2 + k, device)
@@ -395,12 +396,10 @@ def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[i
             verify[(k, kernel)] = median_seconds(graphed(verify_call, device), clock, repeats)
         draft_cache.counts.fill_(k + 1)
 
-        def draft_round(k=k):
-            token = tokens[:, :1]
-            for i in range(k + 1):
-                logits = draft_stack.draft_step(token, i, draft_cache, want_logits=i < k)
-                if logits is not None:
-                    token = logits.argmax(-1, keepdim=True)
+        def draft_round(k=k):  # the engine's: K calls, the first over two tokens (prev, last)
+            token = tokens[:, :2]
+            for i in range(k):
+                token = draft_stack.draft_step(token, i, draft_cache, prev_real).argmax(-1, keepdim=True)
 
         rounds[k] = median_seconds(graphed(draft_round, device), clock, repeats)
     return verify, rounds
@@ -478,7 +477,7 @@ def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.d
                 free_memory()
                 continue
             for (k, kernel), verify_s in sorted(verify.items()):
-                draft_s = rounds[k] if args.draft_step_ms is None else (k + 1) * args.draft_step_ms / 1e3
+                draft_s = rounds[k] if args.draft_step_ms is None else k * args.draft_step_ms / 1e3
                 cost = dict(
                     attention=fraction, batch=batch, k=k, kernel=kernel, context=args.context,
                     verify_ms=1e3 * verify_s, decode_step_ms=1e3 * decode_s, decode_steps_ms=1e3 * (k + 1) * decode_s,

@@ -256,9 +256,37 @@ def test_rounds_leave_the_state_of_sequential_decoding(targets, drafts, target_n
     sizes = (engine.target_cache.lengths[:4] - pads).tolist()
     committed = [(p + c)[:n] for p, c, n in zip(prompts, continuation, sizes)]
     assert_state_equals_full_forward(target, engine.target_stack, engine.target_cache.rows(4), committed)
-    # The draft commits the same tokens: its own state must match its own full forward too.
+    # The draft is one token behind: it has committed every row's tokens but the newest (the next
+    # round's first input, prev), behind one more pad column; its own full forward over those.
     assert torch.equal(engine.draft_cache.lengths[:4], engine.target_cache.lengths[:4])
-    assert_state_equals_full_forward(draft, engine.draft_stack, engine.draft_cache.rows(4), committed)
+    assert torch.equal(engine.draft_cache.pad_lengths[:4], pads + 1)
+    assert engine.buffers.prev[:4].tolist() == [row[-1] for row in committed]
+    assert_state_equals_full_forward(draft, engine.draft_stack, engine.draft_cache.rows(4), [r[:-1] for r in committed])
+
+
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2", "hybrid50-small-embeddings"])
+@pytest.mark.parametrize("draft_name", ["the target itself", "transformer", "mamba2"])
+def test_one_token_prompts(targets, drafts, target_name, draft_name):
+    """A one-token prompt gives the draft (one token behind the target) a pad as its first
+    round's prev: masked as the prefill masks pads, it must leave no trace. With the target as
+    its own draft, any trace would cost acceptance: every draft token must be accepted. (The
+    small-embeddings target's tokens depend on its context, not only on the bigram table.)"""
+    if target_name in targets:
+        target = targets[target_name]
+    else:
+        teacher = bigram_teacher(0, num_hidden_layers=2, embedding_scale=0.06)
+        target = without_eos(mambaify.convert(teacher, attention=0.5).eval())
+    draft = target if draft_name == "the target itself" else drafts[draft_name]
+    mixed = (torch.tensor([[0, 0, 0, 5], [0, 0, 7, 8], [9, 10, 11, 12]]),
+             torch.tensor([[0, 0, 0, 1], [0, 0, 1, 1], [1, 1, 1, 1]]))
+    single = (torch.tensor([[5], [6]]), torch.ones(2, 1, dtype=torch.long))
+    k, new = 3, 9
+    for ids, mask in (mixed, single):
+        engine = SpeculativeEngine(target, draft, k=k, max_batch_size=3, max_length=16)
+        tokens = engine.generate(ids, mask, max_new_tokens=new, stop_token_ids=[])
+        assert tokens.tolist() == plain_greedy(target, ids, mask, new).tolist()
+        if draft is target:
+            assert engine.stats.mean_accepted == k
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ CUDA graph can capture each of them once and replay it every round.
 
 One round, for every row at once (K draft tokens per round):
 
-1. **Draft round** (one graph per K): the draft runs K + 1 single-token steps over
-   ``[last, d1, ..., dK]``, where ``last`` is the newest committed token and d_i is the token
-   its step i - 1 chose (argmax, or sampled with its distribution q_i kept). The last step only
-   ingests dK, so that the draft has seen exactly the tokens the target is about to verify.
+1. **Draft round** (one graph per K): the draft runs K steps. The draft is one committed token
+   behind the target (below), so step 0 takes two tokens, ``[prev, last]``: ``prev`` the
+   committed token before ``last``, which the draft has not folded in yet, and ``last`` the
+   newest committed token. Steps 1..K-1 take one token each, d_1..d_{K-1}, where d_i is the
+   token step i - 1 chose (argmax, or sampled with its distribution q_i kept); step K - 1
+   chooses dK.
 2. **Verify round** (one graph per K): the target runs the K + 1 tokens ``[last, d1..dK]`` in one
    call, accepts per row the longest prefix n of the drafts (greedy: matching its argmax; sampling:
    the standard rejection rule, so that tokens are distributed as the target's), appends its
@@ -18,16 +20,17 @@ One round, for every row at once (K draft tokens per round):
    and the Mamba layers' fold counts are set to n + 1. Stop tokens and max_new_tokens end rows
    here too; a finished row commits nothing from then on.
 
-So after every round the draft and the target have committed the same tokens, and the next
-round starts from the target's new token in every row, whatever n was: the uniform scheme
-costs one draft step per round (ingesting dK, which is wasted when dK is rejected) and buys
-one code path for every row and every outcome. The alternative keeps the draft one token
-behind: each round's first draft call takes two tokens, the newest committed one (dK when all
-were accepted, else a token it re-ingests at the same slot) and the target's new token, so a
-round makes K draft calls instead of K + 1, at the price of a two-token first step, a draft
-cache one slot behind the target's, and masking the first round's extra token for one-token
-prompts. Where a draft call costs what its kernel launches cost (SmolLM2 on the H200: about
-0.15 of a target step), that saves about a tenth of a round at K = 2; not done yet.
+**The draft one token behind.** The draft's calls of a round cover ``[prev, last, d1..d_{K-1}]``
+and the target's ``[last, d1..dK]``; both commit the same count n + 1 of their tokens, so the
+draft's committed tokens are the target's but the newest, which becomes the next ``prev``
+(dK when all K were accepted: a token the draft never ran; otherwise d_n or ``last``, which it
+runs again at the same slot). The draft's prefill stops before the prompt's last two tokens, and
+a pad column in front gives one-token prompts a ``prev``, a pad that the first round masks as the
+prefill masks pads (``prev_real``). A round thus makes K draft calls where running dK in a call
+of its own (to keep the draft level with the target) would make K + 1. A draft call costs about
+what its kernel launches cost when the draft is small (SmolLM2 on the H200: about 0.15 of a
+target step), so at K = 2 that is about a tenth of a round. Both models' lengths and counts
+advance alike; the draft's pad_lengths are the target's plus one.
 
 State, per model (the draft's and the target's are alike):
 
@@ -270,36 +273,43 @@ def mamba_verify(
 
 
 def mamba_draft_step(
-    mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor, step: int
+    mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor, step: int,
+    prev_real: torch.Tensor,
 ) -> torch.Tensor:
-    """Step ``step`` of a draft round, one token (b,1,d): "a verify call done one token at a time".
+    """Step ``step`` of a draft round: "a verify call done one token at a time", the first two.
 
-    Step 0 is a one-token verify call (folds counts[b] tokens into the checkpoint, slides the
-    window, caches the token's inputs at position 0) that then copies the state after the token
-    into the transient running state. Steps 1..K advance only the running state and conv, and
-    cache their token's inputs at position ``step`` and its raw conv input in the window, so that
-    the next round's fold sees the same layout as after a verify call over all K + 1 tokens.
+    Step 0 takes two tokens (b,2,d), ``[prev, last]``: a two-token verify call (folds counts[b]
+    tokens into the checkpoint, slides the window, caches both tokens' inputs at positions 0
+    and 1) that then runs the state after both into the transient running state. A ``prev``
+    that is a pad (``prev_real`` False) enters as the prefill's pads do: zeros into the conv
+    window, dt = 0. Steps 1..K-1 take one token (b,1,d), advance only the running state and
+    conv, and cache their token's inputs at position ``step + 1`` and its raw conv input in the
+    window, so that the next round's fold sees the layout of a verify call over all K + 1 tokens.
     """
-    b = hidden.shape[0]
+    b, t, _ = hidden.shape
     z, xBC, dt = mixer.project(hidden)
     weight, bias = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
     d_conv = mixer.d_conv
     if step == 0:
-        activated = ops.conv_verify_inplace(buf.window, counts, xBC, weight, bias, silu=True)
+        pad = torch.stack([~prev_real, torch.zeros_like(prev_real)], 1)[..., None]  # (b, 2, 1)
+        activated = ops.conv_verify_inplace(buf.window, counts, xBC.masked_fill(pad, 0.0), weight, bias, silu=True)
         x, B, C, dt = _mamba_inputs(mixer, activated, dt)
+        dt = dt.masked_fill(pad, 0.0)
         y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
         buf.running_state.copy_(buf.checkpoint)
-        ops.ssd_step_inplace(buf.running_state, x[:, 0], dt[:, 0], mixer.A, B[:, 0], C[:, 0])
-        buf.running_conv.copy_(buf.window[:, 1:d_conv].transpose(1, 2))
+        for i in range(2):
+            ops.ssd_step_inplace(buf.running_state, x[:, i], dt[:, i], mixer.A, B[:, i], C[:, i])
+        buf.running_conv.copy_(buf.window[:, 2 : d_conv + 1].transpose(1, 2))
     else:
+        position = step + 1
         activated = ops.conv_step_inplace(buf.running_conv, xBC[:, 0], weight, bias)  # SiLU-ed
-        buf.window[:, d_conv - 1 + step].copy_(xBC[:, 0])
+        buf.window[:, d_conv - 1 + position].copy_(xBC[:, 0])
         x, B, C, dt = _mamba_inputs(mixer, activated[:, None], dt)
         y = ops.ssd_step_inplace(buf.running_state, x[:, 0], dt[:, 0], mixer.A, B[:, 0], C[:, 0], mixer.D)[:, None]
-        buf.x[:, step].copy_(x[:, 0])
-        buf.dt[:, step].copy_(dt[:, 0])
-        buf.B[:, step].copy_(B[:, 0])
-    return mixer.out_proj(mixer.norm(y.reshape(b, 1, mixer.d_inner), z))
+        buf.x[:, position].copy_(x[:, 0])
+        buf.dt[:, position].copy_(dt[:, 0])
+        buf.B[:, position].copy_(B[:, 0])
+    return mixer.out_proj(mixer.norm(y.reshape(b, t, mixer.d_inner), z))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,17 +400,20 @@ class SpeculativeStack(DecodingStack):
         return self.lm_head(self._run(token_ids, 0, cache, mamba))
 
     def draft_step(self, token_ids: torch.Tensor, step: int, cache: SpeculativeCache,
-                   want_logits: bool = True) -> torch.Tensor | None:
-        """Draft step ``step`` of a round: token_ids (b,1) at slot lengths[b] + step -> logits
-        (b,V), or None when ``want_logits`` is False (the round's last step only ingests)."""
-        if not 0 <= step < self.max_tokens:
-            raise ValueError(f"a draft round has at most {self.max_tokens} steps, got step {step}")
+                   prev_real: torch.Tensor) -> torch.Tensor:
+        """Draft step ``step`` of a round -> logits (b,V) for the token after its last input.
+        Step 0: token_ids (b,2) ``[prev, last]`` at slots lengths[b] + 0, 1 (``prev_real``: see
+        :func:`mamba_draft_step`); step i >= 1: (b,1) at slot lengths[b] + i + 1."""
+        if not 0 <= step < self.max_tokens - 1:
+            raise ValueError(f"a draft round has at most {self.max_tokens - 1} steps, got step {step}")
+        if token_ids.shape[1] != (2 if step == 0 else 1):
+            raise ValueError(f"draft step {step} takes {2 if step == 0 else 1} token(s) per row, got {token_ids.shape[1]}")
 
         def mamba(mixer, normed, buffers):
-            return mamba_draft_step(mixer, normed, buffers, cache.counts, step)
+            return mamba_draft_step(mixer, normed, buffers, cache.counts, step, prev_real)
 
-        hidden = self._run(token_ids, step, cache, mamba)
-        return self.lm_head(hidden)[:, 0] if want_logits else None
+        hidden = self._run(token_ids, 0 if step == 0 else step + 1, cache, mamba)
+        return self.lm_head(hidden[:, -1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +451,8 @@ class RoundBuffers:
     """What a round reads and writes besides the models' caches (max_batch rows, K <= k_max).
 
     last (B,): each row's newest committed token, the first input of the next round.
+    prev (B,): the committed token before it, which the draft runs first in the next round;
+    prev_real (B,) bool: False where that is a pad (a one-token prompt's first round).
     drafts (B, k_max); q (B, k_max, V) float32: the draft's distributions (sampling only).
     uniforms (B, 2 k_max + 1): the round's random numbers (drafts, acceptance tests, next token).
     generated (B,), active (B,) bool, max_new (1,), stop_ids (STOP_SLOTS,) padded with -1.
@@ -446,6 +461,8 @@ class RoundBuffers:
     """
 
     last: torch.Tensor
+    prev: torch.Tensor
+    prev_real: torch.Tensor
     drafts: torch.Tensor
     q: torch.Tensor | None
     uniforms: torch.Tensor
@@ -461,7 +478,8 @@ class RoundBuffers:
             return torch.zeros(*shape, dtype=torch.long, device=device)
 
         return cls(
-            last=longs(batch), drafts=longs(batch, k_max), q=None,
+            last=longs(batch), prev=longs(batch), prev_real=torch.ones(batch, dtype=torch.bool, device=device),
+            drafts=longs(batch, k_max), q=None,
             uniforms=torch.zeros(batch, 2 * k_max + 1, device=device),
             generated=longs(batch), active=torch.zeros(batch, dtype=torch.bool, device=device),
             max_new=longs(1), stop_ids=longs(STOP_SLOTS), report=longs(batch, 4 + k_max + 1),
@@ -816,17 +834,16 @@ class SpeculativeEngine(GenerationFrontend):
             rb.q = torch.zeros(self.max_batch_size, self.k_max, self.vocab_size, device=self.device)
         target_cache, draft_cache = self.target_cache.rows(b), self.draft_cache.rows(b)
         last, drafts, active, generated = rb.last[:b], rb.drafts[:b, :k], rb.active[:b], rb.generated[:b]
+        prev, prev_real = rb.prev[:b], rb.prev_real[:b]
         uniforms = rb.uniforms[:b]
         q = rb.q[:b, :k] if rb.q is not None else None
         steps = self.step_range[: k + 1]
         k_max, pad = self.k_max, self.pad_token_id
 
         def draft_round() -> None:
-            token = last[:, None]
-            for i in range(k + 1):
-                logits = self.draft_stack.draft_step(token, i, draft_cache, want_logits=i < k)
-                if i == k:
-                    break
+            token = torch.stack([prev, last], 1)
+            for i in range(k):
+                logits = self.draft_stack.draft_step(token, i, draft_cache, prev_real)
                 logits = fit_vocabulary(logits, self.vocab_size)
                 if sampling.greedy:
                     chosen = logits.argmax(-1)
@@ -838,7 +855,8 @@ class SpeculativeEngine(GenerationFrontend):
                 token = chosen[:, None]
 
         def verify_round() -> None:
-            logits = self.target_stack.verify(torch.cat([last[:, None], drafts], 1), target_cache)
+            tokens = torch.cat([last[:, None], drafts], 1)
+            logits = self.target_stack.verify(tokens, target_cache)
             if sampling.greedy:
                 accepted, following = accept_greedy(drafts, logits)
             else:
@@ -864,6 +882,11 @@ class SpeculativeEngine(GenerationFrontend):
             still_active = active & (first_stop >= count) & (generated < rb.max_new)
             rb.report[:b, :4].copy_(torch.stack([active.long(), accepted, count, still_active.long()], 1))
             rb.report[:b, 4 : 5 + k].copy_(emitted.masked_fill(steps >= count[:, None], pad))
+            # The draft's next first input: the newest committed token, which it has not run
+            # (dK) or runs again at the same slot (the draft is one token behind).
+            newest = tokens.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]
+            prev.copy_(torch.where(count > 0, newest, prev))
+            prev_real.fill_(True)
             last.copy_(torch.where(active, following, last))
             active.copy_(still_active)
 
@@ -919,8 +942,16 @@ class SpeculativeEngine(GenerationFrontend):
         started = time.perf_counter()
         request = self._request = _Request(b)
         self.target_stack.start(input_ids[:, :-1], attention_mask[:, :-1], self.target_cache.rows(b))
-        self.draft_stack.start(input_ids[:, :-1], attention_mask[:, :-1], self.draft_cache.rows(b))
+        # The draft, one token behind, stops before the prompt's last two tokens; the pad column
+        # in front gives a one-token prompt a (pad) second-to-last token.
+        draft_ids = F.pad(input_ids, (1, 0), value=self.pad_token_id)
+        draft_mask = F.pad(attention_mask, (1, 0), value=0)
+        draft_rows = self.draft_cache.rows(b)
+        self.draft_stack.start(draft_ids[:, :-2], draft_mask[:, :-2], draft_rows)
+        draft_rows.pad_lengths.copy_((draft_mask[:, :-1] == 0).sum(-1))  # a pad prev is padding too
         rb = self.buffers
+        rb.prev[:b].copy_(draft_ids[:, -2])
+        rb.prev_real[:b].copy_(draft_mask[:, -2].bool())
         rb.last[:b].copy_(input_ids[:, -1])
         rb.generated[:b].zero_()
         rb.active[:b].fill_(True)
