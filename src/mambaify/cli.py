@@ -253,7 +253,7 @@ def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (with --draft: the draft and verify rounds) with torch.compile "
                         "first: on a GPU about 2x faster decoding of a small model, after tens of seconds of "
-                        "compiling (BENCHMARKS.md)")
+                        "compiling (BENCHMARKS.md); with --k auto, every K it may pick compiles its own rounds")
     p.add_argument("--draft", help="a draft model of the same tokenizer (folder, .gguf, hub id or teacher name): "
                    "speculative decoding; prints the mean accepted length and tokens/s to stderr")
     p.add_argument("--k", default="4", help="with --draft: draft tokens per round, or 'auto' to adapt it (default 4)")
