@@ -155,3 +155,42 @@ def test_from_json_rerenders_a_report_without_measuring(run, tmp_path):
     assert again["points"] == doc["points"]
     assert (tmp_path / "again" / "bench.md").read_text().startswith("# mambaify bench")
     assert (tmp_path / "again" / "decode.png").is_file()
+
+
+def test_decode_profile_groups_each_steps_time_by_kind(tmp_path):
+    """benchmarks/profile_decode.py on the CPU (tiny family): one row per model, whose per-kind
+    times add up to its kernel time, and kernel names sorted into the kinds the table shows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
+    module_spec = importlib.util.spec_from_file_location("profile_decode", path)
+    profile_decode = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(profile_decode)
+
+    kinds = {
+        "void gemv2T_kernel_val<int, int, __nv_bfloat16>": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32": "matmul",
+        "_decode_attention_split_k_kernel": "attention",
+        "_ssd_step_kernel": "mamba",
+        "_gated_rmsnorm_fwd_kernel": "mamba",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "inductor-fused",
+        "void at::native::index_elementwise_kernel<128, 4>": "copy/index",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise",
+        "aten::rms_norm": "norm",
+        "something_new": "other",
+    }
+    assert {name: profile_decode.kind_of(name) for name in kinds} == kinds
+
+    out = tmp_path / "profile"
+    assert profile_decode.main(["--out", str(out), "--family", "tiny", "--attention", "1,0", "--steps", "2",
+                                "--context", "16"]) == 0
+    results = json.loads((out / "profile_decode.json").read_text())
+    assert [m["model"] for m in results["models"]] == ["teacher", "hybrid-0%"]
+    for m in results["models"]:
+        assert m["graphed_step_ms"] is None and m["roofline_ms"] is None  # no CUDA graph or roofline on the CPU
+        assert m["kernels_per_step"] > 0 and m["top_kernels"]
+        assert sum(m["by_kind_ms"].values()) == pytest.approx(m["kernel_ms_per_step"])
+    assert results["models"][0]["by_kind_ms"].get("attention", 0) > 0  # the teacher attends ...
+    assert results["models"][1]["by_kind_ms"].get("attention", 0) == 0  # ... the pure Mamba2 model does not
+    assert "| teacher | 1 | 16 |" in (out / "profile_decode.md").read_text()
