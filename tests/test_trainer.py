@@ -172,9 +172,10 @@ def test_data_volume_flags_reach_the_configs():
     from mambaify.draft import DraftConfig
 
     parser = build_parser()
-    flags = ["--text-docs", "5000", "--num-prompts", "2000", "--label-tokens", "96", "--label-batch-size", "256"]
+    flags = ["--text-docs", "5000", "--num-prompts", "2000", "--label-tokens", "96", "--label-batch-size", "256",
+             "--eval-texts", "128", "--eval-chats", "48"]
+    fields = ("text_docs", "num_prompts", "label_tokens", "label_batch_size", "eval_texts", "eval_chats")
     for command, cls in (("distill", DistillConfig), ("distill-draft", DraftConfig)):
         args = parser.parse_args([command, *flags])
-        fields = ("text_docs", "num_prompts", "label_tokens", "label_batch_size")
         cfg = cls.from_flags(None, {f: getattr(args, f) for f in fields})
-        assert (cfg.text_docs, cfg.num_prompts, cfg.label_tokens, cfg.label_batch_size) == (5000, 2000, 96, 256), command
+        assert [getattr(cfg, f) for f in fields] == [5000, 2000, 96, 256, 128, 48], command

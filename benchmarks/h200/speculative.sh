@@ -47,7 +47,7 @@ if [ ! -f "$runs/draft/model/config.json" ]; then
   step draft $(( draft_s + 120 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
     --draft-from smollm2-135m-instruct --out "$runs/draft" --time-budget-s "$draft_s" --tokens 200000000 \
     --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 8000 --label-tokens 128 \
-    --label-batch-size 1024 --no-progress
+    --label-batch-size 1024 --eval-texts 256 --eval-chats 64 --no-progress
 fi
 cp "$runs/draft/metrics.json" "$OUT/spec/draft-metrics.json" 2>/dev/null
 # The benchmarks write into the run folder (kept while the machine is warm: a later call skips a

@@ -83,6 +83,8 @@ _DISTILL_FLAGS = {
     "--label-tokens": ("label_tokens", int, "built-in data: longest answer per prompt, in tokens"),
     "--label-batch-size": ("label_batch_size", int, "built-in data: prompts per answering batch"),
     "--text-docs": ("text_docs", int, "built-in data: Wikipedia summaries for plain-text KD (about 9,000 exist)"),
+    "--eval-texts": ("eval_texts", int, "held-out texts the evaluation before and after scores"),
+    "--eval-chats": ("eval_chats", int, "held-out prompts the teacher answers for the evaluation"),
     "--seed": ("seed", int, "random seed"),
     "--device": ("device", str, "auto or cpu"),
     "--precision": ("precision", str, "auto, bf16 or fp32"),
