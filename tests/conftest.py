@@ -100,3 +100,28 @@ def data_files(tmp_path_factory):
     texts = path / "heldout.txt"
     texts.write_text("\n\n".join(CORPUS[:6]))
     return chats, texts
+
+
+def recording_backend(seen: list[str]):
+    """A torch.compile backend that runs the graph as traced and appends its calls to ``seen``."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    return backend
+
+
+def run_compiled_and_eager(step, inputs: dict[str, torch.Tensor]):
+    """``step(inputs)`` run eagerly and through torch.compile (fullgraph, :func:`recording_backend`),
+    each on its own copy of ``inputs`` (steps write some in place). Returns (compiled outputs,
+    eager outputs, the compiled copy, the eager copy, the mambaify custom ops the graph called,
+    sorted)."""
+    seen: list[str] = []
+    eager_inputs = {k: v.clone() for k, v in inputs.items()}
+    compiled_inputs = {k: v.clone() for k, v in inputs.items()}
+    with torch.no_grad():
+        expected = step(eager_inputs)
+        got = torch.compile(step, backend=recording_backend(seen), fullgraph=True)(compiled_inputs)
+    ops = sorted(target.removesuffix(".default") for target in seen if target.startswith("mambaify."))
+    return got, expected, compiled_inputs, eager_inputs, ops

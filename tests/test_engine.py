@@ -18,7 +18,7 @@ from mambaify.generate.sampling import SamplingParams, keep_top_k, keep_top_p
 from mambaify.models.modeling import GatedRMSNorm
 from mambaify.ops.attention import decode_attention, decode_attention_op
 from tests._tiny_data import tiny_llama, tiny_tokenizer
-from tests.conftest import tiny_teacher
+from tests.conftest import recording_backend, run_compiled_and_eager, tiny_teacher
 
 PAD, EOS = 0, 2  # the tiny teacher's
 
@@ -463,28 +463,17 @@ def test_custom_ops_equal_the_reference_and_stay_opaque_under_compile():
     torch.library.opcheck(torch.ops.mambaify.gated_rmsnorm.default, (i["y"], i["z"], i["norm_weight"], 1e-5))
 
     # Under torch.compile: one graph (fullgraph), holding each op as one opaque call.
-    seen: list[str] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs):
-        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
-        return gm.forward
-
-    eager_inputs = {k: v.clone() for k, v in i.items()}
-    compiled_inputs = {k: v.clone() for k, v in i.items()}
-    with torch.no_grad():
-        expected = mamba_ops_step(eager_inputs)
-        got = torch.compile(mamba_ops_step, backend=recording_backend, fullgraph=True)(compiled_inputs)
+    got, expected, compiled_inputs, eager_inputs, mambaify_ops = run_compiled_and_eager(mamba_ops_step, i)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     for name in ("state", "conv_state"):  # written in place, as eagerly
         assert torch.equal(compiled_inputs[name], eager_inputs[name])
         assert not torch.equal(compiled_inputs[name], i[name])
-    mambaify_ops = sorted(target.removesuffix(".default") for target in seen if target.startswith("mambaify."))
-    assert mambaify_ops == ["mambaify.conv_step_inplace", "mambaify.gated_rmsnorm", "mambaify.ssd_step_inplace"], seen
+    assert mambaify_ops == ["mambaify.conv_step_inplace", "mambaify.gated_rmsnorm", "mambaify.ssd_step_inplace"]
 
     # Where a gradient is wanted (training), gated_rmsnorm stays the differentiable function.
-    seen.clear()
+    seen: list[str] = []
     weight = i["norm_weight"].clone().requires_grad_()
-    differentiable = torch.compile(ops.gated_rmsnorm, backend=recording_backend, fullgraph=True)
+    differentiable = torch.compile(ops.gated_rmsnorm, backend=recording_backend(seen), fullgraph=True)
     differentiable(i["y"], i["z"], weight, 1e-5).sum().backward()
     assert not any(target.startswith("mambaify.") for target in seen) and weight.grad is not None
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 import mambaify
 from mambaify import ops
 from mambaify.cli import main as cli_main
+from mambaify.generate import engine as engine_module
 from mambaify.generate import speculative_engine as spec
 from mambaify.generate.engine import Engine
 from mambaify.ops.attention import decode_attention_op
@@ -32,7 +33,7 @@ from mambaify.generate.speculative_engine import (
     parse_k,
 )
 from tests._tiny_data import tiny_tokenizer
-from tests.conftest import tiny_teacher
+from tests.conftest import run_compiled_and_eager, tiny_teacher
 from tests.test_speculative import SMALL, V, _chi_square, _exact_two_tokens, _full_forward, _prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -523,7 +524,6 @@ def test_cli_generate_and_chat_with_a_draft(saved_pair, capsys, monkeypatch):
         return step
 
     monkeypatch.setattr("mambaify.generate.engine.compile_step", record)
-    monkeypatch.setattr("mambaify.generate.speculative_engine.compile_step", record)
     assert cli_main([*plain, "--compile"]) == 0
     assert capsys.readouterr().out == expected and len(compiled) == 1
     assert cli_main([*plain, "--compile", "--draft", str(draft_dir), "--k", "3"]) == 0
@@ -644,17 +644,17 @@ def test_compile_settings(compile_models, monkeypatch, caplog):
     def broken(step, mode):
         raise RuntimeError("inductor is unhappy\nsecond line")
 
-    monkeypatch.setattr(spec, "compile_step", broken)
+    monkeypatch.setattr(engine_module, "compile_step", broken)
     ids, mask = _prompts(2)
     options = dict(max_new_tokens=6, stop_token_ids=[], k=2)
     expected = SpeculativeEngine(target, draft, **small).generate(ids, mask, **options)
     insisting = SpeculativeEngine(target, draft, compile=True, **small)
-    with pytest.raises(spec.CompileError, match="inductor is unhappy"):
+    with pytest.raises(engine_module.CompileError, match="inductor is unhappy"):
         insisting.generate(ids, mask, **options)
     # "auto" (on CUDA) falls back to the eager rounds and says why.
     falling_back = SpeculativeEngine(target, draft, compile=True, **small)
     falling_back.compile_setting = "auto"
-    with caplog.at_level("WARNING", logger=spec.__name__):
+    with caplog.at_level("WARNING", logger=engine_module.__name__):
         assert torch.equal(falling_back.generate(ids, mask, **options), expected)
     assert falling_back.compile is False and not falling_back.is_compiled(2, 2)
     assert falling_back.compile_error == "RuntimeError: inductor is unhappy"
@@ -709,24 +709,13 @@ def test_round_custom_ops_stay_opaque_under_compile():
 
     # Under torch.compile: one graph (fullgraph: no host read of the counts), each call one
     # opaque op, every buffer written in place as eagerly.
-    seen: list[str] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs):
-        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
-        return gm.forward
-
-    eager_inputs = {k: v.clone() for k, v in i.items()}
-    compiled_inputs = {k: v.clone() for k, v in i.items()}
-    with torch.no_grad():
-        expected = verify_ops_step(eager_inputs)
-        got = torch.compile(verify_ops_step, backend=recording_backend, fullgraph=True)(compiled_inputs)
+    got, expected, compiled_inputs, eager_inputs, mambaify_ops = run_compiled_and_eager(verify_ops_step, i)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     for name in ("checkpoint", "x_cache", "dt_cache", "B_cache", "states", "window"):
         assert torch.equal(compiled_inputs[name], eager_inputs[name]), name
         assert not torch.equal(compiled_inputs[name], i[name]), name
-    mambaify_ops = sorted(target.removesuffix(".default") for target in seen if target.startswith("mambaify."))
     assert mambaify_ops == ["mambaify.conv_verify_inplace", "mambaify.ssd_verify_inplace",
-                            "mambaify.ssd_verify_store_states"], seen
+                            "mambaify.ssd_verify_store_states"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,8 +747,6 @@ def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):
     it per point. compile_step is replaced here (the flag's plumbing is under test, not inductor)."""
     import importlib.util
 
-    from mambaify.generate import engine as engine_module
-
     module_spec = importlib.util.spec_from_file_location("bench_speculative", REPO / "benchmarks" / "bench_speculative.py")
     bench = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(bench)
@@ -770,7 +757,6 @@ def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):
         return step
 
     monkeypatch.setattr(engine_module, "compile_step", recorded)
-    monkeypatch.setattr(spec, "compile_step", recorded)
     argv = ["--tiny", "--k", "2", "--batch", "2", "--prompts", "2", "--new-tokens", "6", "--repeats", "1",
             "--verify-k", "2", "--attention", "0.5"]
     for flags in (["--compile"], []):

@@ -458,6 +458,31 @@ def check_compile_options(compile, compile_mode: str) -> None:
         )
 
 
+def compile_steps(engine, steps: Sequence[Callable]) -> list[Callable]:
+    """:func:`compile_step` each of ``steps`` in ``engine.compile_mode``, adding the time spent
+    (their first runs included, synchronised on CUDA) to ``engine.compile_seconds``; for the
+    Engine's decode step and the SpeculativeEngine's rounds alike."""
+    start = time.perf_counter()
+    try:
+        compiled = [compile_step(step, engine.compile_mode) for step in steps]
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+    finally:
+        engine.compile_seconds += time.perf_counter() - start
+    return compiled
+
+
+def compile_failed(engine, err: Exception, what: str) -> None:
+    """Compiling ``what`` failed with ``err`` (dynamo, inductor, or capturing the compiled code):
+    raise :class:`CompileError` where ``compile=True`` insisted, otherwise turn compiling off on
+    ``engine`` (``compile_error`` says why) with a warning, and the caller goes on eagerly."""
+    reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    if engine.compile_setting is True:
+        raise CompileError(f"compiling {what} failed ({reason}); use compile=False") from err
+    engine.compile, engine.compile_error = False, reason
+    logger.warning("compiling %s failed (%s); decoding without torch.compile", what, reason)
+
+
 def _patch_config(module, **values):
     # Options that this torch may not have yet are left out.
     return module.patch(**{name: value for name, value in values.items() if hasattr(module, name)})
@@ -762,26 +787,12 @@ class Engine(GenerationFrontend):
         decoder = CUDAGraphDecoder if self.use_cuda_graph else EagerDecoder
         if self.compile:
             try:
-                return decoder(self._compile_step(step), inputs, compiled=True)
+                return decoder(compile_steps(self, [step])[0], inputs, compiled=True)
             except torch.OutOfMemoryError:
                 raise
-            except Exception as err:  # dynamo, inductor, or capturing the compiled step
-                reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-                if self.compile_setting is True:
-                    raise CompileError(f"compiling the decode step failed ({reason}); use compile=False") from err
-                self.compile, self.compile_error = False, reason
-                logger.warning("compiling the decode step failed (%s); decoding without torch.compile", reason)
+            except Exception as err:
+                compile_failed(self, err, "the decode step")
         return decoder(step, inputs)
-
-    def _compile_step(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        start = time.perf_counter()
-        try:
-            compiled = compile_step(step, self.compile_mode)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        finally:
-            self.compile_seconds += time.perf_counter() - start
-        return compiled
 
     @torch.no_grad()
     def _decode(self, request: _Request, token_ids: torch.Tensor) -> torch.Tensor:

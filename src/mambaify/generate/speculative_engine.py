@@ -75,7 +75,6 @@ generate() / assisted_generate().
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +89,6 @@ from ..models.modeling import Mamba2Mixer
 from ..ops.attention import decode_attention_op
 from .engine import (
     AttentionRunner,
-    CompileError,
     DecodingStack,
     GenerationFrontend,
     KVBuffers,
@@ -100,14 +98,13 @@ from .engine import (
     StaticCache,
     _rope_is_static,
     check_compile_options,
-    compile_step,
+    compile_failed,
+    compile_steps,
     grouped_query_attention,
     use_split_k_attention,
 )
 from .sampling import SamplingParams, keep_top_k, keep_top_p
 from .speculative import accept_greedy, rejection_rule, sample_inverse_cdf
-
-logger = logging.getLogger(__name__)
 
 KChoice = int | Literal["auto"]
 DEFAULT_K_CHOICES = (1, 2, 3, 4, 6, 8)
@@ -780,15 +777,14 @@ class SpeculativeEngine(GenerationFrontend):
     def _compiled_program(self, batch: int, k: int, rounds: tuple[Callable, Callable]) -> RoundProgram | None:
         """The rounds compiled (and captured), or None where that fails and compile is "auto"."""
         try:
-            return self._make_program(batch, k, *self._compile_rounds(batch, rounds), compiled=True)
+            # compile_step runs each round once, as a capture's warm-up does: from reset rows, so
+            # that every slot and count it reads stays in bounds, and before the request's prefill.
+            self._reset_rows(batch)
+            return self._make_program(batch, k, *compile_steps(self, rounds), compiled=True)
         except torch.OutOfMemoryError:
             raise
-        except Exception as err:  # dynamo, inductor, or capturing the compiled rounds
-            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-            if self.compile_setting is True:
-                raise CompileError(f"compiling the speculative rounds failed ({reason}); use compile=False") from err
-            self.compile, self.compile_error = False, reason
-            logger.warning("compiling the speculative rounds failed (%s); decoding without torch.compile", reason)
+        except Exception as err:
+            compile_failed(self, err, "the speculative rounds")
             return None
 
     def _make_program(
@@ -798,19 +794,6 @@ class SpeculativeEngine(GenerationFrontend):
             self._reset_rows(batch)  # capture's warm-up runs the rounds: keep them in bounds
             draft_round, verify_round = GraphedStep(draft_round, self._pool), GraphedStep(verify_round, self._pool)
         return RoundProgram(k, draft_round, verify_round, compiled)
-
-    def _compile_rounds(self, batch: int, rounds: tuple[Callable, Callable]) -> list[Callable]:
-        # compile_step runs each round once, as a capture's warm-up does: from reset rows, so that
-        # every slot and count it reads stays in bounds, and before the request's prefill.
-        self._reset_rows(batch)
-        start = time.perf_counter()
-        try:
-            compiled = [compile_step(step, self.compile_mode) for step in rounds]
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        finally:
-            self.compile_seconds += time.perf_counter() - start
-        return compiled
 
     def is_compiled(self, batch_size: int, k: int, *, temperature: float = 0.0, top_k: int = 0,
                     top_p: float = 1.0) -> bool:
