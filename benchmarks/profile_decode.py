@@ -80,15 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def started_engine(model, args, device, use_cuda_graph) -> tuple[Engine, torch.Tensor]:
+    """An engine past its prefill of ``--context`` random tokens and 4 warm-up steps (Triton's
+    compiles, inductor's with --compile, the graph capture), and the next tokens to feed."""
+    engine = Engine(model, max_batch_size=args.batch, max_length=args.context + 2 * args.steps + 8,
+                    use_cuda_graph=use_cuda_graph, compile=args.compile)
+    tokens = engine.prefill(random_ids(args.batch, args.context, model.config.vocab_size, 0, device))[:, -1].argmax(-1)
+    for _ in range(4):
+        tokens = engine.decode(tokens).argmax(-1)
+    return engine, tokens
+
+
 def graphed_step_ms(model, args, device, clock) -> float | None:
     """The decode step as `mambaify bench` times it: replayed from its CUDA graph (CUDA only)."""
     if device.type != "cuda":
         return None
-    engine = Engine(model, max_batch_size=args.batch, max_length=args.context + 2 * args.steps + 8,
-                    compile=args.compile)
-    tokens = engine.prefill(random_ids(args.batch, args.context, model.config.vocab_size, 0, device))[:, -1].argmax(-1)
-    for _ in range(4):
-        tokens = engine.decode(tokens).argmax(-1)
+    engine, tokens = started_engine(model, args, device, use_cuda_graph=True)
     start = clock.mark()
     for _ in range(args.steps):
         tokens = engine.decode(tokens).argmax(-1)
@@ -97,11 +104,7 @@ def graphed_step_ms(model, args, device, clock) -> float | None:
 
 def profiled_step(model, args, device) -> tuple[dict, list, int]:
     """Per-step device time by kind (ms), the costliest kernels, kernel launches per step."""
-    engine = Engine(model, max_batch_size=args.batch, max_length=args.context + 2 * args.steps + 8,
-                    use_cuda_graph=False, compile=args.compile)
-    tokens = engine.prefill(random_ids(args.batch, args.context, model.config.vocab_size, 0, device))[:, -1].argmax(-1)
-    for _ in range(4):  # warm-up: Triton compiles, inductor compiles with --compile
-        tokens = engine.decode(tokens).argmax(-1)
+    engine, tokens = started_engine(model, args, device, use_cuda_graph=False)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
