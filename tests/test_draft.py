@@ -314,3 +314,24 @@ def test_distill_draft_on_the_gpu(teacher_dir, data_files, tmp_path, attention):
     draft = AutoModelForCausalLM.from_pretrained(out / "model")
     assert {p.dtype for p in draft.parameters()} == {torch.float32}
     assert isinstance(draft, HybridForCausalLM) == (attention is not None)
+
+
+def test_draft_init_script_scores_layer_choices(teacher_dir, capsys):
+    """benchmarks/draft_init.py: a draft of all the teacher's layers is the teacher (KL 0,
+    agreement 1 when the teacher is the target); a draft of fewer layers is not."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_init.py"
+    module_spec = importlib.util.spec_from_file_location("draft_init", path)
+    draft_init = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(draft_init)
+
+    layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
+    every = ",".join(str(i) for i in range(layers))
+    assert layers > 1
+    assert draft_init.main(["--target", str(teacher_dir), "--teacher", str(teacher_dir), "--layers", f"{every};0",
+                            "--texts", "3", "--tokens", "24"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layers ")]
+    assert lines[0] == f"layers {every}: KL 0.00, top-1 agreement 1.000"
+    assert lines[1].startswith("layers 0: KL ") and lines[1] != "layers 0: KL 0.00, top-1 agreement 1.000"
