@@ -303,22 +303,30 @@ def fla_scan():
 FLA_SHAPES = [(2, 100, 4, 64, 64), (1, 157, 3, 48, 32), (3, 5, 4, 64, 64), (2, 1, 4, 64, 64)]
 
 
-# fla autotunes every kernel once per process and head widths, which takes minutes (chunk_gla's
-# backward most), so spreading these tests over xdist workers would repeat the autotuning in
-# each (check.sh runs the GPU tests with --dist loadgroup). Each kernel family and head width
-# keeps to one worker: chunk_simple_gla (inference, and the whole-model tests) and chunk_gla
-# (training on Hopper) at 64-wide heads, and each at the odd widths, tune side by side.
-def fla_group(kernel: str, p: int = 64, n: int = 64):
-    return pytest.mark.xdist_group(f"fla-{kernel}-{p}x{n}")
+# fla autotunes every kernel once per process and input shape, which takes minutes (chunk_gla's
+# backward most: on the H200 one shape ran past 240 s), so spreading these tests over xdist workers
+# would repeat the autotuning in each (check.sh runs the GPU tests with --dist loadgroup).
+# chunk_simple_gla (inference, and the whole-model tests) keeps to one worker per head width;
+# chunk_gla (training on Hopper) to one worker per shape, so that its shapes tune side by side,
+# with a longer time limit for the test that tunes.
+def fla_group(kernel: str, p: int = 64, n: int = 64, shape: str = ""):
+    return pytest.mark.xdist_group(f"fla-{kernel}-{p}x{n}{shape}")
 
 
 FLA_GROUP = fla_group("simple_gla")
-FLA_GLA_GROUP = fla_group("gla")
-FLA_CASES = [
-    pytest.param(kernel, shape, marks=fla_group(kernel, shape[3], shape[4]),
-                 id="{}-b{}t{}h{}p{}n{}".format(kernel, *shape))
-    for shape in FLA_SHAPES for kernel in ("simple_gla", "gla")
-]
+FLA_GLA_TIMEOUT_S = 600
+
+
+def fla_case(kernel: str, shape: tuple) -> pytest.param:
+    name = "b{}t{}h{}p{}n{}".format(*shape)
+    if kernel == "simple_gla":
+        marks = [fla_group(kernel, shape[3], shape[4])]
+    else:
+        marks = [fla_group(kernel, shape[3], shape[4], "-" + name), pytest.mark.timeout(FLA_GLA_TIMEOUT_S)]
+    return pytest.param(kernel, shape, marks=marks, id=f"{kernel}-{name}")
+
+
+FLA_CASES = [fla_case(kernel, shape) for shape in FLA_SHAPES for kernel in ("simple_gla", "gla")]
 
 
 @pytest.mark.parametrize("p, n", [(12, 32), (64, 8)])
@@ -451,7 +459,8 @@ def test_fla_backend_is_registered_and_preferred(fla_scan):
     assert torch.equal(y64, y64_ref)
 
 
-@FLA_GLA_GROUP
+@fla_group("gla", shape="-training")
+@pytest.mark.timeout(FLA_GLA_TIMEOUT_S)
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_fla_auto_kernel_choice_trains(fla_scan):
