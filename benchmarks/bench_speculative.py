@@ -18,7 +18,8 @@ generated greedily for ``--new-tokens`` tokens per row (stop tokens off, so both
 the same number of tokens) by the plain :class:`Engine` (CUDA-graph decode) and by the
 :class:`SpeculativeEngine` at each K (and adaptive K). Reported: tokens/s (wall clock of whole
 requests, prefill included, after a warm-up request that captures the graphs), the ratio to
-plain decoding, the mean accepted length (draft tokens accepted per row and verify call), and
+plain decoding, where a request's time goes (its first token, timed apart with one new token,
+and the tokens/s of the rest: ``decode tokens/s`` and ``decode ratio``), the mean accepted length (draft tokens accepted per row and verify call), and
 ``match``, the fraction of tokens equal to the plain engine's (1.0 up to bf16 near-ties).
 ``--compile`` builds both engines with ``compile=True`` (torch.compile'd decode step and rounds,
 each compiled before its CUDA-graph capture, in the warm-up request), so that the comparison
@@ -251,6 +252,17 @@ def timed_generate(engine, batches: list[list[list[int]]], device: torch.device,
     return time.perf_counter() - start, outputs, stats
 
 
+def split_first_token(engine, batches, device, repeats: int, seconds: float, tokens: int, **options) -> dict:
+    """The requests' time to their first token (prefill and its sample; for the speculative
+    engine the draft's prefill too), timed apart with ``max_new_tokens=1``, and the tokens/s of
+    what follows it: where the time of a request goes, and the decode-only ratio."""
+    options = dict(options, max_new_tokens=1)
+    first = statistics.median(timed_generate(engine, batches, device, **options)[0] for _ in range(repeats))
+    rows = sum(len(batch) for batch in batches)
+    return dict(first_token_ms=1000 * first / len(batches),
+                decode_tokens_per_s=(tokens - rows) / max(seconds - first, 1e-9))
+
+
 def acceptance_over(stats: list) -> dict:
     """Acceptance statistics over several requests."""
     row_rounds = sum(s.row_rounds for s in stats)
@@ -291,9 +303,12 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
             times.append(seconds)
         tokens = sum(o.numel() for o in reference)
         plain_tps = tokens / statistics.median(times)
+        plain_split = split_first_token(plain, batches, device, args.repeats, statistics.median(times), tokens,
+                                        **options)
         results.add("end_to_end", dict(path="plain", batch=batch, k=None, prompts=len(batches) * batch,
                                        tokens=tokens, seconds=statistics.median(times), tokens_per_s=plain_tps,
-                                       ratio=1.0, compiled=plain.is_compiled(batch), compile_s=plain.compile_seconds))
+                                       ratio=1.0, **plain_split, decode_ratio=1.0,
+                                       compiled=plain.is_compiled(batch), compile_s=plain.compile_seconds))
         del plain
         engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,),
                                    max_batch_size=batch, max_length=length, compile=args.compile)
@@ -313,9 +328,13 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
             same = sum(int((o.cpu() == r.cpu()).sum()) for o, r in zip(outputs, reference))
             acceptance = acceptance_over(stats)
             tps = tokens / statistics.median(times)
+            split = split_first_token(engine, batches, device, args.repeats, statistics.median(times), tokens,
+                                      k=k, **options)
             results.add("end_to_end", dict(path="speculative", batch=batch, k=k, prompts=len(batches) * batch,
                                            tokens=tokens, seconds=statistics.median(times), tokens_per_s=tps,
-                                           ratio=tps / plain_tps, match=same / tokens, compiled=compiled,
+                                           ratio=tps / plain_tps, **split,
+                                           decode_ratio=split["decode_tokens_per_s"] / plain_split["decode_tokens_per_s"],
+                                           match=same / tokens, compiled=compiled,
                                            compile_s=engine.compile_seconds - compile_before, **acceptance))
         del engine
 
@@ -504,11 +523,17 @@ def render(data: dict, out: Path) -> None:
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}.", ""]
     if data["end_to_end"]:
         lines += ["## (a) End to end: plain engine vs speculative", "",
-                  "| batch | path | K | compiled | tokens/s | ratio | mean accepted | tokens/round | match | K used |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| batch | path | K | compiled | tokens/s | ratio | first token ms | decode tokens/s | "
+                  "decode ratio | mean accepted | tokens/round | match | K used |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["end_to_end"]:
+            # Points of runs before the first-token split have no such fields.
+            first = f"{p['first_token_ms']:.1f}" if "first_token_ms" in p else "-"
+            decode = f"{p['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in p else "-"
+            decode_ratio = f"{p['decode_ratio']:.2f}" if "decode_ratio" in p else "-"
             lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {_fmt(p.get('compiled'))} | "
-                         f"{p['tokens_per_s']:.1f} | {p['ratio']:.2f} | {_fmt(p.get('mean_accepted'))} | "
+                         f"{p['tokens_per_s']:.1f} | {p['ratio']:.2f} | {first} | {decode} | {decode_ratio} | "
+                         f"{_fmt(p.get('mean_accepted'))} | "
                          f"{_fmt(p.get('tokens_per_round'))} | {_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} |")
         lines.append("")
     if data["verify_cost"]:

@@ -236,6 +236,35 @@ def test_stream_yields_what_generate_returns(hybrid):
     assert steps[-1][1] is None  # a stopped row yields None, not a token
 
 
+def test_stop_watch_reads_each_flag_lag_steps_late_on_the_cpu():
+    running, stopped = torch.tensor([True, False]), torch.tensor([False, False])
+    assert engine_module.StopWatch(torch.device("cpu"), 0).all_stopped(stopped)
+    watch = engine_module.StopWatch(torch.device("cpu"), 2)
+    seen = [watch.all_stopped(flags) for flags in (running, stopped, running, running)]
+    assert seen == [False, False, False, True]  # step 1's "all stopped" is read at step 3
+    with pytest.raises(ValueError, match="lag"):
+        engine_module.StopWatch(torch.device("cpu"), -1)
+
+
+@pytest.mark.parametrize("lag", [1, 3, 20])
+def test_generate_with_a_late_stop_check_returns_the_same_tokens(hybrid, lag):
+    """Every row stops early; the loop that learns it `lag` steps late decodes more steps but
+    returns exactly what the loop that checks every step returns."""
+    prompts = random_prompts(5, 8, 3)
+    engine = Engine(hybrid, max_batch_size=3, max_length=40)
+    free = engine.generate(prompts, max_new_tokens=24, stop_token_ids=[]).tolist()
+    stop = sorted({row[2] for row in free})  # each row stops by its third token
+    expected = engine.generate(prompts, max_new_tokens=24, stop_token_ids=stop)
+    assert expected.shape[1] <= 3
+    calls = []
+    decode = engine._decode
+    engine._decode = lambda *args: calls.append(1) or decode(*args)
+    engine.stop_check_lag = lag
+    late = engine.generate(prompts, max_new_tokens=24, stop_token_ids=stop)
+    assert torch.equal(late, expected)
+    assert len(calls) == min(expected.shape[1] - 1 + lag, 23)  # the extra steps were run, then dropped
+
+
 def test_opt_in_from_the_model_returns_what_model_generate_returns(hybrid):
     ids, mask = left_padded(random_prompts(4, 7))
     expected = hybrid.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
@@ -353,6 +382,14 @@ def test_cuda_graph_decode_equals_eager(attention):
         assert torch.equal(graphed.generate(batch, **options), eager.generate(batch, **options))
         sampled = dict(options, temperature=1.0, top_p=0.9, seed=3)
         assert torch.equal(graphed.generate(batch, **sampled), eager.generate(batch, **sampled))
+    # Stop tokens that end every row early: the graphed engine's late stop check (StopWatch on
+    # CUDA: pinned flags and events) must return what checking every step returns.
+    free = eager.generate(prompts, max_new_tokens=24, stop_token_ids=[]).tolist()
+    stop = dict(max_new_tokens=24, stop_token_ids=sorted({row[3] for row in free}))
+    assert graphed.stop_check_lag > 0
+    eager.stop_check_lag = 0
+    expected = eager.generate(prompts, **stop)
+    assert expected.shape[1] <= 4 and torch.equal(graphed.generate(prompts, **stop), expected)
     ids, mask = left_padded(prompts)
     graphed.prefill(ids, mask)
     eager.prefill(ids, mask)

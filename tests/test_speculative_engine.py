@@ -734,12 +734,15 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     assert {p["batch"] for p in end_to_end} == {1, 2}
     assert {p["k"] for p in end_to_end if p["path"] == "speculative"} == {1, 3, "auto"}
     assert all(p["tokens_per_s"] > 0 for p in end_to_end)
+    # Where a request's time goes: its first token, and the tokens/s of the rest.
+    assert all(p["first_token_ms"] > 0 and p["decode_tokens_per_s"] > 0 for p in end_to_end)
+    assert all(p["decode_ratio"] == 1.0 for p in end_to_end if p["path"] == "plain")
     verify = data["verify_cost"]
     assert {p["k"] for p in verify} == {2, 3} and {p["kernel"] for p in verify} == {"fused", "store_states"}
     assert all(p["verify_ms"] > 0 and p["decode_steps_ms"] > 0 for p in verify)
     assert data["speedup"] and all(p["speedup"] > 0 for p in data["speedup"])
     markdown = (out / "bench_speculative.md").read_text()
-    assert "| batch |" in markdown and "verify" in markdown
+    assert "| batch |" in markdown and "verify" in markdown and "decode ratio" in markdown
 
 
 def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):

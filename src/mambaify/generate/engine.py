@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -432,6 +433,58 @@ class CUDAGraphDecoder(EagerDecoder):
         return self.logits
 
 
+class StopWatch:
+    """Tells the generation loop when every row has stopped, without making the host wait for
+    the step it has just launched.
+
+    Reading ``running.any()`` at once would block the host until the GPU finishes each step, so
+    the host could never queue the next replay while the current one runs: every step would pay
+    the host's own time (sampling launches, Python) on top of the GPU's. Instead each step's flag
+    is copied to pinned host memory behind an event and read ``lag`` steps later (or sooner, once
+    its event has completed). The loop may therefore run up to ``lag`` steps after every row has
+    stopped; those steps emit only padding, and :meth:`Engine.generate` drops them. ``lag`` 0
+    reads each flag at once (what streaming needs anyway). On the CPU, where every call is
+    synchronous, a flag is read exactly ``lag`` steps late, which tests the bookkeeping.
+    """
+
+    def __init__(self, device: torch.device, lag: int):
+        if lag < 0:
+            raise ValueError(f"the stop check's lag must be >= 0, got {lag}")
+        self.lag = lag
+        self.cuda = device.type == "cuda"
+        # A ring of lag + 1 slots: a slot is reused only after the flag it held has been read.
+        self.flags = torch.empty(lag + 1, dtype=torch.bool, pin_memory=self.cuda and lag > 0)
+        self.events = [torch.cuda.Event() for _ in range(lag + 1)] if self.cuda and lag > 0 else []
+        self.pending: deque[int] = deque()
+        self.steps = 0
+
+    def all_stopped(self, running: torch.Tensor) -> bool:
+        """Record this step's ``running`` (batch,) bool; True once a recorded step had no row running."""
+        if self.lag == 0:
+            return not bool(running.any())
+        slot = self.steps % (self.lag + 1)
+        self.steps += 1
+        self.flags[slot].copy_(running.any(), non_blocking=True)
+        if self.cuda:
+            self.events[slot].record()
+        self.pending.append(slot)
+        while self.pending:
+            oldest = self.pending[0]
+            if len(self.pending) > self.lag:
+                if self.cuda:
+                    self.events[oldest].synchronize()  # lag steps old: the GPU is still busy with newer ones
+            elif not (self.cuda and self.events[oldest].query()):
+                break
+            self.pending.popleft()
+            if not bool(self.flags[oldest]):
+                return True
+        return False
+
+
+# How many steps the host may run ahead of the stop-token check on CUDA (see StopWatch).
+STOP_CHECK_LAG = 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiling the decode step
 
@@ -688,6 +741,9 @@ class Engine(GenerationFrontend):
     default) never compiles. ``compile_seconds`` adds up the time spent compiling;
     :meth:`is_compiled` says whether a batch size's step runs compiled.
     compile_mode: the inductor mode, one of :data:`COMPILE_MODES`.
+    stop_check_lag (attribute): how many steps :meth:`generate` may run past the step where the
+    last row stopped, so that the host never waits for the step in flight (:class:`StopWatch`;
+    :data:`STOP_CHECK_LAG` on CUDA, 0 on the CPU). Streams check every step.
 
     One request at a time: a new prefill ends the previous request, and a stream of the previous
     request raises if it is resumed after that.
@@ -733,6 +789,7 @@ class Engine(GenerationFrontend):
         self._decoders: dict[int, EagerDecoder] = {}
         self._request: _Request | None = None
         self.stop_token_ids, self.pad_token_id = self._special_tokens()
+        self.stop_check_lag = STOP_CHECK_LAG if self.device.type == "cuda" else 0
 
     def _resolve_cuda_graph(self, setting: bool | Literal["auto"]) -> bool:
         capturable = self.device.type == "cuda" and _rope_is_static(self.stack.rotary_emb)
@@ -820,9 +877,11 @@ class Engine(GenerationFrontend):
         top_p: float,
         seed: int | None,
         stop_token_ids: Sequence[int] | None,
+        stop_check_lag: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield, per step, each row's new token (batch,) and whether the row was still running
-        (batch,) bool; rows that had stopped emit the pad id."""
+        (batch,) bool; rows that had stopped emit the pad id. With ``stop_check_lag`` > 0 up to
+        that many steps may follow the one where the last row stopped (see StopWatch)."""
         sampling = SamplingParams(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -838,12 +897,16 @@ class Engine(GenerationFrontend):
         logits = self._prefill(input_ids, attention_mask)[:, -1]
         request = self._request
         running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        watch = StopWatch(self.device, stop_check_lag)
         for step in range(max_new_tokens):
             tokens = sample_next_tokens(logits, sampling, generator).masked_fill(~running, self.pad_token_id)
             yield tokens, running
-            running = running & ~torch.isin(tokens, stop)
-            if step + 1 == max_new_tokens or not bool(running.any()):
+            if step + 1 == max_new_tokens:
                 return
+            if stop.numel():  # without stop tokens every row runs to max_new_tokens: nothing to check
+                running = running & ~torch.isin(tokens, stop)
+                if watch.all_stopped(running):
+                    return
             logits = self._decode(request, tokens)
 
     def stream(
@@ -883,8 +946,12 @@ class Engine(GenerationFrontend):
     ) -> torch.Tensor:
         """The new tokens (batch, steps), as :meth:`stream` produces them; stopped rows hold the pad
         id. steps <= max_new_tokens: generation ends when every row has stopped."""
-        steps = self._steps(prompts, attention_mask, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
-        return torch.stack([tokens for tokens, _ in steps], dim=1)
+        steps = list(self._steps(prompts, attention_mask, max_new_tokens, temperature, top_k, top_p, seed,
+                                 stop_token_ids, self.stop_check_lag))
+        tokens = torch.stack([tokens for tokens, _ in steps], dim=1)
+        running = torch.stack([running for _, running in steps], dim=1)
+        # Steps the loop ran after the last row had stopped (StopWatch's lag) hold only padding.
+        return tokens[:, : int(running.any(dim=0).nonzero().max()) + 1]
 
 
 # ---------------------------------------------------------------------------------------------
