@@ -5,6 +5,8 @@
 # .gpu/triton-cache` and carry .gpu/triton-cache in the next session's first call: fla then
 # compiles only the configurations it picked instead of timing them all.
 # Usage (from the repo root, after source benchmarks/h200/env.sh): bash benchmarks/h200/keep_autotune.sh
+# KEEP_AUTOTUNE=0: a job of pair.sh, which packs once after both of its jobs.
+[ "${KEEP_AUTOTUNE:-1}" = 1 ] || exit 0
 cd "$TRITON_CACHE_DIR" || exit 0
 find . -name "*.autotune.json" > "$OUT/.autotune-list"
 tar czf "$OUT/autotune.tgz" -T "$OUT/.autotune-list"

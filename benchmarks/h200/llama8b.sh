@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On the H200, the Llama-3-8B-shaped family (random weights, built on the GPU: nothing to carry
+# but the wheels), in parts that each fit one call (< 9 min):
+#   profile   where the batch-1 decode step's time goes (benchmarks/profile_decode.py), eager
+#             (teacher, 25% and 0% hybrids) and compiled (teacher, 25% hybrid)
+#   compiled  `mambaify bench --compile`: batch 1 at 1k context (the roofline target), then
+#             batch 64 at 8k context (the 3x target), teacher and 25% hybrid (and 0% at batch 1)
+#   grid      the whole uncompiled grid (5 models x batch 1/16/64 x context 1k/8k/32k) with the
+#             split-K decode attention the engines now run
+# Results are packed into $OUT/llama8b-PART.tgz; logs beside them.
+# Usage (from the repo root): bash benchmarks/h200/llama8b.sh profile|compiled|grid
+source benchmarks/h200/env.sh
+set +e
+part=${1:?usage: llama8b.sh profile|compiled|grid}
+dir="$OUT/llama8b-$part"
+mkdir -p "$dir"
+run() {  # run LIMIT_S NAME COMMAND...: with a time limit (SIGINT first), log to $dir/NAME.log
+  local limit=$1 name=$2; shift 2
+  local start=$(date +%s)
+  timeout -s INT -k 20 "$limit" "$@" > "$dir/$name.log" 2>&1
+  echo "$name: exit $? after $(( $(date +%s) - start )) s"
+  tr '\r' '\n' < "$dir/$name.log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -12
+}
+case $part in
+  profile)
+    run 200 eager python3 benchmarks/profile_decode.py --out "$dir/eager" --family llama8b --attention 1,0.25,0 --batch 1
+    run 300 compiled python3 benchmarks/profile_decode.py --out "$dir/compiled" --family llama8b --attention 1,0.25 \
+      --batch 1 --compile ;;
+  compiled)
+    run 250 b1 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25,0 --batch 1 --context 1024 \
+      --paths engine --repeats 3 --time-budget-s 230 --out "$dir/b1"
+    run 270 b64 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25 --batch 64 --context 8192 \
+      --paths engine --repeats 2 --time-budget-s 250 --out "$dir/b64" ;;
+  grid)
+    run 520 grid python3 -m mambaify.cli bench --families llama8b --paths engine --repeats 2 --time-budget-s 480 --out "$dir/grid" ;;
+  *) echo "unknown part $part: profile, compiled or grid"; exit 2 ;;
+esac
+bash benchmarks/h200/pack.sh "llama8b-$part"
+bash benchmarks/h200/keep_autotune.sh
