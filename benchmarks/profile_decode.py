@@ -66,6 +66,16 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def linear_weight_bytes(model: torch.nn.Module) -> int:
+    """What the step's matmuls must read: every nn.Linear weight (the LM head included), once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -131,12 +141,17 @@ def profiled_step(model, args, device) -> tuple[dict, list, int]:
     return dict(by_kind), kernels[:15], round(launches / args.steps)
 
 
+def matmul_tb_per_s(m: dict) -> float | None:
+    ms = m["by_kind_ms"].get("matmul", 0.0)
+    return m["linear_weight_bytes"] / ms / 1e9 if ms > 0 and "linear_weight_bytes" in m else None
+
+
 def render(results: dict) -> str:
     kinds = [k for k, _ in KINDS] + ["other"]
     lines = ["# Decode step profile", "", results["header"], "",
              "| model | batch | context | graphed step ms | roofline ms | kernels per step | kernel time per step ms | "
-             + " | ".join(kinds) + " |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " |"]
+             + " | ".join(kinds) + " | matmul TB/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " | ---: |"]
 
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
@@ -144,7 +159,10 @@ def render(results: dict) -> str:
     for m in results["models"]:
         lines.append(f"| {m['model']} | {m['batch']} | {m['context']} | {fmt(m['graphed_step_ms'])} | "
                      f"{fmt(m['roofline_ms'])} | {m['kernels_per_step']} | {fmt(m['kernel_ms_per_step'])} | "
-                     + " | ".join(fmt(m["by_kind_ms"].get(k, 0.0)) for k in kinds) + " |")
+                     + " | ".join(fmt(m["by_kind_ms"].get(k, 0.0)) for k in kinds) + f" | {fmt(matmul_tb_per_s(m))} |")
+    lines += ["", "matmul TB/s: the bytes of every linear layer's weight over the matmul kernels' time, against "
+              f"the copy bandwidth of {fmt(results.get('bandwidth_tb_per_s'))} TB/s (at batch 1 the matmuls "
+              "are matrix-vector products, bound by reading their weights)."]
     for m in results["models"]:
         lines += ["", f"## {m['model']}: costliest kernels", "", "| kernel | kind | ms per step | calls per step |",
                   "| --- | --- | ---: | ---: |"]
@@ -166,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.__version__}; {dtype}; family {args.family}; {args.steps} profiled eager steps"
               f"{'; compiled step' if args.compile else ''}. Kernel times are device time (CPU time of "
               "aten ops on the CPU), per step; the graphed step is the CUDA-graph replay `mambaify bench` times.")
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "header": header, "models": []}
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "header": header, "models": [],
+               "bandwidth_tb_per_s": bandwidth / 1e12 if bandwidth else None}
     args.out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for fraction, model in models_of(args.family, options, device, dtype):
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": model_label(fraction), "batch": args.batch, "context": args.context,
                 "graphed_step_ms": graphed, "roofline_ms": roofline, "kernels_per_step": launches,
                 "kernel_ms_per_step": sum(by_kind.values()), "by_kind_ms": by_kind, "top_kernels": top,
+                "linear_weight_bytes": linear_weight_bytes(model),
             })
             print(f"{model_label(fraction)}: graphed {graphed} ms, roofline {roofline} ms, "
                   f"{launches} kernels per step, {sum(by_kind.values()):.3f} ms of kernels", flush=True)

@@ -191,6 +191,11 @@ def test_decode_profile_groups_each_steps_time_by_kind(tmp_path):
         assert m["graphed_step_ms"] is None and m["roofline_ms"] is None  # no CUDA graph or roofline on the CPU
         assert m["kernels_per_step"] > 0 and m["top_kernels"]
         assert sum(m["by_kind_ms"].values()) == pytest.approx(m["kernel_ms_per_step"])
+        # The matmuls' bandwidth: every linear weight (the LM head's too) over the matmul time.
+        assert m["linear_weight_bytes"] > 0
+        assert profile_decode.matmul_tb_per_s(m) == pytest.approx(
+            m["linear_weight_bytes"] / m["by_kind_ms"]["matmul"] / 1e9)
+    assert "matmul TB/s" in (out / "profile_decode.md").read_text()
     assert results["models"][0]["by_kind_ms"].get("attention", 0) > 0  # the teacher attends ...
     assert results["models"][1]["by_kind_ms"].get("attention", 0) == 0  # ... the pure Mamba2 model does not
     assert "| teacher | 1 | 16 |" in (out / "profile_decode.md").read_text()
