@@ -379,6 +379,32 @@ def test_an_engine_sized_to_the_request_holds_rows_that_finish_early(targets, dr
         for k in (2, 4, 6):
             assert torch.equal(engine.generate(ids, mask, max_new_tokens=new, stop_token_ids=[], k=k), expected), (new, k)
 
+@pytest.mark.parametrize("target_name, draft_name", [("hybrid50", "transformer"), ("mamba2", "mamba2")])
+def test_launching_rounds_ahead_changes_nothing_but_the_waiting(targets, drafts, target_name, draft_name):
+    """launch_ahead (on by default on CUDA) queues round n + 1 before the host reads round n's
+    report: the same tokens, greedy and seeded sampling, with and without stop tokens, and at a
+    fixed K the same rounds; adaptive K may choose differently (it learns a round later), never
+    the tokens of greedy decoding."""
+    target, draft = targets[target_name], drafts[draft_name]
+    for batch in (1, 4):
+        ids, mask = _prompts(batch)
+        waiting = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=40)
+        ahead = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=40)
+        assert not waiting.launch_ahead  # the CPU default
+        ahead.launch_ahead = True
+        free = waiting.generate(ids, mask, max_new_tokens=14, stop_token_ids=[])
+        for stop in ([], [free[0, 5].item()], sorted({row[3] for row in free.tolist()})):
+            for k in (1, 3, 6, "auto"):
+                options = dict(max_new_tokens=14, stop_token_ids=stop, k=k)
+                expected = waiting.generate(ids, mask, **options)
+                assert torch.equal(ahead.generate(ids, mask, **options), expected), (batch, stop, k)
+                if k != "auto":
+                    assert ahead.stats.rounds == waiting.stats.rounds
+                    assert ahead.stats.accepted == waiting.stats.accepted
+                    sampled = dict(options, temperature=1.0, top_k=20, seed=5)
+                    assert torch.equal(ahead.generate(ids, mask, **sampled), waiting.generate(ids, mask, **sampled))
+
+
 def test_stream_yields_what_generate_returns(targets, drafts):
     target, draft = targets["mamba2"], drafts["mamba2"]
     ids, mask = _prompts(4)
@@ -815,6 +841,8 @@ def test_cuda_graph_rounds_equal_eager(targets, drafts, target_name):
     for draft in (copy.deepcopy(drafts["transformer"]).cuda(), copy.deepcopy(drafts["mamba2"]).cuda()):
         graphed = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=48, use_cuda_graph=True)
         eager = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=48, use_cuda_graph=False)
+        assert graphed.launch_ahead  # on CUDA: pinned host reports behind events
+        eager.launch_ahead = False  # the host reads each round before launching the next
         for rows in (slice(0, 4), slice(0, 1)):  # two batch sizes: two sets of graphs
             batch, batch_mask = ids[rows].cuda(), mask[rows].cuda()
             for k in (1, 4, "auto"):

@@ -56,7 +56,13 @@ seeded runs reproduce, eagerly or from a graph.
 Adaptive K (``k="auto"``): each round picks, among the K values with captured graphs, the one
 with the most expected tokens per second, (1 - a^(K+1)) / (1 - a) tokens per row and round at a
 running per-token acceptance rate a, over the measured time of that K's draft round, verify call
-and host overhead (see :class:`AdaptiveK`).
+and the device's idle time between rounds (see :class:`AdaptiveK`).
+
+The host one round ahead (``launch_ahead``, on CUDA): the host reads one small report per round
+(each row's accepted count and tokens), but it queues round n + 1 before it waits for round n's
+report, which reaches pinned host memory behind the round. So the device runs round n + 1 while
+the host reads, yields and bookkeeps round n, instead of idling for it. Nothing a round needs
+from the last comes through the host; only adaptive K learns a round later.
 
 Compiled rounds (``SpeculativeEngine(compile=True)``, or "auto": on CUDA): the draft round and
 the verify round are each compiled whole by torch.compile, with the plain engine's
@@ -657,6 +663,24 @@ class _Request:
     batch_size: int
 
 
+@dataclass
+class _InFlight:
+    """A launched round: its timing marks, and its report on its way to host memory (pinned on
+    CUDA, so that the copy runs behind the round without the host waiting for it)."""
+
+    program: RoundProgram
+    start: object
+    middle: object
+    end: object
+    host_report: torch.Tensor
+    copied: torch.cuda.Event | None
+
+    def read(self) -> list[list[int]]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_report.tolist()
+
+
 @dataclass(frozen=True)
 class _RoundReport:
     """One row's outcome of a round, as read back from the report buffer."""
@@ -741,6 +765,15 @@ class SpeculativeEngine(GenerationFrontend):
         )
         self.draft_cache = self.draft_stack.allocate_speculative(max_batch_size, draft_dtype, self.device, draft=True)
         self.buffers = RoundBuffers.allocate(max_batch_size, self.k_max, self.device)
+        # Two host copies of the report, one per round in flight (see _rounds), flat so that a
+        # request's (batch, 5 + K) part is contiguous: a strided host copy would not run async.
+        pinned = self.device.type == "cuda"
+        self._host_reports = [torch.zeros(self.buffers.report.numel(), dtype=torch.long, pin_memory=pinned)
+                              for _ in range(2)]
+        self._report_slot = 0
+        # Launch each round before reading the last one's outcome (on CUDA, where the host and the
+        # device run apart; on the CPU, where nothing overlaps, tests may turn it on).
+        self.launch_ahead = self.device.type == "cuda"
         self.step_range = torch.arange(self.k_max + 1, device=self.device)
 
         capturable = self.device.type == "cuda" and all(
@@ -943,34 +976,70 @@ class SpeculativeEngine(GenerationFrontend):
         rb.stop_ids[: len(stop)] = torch.tensor(stop, dtype=torch.long, device=self.device)
         stats = self.stats = SpeculativeStats()
         clock = _Clock(self.device)
+        # Rounds are launched one ahead of the report the host reads (launch_ahead): round n + 1
+        # runs on the device while the host reads round n's outcome and yields it, so the device
+        # does not wait for the host between rounds. Everything a round needs from the last one
+        # is in device buffers; only the choice of K lags a round behind. One more round is
+        # launched only where it may still emit: unless a stop token may end the rows, not once
+        # every running row's last known budget fits in the round in flight.
+        remaining = [max_new_tokens] * b
+        in_flight = [self._launch(programs[chooser.choose() if chooser else ks[0]], b, sampling,
+                                  generator if not sampling.greedy else None, clock)]
+        previous_end = None
         while True:
             if request is not self._request:
                 raise RuntimeError("another request started on this engine while this one was being decoded")
-            program = programs[chooser.choose() if chooser else ks[0]]
-            if not sampling.greedy:
-                rb.uniforms[:b].copy_(torch.rand(rb.uniforms[:b].shape, generator=generator, device=self.device))
-            wall = time.perf_counter()
-            start = clock.mark()
-            program.draft()
-            middle = clock.mark()
-            program.verify()
-            end = clock.mark()
-            report = rb.report[:b, : 5 + program.k].tolist()  # the round's one wait for the device
-            times.observe(program.k, clock.seconds(start, middle), clock.seconds(middle, end),
-                          time.perf_counter() - wall)
+            current = in_flight[0]
+            budget_left = max((r for r in remaining if r > 0), default=0) > current.program.k + 1
+            if self.launch_ahead and len(in_flight) == 1 and (stop or budget_left):
+                in_flight.append(self._launch(programs[chooser.choose() if chooser else ks[0]], b, sampling,
+                                              generator if not sampling.greedy else None, clock))
+            report = current.read()  # the round's one wait for the device
+            # The device's idle time between the previous round and this one stands for the host's
+            # overhead per round (all of it when rounds wait for the host, little when they do not).
+            gap = clock.seconds(previous_end, current.start) if previous_end is not None else 0.0
+            draft_s, verify_s = clock.seconds(current.start, current.middle), clock.seconds(current.middle, current.end)
+            times.observe(current.program.k, draft_s, verify_s, draft_s + verify_s + gap)
+            previous_end = current.end
+            in_flight.pop(0)
             rows = [_RoundReport(bool(r[0]), r[1], r[4 : 4 + r[2]], bool(r[3])) for r in report]
+            for i, row in enumerate(rows):
+                remaining[i] = remaining[i] - len(row.tokens) if row.still_active else 0
             accepted = [row.accepted for row in rows if row.was_active]
             if chooser:
-                chooser.observe(program.k, accepted)
+                chooser.observe(current.program.k, accepted)
             stats.rounds += 1
             stats.row_rounds += len(accepted)
             stats.accepted += sum(accepted)
             stats.emitted += sum(len(row.tokens) for row in rows)
-            stats.k_used[program.k] = stats.k_used.get(program.k, 0) + 1
+            stats.k_used[current.program.k] = stats.k_used.get(current.program.k, 0) + 1
             stats.seconds = time.perf_counter() - started
             yield rows
             if not any(row.still_active for row in rows):
-                return
+                return  # a round still in flight commits nothing: every row has finished
+            if not in_flight:
+                in_flight.append(self._launch(programs[chooser.choose() if chooser else ks[0]], b, sampling,
+                                              generator if not sampling.greedy else None, clock))
+
+    def _launch(self, program: RoundProgram, batch: int, sampling: SamplingParams, generator, clock) -> _InFlight:
+        """Queue one round (its uniforms, draft round and verify round) and the copy of its
+        report to the host, without waiting for any of it."""
+        rb = self.buffers
+        if generator is not None:
+            rb.uniforms[:batch].copy_(torch.rand(rb.uniforms[:batch].shape, generator=generator, device=self.device))
+        start = clock.mark()
+        program.draft()
+        middle = clock.mark()
+        program.verify()
+        end = clock.mark()
+        slot = self._report_slot = 1 - self._report_slot  # two rounds at most are in flight
+        host = self._host_reports[slot][: batch * (5 + program.k)].view(batch, 5 + program.k)
+        host.copy_(rb.report[:batch, : 5 + program.k], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return _InFlight(program, start, middle, end, host, event)
 
     def _calibrate(self, programs: list[RoundProgram], batch: int, times: RoundTimes, repeats: int = 3) -> None:
         """Time freshly captured programs before the request (their replays commit nothing), so
