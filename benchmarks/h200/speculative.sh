@@ -10,14 +10,20 @@
 # the next call, which resumes (the machine must still be warm).
 # Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S] [DEADLINE_S]
 # TAG and BENCH_ARGS (environment): a variant of the benchmarks (see bench below).
+# DRAFT and DRAFT_ARGS (environment): a second draft, trained with DRAFT_ARGS added, against the
+# hybrid an earlier call trained (e.g. on the second GPU of pair.sh: DRAFT=draft-l01
+# DRAFT_ARGS="--layers 0,1"); its folder is runs/h200-spec/$DRAFT, its results $OUT/spec-$DRAFT.
 source benchmarks/h200/env.sh
 set +e
 hybrid_s=${1:-120}
 draft_s=${2:-150}
 deadline=$(( $(date +%s) + ${3:-570} ))
 runs=runs/h200-spec
-mkdir -p "$OUT/spec" "$runs"
-step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/spec/NAME.log
+draft=${DRAFT:-draft}
+out="$OUT/spec"; suffix=""
+[ "$draft" = draft ] || { out="$OUT/spec-$draft"; suffix="-$draft"; }
+mkdir -p "$out" "$runs"
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $out/NAME.log
   local name=$1 limit=$2; shift 2
   local start=$(date +%s)
   if (( start + limit > deadline )); then
@@ -25,44 +31,48 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/spe
     return
   fi
   # SIGINT first: Python prints where it was, which a plain kill would not tell.
-  timeout -s INT -k 10 "$limit" "$@" > "$OUT/spec/$name.log" 2>&1
+  timeout -s INT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s"
-  tr '\r' '\n' < "$OUT/spec/$name.log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -6
+  tr '\r' '\n' < "$out/$name.log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -6
 }
 # The hybrid: its final model, or else its last saved stage (a stage folder holds the tokenizer
 # too), so that a run cut short in its final evaluation still gives a target.
 if [ ! -f "$runs/hybrid50/model/config.json" ] && [ -z "$(ls "$runs"/hybrid50/stages/*/config.json 2>/dev/null)" ]; then
+  # A second draft never trains a hybrid of its own (two jobs would share one run folder).
+  [ "$draft" = draft ] || { echo "$draft: no hybrid in $runs/hybrid50 yet: run the first draft's call first"; exit 2; }
   resume=""; [ -d "$runs/hybrid50/checkpoint" ] && resume="--resume"
   step hybrid 280 python3 -m mambaify.cli -v distill --config configs/h200-smollm2-attn50.yaml $resume \
     --out "$runs/hybrid50" --init linear-attention --time-budget-s "$hybrid_s" --num-prompts 1024 --no-progress
 fi
-cp "$runs/hybrid50/metrics.json" "$OUT/spec/hybrid50-metrics.json" 2>/dev/null
+cp "$runs/hybrid50/metrics.json" "$out/hybrid50-metrics.json" 2>/dev/null
 target="$runs/hybrid50/model"
 [ -f "$target/config.json" ] || target=$(dirname "$(ls "$runs"/hybrid50/stages/*/config.json 2>/dev/null | tail -1)")
 echo "target: $target"
-if [ ! -f "$runs/draft/model/config.json" ]; then
-  resume=""; [ -d "$runs/draft/checkpoint" ] && resume="--resume"
+if [ ! -f "$runs/$draft/model/config.json" ]; then
+  resume=""; [ -d "$runs/$draft/checkpoint" ] && resume="--resume"
   # --tokens is an upper bound: the time budget decides how long the draft trains. The whole
   # offline corpus (about 2.5 M tokens): session 4's draft memorised the defaults' 0.14 M.
   # The limit covers the target's labels and the evaluations around the training (about 130 s
   # on the H200 in session 5, when 120 s more cut the run; it resumed in the next call).
-  step draft $(( draft_s + 150 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
-    --draft-from smollm2-135m-instruct --out "$runs/draft" --time-budget-s "$draft_s" --tokens 200000000 \
+  step "$draft" $(( draft_s + 150 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
+    --draft-from smollm2-135m-instruct --out "$runs/$draft" --time-budget-s "$draft_s" --tokens 200000000 \
     --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 8000 --label-tokens 128 \
-    --label-batch-size 1024 --eval-texts 256 --eval-chats 64 --no-progress
+    --label-batch-size 1024 --eval-texts 256 --eval-chats 64 --no-progress $DRAFT_ARGS
 fi
-cp "$runs/draft/metrics.json" "$OUT/spec/draft-metrics.json" 2>/dev/null
+cp "$runs/$draft/metrics.json" "$out/$draft-metrics.json" 2>/dev/null
 # The benchmarks write into the run folder (kept while the machine is warm: a later call skips a
 # finished one) and are copied to $OUT at the end, in order of importance: plain vs speculative
 # (bf16), the same greedy output in float32, then both engines compiled (each batch size and K
 # compiles its own step or rounds, about 40-60 s each on the H200). TAG and BENCH_ARGS name and
 # add to a variant of all three, e.g. TAG=-b16 BENCH_ARGS="--batch 16".
+benches=()
 bench() {  # bench NAME LIMIT_S ARGS...
-  local name=$1$TAG limit=$2; shift 2
-  [ -f "$runs/draft/model/config.json" ] || return
+  local name=$1$suffix$TAG limit=$2; shift 2
+  [ -f "$runs/$draft/model/config.json" ] || return
+  benches+=("$name")
   [ -f "$runs/$name/bench_speculative.json" ] && { echo "$name: done in an earlier call"; return; }
   step "$name" "$limit" python3 benchmarks/bench_speculative.py --out "$runs/$name" --target "$target" \
-    --draft "$runs/draft/model" "$@" $BENCH_ARGS
+    --draft "$runs/$draft/model" "$@" $BENCH_ARGS
 }
 bench end_to_end 200 --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 --time-budget-s 170
 # Greedy speculative output equals plain output exactly in float32 (bf16 rounds the verify call
@@ -74,13 +84,13 @@ bench end_to_end 200 --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 
 # once; "auto" reuses them).
 bench end_to_end_compiled 330 --compile --k 2,3,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 2 \
   --time-budget-s 300
-for d in "$runs"/end_to_end* "$runs"/exact_f32*; do [ -d "$d" ] && cp -r "$d" "$OUT/spec/"; done
-cat "$runs/end_to_end$TAG/bench_speculative.md" 2>/dev/null
-for run in hybrid50 draft; do  # the runs' reports and plots beside the step logs
+for name in "${benches[@]}"; do [ -d "$runs/$name" ] && cp -r "$runs/$name" "$out/"; done
+cat "$runs/end_to_end$suffix$TAG/bench_speculative.md" 2>/dev/null
+for run in hybrid50 "$draft"; do  # the runs' reports and plots beside the step logs
   for f in report.md metrics.jsonl loss_curve.png before_after.png config.yaml; do
-    [ -f "$runs/$run/$f" ] && cp "$runs/$run/$f" "$OUT/spec/$run-$f"
+    [ -f "$runs/$run/$f" ] && cp "$runs/$run/$f" "$out/$run-$f"
   done
 done
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-bash benchmarks/h200/pack.sh spec
+bash benchmarks/h200/pack.sh "$(basename "$out")"
 bash benchmarks/h200/keep_autotune.sh
