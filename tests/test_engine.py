@@ -265,6 +265,40 @@ def test_generate_with_a_late_stop_check_returns_the_same_tokens(hybrid, lag):
     assert len(calls) == min(expected.shape[1] - 1 + lag, 23)  # the extra steps were run, then dropped
 
 
+def test_prefill_width_buckets():
+    widths = (16, 32, 64)
+    assert engine_module.prefill_width(widths, 1, 9, room=100) == 16
+    assert engine_module.prefill_width(widths, 1, 16, room=100) == 16
+    assert engine_module.prefill_width(widths, 1, 17, room=100) == 32
+    assert engine_module.prefill_width(widths, 1, 65, room=1000) is None  # longer than every width
+    assert engine_module.prefill_width(widths, 1, 20, room=31) is None  # no room for the padding
+    too_many = engine_module.PREFILL_GRAPH_TOKENS // 32 + 1
+    assert engine_module.prefill_width(widths, too_many, 20, room=100) is None
+    assert engine_module.prefill_width(None, 1, 9, room=100) is None
+
+
+def test_prompts_padded_to_a_prefill_width_give_the_same_tokens(model):
+    """What the CUDA-graphed prefill does to a short prompt (more left padding, up to a width a
+    graph was captured for), run eagerly here: the same tokens, greedy and sampled, batch 1 and a
+    ragged batch, with stop tokens; a request without room for the padding is left as it is."""
+    prompts = random_prompts(5, 9, 3)
+    plain = Engine(model, max_batch_size=3, max_length=40)
+    padded = Engine(model, max_batch_size=3, max_length=40)
+    assert plain.prefill_widths is None  # the CPU default
+    padded.prefill_widths = (16, 24)
+    for batch in (prompts[:1], prompts):
+        for options in (dict(stop_token_ids=[]), dict(temperature=1.0, top_k=20, seed=4, stop_token_ids=[])):
+            expected = plain.generate(batch, max_new_tokens=12, **options)
+            assert torch.equal(padded.generate(batch, max_new_tokens=12, **options), expected)
+            assert padded._request.next_slot == 16 + 11  # the prompt filled slots 0..15
+        free = plain.generate(batch, max_new_tokens=12, stop_token_ids=[]).tolist()
+        stop = [free[0][4]]
+        assert torch.equal(padded.generate(batch, max_new_tokens=12, stop_token_ids=stop),
+                           plain.generate(batch, max_new_tokens=12, stop_token_ids=stop))
+    padded.generate(prompts, max_new_tokens=30, stop_token_ids=[])  # 9 + 30 fits 40; 16 + 30 does not
+    assert padded._request.next_slot == 9 + 29
+
+
 def test_opt_in_from_the_model_returns_what_model_generate_returns(hybrid):
     ids, mask = left_padded(random_prompts(4, 7))
     expected = hybrid.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
@@ -382,6 +416,8 @@ def test_cuda_graph_decode_equals_eager(attention):
         assert torch.equal(graphed.generate(batch, **options), eager.generate(batch, **options))
         sampled = dict(options, temperature=1.0, top_p=0.9, seed=3)
         assert torch.equal(graphed.generate(batch, **sampled), eager.generate(batch, **sampled))
+    # The prompts (12 wide at most) were padded to 16 and prefilled from a graph per batch size.
+    assert graphed.prefill_error is None and set(graphed._prefill_graphs) == {(3, 16), (1, 16)}
     # Stop tokens that end every row early: the graphed engine's late stop check (StopWatch on
     # CUDA: pinned flags and events) must return what checking every step returns.
     free = eager.generate(prompts, max_new_tokens=24, stop_token_ids=[]).tolist()

@@ -405,6 +405,24 @@ def test_launching_rounds_ahead_changes_nothing_but_the_waiting(targets, drafts,
                     assert torch.equal(ahead.generate(ids, mask, **sampled), waiting.generate(ids, mask, **sampled))
 
 
+@pytest.mark.parametrize("target_name, draft_name", [("hybrid50", "transformer"), ("mamba2", "mamba2")])
+def test_prompts_padded_to_a_prefill_width_give_the_same_tokens(targets, drafts, target_name, draft_name):
+    """The padding the CUDA-graphed prefill adds to short prompts (both models' prefills from one
+    graph per width), run eagerly: the same tokens, greedy and sampled, one-token prompts too."""
+    target, draft = targets[target_name], drafts[draft_name]
+    plain = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=40)
+    padded = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=40)
+    assert plain.prefill_widths is None  # the CPU default
+    padded.prefill_widths = (16, 24)
+    ids, mask = _prompts(4)
+    one_token = torch.tensor([[7], [9]])
+    for batch, batch_mask in ((ids, mask), (ids[:1], mask[:1]), (one_token, torch.ones_like(one_token))):
+        for options in (dict(stop_token_ids=[]), dict(temperature=1.0, top_k=20, seed=4, stop_token_ids=[])):
+            expected = plain.generate(batch, batch_mask, max_new_tokens=12, **options)
+            assert torch.equal(padded.generate(batch, batch_mask, max_new_tokens=12, **options), expected)
+    assert int(padded.target_cache.lengths[0]) == 16 + 11  # the prompt filled slots 0..15
+
+
 def test_stream_yields_what_generate_returns(targets, drafts):
     target, draft = targets["mamba2"], drafts["mamba2"]
     ids, mask = _prompts(4)
@@ -843,6 +861,7 @@ def test_cuda_graph_rounds_equal_eager(targets, drafts, target_name):
         eager = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=48, use_cuda_graph=False)
         assert graphed.launch_ahead  # on CUDA: pinned host reports behind events
         eager.launch_ahead = False  # the host reads each round before launching the next
+        assert graphed.prefill_widths and eager.prefill_widths is None  # graphed prefill vs none
         for rows in (slice(0, 4), slice(0, 1)):  # two batch sizes: two sets of graphs
             batch, batch_mask = ids[rows].cuda(), mask[rows].cuda()
             for k in (1, 4, "auto"):
@@ -854,6 +873,7 @@ def test_cuda_graph_rounds_equal_eager(targets, drafts, target_name):
                     sampled = dict(options, temperature=1.0, top_p=0.9, seed=3)
                     assert torch.equal(graphed.generate(batch, batch_mask, **sampled),
                                        eager.generate(batch, batch_mask, **sampled))
+        assert graphed.prefill_error is None and set(graphed._prefill_graphs) == {(4, 16), (1, 16)}
 
 
 @pytest.mark.gpu

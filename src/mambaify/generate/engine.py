@@ -20,9 +20,14 @@ up, residual adds, the mask) that cost a few microseconds each even inside a CUD
 engine then captures the compiled step in its CUDA graph as it captures the eager one. The
 Mamba kernels stay one opaque custom op each (see :mod:`mambaify.ops`).
 
+Short prompts (``generate`` / ``stream``): a prompt batch of at most 512 columns is left-padded
+to the next of a few widths (PREFILL_GRAPH_WIDTHS) and its prefill replayed from a CUDA graph
+captured once per (batch size, width). Padding is masked, so the tokens are the unpadded
+prompt's; eager, the prefill of a short prompt costs its hundreds of kernel launches.
+
 Reading order: cache buffers -> AttentionRunner / MambaRunner (one token mixer, prefill and
 decode) -> DecoderLayerRunner -> DecodingStack (the whole model) -> EagerDecoder /
-CUDAGraphDecoder -> compile_step -> Engine -> generate().
+CUDAGraphDecoder -> GraphedPrefill -> compile_step -> Engine -> generate().
 """
 
 from __future__ import annotations
@@ -433,6 +438,78 @@ class CUDAGraphDecoder(EagerDecoder):
         return self.logits
 
 
+# Prompt widths whose prefill a CUDA graph replays: a prompt is left-padded up to the next one
+# (padding is masked, so the result is the unpadded prompt's), if the request leaves room for it
+# and the batch holds at most PREFILL_GRAPH_TOKENS tokens. Longer prompts prefill eagerly.
+PREFILL_GRAPH_WIDTHS = (16, 32, 64, 128, 256, 512)
+PREFILL_GRAPH_TOKENS = 4096
+
+
+def prefill_width(widths: Sequence[int] | None, batch: int, width: int, room: int) -> int | None:
+    """The width of ``widths`` that a (batch, width) prompt is padded to (at most ``room``), or None."""
+    for bucket in widths or ():
+        if bucket >= width:
+            return bucket if bucket <= room and batch * bucket <= PREFILL_GRAPH_TOKENS else None
+    return None
+
+
+def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, pad_id: int):
+    """A left-padded batch widened to ``width`` with more left padding."""
+    extra = width - input_ids.shape[1]
+    return F.pad(input_ids, (extra, 0), value=pad_id), F.pad(attention_mask, (extra, 0), value=0)
+
+
+class GraphedPrefill:
+    """A prefill of one (rows, width) shape captured once and replayed.
+
+    Eager, a prefill of a short prompt costs what its hundreds of kernel launches cost (about
+    45 ms for SmolLM2's 30 layers on the H200, whatever the prompt's length up to 1k tokens);
+    replayed from a graph, one launch. ``run(input_ids, attention_mask)`` must read only its two
+    arguments and persistent buffers (the cache) and write its results into the cache; what it
+    returns lives in the graph's pool until the next replay. Warming up runs it for real on the
+    cache rows it fills: capture right before the prefill that uses it.
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+                 input_ids: torch.Tensor, attention_mask: torch.Tensor, warmup_steps: int = 2):
+        self.input_ids, self.attention_mask = input_ids.clone(), attention_mask.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                run(self.input_ids, self.attention_mask)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = run(self.input_ids, self.attention_mask)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        self.input_ids.copy_(input_ids)
+        self.attention_mask.copy_(attention_mask)
+        self.graph.replay()
+        return self.output
+
+
+def graphed_prefill(owner, key: tuple, run: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Run ``run(input_ids, attention_mask)`` from the graph ``owner`` keeps under ``key``
+    (captured now if new), or eagerly where ``owner`` does not graph its prefills (the CPU, or a
+    capture that failed: then a warning, ``owner.prefill_error``, and eager prefills from then on)."""
+    if owner.use_cuda_graph and owner.prefill_error is None:
+        graph = owner._prefill_graphs.get(key)
+        if graph is None:
+            try:
+                graph = owner._prefill_graphs[key] = GraphedPrefill(run, input_ids, attention_mask)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:
+                owner.prefill_error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                logger.warning("capturing the prefill in a CUDA graph failed (%s); prefilling eagerly",
+                               owner.prefill_error)
+        if graph is not None:
+            return graph(input_ids, attention_mask)
+    return run(input_ids, attention_mask)
+
+
 class StopWatch:
     """Tells the generation loop when every row has stopped, without making the host wait for
     the step it has just launched.
@@ -790,6 +867,11 @@ class Engine(GenerationFrontend):
         self._request: _Request | None = None
         self.stop_token_ids, self.pad_token_id = self._special_tokens()
         self.stop_check_lag = STOP_CHECK_LAG if self.device.type == "cuda" else 0
+        # generate() / stream() pad short prompts to these widths and replay their prefill from
+        # a CUDA graph (see GraphedPrefill); None prefills every prompt as it comes.
+        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if self.use_cuda_graph else None
+        self.prefill_error: str | None = None
+        self._prefill_graphs: dict[tuple, GraphedPrefill] = {}
 
     def _resolve_cuda_graph(self, setting: bool | Literal["auto"]) -> bool:
         capturable = self.device.type == "cuda" and _rope_is_static(self.stack.rotary_emb)
@@ -820,13 +902,26 @@ class Engine(GenerationFrontend):
         return self._decode(self._request, token_ids)
 
     @torch.no_grad()
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+    def _prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 1, room: int | None = None
+    ) -> torch.Tensor:
+        """room: the slots the request may fill with its prompt (max_length - max_new_tokens), for
+        generate(): a short prompt is then padded to one of ``prefill_widths`` and prefilled from a
+        graph. None (prefill()): the prompt as it is, eagerly."""
         b, width = input_ids.shape
+        bucket = prefill_width(self.prefill_widths, b, width, room) if room is not None and logits_to_keep == 1 else None
+        if bucket is not None:
+            input_ids, attention_mask = left_pad(input_ids, attention_mask, bucket, self.pad_token_id)
+            width = bucket
         if b not in self._decoders:
             # Before this request's prefill: a CUDA-graph capture runs the step and scribbles on the cache.
             self._decoders[b] = self._make_decoder(b)
         self._request = _Request(batch_size=b, decoder=self._decoders[b], next_slot=width)
-        return self.stack.prefill(input_ids, attention_mask, self.cache.rows(b), logits_to_keep)
+        cache = self.cache.rows(b)
+        if bucket is None:
+            return self.stack.prefill(input_ids, attention_mask, cache, logits_to_keep)
+        return graphed_prefill(self, (b, width), lambda ids, mask: self.stack.prefill(ids, mask, cache),
+                               input_ids, attention_mask)
 
     def is_compiled(self, batch_size: int) -> bool:
         """Whether requests of ``batch_size`` rows decode with the compiled step (False before
@@ -894,7 +989,7 @@ class Engine(GenerationFrontend):
         stop = torch.tensor(self._stop_ids(stop_token_ids), dtype=torch.long, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
 
-        logits = self._prefill(input_ids, attention_mask)[:, -1]
+        logits = self._prefill(input_ids, attention_mask, room=self.max_length - max_new_tokens)[:, -1]
         request = self._request
         running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=self.device)
         watch = StopWatch(self.device, stop_check_lag)

@@ -102,11 +102,15 @@ from .engine import (
     MambaRunner,
     Prompts,
     StaticCache,
+    PREFILL_GRAPH_WIDTHS,
     _rope_is_static,
     check_compile_options,
     compile_failed,
     compile_steps,
+    graphed_prefill,
     grouped_query_attention,
+    left_pad,
+    prefill_width,
     use_split_k_attention,
 )
 from .sampling import SamplingParams, keep_top_k, keep_top_p
@@ -786,6 +790,11 @@ class SpeculativeEngine(GenerationFrontend):
         else:
             self.use_cuda_graph = bool(use_cuda_graph)
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        # Short prompts are padded to these widths and both models' prefills replayed from one
+        # CUDA graph per (batch, width), as the Engine does (engine.GraphedPrefill).
+        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if self.use_cuda_graph else None
+        self.prefill_error: str | None = None
+        self._prefill_graphs: dict = {}
         self.compile_setting = compile
         self.compile = self.device.type == "cuda" if compile == "auto" else bool(compile)
         self.compile_mode = compile_mode
@@ -957,14 +966,27 @@ class SpeculativeEngine(GenerationFrontend):
         # The prompt's last token is the first round's first input, which yields the first new token.
         started = time.perf_counter()
         request = self._request = _Request(b)
-        self.target_stack.start(input_ids[:, :-1], attention_mask[:, :-1], self.target_cache.rows(b))
-        # The draft, one token behind, stops before the prompt's last two tokens; the pad column
-        # in front gives a one-token prompt a (pad) second-to-last token.
-        draft_ids = F.pad(input_ids, (1, 0), value=self.pad_token_id)
+        # A short prompt: padded to a graphed width, both prefills replayed from one graph.
+        bucket = prefill_width(self.prefill_widths, b, input_ids.shape[1], self.max_length - max_new_tokens)
+        if bucket is not None:
+            input_ids, attention_mask = left_pad(input_ids, attention_mask, bucket, self.pad_token_id)
+        target_rows, draft_rows = self.target_cache.rows(b), self.draft_cache.rows(b)
+        pad = self.pad_token_id
+
+        def start(ids: torch.Tensor, mask: torch.Tensor) -> None:
+            self.target_stack.start(ids[:, :-1], mask[:, :-1], target_rows)
+            # The draft, one token behind, stops before the prompt's last two tokens; the pad
+            # column in front gives a one-token prompt a (pad) second-to-last token.
+            draft_ids, draft_mask = F.pad(ids, (1, 0), value=pad), F.pad(mask, (1, 0), value=0)
+            self.draft_stack.start(draft_ids[:, :-2], draft_mask[:, :-2], draft_rows)
+            draft_rows.pad_lengths.copy_((draft_mask[:, :-1] == 0).sum(-1))  # a pad prev is padding too
+
+        if bucket is None:
+            start(input_ids, attention_mask)
+        else:
+            graphed_prefill(self, (b, bucket), start, input_ids, attention_mask)
+        draft_ids = F.pad(input_ids, (1, 0), value=pad)
         draft_mask = F.pad(attention_mask, (1, 0), value=0)
-        draft_rows = self.draft_cache.rows(b)
-        self.draft_stack.start(draft_ids[:, :-2], draft_mask[:, :-2], draft_rows)
-        draft_rows.pad_lengths.copy_((draft_mask[:, :-1] == 0).sum(-1))  # a pad prev is padding too
         rb = self.buffers
         rb.prev[:b].copy_(draft_ids[:, -2])
         rb.prev_real[:b].copy_(draft_mask[:, -2].bool())
