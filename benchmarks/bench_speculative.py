@@ -52,6 +52,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default 128)")
     a.add_argument("--prompts", type=int, default=16, help="prompts per batch size (default 16)")
     a.add_argument("--prompts-file", type=Path, help="prompts, one per line (default: offline Wikipedia chat prompts)")
+    a.add_argument("--e2e-draft-vocab", type=int, default=0,
+                   help="(a): cut the draft's LM head to the N tokens most frequent in the offline training "
+                        "corpus (train-split Wikipedia summaries; the first N ids with --tiny); 0: the whole head")
     a.add_argument("--compile", action="store_true",
                    help="torch.compile the plain engine's decode step and the speculative rounds (both engines)")
     b = p.add_argument_group("(b) the verify call on an 8B-shaped hybrid")
@@ -130,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an (a) run's bench_speculative.json: take --accepted from its mean accepted lengths at "
                         "--accepted-k (one per batch size); if the file is missing, --accepted stays")
     b.add_argument("--draft-step-ms", type=float, help="a draft step's cost, instead of measuring one")
+    b.add_argument("--draft-vocab", type=int_list, default=[0],
+                   help="(b): also time draft rounds with the draft's LM head cut to this many rows "
+                        "(SpeculativeEngine(draft_vocab=...)); 0 is the whole head (default 0)")
     return p
 
 
@@ -228,6 +235,18 @@ def load_prompts(args, tokenizer, count: int, vocab_size: int) -> list[list[int]
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
+def corpus_draft_vocab(args, tokenizer, n: int, always: Sequence[int]) -> list[int]:
+    """The ``n`` tokens most frequent in the train split of the offline Wikipedia data (what the
+    drafts were distilled on; never the measured prompts or outputs), plus ``always``."""
+    from mambaify.distill import data as D
+    from mambaify.generate.speculative_engine import frequent_tokens
+
+    if tokenizer is None:  # --tiny: random models, random prompts
+        return list(range(n))
+    train, _ = D.wiki_split()
+    return frequent_tokens((tokenizer(r["summary"])["input_ids"] for r in train), n, always)
+
+
 def tiny_pair(device: torch.device, dtype: torch.dtype):
     """A tiny 50% hybrid and a 2-layer draft built from its teacher's first and last layers."""
     import mambaify
@@ -290,6 +309,7 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
     length = max(len(p) for p in prompts) + new
     fixed = [k for k in args.k if k != "auto"]
     options = dict(max_new_tokens=new, stop_token_ids=[])
+    draft_vocab = None
     for batch in args.batch:
         batches = [prompts[i:i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
         label = f"batch {batch}"
@@ -309,8 +329,10 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
                                        tokens=tokens, seconds=statistics.median(times), tokens_per_s=plain_tps,
                                        ratio=1.0, **plain_split, decode_ratio=1.0,
                                        compiled=plain.is_compiled(batch), compile_s=plain.compile_seconds))
+        if args.e2e_draft_vocab and draft_vocab is None:
+            draft_vocab = corpus_draft_vocab(args, tokenizer, args.e2e_draft_vocab, plain.stop_token_ids)
         del plain
-        engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,),
+        engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,), draft_vocab=draft_vocab,
                                    max_batch_size=batch, max_length=length, compile=args.compile)
         for k in args.k:
             if results.out_of_time(f"(a) {label} k={k}"):
@@ -334,7 +356,7 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
                                            tokens=tokens, seconds=statistics.median(times), tokens_per_s=tps,
                                            ratio=tps / plain_tps, **split,
                                            decode_ratio=split["decode_tokens_per_s"] / plain_split["decode_tokens_per_s"],
-                                           match=same / tokens, compiled=compiled,
+                                           match=same / tokens, compiled=compiled, draft_vocab=args.e2e_draft_vocab or None,
                                            compile_s=engine.compile_seconds - compile_before, **acceptance))
         del engine
 
@@ -379,14 +401,17 @@ def decode_step_seconds(model, batch: int, context: int, device, clock: Clock, r
 
 
 @torch.no_grad()
-def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[int], device, clock, repeats):
-    """{(k, kernel): verify seconds} and {k: draft round seconds}, from CUDA-graph replays.
+def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[int], device, clock, repeats,
+                             draft_vocabs: Sequence[int] = (0,)):
+    """{(k, kernel): verify seconds} and {(k, head rows): draft round seconds}, from CUDA-graph replays.
 
     The target's verify call runs with counts = K + 1 (the previous round accepted everything, so
     the fused kernel also replays K + 1 cached tokens: the most it ever folds) and no commit, so
-    that every replay does the same work. The draft round is the engine's K draft calls with argmax."""
+    that every replay does the same work. The draft round is the engine's K draft calls with argmax,
+    with the whole LM head (0) and with it cut to each of ``draft_vocabs`` rows (the first ids:
+    the weights are random, only the cost is measured)."""
     from mambaify.bench import random_ids
-    from mambaify.generate.speculative_engine import SpeculativeStack
+    from mambaify.generate.speculative_engine import SpeculativeStack, cut_head
 
     k_max = max(ks)
     prompt = random_ids(batch, context, target.config.vocab_size, 1, device)
@@ -415,12 +440,18 @@ def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[i
             verify[(k, kernel)] = median_seconds(graphed(verify_call, device), clock, repeats)
         draft_cache.counts.fill_(k + 1)
 
-        def draft_round(k=k):  # the engine's: K calls, the first over two tokens (prev, last)
-            token = tokens[:, :2]
-            for i in range(k):
-                token = draft_stack.draft_step(token, i, draft_cache, prev_real).argmax(-1, keepdim=True)
+        whole_head = draft_stack.lm_head
+        for rows in draft_vocabs:
+            ids = torch.arange(rows or whole_head.weight.shape[0], device=device)
+            draft_stack.lm_head = cut_head(whole_head, ids) if rows else whole_head
 
-        rounds[k] = median_seconds(graphed(draft_round, device), clock, repeats)
+            def draft_round(k=k, ids=ids):  # the engine's: K calls, the first over two tokens (prev, last)
+                token = tokens[:, :2]
+                for i in range(k):
+                    token = ids[draft_stack.draft_step(token, i, draft_cache, prev_real).argmax(-1, keepdim=True)]
+
+            rounds[(k, rows)] = median_seconds(graphed(draft_round, device), clock, repeats)
+        draft_stack.lm_head = whole_head
     return verify, rounds
 
 
@@ -459,7 +490,7 @@ def speedup_points(cost: dict, accepted_lengths: list[float], accepted_k: int) -
         per_round = tokens_per_round(alpha, cost["k"])
         points.append(dict(
             attention=cost["attention"], batch=cost["batch"], k=cost["k"], kernel=cost["kernel"],
-            accepted_at_k0=accepted, alpha=alpha, tokens_per_round=per_round,
+            draft_vocab=cost.get("draft_vocab"), accepted_at_k0=accepted, alpha=alpha, tokens_per_round=per_round,
             speedup=per_round * cost["decode_step_ms"] / (cost["verify_ms"] + cost["draft_round_ms"]),
         ))
     return points
@@ -490,21 +521,23 @@ def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.d
             try:
                 decode_s = decode_step_seconds(current, batch, args.context, device, clock, args.repeats)
                 verify, rounds = verify_and_draft_seconds(current, draft, batch, args.context, args.verify_k,
-                                                          device, clock, args.repeats)
+                                                          device, clock, args.repeats, args.draft_vocab)
             except torch.OutOfMemoryError as err:
                 results.data["skipped"].append({"point": what, "reason": str(err).splitlines()[0][:200]})
                 free_memory()
                 continue
             for (k, kernel), verify_s in sorted(verify.items()):
-                draft_s = rounds[k] if args.draft_step_ms is None else k * args.draft_step_ms / 1e3
-                cost = dict(
-                    attention=fraction, batch=batch, k=k, kernel=kernel, context=args.context,
-                    verify_ms=1e3 * verify_s, decode_step_ms=1e3 * decode_s, decode_steps_ms=1e3 * (k + 1) * decode_s,
-                    verify_over_decode_steps=verify_s / ((k + 1) * decode_s), draft_round_ms=1e3 * draft_s,
-                )
-                results.add("verify_cost", cost)
-                for point in speedup_points(cost, args.accepted, args.accepted_k):
-                    results.add("speedup", point)
+                for rows in args.draft_vocab:
+                    draft_s = rounds[(k, rows)] if args.draft_step_ms is None else k * args.draft_step_ms / 1e3
+                    cost = dict(
+                        attention=fraction, batch=batch, k=k, kernel=kernel, context=args.context,
+                        draft_vocab=rows or None, verify_ms=1e3 * verify_s, decode_step_ms=1e3 * decode_s,
+                        decode_steps_ms=1e3 * (k + 1) * decode_s,
+                        verify_over_decode_steps=verify_s / ((k + 1) * decode_s), draft_round_ms=1e3 * draft_s,
+                    )
+                    results.add("verify_cost", cost)
+                    for point in speedup_points(cost, args.accepted, args.accepted_k):
+                        results.add("speedup", point)
             free_memory()
 
 
@@ -538,22 +571,25 @@ def render(data: dict, out: Path) -> None:
         lines.append("")
     if data["verify_cost"]:
         lines += ["## (b) One verify call over K+1 tokens vs K+1 plain decode steps", "",
-                  "| attention | batch | K | kernel | verify ms | K+1 decode steps ms | ratio | draft round ms |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| attention | batch | K | kernel | verify ms | K+1 decode steps ms | ratio | draft head rows | "
+                  "draft round ms |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["verify_cost"]:
             lines.append(f"| {p['attention']:g} | {p['batch']} | {p['k']} | {p['kernel']} | {p['verify_ms']:.3f} | "
-                         f"{p['decode_steps_ms']:.3f} | {p['verify_over_decode_steps']:.3f} | {p['draft_round_ms']:.3f} |")
+                         f"{p['decode_steps_ms']:.3f} | {p['verify_over_decode_steps']:.3f} | "
+                         f"{p.get('draft_vocab') or 'all'} | {p['draft_round_ms']:.3f} |")
         lines += ["", "## (b) Speed-up over plain decoding at the given acceptance", "",
-                  "| attention | batch | kernel | accepted (at K0) | alpha | " +
+                  "| attention | batch | kernel | draft head rows | accepted (at K0) | alpha | " +
                   " | ".join(f"K={k}" for k in sorted({p['k'] for p in data['speedup']})) + " |",
-                  "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in {p['k'] for p in data['speedup']}) + " |"]
+                  "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in {p['k'] for p in data['speedup']}) + " |"]
         groups: dict = {}
         for p in data["speedup"]:
-            groups.setdefault((p["attention"], p["batch"], p["kernel"], p["accepted_at_k0"], p["alpha"]), {})[p["k"]] = p
-        for (attention, batch, kernel, accepted, alpha), by_k in groups.items():
+            key = (p["attention"], p["batch"], p["kernel"], p.get("draft_vocab"), p["accepted_at_k0"], p["alpha"])
+            groups.setdefault(key, {})[p["k"]] = p
+        for (attention, batch, kernel, rows, accepted, alpha), by_k in groups.items():
             cells = " | ".join(f"{by_k[k]['speedup']:.2f}x" if k in by_k else "-"
                                for k in sorted({p['k'] for p in data['speedup']}))
-            lines.append(f"| {attention:g} | {batch} | {kernel} | {accepted:g} | {alpha:.3f} | {cells} |")
+            lines.append(f"| {attention:g} | {batch} | {kernel} | {rows or 'all'} | {accepted:g} | {alpha:.3f} | {cells} |")
         lines.append("")
     if data["skipped"]:
         lines += ["Skipped: " + "; ".join(f"{s['point']} ({s['reason']})" for s in data["skipped"]), ""]

@@ -323,17 +323,20 @@ def _always_accept(drafts, p, q, u_accept, u_next):
     return torch.full((b,), k, device=drafts.device), sample_inverse_cdf(p[:, k], u_next)
 
 
-@pytest.mark.parametrize("rule, k, ok", [(None, 2, True), (None, 1, True), (_always_accept, 2, False)],
-                         ids=["rejection-k2", "rejection-k1", "always-accept"])
-def test_sampling_preserves_target_distribution(small_pair, monkeypatch, rule, k, ok):
+@pytest.mark.parametrize("rule, k, ok, draft_vocab", [
+    (None, 2, True, None), (None, 1, True, None), (_always_accept, 2, False, None),
+    (None, 2, True, [1, 3, 4, 6]), (_always_accept, 2, False, [1, 3, 4, 6]),
+], ids=["rejection-k2", "rejection-k1", "always-accept", "rejection-k2-cut-head", "always-accept-cut-head"])
+def test_sampling_preserves_target_distribution(small_pair, monkeypatch, rule, k, ok, draft_vocab):
     """3000 rows sample 2 tokens each through the engine; the rejection rule passes the chi-square
-    bound of tests/test_speculative.py and a wrong rule, swapped into the engine, fails it."""
+    bound of tests/test_speculative.py and a wrong rule, swapped into the engine, fails it. Also
+    with the draft's head cut to half the vocabulary (its proposals zero off those ids)."""
     target, draft = small_pair
     if rule is not None:
         monkeypatch.setattr(spec, "rejection_rule", rule)
     prompt = torch.tensor([5])
     rows = 3000
-    engine = SpeculativeEngine(target, draft, k=k, max_batch_size=rows, max_length=8)
+    engine = SpeculativeEngine(target, draft, k=k, max_batch_size=rows, max_length=8, draft_vocab=draft_vocab)
     tokens = engine.generate(prompt[None].expand(rows, -1), max_new_tokens=2, temperature=1.0, seed=k,
                              stop_token_ids=[])
     stat, df = _chi_square(tokens, _exact_two_tokens(target, prompt))
@@ -421,6 +424,42 @@ def test_prompts_padded_to_a_prefill_width_give_the_same_tokens(targets, drafts,
             expected = plain.generate(batch, batch_mask, max_new_tokens=12, **options)
             assert torch.equal(padded.generate(batch, batch_mask, max_new_tokens=12, **options), expected)
     assert int(padded.target_cache.lengths[0]) == 16 + 11  # the prompt filled slots 0..15
+
+
+def test_frequent_tokens():
+    lists = [[5, 5, 7, 9], [7, 5, 3], [9]]
+    assert spec.frequent_tokens(lists, 2) == [5, 7]  # 5 x3, 7 x2 (ties: the lower id first)
+    assert spec.frequent_tokens(lists, 2, always=[2]) == [2, 5, 7]
+    assert spec.frequent_tokens(lists, 10) == [3, 5, 7, 9]
+    with pytest.raises(ValueError, match="n must be"):
+        spec.frequent_tokens(lists, 0)
+
+
+@pytest.mark.parametrize("target_name, draft_name", [("hybrid50", "transformer"), ("mamba2", "mamba2")])
+def test_a_draft_head_cut_to_frequent_tokens_keeps_greedy_exact(targets, drafts, target_name, draft_name):
+    """draft_vocab cuts the draft's LM head to some ids: greedy output stays the target's own,
+    drafts come only from those ids, and with every id the engine is the uncut one."""
+    target, draft = targets[target_name], drafts[draft_name]
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids, mask, 12)
+    vocab = spec.frequent_tokens(expected.tolist(), 12)  # the tokens the target emits most, a few only
+    cut = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=40, draft_vocab=vocab)
+    assert cut.draft_stack.lm_head.weight.shape[0] == len(vocab) and draft.lm_head.weight.shape[0] > len(vocab)
+    for batch in (1, 4):
+        for k in (1, 3, "auto"):
+            tokens = cut.generate(ids[:batch], mask[:batch], max_new_tokens=12, stop_token_ids=[], k=k)
+            assert torch.equal(tokens, expected[:batch]), (batch, k)
+            if k != "auto":  # the last round's drafts
+                assert set(cut.buffers.drafts[:batch, :k].flatten().tolist()) <= set(vocab)
+    whole = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=40,
+                              draft_vocab=range(target.config.vocab_size))
+    uncut = engine_for(target, draft, k=3)
+    assert torch.equal(whole.generate(ids, mask, max_new_tokens=12, stop_token_ids=[]),
+                       uncut.generate(ids, mask, max_new_tokens=12, stop_token_ids=[]))
+    assert whole.stats.accepted == uncut.stats.accepted
+    for bad in ([], [-1, 3], [target.config.vocab_size]):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            SpeculativeEngine(target, draft, draft_vocab=bad)
 
 
 def test_stream_yields_what_generate_returns(targets, drafts):
@@ -770,7 +809,7 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     out = tmp_path / "bench"
     command = [sys.executable, str(REPO / "benchmarks" / "bench_speculative.py"), "--tiny", "--out", str(out),
                "--k", "1,3,auto", "--batch", "1,2", "--new-tokens", "8", "--prompts", "2", "--verify-k", "2,3",
-               "--attention", "0.5", "--repeats", "1", "--accepted", "1.5,2.5"]
+               "--attention", "0.5", "--repeats", "1", "--accepted", "1.5,2.5", "--draft-vocab", "0,64"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "bench_speculative.json").read_text())
@@ -783,6 +822,7 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     assert all(p["decode_ratio"] == 1.0 for p in end_to_end if p["path"] == "plain")
     verify = data["verify_cost"]
     assert {p["k"] for p in verify} == {2, 3} and {p["kernel"] for p in verify} == {"fused", "store_states"}
+    assert {p["draft_vocab"] for p in verify} == {None, 64}  # the whole draft head, and cut to 64 rows
     assert all(p["verify_ms"] > 0 and p["decode_steps_ms"] > 0 for p in verify)
     assert data["speedup"] and all(p["speedup"] > 0 for p in data["speedup"])
     markdown = (out / "bench_speculative.md").read_text()

@@ -3,15 +3,17 @@
 # but the wheels), in parts that each fit one call (< 9 min):
 #   profile   where the batch-1 decode step's time goes (benchmarks/profile_decode.py), eager
 #             (teacher, 25% and 0% hybrids) and compiled (teacher, 25% hybrid)
-#   compiled  `mambaify bench --compile`: batch 1 at 1k context (the roofline target), then
-#             batch 64 at 8k context (the 3x target), teacher and 25% hybrid (and 0% at batch 1)
+#   compiled  `mambaify bench --compile` at batch 1, 1k context (the roofline target: teacher,
+#             25% and 0% hybrids), then issue 5 (b) again: the verify call against K + 1 steps
+#             with K-call draft rounds, the draft's LM head whole and cut to 32k rows
+#   b64       `mambaify bench --compile` at batch 64, 8k context (the 3x target), teacher and 25%
 #   grid      the whole uncompiled grid (5 models x batch 1/16/64 x context 1k/8k/32k) with the
 #             split-K decode attention the engines now run
 # Results are packed into $OUT/llama8b-PART.tgz; logs beside them.
-# Usage (from the repo root): bash benchmarks/h200/llama8b.sh profile|compiled|grid
+# Usage (from the repo root): bash benchmarks/h200/llama8b.sh profile|compiled|b64|grid
 source benchmarks/h200/env.sh
 set +e
-part=${1:?usage: llama8b.sh profile|compiled|grid}
+part=${1:?usage: llama8b.sh profile|compiled|b64|grid}
 dir="$OUT/llama8b-$part"
 mkdir -p "$dir"
 run() {  # run LIMIT_S NAME COMMAND...: with a time limit (SIGINT first), log to $dir/NAME.log
@@ -29,11 +31,16 @@ case $part in
   compiled)
     run 250 b1 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25,0 --batch 1 --context 1024 \
       --paths engine --repeats 3 --time-budget-s 230 --out "$dir/b1"
-    run 270 b64 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25 --batch 64 --context 8192 \
-      --paths engine --repeats 2 --time-budget-s 250 --out "$dir/b64" ;;
+    # Acceptance: session 5's measured lengths at K = 4 (batch 1 and 8) and the 2x target's 2.2.
+    run 280 verify python3 benchmarks/bench_speculative.py --out "$dir/verify" --shape llama8b --attention 0.5 \
+      --verify-batch 1,8 --verify-k 2,3,4,6 --draft-vocab 0,32768 --accepted 1.32,1.40,2.2 --accepted-k 4 \
+      --repeats 5 --time-budget-s 250 ;;
+  b64)
+    run 300 b64 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25 --batch 64 --context 8192 \
+      --paths engine --repeats 2 --time-budget-s 280 --out "$dir/b64" ;;
   grid)
     run 520 grid python3 -m mambaify.cli bench --families llama8b --paths engine --repeats 2 --time-budget-s 480 --out "$dir/grid" ;;
-  *) echo "unknown part $part: profile, compiled or grid"; exit 2 ;;
+  *) echo "unknown part $part: profile, compiled, b64 or grid"; exit 2 ;;
 esac
 bash benchmarks/h200/pack.sh "llama8b-$part"
 bash benchmarks/h200/keep_autotune.sh

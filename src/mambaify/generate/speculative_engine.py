@@ -438,6 +438,30 @@ def token_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return scores.softmax(dim=-1)
 
 
+def cut_head(head: nn.Linear, ids: torch.Tensor) -> nn.Linear:
+    """A copy of ``head``'s rows ``ids``: logits over those tokens only."""
+    cut = nn.Linear(head.in_features, ids.numel(), bias=head.bias is not None,
+                    device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        cut.weight.copy_(head.weight[ids])
+        if head.bias is not None:
+            cut.bias.copy_(head.bias[ids])
+    return cut.requires_grad_(False)
+
+
+def frequent_tokens(token_lists, n: int, always: Sequence[int] = ()) -> list[int]:
+    """The ``n`` ids most frequent in ``token_lists`` (sequences of token ids), plus ``always``
+    (e.g. the stop tokens), for ``SpeculativeEngine(draft_vocab=...)``; ties go to the lower id."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    counts: dict[int, int] = {}
+    for tokens in token_lists:
+        for token in tokens:
+            counts[int(token)] = counts.get(int(token), 0) + 1
+    ranked = sorted(counts, key=lambda token: (-counts[token], token))[:n]
+    return sorted(set(ranked) | {int(t) for t in always})
+
+
 def fit_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """A draft's logits on the target's vocabulary: extra rows dropped, missing ones -inf
     (models of one tokenizer often pad their embedding tables to different sizes)."""
@@ -708,6 +732,12 @@ class SpeculativeEngine(GenerationFrontend):
     CUDA, once per (batch size, K, sampling settings), before the request's prefill.
     store_states: the target's Mamba layers verify with the naive call that stores every
     per-token state instead of the fused checkpoint + replay one (for benchmarks).
+    draft_vocab: token ids the draft may propose (e.g. :func:`frequent_tokens` of some text), or
+    None for all. The draft's LM head is cut to those rows (a copy of them), so a draft step
+    reads that much less: for a Llama-3-8B-shaped draft the 128k-row head is half of what a step
+    reads. Greedy output is still exactly the target's and sampling still follows the target's
+    distribution (the draft's proposal distribution is zero outside the ids); a target token
+    outside them can only be produced as the round's own token, never accepted as a draft.
     compile / compile_mode: as for the Engine: the draft round and the verify round are compiled
     with :func:`~mambaify.generate.engine.compile_step`, once per (batch size, K, sampling
     settings), before their CUDA-graph capture. True insists (a failure raises
@@ -736,6 +766,7 @@ class SpeculativeEngine(GenerationFrontend):
         store_states: bool = False,
         compile: bool | Literal["auto"] = False,
         compile_mode: str = "default",
+        draft_vocab: Sequence[int] | torch.Tensor | None = None,
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
@@ -763,6 +794,7 @@ class SpeculativeEngine(GenerationFrontend):
         self.target_stack = SpeculativeStack(target, slots, self.k_max + 1)
         self.draft_stack = SpeculativeStack(draft, slots, self.k_max + 1)
         self.vocab_size = self.target_stack.vocab_size
+        self.draft_vocab = self._cut_draft_head(draft, draft_vocab)
         target_dtype, draft_dtype = target.lm_head.weight.dtype, draft.lm_head.weight.dtype
         self.target_cache = self.target_stack.allocate_speculative(
             max_batch_size, target_dtype, self.device, store_states=store_states
@@ -805,6 +837,22 @@ class SpeculativeEngine(GenerationFrontend):
         self._request: _Request | None = None
         self.stop_token_ids, self.pad_token_id = self._special_tokens()
         self.stats = SpeculativeStats()
+
+    def _cut_draft_head(self, draft: nn.Module, draft_vocab) -> torch.Tensor | None:
+        """The draft stack's LM head cut to ``draft_vocab``'s rows; the ids, sorted (None: all)."""
+        if draft_vocab is None:
+            return None
+        ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten().unique()
+        head = draft.lm_head
+        limit = min(self.vocab_size, head.weight.shape[0])
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= limit:
+            raise ValueError(
+                f"draft_vocab must hold token ids in [0, {limit}) (the target's and the draft's vocabulary), "
+                f"got {ids.numel()} ids" + (f" from {int(ids[0])} to {int(ids[-1])}" if ids.numel() else "")
+            )
+        ids = ids.to(self.device)
+        self.draft_stack.lm_head = cut_head(head, ids)
+        return ids
 
     # --- building the round programs ------------------------------------------------------
 
@@ -865,17 +913,26 @@ class SpeculativeEngine(GenerationFrontend):
         steps = self.step_range[: k + 1]
         k_max, pad = self.k_max, self.pad_token_id
 
+        vocab = self.draft_vocab  # a cut draft head: its logits are over these ids
+
         def draft_round() -> None:
             token = torch.stack([prev, last], 1)
             for i in range(k):
                 logits = self.draft_stack.draft_step(token, i, draft_cache, prev_real)
-                logits = fit_vocabulary(logits, self.vocab_size)
+                if vocab is None:
+                    logits = fit_vocabulary(logits, self.vocab_size)
                 if sampling.greedy:
                     chosen = logits.argmax(-1)
                 else:
                     dist = token_distribution(logits, sampling)
-                    q[:, i].copy_(dist)
+                    if vocab is None:
+                        q[:, i].copy_(dist)
+                    else:  # the proposal distribution on the whole vocabulary: zero off the ids
+                        q[:, i].zero_()
+                        q[:, i].index_copy_(1, vocab, dist)
                     chosen = sample_inverse_cdf(dist, uniforms[:, i])
+                if vocab is not None:
+                    chosen = vocab[chosen]
                 drafts[:, i].copy_(chosen)
                 token = chosen[:, None]
 
@@ -1281,6 +1338,8 @@ __all__ = [
     "SpeculativeStack",
     "SpeculativeStats",
     "assisted_generate",
+    "cut_head",
+    "frequent_tokens",
     "generate",
     "mamba_draft_step",
     "mamba_verify",
