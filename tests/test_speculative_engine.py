@@ -681,10 +681,14 @@ def test_compiled_rounds_equal_eager(compile_models, draft_name, split_k, monkey
     assert compiled.compile_seconds == seconds
 
 
-def test_compiled_sampling_rounds_equal_eager(compile_models):
+@pytest.mark.parametrize("cut_head", [False, True], ids=["whole-head", "cut-head"])
+def test_compiled_sampling_rounds_equal_eager(compile_models, cut_head):
     """Seeded sampling (temperature, top-k, top-p; the rejection rule) draws the same tokens
-    from the compiled rounds as from the eager ones."""
-    compiled, eager = compiled_and_eager(compile_models["target"], compile_models["transformer"], k=2)
+    from the compiled rounds as from the eager ones; also with the draft's head cut to half the
+    vocabulary (the proposals mapped back, their distribution scattered onto the whole one)."""
+    target = compile_models["target"]
+    vocab = list(range(0, target.config.vocab_size, 2)) if cut_head else None
+    compiled, eager = compiled_and_eager(target, compile_models["transformer"], k=2, draft_vocab=vocab)
     ids, mask = _prompts(2)
     sampled = dict(max_new_tokens=16, stop_token_ids=[], temperature=1.0, top_k=20, top_p=0.95)
     first = compiled.generate(ids, mask, seed=7, **sampled)
