@@ -293,6 +293,20 @@ def test_pseudo_labels_are_well_formed_and_match_unbatched_generation(teacher, t
     assert len(D.load_source(batched)) == len(PROMPTS)
 
 
+def test_pseudo_labels_through_the_engine_equal_transformers_generate(teacher, tmp_path, monkeypatch):
+    """Labels come from mambaify's Engine (static caches, CUDA graphs on a GPU) where it serves the
+    teacher; greedy, they are transformers' generate's, token for token."""
+    model, tok = teacher
+    made = []
+    real = D._label_engine
+    monkeypatch.setattr(D, "_label_engine", lambda *a: made.append(real(*a)) or made[-1])
+    kw = dict(max_new_tokens=12, batch_size=3, progress=False)
+    ours = D.generate_pseudo_labels(model, tok, PROMPTS, tmp_path / "engine.jsonl", **kw).read_bytes()
+    assert made and made[0] is not None  # the Engine generated them
+    monkeypatch.setattr(D, "_label_engine", lambda *a: None)
+    assert D.generate_pseudo_labels(model, tok, PROMPTS, tmp_path / "hf.jsonl", **kw).read_bytes() == ours
+
+
 def test_pseudo_labels_resume_after_an_interruption(teacher, tmp_path):
     model, tok = teacher
     kw = dict(max_new_tokens=10, batch_size=3, progress=False)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -54,6 +55,8 @@ Message = dict[str, str]
 Doc = dict[str, list[int]]
 Row = dict[str, list[int]]
 Record = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -562,7 +565,22 @@ def _read_done(path: Path, prompts: Sequence[Prompt | Record]) -> dict[int, dict
     return done
 
 
-def _generate_batch(teacher, seqs: list[list[int]], gen_config, pad_id: int, seed: int) -> list[list[int]]:
+def _label_engine(teacher, batch_size: int, max_length: int):
+    """mambaify's Engine over the teacher (static caches, the decode step replayed from a CUDA
+    graph on a GPU: at label batch sizes HF's eager ``generate`` spends most of its time
+    launching kernels), or None where the Engine cannot serve the model (then HF ``generate``)."""
+    if not isinstance(teacher, torch.nn.Module) or not hasattr(teacher, "lm_head"):
+        return None
+    from ..generate.engine import Engine
+
+    try:
+        return Engine(teacher, max_batch_size=batch_size, max_length=max_length)
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as err:
+        log.info("pseudo-labels through transformers' generate (%s)", err)
+        return None
+
+
+def _generate_batch(teacher, seqs: list[list[int]], gen_config, pad_id: int, seed: int, engine=None) -> list[list[int]]:
     width = max(map(len, seqs))
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -570,6 +588,14 @@ def _generate_batch(teacher, seqs: list[list[int]], gen_config, pad_id: int, see
         input_ids[r, width - len(s):] = torch.tensor(s)
         attention_mask[r, width - len(s):] = 1
     device = teacher.device
+    if engine is not None:
+        # The seed makes a resumed run sample exactly what an uninterrupted one would; rows end at
+        # a stop token (emitted) and hold padding after it, as transformers returns them.
+        sampling = dict(temperature=gen_config.temperature, top_p=gen_config.top_p, seed=seed) \
+            if gen_config.do_sample else {}
+        out = engine.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=gen_config.max_new_tokens,
+                              stop_token_ids=list(gen_config.eos_token_id), **sampling)
+        return out.tolist()
     # A per-batch seed makes a resumed run sample exactly what an uninterrupted one would.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -623,6 +649,9 @@ def generate_pseudo_labels(
 
     was_training = teacher.training
     teacher.eval()
+    todo = any(i not in done for i in order)
+    engine = _label_engine(teacher, min(batch_size, len(order)), max(map(len, rendered)) + max_new_tokens) \
+        if todo else None
     try:
         with out_path.open("a", encoding="utf-8") as f, torch.inference_mode(), \
                 tqdm(total=len(prompts), initial=len(done), disable=not progress, desc="pseudo-labels") as bar:
@@ -631,7 +660,7 @@ def generate_pseudo_labels(
                 if all(i in done for i in batch):
                     continue
                 seqs = [rendered[i] for i in batch]
-                outputs = _generate_batch(teacher, seqs, gen_config, pad_id, seed + b // batch_size)
+                outputs = _generate_batch(teacher, seqs, gen_config, pad_id, seed + b // batch_size, engine)
                 for i, tokens in zip(batch, outputs):
                     if i in done:
                         continue
