@@ -299,6 +299,27 @@ def test_prompts_padded_to_a_prefill_width_give_the_same_tokens(model):
     assert padded._request.next_slot == 9 + 29
 
 
+def test_report_generations_through_the_engine_equal_transformers_generate(monkeypatch):
+    """The distillation report's side-by-side answers: all prompts in one Engine request give
+    what transformers' generate gives each prompt alone (the fallback for models the Engine
+    cannot serve)."""
+    from mambaify.eval import metrics
+
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(tok)
+    models = {"teacher": teacher, "student": convert(teacher, attention=0.5).eval()}
+    prompts = ["Tell me about the Moon.", "Hi", "What is a state space model? Explain it simply."]
+    ours = metrics.greedy_generations(models, tok, prompts, max_new_tokens=10)
+    assert [row["prompt"] for row in ours] == prompts
+    assert all(row["teacher"] and row["student"] for row in ours)
+
+    def cannot_serve(self, *args, **kwargs):
+        raise TypeError("not a model the Engine serves")
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", cannot_serve)
+    assert metrics.greedy_generations(models, tok, prompts, max_new_tokens=10) == ours
+
+
 def test_opt_in_from_the_model_returns_what_model_generate_returns(hybrid):
     ids, mask = left_padded(random_prompts(4, 7))
     expected = hybrid.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)

@@ -68,25 +68,35 @@ def greedy_generations(
     *,
     max_new_tokens: int = 48,
 ) -> list[dict[str, str]]:
-    """Greedy answers of each model to each chat prompt, for reading side by side."""
-    rows = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        row = {"prompt": prompt}
-        for name, model in models.items():
-            device = next(model.parameters()).device
-            out = model.generate(
-                ids.to(device),
-                attention_mask=torch.ones_like(ids, device=device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            row[name] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        rows.append(row)
-    return rows
+    """Greedy answers of each model to each chat prompt, for reading side by side.
+
+    All prompts in one batch through mambaify's Engine where it serves the model (left padding
+    changes no row's tokens; on a GPU the decode step is a CUDA graph), else one by one through
+    transformers' generate."""
+    from ..generate.engine import Engine
+
+    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"] for p in prompts]
+    answers: dict[str, list[str]] = {}
+    for name, model in models.items():
+        device = next(model.parameters()).device
+        try:
+            engine = Engine(model, max_batch_size=len(prompts),
+                            max_length=max(ids.shape[1] for ids in encoded) + max_new_tokens)
+        except (ValueError, TypeError, AttributeError, NotImplementedError):
+            engine = None
+        if engine is not None:
+            stop = set(engine.stop_token_ids)
+            out = engine.generate([ids[0].tolist() for ids in encoded], max_new_tokens=max_new_tokens).tolist()
+            cut = [next((i for i, t in enumerate(row) if t in stop), len(row)) for row in out]
+            answers[name] = [tokenizer.decode(row[:end], skip_special_tokens=True).strip() for row, end in zip(out, cut)]
+            continue
+        answers[name] = []
+        for ids in encoded:
+            out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            answers[name].append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return [{"prompt": p, **{name: answers[name][i] for name in models}} for i, p in enumerate(prompts)]
 
 
 __all__ = ["compare_on_documents", "greedy_generations"]
