@@ -438,5 +438,21 @@ def test_wiki_split_is_stable(wiki_cache, monkeypatch):
     with pytest.raises(ValueError, match="split must be"):
         D.wiki_prompts(3, split="test")
     assert D.load_source("wiki-offline:heldout")[0] == {"text": texts[0]}
+
+    # Training and evaluation prompt sets: while the titles last, wiki_prompts split in two ...
+    first = D.wiki_prompts(120, seed=1)
+    assert D.wiki_prompt_sets(100, 20, seed=1) == (first[:100], first[100:])
+    # ... beyond them, the titles training keeps are asked again in other phrasings, and the
+    # evaluation titles are never asked in training, in any phrasing.
+    many, held = D.wiki_prompt_sets(2 * len(train), 40, seed=1)
+    assert len(many) == 2 * len(train) == len(set(many)) and len(held) == 40
+    phrasings = {}
+    for r in train:
+        templates = D._PEOPLE_TEMPLATES if r.get("topic") == "People" else D._TOPIC_TEMPLATES
+        phrasings[r["title"]] = {t.format(r["title"]) for t in templates}
+    held_titles = [t for t, ps in phrasings.items() if ps & set(held)]
+    assert len(held_titles) == 40 and not set().union(*(phrasings[t] for t in held_titles)) & set(many)
+    with pytest.raises(DataError, match="distinct prompts"):
+        D.wiki_prompt_sets(7 * len(train), 40)
     chat = D.load_source("wiki-offline", limit=3)
     assert chat[0]["messages"][0]["role"] == "user"

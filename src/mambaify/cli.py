@@ -79,7 +79,7 @@ _DISTILL_FLAGS = {
     "--kl-weight": ("kl_weight", float, "weight of KL(teacher||student)"),
     "--ce-weight": ("ce_weight", float, "weight of CE on the target tokens"),
     "--temperature": ("temperature", float, "distillation temperature"),
-    "--num-prompts": ("num_prompts", int, "built-in data: prompts answered by the teacher"),
+    "--num-prompts": ("num_prompts", int, "built-in data: prompts answered by the teacher (past the ~8,900 Wikipedia titles, titles are asked again in other phrasings, up to ~50,000)"),
     "--label-tokens": ("label_tokens", int, "built-in data: longest answer per prompt, in tokens"),
     "--label-batch-size": ("label_batch_size", int, "built-in data: prompts per answering batch"),
     "--text-docs": ("text_docs", int, "built-in data: Wikipedia summaries for plain-text KD (about 9,000 exist)"),

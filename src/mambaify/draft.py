@@ -492,7 +492,7 @@ _DRAFT_FLAGS = {
     "--kl-weight": ("kl_weight", float, "weight of KL(target||draft) (default 1)"),
     "--ce-weight": ("ce_weight", float, "weight of CE on the data's tokens (default 0)"),
     "--temperature": ("temperature", float, "distillation temperature"),
-    "--num-prompts": ("num_prompts", int, "built-in data: prompts answered by the target"),
+    "--num-prompts": ("num_prompts", int, "built-in data: prompts answered by the target (past the ~8,900 Wikipedia titles, titles are asked again in other phrasings, up to ~50,000)"),
     "--label-tokens": ("label_tokens", int, "built-in data: longest answer per prompt, in tokens"),
     "--label-batch-size": ("label_batch_size", int, "built-in data: prompts per answering batch"),
     "--text-docs": ("text_docs", int, "built-in data: Wikipedia summaries for plain-text KD (about 9,000 exist)"),

@@ -491,6 +491,47 @@ def wiki_prompts(n: int | None = None, seed: int = 0, split: str = "train") -> l
     return prompts
 
 
+def wiki_prompt_sets(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n_train`` training prompts and ``n_eval`` evaluation prompts about train-split titles that
+    no training prompt uses.
+
+    While the titles last, this is ``wiki_prompts(n_train + n_eval, seed)`` split in two. Beyond
+    them, the titles left to training are asked again in other phrasings (each title at most once
+    per template of its topic: 4 for people, 6 for other topics), so that a run can have more
+    distinct answers than there are titles: a small draft otherwise memorises the answers it has.
+    """
+    first = wiki_prompts(None, seed=seed)  # one prompt per title, in the seeded order
+    if n_train + n_eval <= len(first):
+        return first[:n_train], first[n_train : n_train + n_eval]
+    if n_eval > len(first):
+        raise DataError(f"wiki-offline has {len(first)} train titles, {n_eval} evaluation prompts asked")
+    train_records = wiki_split()[0]
+    rng = random.Random(f"wiki-prompts/{seed}")  # the order wiki_prompts drew
+    order = list(range(len(train_records)))
+    rng.shuffle(order)
+    kept = len(first) - n_eval
+    prompts = first[:kept]
+    rounds = 1
+    while len(prompts) < n_train:
+        added = 0
+        for k, asked in zip(order[:kept], first[:kept]):
+            r = train_records[k]
+            templates = _PEOPLE_TEMPLATES if r.get("topic") == "People" else _TOPIC_TEMPLATES
+            others = [t for t in templates if t.format(r["title"]) != asked]  # the first phrasing's are left out
+            if rounds - 1 < len(others):
+                prompts.append(others[rounds - 1].format(r["title"]))
+                added += 1
+                if len(prompts) == n_train:
+                    break
+        if not added:
+            raise DataError(
+                f"wiki-offline's {kept} train titles give at most {len(prompts)} distinct prompts "
+                f"besides the {n_eval} held out for evaluation, {n_train} asked; ask for fewer or add another source"
+            )
+        rounds += 1
+    return prompts[:n_train], first[kept:]
+
+
 def wiki_heldout_texts(n: int | None = None) -> list[str]:
     """Held-out summaries for perplexity, in a fixed, topic-mixed order (by title hash)."""
     heldout = sorted(wiki_split()[1], key=lambda r: _title_hash(r["title"]))

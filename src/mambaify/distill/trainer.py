@@ -195,9 +195,8 @@ def prepare_data(cfg: DistillConfig, teacher, tokenizer, run_dir: Path, accelera
         heldout = D.wiki_heldout_texts(cfg.eval_texts)
 
     if builtin:
-        prompts = D.wiki_prompts(cfg.num_prompts + cfg.eval_chats + cfg.eval_generations, seed=cfg.seed)
-        train_prompts = prompts[: cfg.num_prompts]
-        eval_prompts_all = prompts[cfg.num_prompts :]
+        train_prompts, eval_prompts_all = D.wiki_prompt_sets(cfg.num_prompts, cfg.eval_chats + cfg.eval_generations,
+                                                             seed=cfg.seed)
         records_path = data_dir / "pseudo_labels.jsonl"
         if accelerator.is_main_process:
             D.generate_pseudo_labels(
