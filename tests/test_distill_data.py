@@ -306,6 +306,13 @@ def test_pseudo_labels_through_the_engine_equal_transformers_generate(teacher, t
     monkeypatch.setattr(D, "_label_engine", lambda *a: None)
     assert D.generate_pseudo_labels(model, tok, PROMPTS, tmp_path / "hf.jsonl", **kw).read_bytes() == ours
 
+    class BrokenEngine:  # a fault of the fast path: the labels still come, from transformers
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(D, "_label_engine", lambda *a: BrokenEngine())
+    assert D.generate_pseudo_labels(model, tok, PROMPTS, tmp_path / "fallback.jsonl", **kw).read_bytes() == ours
+
 
 def test_pseudo_labels_resume_after_an_interruption(teacher, tmp_path):
     model, tok = teacher

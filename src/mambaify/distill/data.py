@@ -701,7 +701,17 @@ def generate_pseudo_labels(
                 if all(i in done for i in batch):
                     continue
                 seqs = [rendered[i] for i in batch]
-                outputs = _generate_batch(teacher, seqs, gen_config, pad_id, seed + b // batch_size, engine)
+                try:
+                    outputs = _generate_batch(teacher, seqs, gen_config, pad_id, seed + b // batch_size, engine)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:  # a fault of the fast path must not cost the labels
+                    if engine is None:
+                        raise
+                    log.warning("pseudo-labels: the Engine failed (%s: %s); transformers' generate from here on",
+                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    engine = None
+                    outputs = _generate_batch(teacher, seqs, gen_config, pad_id, seed + b // batch_size, None)
                 for i, tokens in zip(batch, outputs):
                     if i in done:
                         continue
