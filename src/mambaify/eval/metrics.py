@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -10,6 +11,8 @@ from tqdm.auto import tqdm
 
 from ..distill.data import collate_padded
 from ..distill.losses import token_metrics
+
+log = logging.getLogger(__name__)
 
 
 def _hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -87,10 +90,18 @@ def greedy_generations(
             engine = None
         if engine is not None:
             stop = set(engine.stop_token_ids)
-            out = engine.generate([ids[0].tolist() for ids in encoded], max_new_tokens=max_new_tokens).tolist()
-            cut = [next((i for i, t in enumerate(row) if t in stop), len(row)) for row in out]
-            answers[name] = [tokenizer.decode(row[:end], skip_special_tokens=True).strip() for row, end in zip(out, cut)]
-            continue
+            try:
+                out = engine.generate([ids[0].tolist() for ids in encoded], max_new_tokens=max_new_tokens).tolist()
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # the report must not fail on the fast path: generate below
+                log.warning("report generations: the Engine failed (%s); transformers' generate instead", err)
+                out = None
+            if out is not None:
+                cut = [next((i for i, t in enumerate(row) if t in stop), len(row)) for row in out]
+                answers[name] = [tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+                                 for row, end in zip(out, cut)]
+                continue
         answers[name] = []
         for ids in encoded:
             out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids, device=device),
