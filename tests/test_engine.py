@@ -265,6 +265,13 @@ def test_generate_with_a_late_stop_check_returns_the_same_tokens(hybrid, lag):
     assert len(calls) == min(expected.shape[1] - 1 + lag, 23)  # the extra steps were run, then dropped
 
 
+def test_fast_paths_can_be_switched_off_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MAMBAIFY_PREFILL_GRAPHS", raising=False)
+    assert engine_module.fast_path_enabled("MAMBAIFY_PREFILL_GRAPHS")
+    monkeypatch.setenv("MAMBAIFY_PREFILL_GRAPHS", "0")
+    assert not engine_module.fast_path_enabled("MAMBAIFY_PREFILL_GRAPHS")
+
+
 def test_prefill_width_buckets():
     widths = (16, 32, 64)
     assert engine_module.prefill_width(widths, 1, 9, room=100) == 16

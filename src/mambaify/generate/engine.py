@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -436,6 +437,14 @@ class CUDAGraphDecoder(EagerDecoder):
         self.load(token_ids, slot)
         self.graph.replay()
         return self.logits
+
+
+def fast_path_enabled(name: str) -> bool:
+    """False where the environment variable ``name`` is "0": a switch to turn one of the engines'
+    CUDA-side fast paths off without touching code (MAMBAIFY_PREFILL_GRAPHS: graphed prefills;
+    MAMBAIFY_LAUNCH_AHEAD: the speculative engine's rounds launched ahead; MAMBAIFY_LATE_STOP_CHECK:
+    the plain engine's late stop check)."""
+    return os.environ.get(name, "1") != "0"
 
 
 # Prompt widths whose prefill a CUDA graph replays: a prompt is left-padded up to the next one
@@ -866,10 +875,12 @@ class Engine(GenerationFrontend):
         self._decoders: dict[int, EagerDecoder] = {}
         self._request: _Request | None = None
         self.stop_token_ids, self.pad_token_id = self._special_tokens()
-        self.stop_check_lag = STOP_CHECK_LAG if self.device.type == "cuda" else 0
+        cuda = self.device.type == "cuda"
+        self.stop_check_lag = STOP_CHECK_LAG if cuda and fast_path_enabled("MAMBAIFY_LATE_STOP_CHECK") else 0
         # generate() / stream() pad short prompts to these widths and replay their prefill from
         # a CUDA graph (see GraphedPrefill); None prefills every prompt as it comes.
-        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if self.use_cuda_graph else None
+        graphs = self.use_cuda_graph and fast_path_enabled("MAMBAIFY_PREFILL_GRAPHS")
+        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if graphs else None
         self.prefill_error: str | None = None
         self._prefill_graphs: dict[tuple, GraphedPrefill] = {}
 

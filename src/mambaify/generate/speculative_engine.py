@@ -107,6 +107,7 @@ from .engine import (
     check_compile_options,
     compile_failed,
     compile_steps,
+    fast_path_enabled,
     graphed_prefill,
     grouped_query_attention,
     left_pad,
@@ -809,7 +810,7 @@ class SpeculativeEngine(GenerationFrontend):
         self._report_slot = 0
         # Launch each round before reading the last one's outcome (on CUDA, where the host and the
         # device run apart; on the CPU, where nothing overlaps, tests may turn it on).
-        self.launch_ahead = self.device.type == "cuda"
+        self.launch_ahead = self.device.type == "cuda" and fast_path_enabled("MAMBAIFY_LAUNCH_AHEAD")
         self.step_range = torch.arange(self.k_max + 1, device=self.device)
 
         capturable = self.device.type == "cuda" and all(
@@ -824,7 +825,8 @@ class SpeculativeEngine(GenerationFrontend):
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         # Short prompts are padded to these widths and both models' prefills replayed from one
         # CUDA graph per (batch, width), as the Engine does (engine.GraphedPrefill).
-        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if self.use_cuda_graph else None
+        graphs = self.use_cuda_graph and fast_path_enabled("MAMBAIFY_PREFILL_GRAPHS")
+        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if graphs else None
         self.prefill_error: str | None = None
         self._prefill_graphs: dict = {}
         self.compile_setting = compile
