@@ -213,6 +213,33 @@ def test_distill_draft_lowers_kl_and_trains_every_parameter(teacher_dir, data_fi
     assert "top-1 agreement" in (run / "report.md").read_text()
 
 
+def test_draft_saved_with_its_frequent_tokens_generates_the_targets_tokens(teacher_dir, data_files, tmp_path):
+    """--draft-vocab N saves the N tokens most frequent in the training data (and the stop
+    tokens) beside the draft; an engine that cuts the draft's head to them still decodes the
+    target's own greedy tokens, and a damaged file is named."""
+    from mambaify.generate.speculative_engine import DRAFT_VOCAB_FILE, SpeculativeEngine, saved_draft_vocab
+
+    out = tmp_path / "run"
+    distill_draft(draft_config(teacher_dir, data_files, out, draft_vocab=16))
+    saved = json.loads((out / "model" / DRAFT_VOCAB_FILE).read_text())
+    ids = saved_draft_vocab(out / "model")
+    assert ids == saved["token_ids"] == sorted(set(ids)) and 16 <= len(ids) <= 20
+    target, tokenizer = load_teacher(str(teacher_dir))
+    assert tokenizer.eos_token_id in ids and max(ids) < target.config.vocab_size
+    draft = AutoModelForCausalLM.from_pretrained(out / "model")  # the checkpoint itself is a plain model
+    prompt = torch.tensor([tokenizer("The violin has four")["input_ids"]])
+    expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:]
+    engine = SpeculativeEngine(target, draft, k=3, max_batch_size=1, max_length=64, draft_vocab=ids)
+    assert torch.equal(engine.generate(prompt, max_new_tokens=10, stop_token_ids=[]), expected)
+    assert saved_draft_vocab(tmp_path) is None  # no file: the whole head
+    (out / "model" / DRAFT_VOCAB_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="not a draft vocabulary"):
+        saved_draft_vocab(out / "model")
+    with pytest.raises(ValueError, match="draft_vocab must be >= 0"):
+        draft_config(teacher_dir, data_files, out, draft_vocab=-1).validate()
+
+
 def test_resume_after_interruption_gives_the_same_draft(teacher_dir, data_files, tmp_path):
     distill_draft(draft_config(teacher_dir, data_files, tmp_path / "full"))
     with pytest.raises(RunInterrupted):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -596,6 +597,18 @@ def test_cli_generate_and_chat_with_a_draft(saved_pair, capsys, monkeypatch):
 
     assert cli_main([*plain, "--draft", str(draft_dir), "--k", "zero"]) == 2
     assert "--k" in capsys.readouterr().err
+
+    # A draft saved with its token list (distill-draft --draft-vocab): the CLI cuts its head.
+    cut_dir = target_dir.parent / "draft-with-vocab"
+    shutil.copytree(draft_dir, cut_dir, dirs_exist_ok=True)
+    (cut_dir / spec.DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": list(range(0, 97, 3))}))
+    made = []
+    real_init = spec.SpeculativeEngine.__init__
+    monkeypatch.setattr(spec.SpeculativeEngine, "__init__",
+                        lambda self, *a, **k: made.append(k.get("draft_vocab")) or real_init(self, *a, **k))
+    assert cli_main([*plain, "--draft", str(cut_dir), "--k", "3"]) == 0
+    assert capsys.readouterr().out == expected and made == [list(range(0, 97, 3))]
+    monkeypatch.setattr(spec.SpeculativeEngine, "__init__", real_init)
 
     # --compile reaches both engines (compile_step stubbed: the compiled rounds' results are
     # tested below; here only that the flag compiles the plain step and the speculative rounds).

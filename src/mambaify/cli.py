@@ -151,12 +151,13 @@ def _make_engine(args: argparse.Namespace, model, tokenizer, max_length: int, k)
         return Engine(model, tokenizer, max_batch_size=1, max_length=max_length, use_cuda_graph=cuda_graph,
                       compile=args.compile)
     from .draft import check_draft_compatible
-    from .generate.speculative_engine import SpeculativeEngine
+    from .generate.speculative_engine import SpeculativeEngine, saved_draft_vocab
 
     draft, draft_tokenizer = load_for_generation(args.draft, device=args.device, dtype=args.dtype)
     check_draft_compatible(model, draft, tokenizer, draft_tokenizer)
+    # A draft saved with its token list (distill-draft --draft-vocab) proposes from those tokens only.
     return SpeculativeEngine(model, draft, tokenizer, k=k, max_batch_size=1, max_length=max_length,
-                             use_cuda_graph=cuda_graph, compile=args.compile)
+                             use_cuda_graph=cuda_graph, compile=args.compile, draft_vocab=saved_draft_vocab(args.draft))
 
 
 def _add_speculation(totals: dict, engine) -> None:

@@ -439,6 +439,24 @@ def token_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return scores.softmax(dim=-1)
 
 
+# A draft folder may hold the token ids its LM head is cut to (mambaify distill-draft --draft-vocab).
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def saved_draft_vocab(draft_dir) -> list[int] | None:
+    """The token ids saved with a draft (``DRAFT_VOCAB_FILE`` in its folder), or None."""
+    import json
+    from pathlib import Path
+
+    path = Path(draft_dir) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        return None
+    try:
+        return [int(t) for t in json.loads(path.read_text())["token_ids"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a draft vocabulary ({err}); delete it to use the whole draft head") from None
+
+
 def cut_head(head: nn.Linear, ids: torch.Tensor) -> nn.Linear:
     """A copy of ``head``'s rows ``ids``: logits over those tokens only."""
     cut = nn.Linear(head.in_features, ids.numel(), bias=head.bias is not None,
@@ -1340,11 +1358,13 @@ __all__ = [
     "SpeculativeStack",
     "SpeculativeStats",
     "assisted_generate",
+    "DRAFT_VOCAB_FILE",
     "cut_head",
     "frequent_tokens",
     "generate",
     "mamba_draft_step",
     "mamba_verify",
     "parse_k",
+    "saved_draft_vocab",
     "token_distribution",
 ]
