@@ -1035,6 +1035,7 @@ class SpeculativeEngine(GenerationFrontend):
         if self.use_cuda_graph and len(ks) > 1:
             self._calibrate([programs[kk] for kk in new_programs], b, times)
         chooser = AdaptiveK(ks, times) if len(ks) > 1 else None
+        generator = None  # greedy rounds draw no random numbers
         if not sampling.greedy:
             if seed is None:  # follow torch's global seed, as transformers' sampling does
                 seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -1082,8 +1083,11 @@ class SpeculativeEngine(GenerationFrontend):
         # launched only where it may still emit: unless a stop token may end the rows, not once
         # every running row's last known budget fits in the round in flight.
         remaining = [max_new_tokens] * b
-        in_flight = [self._launch(programs[chooser.choose() if chooser else ks[0]], b, sampling,
-                                  generator if not sampling.greedy else None, clock)]
+
+        def launch() -> _InFlight:
+            return self._launch(programs[chooser.choose() if chooser else ks[0]], b, generator, clock)
+
+        in_flight = [launch()]
         previous_end = None
         while True:
             if request is not self._request:
@@ -1091,8 +1095,7 @@ class SpeculativeEngine(GenerationFrontend):
             current = in_flight[0]
             budget_left = max((r for r in remaining if r > 0), default=0) > current.program.k + 1
             if self.launch_ahead and len(in_flight) == 1 and (stop or budget_left):
-                in_flight.append(self._launch(programs[chooser.choose() if chooser else ks[0]], b, sampling,
-                                              generator if not sampling.greedy else None, clock))
+                in_flight.append(launch())
             report = current.read()  # the round's one wait for the device
             # The device's idle time between the previous round and this one stands for the host's
             # overhead per round (all of it when rounds wait for the host, little when they do not).
@@ -1117,12 +1120,11 @@ class SpeculativeEngine(GenerationFrontend):
             if not any(row.still_active for row in rows):
                 return  # a round still in flight commits nothing: every row has finished
             if not in_flight:
-                in_flight.append(self._launch(programs[chooser.choose() if chooser else ks[0]], b, sampling,
-                                              generator if not sampling.greedy else None, clock))
+                in_flight.append(launch())
 
-    def _launch(self, program: RoundProgram, batch: int, sampling: SamplingParams, generator, clock) -> _InFlight:
-        """Queue one round (its uniforms, draft round and verify round) and the copy of its
-        report to the host, without waiting for any of it."""
+    def _launch(self, program: RoundProgram, batch: int, generator: torch.Generator | None, clock) -> _InFlight:
+        """Queue one round (its uniforms, when sampling: ``generator``; the draft round and the
+        verify round) and the copy of its report to the host, without waiting for any of it."""
         rb = self.buffers
         if generator is not None:
             rb.uniforms[:batch].copy_(torch.rand(rb.uniforms[:batch].shape, generator=generator, device=self.device))
