@@ -110,3 +110,33 @@ def test_cuda_transformers_generate_agrees_with_the_forward(dtype):
     # A token the forward does not rank first must be a near-tie with its first.
     slack = 1e-3 if dtype == torch.float32 else 0.1
     assert ((top2[..., 0] - chosen) <= slack).all(), (top2[..., 0] - chosen).max().item()
+
+
+def test_cuda_engine_graphed_prefill_through_fla_equals_the_eager_engine():
+    """The Engine at SmolLM2's widths, where the Mamba layers' prefill runs fla's kernels: short
+    prompts padded and prefilled from a CUDA graph (both models' prefills, for the speculative
+    engine) give the tokens of the same engine run eagerly on the same padded prompts, in
+    float32; and those of the plain engine fed the prompts as they are, up to near-ties."""
+    from mambaify.generate.engine import PREFILL_GRAPH_WIDTHS, Engine
+    from mambaify.generate.speculative_engine import SpeculativeEngine
+
+    if ops.select_backend(torch.device("cuda")) != "fla":
+        pytest.skip("fla is not installed: the prefill would not run its kernels")
+    model = trained_like_hybrid().cuda()
+    ids, mask = padded_batch([40, 23, 9], "left", model.config.vocab_size, seed=7)
+    ids, mask = ids.cuda(), mask.cuda()
+    options = dict(max_new_tokens=24, stop_token_ids=[])
+    graphed = Engine(model, max_batch_size=3, max_length=128)
+    eager = Engine(model, max_batch_size=3, max_length=128, use_cuda_graph=False)
+    eager.prefill_widths = PREFILL_GRAPH_WIDTHS  # the same padding, prefilled eagerly
+    tokens = graphed.generate(ids, mask, **options)
+    assert graphed.prefill_error is None and set(graphed._prefill_graphs) == {(3, 64)}
+    assert torch.equal(tokens, eager.generate(ids, mask, **options))
+    eager.prefill_widths = None  # the prompts as they are: other fla chunk boundaries
+    assert (tokens == eager.generate(ids, mask, **options)).float().mean() > 0.9
+    # The speculative engine (the target as its own draft): one graph for both models' prefills.
+    spec = SpeculativeEngine(model, model, k=3, max_batch_size=3, max_length=128)
+    spec_eager = SpeculativeEngine(model, model, k=3, max_batch_size=3, max_length=128, use_cuda_graph=False)
+    spec_eager.prefill_widths = PREFILL_GRAPH_WIDTHS
+    assert torch.equal(spec.generate(ids, mask, **options), spec_eager.generate(ids, mask, **options))
+    assert spec.prefill_error is None and set(spec._prefill_graphs) == {(3, 64)}
