@@ -327,6 +327,26 @@ def test_report_generations_through_the_engine_equal_transformers_generate(monke
     assert metrics.greedy_generations(models, tok, prompts, max_new_tokens=10) == ours
 
 
+def test_report_metrics_do_not_depend_on_the_batch_size():
+    """compare_on_documents pads each batch on the right: the scored tokens see the same context
+    whatever the batch, so perplexities, KL and agreement agree across batch sizes."""
+    from mambaify.distill.data import tokenize_text
+    from mambaify.eval import metrics
+
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(tok)
+    student = convert(teacher, attention=0.5).eval()
+    texts = ["Rivers carry water down to the sea.", "A library lends books.", "The violin has four strings and a bow.",
+             "Hi", "Mountains are tall and old, older than the rivers that cut them."]
+    docs = [tokenize_text(tok, t) for t in texts]
+    one = metrics.compare_on_documents(student, teacher, docs, batch_size=1, progress=False)
+    for size in (2, None):
+        other = metrics.compare_on_documents(student, teacher, docs, batch_size=size, progress=False)
+        assert other["tokens"] == one["tokens"]
+        for key in ("student_ppl", "teacher_ppl", "kl", "top1_agreement"):
+            assert other[key] == pytest.approx(one[key], rel=1e-4), key
+
+
 def test_opt_in_from_the_model_returns_what_model_generate_returns(hybrid):
     ids, mask = left_padded(random_prompts(4, 7))
     expected = hybrid.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)

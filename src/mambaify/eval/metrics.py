@@ -28,13 +28,17 @@ def compare_on_documents(
     teacher,
     docs: Sequence[dict],
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     pad_id: int = 0,
     desc: str = "eval",
     progress: bool = True,
 ) -> dict[str, float]:
-    """Teacher and student on the scored tokens of ``docs`` (loss_mask): perplexities, KL, agreement."""
+    """Teacher and student on the scored tokens of ``docs`` (loss_mask): perplexities, KL, agreement.
+
+    batch_size: documents per forward pass; default 8 on the CPU, 32 on a GPU (where a small
+    model's forward costs its kernel launches more than its tokens)."""
     device = next(student.parameters()).device
+    batch_size = batch_size or (8 if device.type == "cpu" else 32)
     totals = {"kl": 0.0, "agree": 0.0, "student_nll": 0.0, "teacher_nll": 0.0}
     n_tokens = 0
     order = sorted(range(len(docs)), key=lambda i: len(docs[i]["input_ids"]))  # less padding
