@@ -199,3 +199,20 @@ def test_decode_profile_groups_each_steps_time_by_kind(tmp_path):
     assert results["models"][0]["by_kind_ms"].get("attention", 0) > 0  # the teacher attends ...
     assert results["models"][1]["by_kind_ms"].get("attention", 0) == 0  # ... the pure Mamba2 model does not
     assert "| teacher | 1 | 16 |" in (out / "profile_decode.md").read_text()
+
+
+def test_prefill_timed_from_a_graph_where_generate_would_use_one():
+    """The benchmark times a prefill as generate() runs it: from a CUDA graph for a prompt batch
+    of a graphed width and at most PREFILL_GRAPH_TOKENS tokens, eagerly otherwise."""
+    from types import SimpleNamespace
+
+    from mambaify import bench
+    from mambaify.generate.engine import PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_WIDTHS
+
+    cuda = SimpleNamespace(use_cuda_graph=True, prefill_widths=PREFILL_GRAPH_WIDTHS)
+    assert bench.prefill_is_graphed(cuda, 1, 1024) and bench.prefill_is_graphed(cuda, 2, 2048)
+    assert not bench.prefill_is_graphed(cuda, 1, 1000)  # not a graphed width: generate would pad it
+    assert not bench.prefill_is_graphed(cuda, 4, 2048)  # more tokens than a graph holds
+    assert PREFILL_GRAPH_TOKENS == 4096
+    assert not bench.prefill_is_graphed(SimpleNamespace(use_cuda_graph=False, prefill_widths=PREFILL_GRAPH_WIDTHS), 1, 1024)
+    assert not bench.prefill_is_graphed(SimpleNamespace(use_cuda_graph=True, prefill_widths=None), 1, 1024)

@@ -63,7 +63,7 @@ from torch import nn
 
 from .convert import attention_layers_for, convert
 from .fileio import write_json_atomic
-from .generate.engine import CompileError, Engine, StaticCache
+from .generate.engine import PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, graphed_prefill
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
 GIB = 2**30
@@ -534,7 +534,7 @@ def measure_engine(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
         "prefill_rows": rows, "prefill_ms": prefill_s * 1e3, "prefill_tok_s": rows * context / prefill_s,
         "prefill_repeats_ms": [t * 1e3 for t in prefill["prefill_s"]],
         "ttft_ms": (passes * prefill_s + ttft_s - prefill_s) * 1e3, "ttft_extrapolated": passes > 1,
-        "ttft_rows_ms": ttft_s * 1e3,
+        "ttft_rows_ms": ttft_s * 1e3, "prefill_graphed": prefill["graphed"],
         "new_tokens": steps, "decode_step_ms": decode_median / steps * 1e3,
         "decode_tok_s": batch * steps / decode_median, "decode_repeats_ms": [t * 1e3 for t in decode_s],
     }
@@ -558,24 +558,43 @@ def prefill_with_fallback(engine: Engine, prompt: torch.Tensor, options: BenchOp
 @torch.no_grad()
 def time_prefill(engine: Engine, prompt: torch.Tensor, options: BenchOptions, clock: Clock, warmed: set) -> dict:
     """Prefill passes straight into the engine's cache rows (what Engine.prefill runs, without
-    ending the request the capture started). The first pass of a (rows, width) shape warms up."""
+    ending the request the capture started). The first pass of a (rows, width) shape warms up.
+    A shape that ``generate`` would prefill from a CUDA graph (:func:`prefill_is_graphed`) is
+    timed as such, its capture in the warm-up; ``graphed`` says which."""
     rows, width = prompt.shape
     cache = engine.cache.rows(rows)
     mask = torch.ones_like(prompt)
+
+    def run(ids: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+        return engine.stack.prefill(ids, ids_mask, cache)
+
+    graphed = prefill_is_graphed(engine, rows, width)
+
+    def prefill() -> torch.Tensor:
+        return graphed_prefill(engine, (rows, width), run, prompt, mask) if graphed else run(prompt, mask)
+
     if (rows, width) not in warmed:
-        engine.stack.prefill(prompt, mask, cache)
+        prefill()
         warmed.add((rows, width))
+    graphed = graphed and engine.prefill_error is None  # a failed capture prefills eagerly
     prefill_s: list[float] = []
     ttft_s: list[float] = []
     while not prefill_s or (len(prefill_s) < options.repeats and sum(prefill_s) < options.prefill_budget_s):
         start = clock.mark()
-        logits = engine.stack.prefill(prompt, mask, cache)
+        logits = prefill()
         prefilled = clock.mark()
         first_tokens = logits[:, -1].argmax(-1)  # greedy: the first new token of each row
         sampled = clock.mark()
         prefill_s.append(clock.seconds(start, prefilled))
         ttft_s.append(clock.seconds(start, sampled))
-    return {"prefill_s": prefill_s, "ttft_s": ttft_s, "first_tokens": first_tokens}
+    return {"prefill_s": prefill_s, "ttft_s": ttft_s, "first_tokens": first_tokens, "graphed": graphed}
+
+
+def prefill_is_graphed(engine: Engine, rows: int, width: int) -> bool:
+    """Whether ``engine.generate`` prefills a (rows, width) prompt from a CUDA graph without
+    padding it (the benchmark's prompts are exactly as wide as their context)."""
+    return (engine.use_cuda_graph and bool(engine.prefill_widths) and width in engine.prefill_widths
+            and rows * width <= PREFILL_GRAPH_TOKENS)
 
 
 def copy_rows(cache: StaticCache, rows: int, batch: int) -> None:
@@ -808,7 +827,9 @@ def markdown(doc: dict) -> str:
          "every slot read + Mamba states read and written) / that bandwidth." if bandwidth else
          "No CUDA device: times from time.perf_counter; no peak memory, no roofline."),
         "",
-        "TTFT marked ~ is extrapolated from a pass over fewer rows (the batch would need several such passes). "
+        "TTFT marked ~ is extrapolated from a pass over fewer rows (the batch would need several such passes); "
+        "(graph): the prefill replayed from a CUDA graph, as generate() runs a prompt batch of at most "
+        f"{PREFILL_GRAPH_TOKENS} tokens. "
         "Engine = mambaify's Engine (static cache, CUDA-graph decode on CUDA); engine (compiled) = the same "
         "with its decode step compiled by torch.compile before the capture (--compile); hf = transformers' "
         "generate, static cache, torch.compile'd decode on CUDA. Setup = graph capture incl. compilation "
@@ -836,7 +857,8 @@ def _family_table(rows: list[dict]) -> list[str]:
             fraction = p.get("roofline_fraction")
             cells += [
                 _fmt(p.get("prefill_tok_s"), ",.0f"),
-                ("~" if p.get("ttft_extrapolated") else "") + f"{p['ttft_ms']:,.1f}",
+                ("~" if p.get("ttft_extrapolated") else "") + f"{p['ttft_ms']:,.1f}"
+                + (" (graph)" if p.get("prefill_graphed") else ""),
                 f"{p['decode_tok_s']:,.0f}",
                 _fmt(p.get("decode_vs_teacher"), ".2f"),
                 f"{p['decode_step_ms']:.2f}",

@@ -20,7 +20,7 @@ up, residual adds, the mask) that cost a few microseconds each even inside a CUD
 engine then captures the compiled step in its CUDA graph as it captures the eager one. The
 Mamba kernels stay one opaque custom op each (see :mod:`mambaify.ops`).
 
-Short prompts (``generate`` / ``stream``): a prompt batch of at most 512 columns is left-padded
+Short prompts (``generate`` / ``stream``): a prompt batch of at most 2048 columns and 4096 tokens is left-padded
 to the next of a few widths (PREFILL_GRAPH_WIDTHS) and its prefill replayed from a CUDA graph
 captured once per (batch size, width). Padding is masked, so the tokens are the unpadded
 prompt's; eager, the prefill of a short prompt costs its hundreds of kernel launches.
@@ -450,7 +450,7 @@ def fast_path_enabled(name: str) -> bool:
 # Prompt widths whose prefill a CUDA graph replays: a prompt is left-padded up to the next one
 # (padding is masked, so the result is the unpadded prompt's), if the request leaves room for it
 # and the batch holds at most PREFILL_GRAPH_TOKENS tokens. Longer prompts prefill eagerly.
-PREFILL_GRAPH_WIDTHS = (16, 32, 64, 128, 256, 512)
+PREFILL_GRAPH_WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 PREFILL_GRAPH_TOKENS = 4096
 
 
