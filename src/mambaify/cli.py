@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from .distill.flags import add_flags, flag_values, shared_flags
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,30 +74,17 @@ _DISTILL_FLAGS = {
     "--tokens": ("tokens", int, "training tokens per stage"),
     "--time-budget-s": ("time_budget_s", float, "fit each stage's schedule into this many seconds of training "
                                                  "(without --tokens: train for the budget)"),
-    "--seq-len": ("seq_len", int, "packed row length"),
-    "--batch-size": ("batch_size", int, "rows per micro-batch and process"),
-    "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step"),
     "--lr": ("lr", float, "peak learning rate (default by stage)"),
     "--kl-weight": ("kl_weight", float, "weight of KL(teacher||student)"),
     "--ce-weight": ("ce_weight", float, "weight of CE on the target tokens"),
-    "--temperature": ("temperature", float, "distillation temperature"),
-    "--num-prompts": ("num_prompts", int, "built-in data: prompts answered by the teacher (past the ~8,900 Wikipedia titles, titles are asked again in other phrasings, up to ~50,000)"),
-    "--label-tokens": ("label_tokens", int, "built-in data: longest answer per prompt, in tokens"),
-    "--label-batch-size": ("label_batch_size", int, "built-in data: prompts per answering batch"),
-    "--text-docs": ("text_docs", int, "built-in data: Wikipedia summaries for plain-text KD (about 9,000 exist)"),
-    "--eval-texts": ("eval_texts", int, "held-out texts the evaluation before and after scores"),
-    "--eval-chats": ("eval_chats", int, "held-out prompts the teacher answers for the evaluation"),
-    "--seed": ("seed", int, "random seed"),
-    "--device": ("device", str, "auto or cpu"),
-    "--precision": ("precision", str, "auto, bf16 or fp32"),
-    "--save-every": ("save_every", int, "steps between checkpoints"),
+    **shared_flags("teacher"),
 }
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from .distill.trainer import DistillConfig, distill
 
-    overrides = {field: getattr(args, field) for field, _, _ in _DISTILL_FLAGS.values()}
+    overrides = flag_values(args, _DISTILL_FLAGS)
     if args.reverse_kl:
         overrides["reverse_kl"] = True
     if args.no_progress:
@@ -286,8 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="convert and distil a teacher into a hybrid (the main job)")
     p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    for flag, (field, kind, help_text) in _DISTILL_FLAGS.items():
-        p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    add_flags(p, _DISTILL_FLAGS)
     p.add_argument("--reverse-kl", action="store_true", help="use KL(student||teacher)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

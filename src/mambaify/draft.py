@@ -40,6 +40,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .convert import convert
+from .distill.flags import add_flags, flag_values, shared_flags
 from .distill.trainer import DistillConfig
 from .models.configuration import SUPPORTED_BASE_MODEL_TYPES, HybridConfig
 from .models.modeling import HybridForCausalLM
@@ -500,34 +501,20 @@ _DRAFT_FLAGS = {
     "--tokens": ("tokens", int, "training tokens"),
     "--time-budget-s": ("time_budget_s", float, "cap on the training time, in seconds (shortens the schedule; "
                                                  "without --tokens: train for the budget)"),
-    "--seq-len": ("seq_len", int, "packed row length"),
-    "--batch-size": ("batch_size", int, "rows per micro-batch and process"),
-    "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step"),
     "--lr": ("lr", float, "peak learning rate (default 3e-4)"),
     "--kl-weight": ("kl_weight", float, "weight of KL(target||draft) (default 1)"),
     "--ce-weight": ("ce_weight", float, "weight of CE on the data's tokens (default 0)"),
-    "--temperature": ("temperature", float, "distillation temperature"),
-    "--num-prompts": ("num_prompts", int, "built-in data: prompts answered by the target (past the ~8,900 Wikipedia titles, titles are asked again in other phrasings, up to ~50,000)"),
-    "--label-tokens": ("label_tokens", int, "built-in data: longest answer per prompt, in tokens"),
-    "--label-batch-size": ("label_batch_size", int, "built-in data: prompts per answering batch"),
-    "--text-docs": ("text_docs", int, "built-in data: Wikipedia summaries for plain-text KD (about 9,000 exist)"),
-    "--eval-texts": ("eval_texts", int, "held-out texts the evaluation before and after scores"),
-    "--eval-chats": ("eval_chats", int, "held-out prompts the target answers for the evaluation"),
     "--draft-vocab": ("draft_vocab", int, "also save the N tokens most frequent in the training data with the "
                       "draft (model/draft_vocab.json): generation then cuts the draft's LM head to them "
                       "(worth it for large vocabularies); 0: the whole head (default)"),
-    "--seed": ("seed", int, "random seed"),
-    "--device": ("device", str, "auto or cpu"),
-    "--precision": ("precision", str, "auto, bf16 or fp32"),
-    "--save-every": ("save_every", int, "steps between checkpoints"),
+    **shared_flags("target"),
 }
 
 
 def add_distill_draft_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mambaify distill-draft`` (flags override a --config YAML file)."""
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    for flag, (field, kind, help_text) in _DRAFT_FLAGS.items():
-        parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    add_flags(parser, _DRAFT_FLAGS)
     parser.add_argument("--mamba", action="store_true",
                         help="convert the draft's layers to Mamba2 (attention-initialised): a pure-Mamba2 draft")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -537,7 +524,7 @@ def add_distill_draft_arguments(parser: argparse.ArgumentParser) -> None:
 def run_distill_draft(args: argparse.Namespace) -> int:
     """``mambaify distill-draft``: returns 0. Bad input raises ValueError / OSError with one clear
     line, which ``mambaify``'s main prints as ``error: ...`` with exit status 2."""
-    overrides = {field: getattr(args, field) for field, _, _ in _DRAFT_FLAGS.values()}
+    overrides = flag_values(args, _DRAFT_FLAGS)
     if args.mamba:
         overrides["attention"] = 0.0
     if args.no_progress:
