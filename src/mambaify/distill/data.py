@@ -708,8 +708,10 @@ def generate_pseudo_labels(
                 except Exception as err:  # a fault of the fast path must not cost the labels
                     if engine is None:
                         raise
-                    log.warning("pseudo-labels: the Engine failed (%s: %s); transformers' generate from here on",
-                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    from ..generate.engine import error_summary
+
+                    log.warning("pseudo-labels: the Engine failed (%s); transformers' generate from here on",
+                                error_summary(err))
                     engine = None
                     outputs = _generate_batch(teacher, seqs, gen_config, pad_id, seed + b // batch_size, None)
                 for i, tokens in zip(batch, outputs):

@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -409,6 +409,32 @@ class EagerDecoder:
         return self.step()
 
 
+def error_summary(err: BaseException) -> str:
+    """``Type: first line of the message``, for warnings and the ``*_error`` attributes."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def capture_cuda_graph(fn: Callable[[], Any], warmup_steps: int = 2, pool=None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``fn`` ``warmup_steps`` times on a side stream, then capture one call of it in a CUDA
+    graph (in ``pool`` if given). Returns the graph and what the captured call returned, which
+    lives in the graph's pool and is overwritten by each replay.
+
+    The warm-up does the lazy initialisation (cuBLAS workspaces, Triton compiles and autotuning)
+    that must not happen during capture, on a side stream as PyTorch's CUDA-graph notes prescribe;
+    it runs ``fn`` for real, so it writes whatever ``fn`` writes.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_steps):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn()
+    return graph, output
+
+
 class CUDAGraphDecoder(EagerDecoder):
     """Captures the decode step once and replays it: one launch per token instead of one per kernel.
 
@@ -421,17 +447,7 @@ class CUDAGraphDecoder(EagerDecoder):
         self, step: Callable[[], torch.Tensor], inputs: DecodeInputs, warmup_steps: int = 2, compiled: bool = False
     ):
         super().__init__(step, inputs, compiled)
-        # Lazy initialisation (cuBLAS workspaces, autotuning) must happen before capture, on a side
-        # stream as PyTorch's CUDA-graph notes prescribe.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step()
+        self.graph, self.logits = capture_cuda_graph(step, warmup_steps)
 
     def __call__(self, token_ids: torch.Tensor, slot: int) -> torch.Tensor:
         self.load(token_ids, slot)
@@ -482,15 +498,7 @@ class GraphedPrefill:
     def __init__(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
                  input_ids: torch.Tensor, attention_mask: torch.Tensor, warmup_steps: int = 2):
         self.input_ids, self.attention_mask = input_ids.clone(), attention_mask.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                run(self.input_ids, self.attention_mask)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = run(self.input_ids, self.attention_mask)
+        self.graph, self.output = capture_cuda_graph(lambda: run(self.input_ids, self.attention_mask), warmup_steps)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         self.input_ids.copy_(input_ids)
@@ -511,7 +519,7 @@ def graphed_prefill(owner, key: tuple, run: Callable, input_ids: torch.Tensor, a
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:
-                owner.prefill_error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                owner.prefill_error = error_summary(err)
                 logger.warning("capturing the prefill in a CUDA graph failed (%s); prefilling eagerly",
                                owner.prefill_error)
         if graph is not None:
@@ -615,7 +623,7 @@ def compile_failed(engine, err: Exception, what: str) -> None:
     """Compiling ``what`` failed with ``err`` (dynamo, inductor, or capturing the compiled code):
     raise :class:`CompileError` where ``compile=True`` insisted, otherwise turn compiling off on
     ``engine`` (``compile_error`` says why) with a warning, and the caller goes on eagerly."""
-    reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    reason = error_summary(err)
     if engine.compile_setting is True:
         raise CompileError(f"compiling {what} failed ({reason}); use compile=False") from err
     engine.compile, engine.compile_error = False, reason

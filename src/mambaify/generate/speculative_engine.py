@@ -104,6 +104,7 @@ from .engine import (
     StaticCache,
     PREFILL_GRAPH_WIDTHS,
     _rope_is_static,
+    capture_cuda_graph,
     check_compile_options,
     compile_failed,
     compile_steps,
@@ -543,15 +544,7 @@ class GraphedStep:
     replayed in, since none keeps a live tensor in it."""
 
     def __init__(self, step: Callable[[], None], pool, warmup_steps: int = 2):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            step()
+        self.graph, _ = capture_cuda_graph(step, warmup_steps, pool)
 
     def __call__(self) -> None:
         self.graph.replay()
