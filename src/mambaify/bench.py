@@ -63,7 +63,7 @@ from torch import nn
 
 from .convert import attention_layers_for, convert
 from .fileio import write_json_atomic
-from .generate.engine import PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, graphed_prefill
+from .generate.engine import PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
 GIB = 2**30
@@ -571,7 +571,7 @@ def time_prefill(engine: Engine, prompt: torch.Tensor, options: BenchOptions, cl
     graphed = prefill_is_graphed(engine, rows, width)
 
     def prefill() -> torch.Tensor:
-        return graphed_prefill(engine, (rows, width), run, prompt, mask) if graphed else run(prompt, mask)
+        return engine.graphed_prefill((rows, width), run, prompt, mask) if graphed else run(prompt, mask)
 
     if (rows, width) not in warmed:
         prefill()

@@ -507,26 +507,6 @@ class GraphedPrefill:
         return self.output
 
 
-def graphed_prefill(owner, key: tuple, run: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Run ``run(input_ids, attention_mask)`` from the graph ``owner`` keeps under ``key``
-    (captured now if new), or eagerly where ``owner`` does not graph its prefills (the CPU, or a
-    capture that failed: then a warning, ``owner.prefill_error``, and eager prefills from then on)."""
-    if owner.use_cuda_graph and owner.prefill_error is None:
-        graph = owner._prefill_graphs.get(key)
-        if graph is None:
-            try:
-                graph = owner._prefill_graphs[key] = GraphedPrefill(run, input_ids, attention_mask)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as err:
-                owner.prefill_error = error_summary(err)
-                logger.warning("capturing the prefill in a CUDA graph failed (%s); prefilling eagerly",
-                               owner.prefill_error)
-        if graph is not None:
-            return graph(input_ids, attention_mask)
-    return run(input_ids, attention_mask)
-
-
 class StopWatch:
     """Tells the generation loop when every row has stopped, without making the host wait for
     the step it has just launched.
@@ -702,6 +682,37 @@ class GenerationFrontend:
     ``stream(prompts, **options)`` (one list of each row's token, or None, per step) and
     ``generate(prompts, **options)`` (batch, steps).
     """
+
+    # --- short prompts prefilled from CUDA graphs (see GraphedPrefill) ------------------------
+
+    def _init_prefill_graphs(self) -> None:
+        """After ``use_cuda_graph`` is set: generate() / stream() pad short prompts to
+        ``prefill_widths`` and replay their prefill from a CUDA graph (None: every prompt is
+        prefilled as it comes); ``prefill_error`` says why capturing failed, if it did."""
+        graphs = self.use_cuda_graph and fast_path_enabled("MAMBAIFY_PREFILL_GRAPHS")
+        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if graphs else None
+        self.prefill_error: str | None = None
+        self._prefill_graphs: dict[tuple, GraphedPrefill] = {}
+
+    def graphed_prefill(self, key: tuple, run: Callable, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Run ``run(input_ids, attention_mask)`` from the graph kept under ``key`` (captured now
+        if new), or eagerly where this engine does not graph its prefills (the CPU, or a capture
+        that failed: then a warning, ``prefill_error``, and eager prefills from then on)."""
+        if self.use_cuda_graph and self.prefill_error is None:
+            graph = self._prefill_graphs.get(key)
+            if graph is None:
+                try:
+                    graph = self._prefill_graphs[key] = GraphedPrefill(run, input_ids, attention_mask)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:
+                    self.prefill_error = error_summary(err)
+                    logger.warning("capturing the prefill in a CUDA graph failed (%s); prefilling eagerly",
+                                   self.prefill_error)
+            if graph is not None:
+                return graph(input_ids, attention_mask)
+        return run(input_ids, attention_mask)
 
     def _special_tokens(self) -> tuple[list[int], int]:
         """Stop ids: the generation config's eos (else the config's), plus the tokenizer's eos.
@@ -885,12 +896,7 @@ class Engine(GenerationFrontend):
         self.stop_token_ids, self.pad_token_id = self._special_tokens()
         cuda = self.device.type == "cuda"
         self.stop_check_lag = STOP_CHECK_LAG if cuda and fast_path_enabled("MAMBAIFY_LATE_STOP_CHECK") else 0
-        # generate() / stream() pad short prompts to these widths and replay their prefill from
-        # a CUDA graph (see GraphedPrefill); None prefills every prompt as it comes.
-        graphs = self.use_cuda_graph and fast_path_enabled("MAMBAIFY_PREFILL_GRAPHS")
-        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if graphs else None
-        self.prefill_error: str | None = None
-        self._prefill_graphs: dict[tuple, GraphedPrefill] = {}
+        self._init_prefill_graphs()
 
     def _resolve_cuda_graph(self, setting: bool | Literal["auto"]) -> bool:
         capturable = self.device.type == "cuda" and _rope_is_static(self.stack.rotary_emb)
@@ -939,8 +945,8 @@ class Engine(GenerationFrontend):
         cache = self.cache.rows(b)
         if bucket is None:
             return self.stack.prefill(input_ids, attention_mask, cache, logits_to_keep)
-        return graphed_prefill(self, (b, width), lambda ids, mask: self.stack.prefill(ids, mask, cache),
-                               input_ids, attention_mask)
+        return self.graphed_prefill((b, width), lambda ids, mask: self.stack.prefill(ids, mask, cache),
+                                    input_ids, attention_mask)
 
     def is_compiled(self, batch_size: int) -> bool:
         """Whether requests of ``batch_size`` rows decode with the compiled step (False before

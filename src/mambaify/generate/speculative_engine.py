@@ -102,14 +102,12 @@ from .engine import (
     MambaRunner,
     Prompts,
     StaticCache,
-    PREFILL_GRAPH_WIDTHS,
     _rope_is_static,
     capture_cuda_graph,
     check_compile_options,
     compile_failed,
     compile_steps,
     fast_path_enabled,
-    graphed_prefill,
     grouped_query_attention,
     left_pad,
     prefill_width,
@@ -834,12 +832,8 @@ class SpeculativeEngine(GenerationFrontend):
         else:
             self.use_cuda_graph = bool(use_cuda_graph)
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
-        # Short prompts are padded to these widths and both models' prefills replayed from one
-        # CUDA graph per (batch, width), as the Engine does (engine.GraphedPrefill).
-        graphs = self.use_cuda_graph and fast_path_enabled("MAMBAIFY_PREFILL_GRAPHS")
-        self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if graphs else None
-        self.prefill_error: str | None = None
-        self._prefill_graphs: dict = {}
+        # Both models' prefills of a short prompt replay from one graph (GenerationFrontend).
+        self._init_prefill_graphs()
         self.compile_setting = compile
         self.compile = self.device.type == "cuda" if compile == "auto" else bool(compile)
         self.compile_mode = compile_mode
@@ -1055,7 +1049,7 @@ class SpeculativeEngine(GenerationFrontend):
         if bucket is None:
             start(input_ids, attention_mask)
         else:
-            graphed_prefill(self, (b, bucket), start, input_ids, attention_mask)
+            self.graphed_prefill((b, bucket), start, input_ids, attention_mask)
         draft_ids = F.pad(input_ids, (1, 0), value=pad)
         draft_mask = F.pad(attention_mask, (1, 0), value=0)
         rb = self.buffers
