@@ -468,27 +468,32 @@ def wiki_split(records: Sequence[Record] | None = None) -> tuple[list[Record], l
     return train, heldout
 
 
+def _templates(record: Record) -> tuple[str, ...]:
+    return _PEOPLE_TEMPLATES if record.get("topic") == "People" else _TOPIC_TEMPLATES
+
+
+def _seeded_titles(split: str, seed: int) -> list[tuple[Record, str]]:
+    """Every title of ``split`` in the order ``seed`` fixes, each with its first phrasing."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    records = wiki_split()[split == "heldout"]
+    rng = random.Random(f"wiki-prompts/{seed}")
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    return [(records[k], rng.choice(_templates(records[k])).format(records[k]["title"])) for k in order]
+
+
 def wiki_prompts(n: int | None = None, seed: int = 0, split: str = "train") -> list[str]:
     """``n`` chat prompts ("Tell me about X.") about distinct titles of ``split`` ("train", or
     "heldout": titles no training run's prompts or text use, for benchmarks that must not score
     a model on what it was trained on), in an order and with phrasings fixed by ``seed``;
     ``None`` for all of them."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    train = wiki_split()[split == "heldout"]
-    if n is not None and n > len(train):
+    titles = _seeded_titles(split, seed)
+    if n is not None and n > len(titles):
         raise DataError(
-            f"wiki-offline has {len(train)} {split} titles, {n} prompts asked; ask for fewer or add another source"
+            f"wiki-offline has {len(titles)} {split} titles, {n} prompts asked; ask for fewer or add another source"
         )
-    rng = random.Random(f"wiki-prompts/{seed}")
-    order = list(range(len(train)))
-    rng.shuffle(order)
-    prompts = []
-    for k in order[:n]:
-        r = train[k]
-        templates = _PEOPLE_TEMPLATES if r.get("topic") == "People" else _TOPIC_TEMPLATES
-        prompts.append(rng.choice(templates).format(r["title"]))
-    return prompts
+    return [prompt for _, prompt in titles[:n]]
 
 
 def wiki_prompt_sets(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -500,24 +505,19 @@ def wiki_prompt_sets(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[str
     per template of its topic: 4 for people, 6 for other topics), so that a run can have more
     distinct answers than there are titles: a small draft otherwise memorises the answers it has.
     """
-    first = wiki_prompts(None, seed=seed)  # one prompt per title, in the seeded order
+    titles = _seeded_titles("train", seed)
+    first = [prompt for _, prompt in titles]
     if n_train + n_eval <= len(first):
         return first[:n_train], first[n_train : n_train + n_eval]
     if n_eval > len(first):
         raise DataError(f"wiki-offline has {len(first)} train titles, {n_eval} evaluation prompts asked")
-    train_records = wiki_split()[0]
-    rng = random.Random(f"wiki-prompts/{seed}")  # the order wiki_prompts drew
-    order = list(range(len(train_records)))
-    rng.shuffle(order)
     kept = len(first) - n_eval
     prompts = first[:kept]
     rounds = 1
     while len(prompts) < n_train:
         added = 0
-        for k, asked in zip(order[:kept], first[:kept]):
-            r = train_records[k]
-            templates = _PEOPLE_TEMPLATES if r.get("topic") == "People" else _TOPIC_TEMPLATES
-            others = [t for t in templates if t.format(r["title"]) != asked]  # the first phrasing's are left out
+        for r, asked in titles[:kept]:
+            others = [t for t in _templates(r) if t.format(r["title"]) != asked]  # the first phrasing's left out
             if rounds - 1 < len(others):
                 prompts.append(others[rounds - 1].format(r["title"]))
                 added += 1
