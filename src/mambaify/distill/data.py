@@ -610,15 +610,9 @@ def _label_engine(teacher, batch_size: int, max_length: int):
     """mambaify's Engine over the teacher (static caches, the decode step replayed from a CUDA
     graph on a GPU: at label batch sizes HF's eager ``generate`` spends most of its time
     launching kernels), or None where the Engine cannot serve the model (then HF ``generate``)."""
-    if not isinstance(teacher, torch.nn.Module) or not hasattr(teacher, "lm_head"):
-        return None
-    from ..generate.engine import Engine
+    from ..generate.engine import engine_if_served
 
-    try:
-        return Engine(teacher, max_batch_size=batch_size, max_length=max_length)
-    except (ValueError, TypeError, AttributeError, NotImplementedError) as err:
-        log.info("pseudo-labels through transformers' generate (%s)", err)
-        return None
+    return engine_if_served(teacher, batch_size, max_length)
 
 
 def _generate_batch(teacher, seqs: list[list[int]], gen_config, pad_id: int, seed: int, engine=None) -> list[list[int]]:

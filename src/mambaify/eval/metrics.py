@@ -80,18 +80,14 @@ def greedy_generations(
     All prompts in one batch through mambaify's Engine where it serves the model (left padding
     changes no row's tokens; on a GPU the decode step is a CUDA graph), else one by one through
     transformers' generate."""
-    from ..generate.engine import Engine
+    from ..generate.engine import engine_if_served
 
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"] for p in prompts]
     answers: dict[str, list[str]] = {}
     for name, model in models.items():
         device = next(model.parameters()).device
-        try:
-            engine = Engine(model, max_batch_size=len(prompts),
-                            max_length=max(ids.shape[1] for ids in encoded) + max_new_tokens)
-        except (ValueError, TypeError, AttributeError, NotImplementedError):
-            engine = None
+        engine = engine_if_served(model, len(prompts), max(ids.shape[1] for ids in encoded) + max_new_tokens)
         if engine is not None:
             stop = set(engine.stop_token_ids)
             try:

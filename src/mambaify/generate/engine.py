@@ -1099,6 +1099,18 @@ def generate(
     return torch.cat([input_ids.to(new_tokens.device), new_tokens], dim=1)
 
 
+def engine_if_served(model, max_batch_size: int, max_length: int) -> Engine | None:
+    """An Engine over ``model``, or None where the Engine cannot serve it (not a causal LM with an
+    LM head, or an architecture it does not run): callers then fall back to transformers' generate."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "lm_head"):
+        return None
+    try:
+        return Engine(model, max_batch_size=max_batch_size, max_length=max_length)
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as err:
+        logger.info("the Engine cannot serve %s (%s): transformers' generate instead", type(model).__name__, err)
+        return None
+
+
 _ENGINE_ATTRIBUTE = "_mambaify_engine"
 _LENGTH_QUANTUM = 256
 
@@ -1137,6 +1149,7 @@ __all__ = [
     "StaticCache",
     "check_compile_options",
     "compile_step",
+    "engine_if_served",
     "generate",
     "grouped_query_attention",
 ]
