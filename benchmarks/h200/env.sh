@@ -19,3 +19,14 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # fla's kernels are tuned once per image rather than once per session (minutes each time).
 export TRITON_CACHE_DIR="$PWD/.gpu/triton-cache"
 mkdir -p "$TRITON_CACHE_DIR"
+
+# run_logged LOG LIMIT_S TAIL COMMAND...: run COMMAND with a time limit, its output in LOG, then
+# say how it ended and show LOG's last TAIL lines (progress bars left out). SIGINT first at the
+# limit: Python then prints where it was, which a plain kill would not tell.
+run_logged() {
+  local log=$1 limit=$2 lines=$3; shift 3
+  local start=$(date +%s)
+  timeout -s INT -k 10 "$limit" "$@" > "$log" 2>&1
+  echo "$(basename "$log" .log): exit $? after $(( $(date +%s) - start )) s"
+  tr '\r' '\n' < "$log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -"$lines"
+}

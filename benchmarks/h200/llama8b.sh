@@ -16,12 +16,9 @@ set +e
 part=${1:?usage: llama8b.sh profile|compiled|b64|grid}
 dir="$OUT/llama8b-$part"
 mkdir -p "$dir"
-run() {  # run LIMIT_S NAME COMMAND...: with a time limit (SIGINT first), log to $dir/NAME.log
+run() {  # run LIMIT_S NAME COMMAND...: with a time limit, log to $dir/NAME.log (env.sh's run_logged)
   local limit=$1 name=$2; shift 2
-  local start=$(date +%s)
-  timeout -s INT -k 20 "$limit" "$@" > "$dir/$name.log" 2>&1
-  echo "$name: exit $? after $(( $(date +%s) - start )) s"
-  tr '\r' '\n' < "$dir/$name.log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -12
+  run_logged "$dir/$name.log" "$limit" 12 "$@"
 }
 case $part in
   profile)

@@ -30,10 +30,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $out/NAM
     echo "$name: needs up to $limit s, $(( deadline - start )) s left in this call: run the script again"
     return
   fi
-  # SIGINT first: Python prints where it was, which a plain kill would not tell.
-  timeout -s INT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
-  echo "$name: exit $? after $(( $(date +%s) - start )) s"
-  tr '\r' '\n' < "$out/$name.log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -6
+  run_logged "$out/$name.log" "$limit" 6 "$@"
 }
 # The hybrid: its final model, or else its last saved stage (a stage folder holds the tokenizer
 # too), so that a run cut short in its final evaluation still gives a target.
