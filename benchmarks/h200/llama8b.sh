@@ -26,12 +26,12 @@ case $part in
     run 300 compiled python3 benchmarks/profile_decode.py --out "$dir/compiled" --family llama8b --attention 1,0.25 \
       --batch 1 --compile ;;
   compiled)
-    run 250 b1 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25,0 --batch 1 --context 1024 \
-      --paths engine --repeats 3 --time-budget-s 230 --out "$dir/b1"
+    run 225 b1 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25,0 --batch 1 --context 1024 \
+      --paths engine --repeats 3 --time-budget-s 205 --out "$dir/b1"
     # Acceptance: session 5's measured lengths at K = 4 (batch 1 and 8) and the 2x target's 2.2.
-    run 280 verify python3 benchmarks/bench_speculative.py --out "$dir/verify" --shape llama8b --attention 0.5 \
+    run 250 verify python3 benchmarks/bench_speculative.py --out "$dir/verify" --shape llama8b --attention 0.5 \
       --verify-batch 1,8 --verify-k 2,3,4,6 --draft-vocab 0,32768 --accepted 1.32,1.40,2.2 --accepted-k 4 \
-      --repeats 5 --time-budget-s 250 ;;
+      --repeats 5 --time-budget-s 225 ;;
   b64)
     run 300 b64 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25 --batch 64 --context 8192 \
       --paths engine --repeats 2 --time-budget-s 280 --out "$dir/b64" ;;

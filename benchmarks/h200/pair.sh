@@ -4,19 +4,27 @@
 # (CUDA_VISIBLE_DEVICES) and logs to $OUT/gpu0.log / $OUT/gpu1.log; the Triton autotuning
 # results are packed once, after both (keep_autotune.sh). Jobs write their own results under
 # $OUT and pack them (pack.sh) as the single-GPU scripts do.
+# SHARE_GPU=1 (environment) on a one-GPU machine: both jobs on GPU 0, side by side. Only for jobs
+# whose timings do not matter (the GPU tests beside a training run); never for two benchmarks.
 # Usage (from the repo root): bash benchmarks/h200/pair.sh "JOB FOR GPU 0" "JOB FOR GPU 1"
 source benchmarks/h200/env.sh
 set +e
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+second=1
 if [ "$gpus" -lt 2 ]; then
-  echo "pair.sh needs 2 GPUs, this machine has $gpus: ask for kind nvidia-h200-x2"; exit 2
+  if [ "${SHARE_GPU:-0}" = 1 ]; then
+    second=0; echo "one GPU: both jobs share it (SHARE_GPU=1)"
+  else
+    echo "pair.sh needs 2 GPUs, this machine has $gpus: ask for kind nvidia-h200-x2 (or SHARE_GPU=1)"; exit 2
+  fi
 fi
 start=$(date +%s)
-for gpu in 0 1; do
+for slot in 0 1; do
   job=$1; shift
-  ( CUDA_VISIBLE_DEVICES=$gpu KEEP_AUTOTUNE=0 bash -c "$job" > "$OUT/gpu$gpu.log" 2>&1
-    echo "gpu $gpu: exit $? after $(( $(date +%s) - start )) s" >> "$OUT/gpu$gpu.log" ) &
+  gpu=$slot; [ "$slot" = 1 ] && gpu=$second
+  ( CUDA_VISIBLE_DEVICES=$gpu KEEP_AUTOTUNE=0 bash -c "$job" > "$OUT/gpu$slot.log" 2>&1
+    echo "job $slot (gpu $gpu): exit $? after $(( $(date +%s) - start )) s" >> "$OUT/gpu$slot.log" ) &
 done
 wait
-for gpu in 0 1; do echo "=== gpu $gpu"; tail -n 25 "$OUT/gpu$gpu.log"; done
+for slot in 0 1; do echo "=== job $slot"; tail -n 25 "$OUT/gpu$slot.log"; done
 bash benchmarks/h200/keep_autotune.sh

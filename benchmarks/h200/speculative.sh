@@ -10,6 +10,8 @@
 # the next call, which resumes (the machine must still be warm).
 # Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S] [DEADLINE_S]
 # TAG and BENCH_ARGS (environment): a variant of the benchmarks (see bench below).
+# TRAIN_ONLY=1 (environment): train the hybrid and the draft, skip the benchmarks (for a call that
+# runs the GPU tests beside the training on one GPU: timings would be disturbed, training only slowed).
 # DRAFT and DRAFT_ARGS (environment): a second draft, trained with DRAFT_ARGS added, against the
 # hybrid an earlier call trained (e.g. on the second GPU of pair.sh: DRAFT=draft-l01
 # DRAFT_ARGS="--layers 0,1"); its folder is runs/h200-spec/$DRAFT, its results $OUT/spec-$DRAFT.
@@ -67,6 +69,7 @@ benches=()
 bench() {  # bench NAME LIMIT_S ARGS...
   local name=$1$suffix$TAG limit=$2; shift 2
   [ -f "$runs/$draft/model/config.json" ] || return
+  [ "${TRAIN_ONLY:-0}" = 1 ] && { echo "$name: skipped (TRAIN_ONLY=1)"; return; }
   benches+=("$name")
   [ -f "$runs/$name/bench_speculative.json" ] && { echo "$name: done in an earlier call"; return; }
   step "$name" "$limit" python3 benchmarks/bench_speculative.py --out "$runs/$name" --target "$target" \
