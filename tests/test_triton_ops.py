@@ -431,9 +431,13 @@ def test_fla_scan_forward_backward(fla_scan, kernel, shape, reset_kind):
 
     grads = torch.autograd.grad((y.float() * w_y).sum() + (s * w_s).sum(), leaves)
     ref_grads = torch.autograd.grad((y_ref * w_y).sum() + (s_ref * w_s).sum(), ref_leaves)
+    scale = max(float(w.abs().max()) for w in ref_grads)
     for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "S0"], grads, ref_grads):
-        if want.abs().max() == 0:  # S0 when every row starts with a reset
-            assert got.abs().max() == 0, name
+        if want.abs().max() == 0:
+            # S0 when every row starts with a reset, and A when each row is that one reset token:
+            # nothing flows back, up to fla's rounding of its cumulative gates (5e-7 measured
+            # on the H200 for A at t = 1, against gradients of order 1; a missed reset gives O(1)).
+            assert float(got.abs().max()) <= 1e-5 * scale, name
         else:
             assert rel_err(got, want) < 2e-2, name
 

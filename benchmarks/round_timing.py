@@ -1,0 +1,123 @@
+"""Where a speculative round's wall time goes: host against device, with the engine's fast paths
+on and off. No trained weights needed: a round's cost depends on the shapes, not on what it
+accepts, so random SmolLM2-shaped models (the default teacher's 50% hybrid and a draft of its
+first and last layers) stand in for the trained pair of ``bench_speculative.py``.
+
+For each batch size and K: one SpeculativeEngine (compiled with ``--compile``), then greedy
+requests of ``--new-tokens`` with rounds launched ahead (``launch_ahead``, the default on CUDA)
+and without, alternately; per round, the wall time (whole requests over their rounds) beside the
+engine's own device timings of its draft and verify graphs (CUDA events) and the host's share
+between rounds. The plain engine's step on the same target is timed the same way, per token.
+A wall time per round well above draft + verify says the host, not the GPU, sets the pace.
+
+Usage (on the H200, after ``source benchmarks/h200/env.sh``; runs on the CPU too, slowly):
+
+    python3 benchmarks/round_timing.py --out DIR [--compile] [--batch 1,8] [--k 2,3] [--repeats 3]
+
+Writes DIR/round_timing.json (and prints one line per point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import mambaify
+from mambaify.bench import materialise_on, parse_list, random_ids, resolve_device, resolve_dtype
+from mambaify.draft import build_draft_from_teacher
+from mambaify.generate.engine import Engine
+from mambaify.generate.speculative_engine import SpeculativeEngine
+
+
+def smollm2_shaped(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random Llama with SmolLM2-135M's shapes (30 layers of 576, 9 heads of 64, 3 kv heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with materialise_on(device, dtype):
+        return LlamaForCausalLM(config).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_seconds(run, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=lambda s: parse_list(s, int), default=[1, 8])
+    p.add_argument("--k", type=lambda s: parse_list(s, int), default=[2, 3])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = smollm2_shaped(device, dtype)
+    draft = build_draft_from_teacher(teacher).eval()
+    target = mambaify.convert(teacher, attention=0.5).eval()
+    length = args.prompt_tokens + args.new_tokens
+    options = dict(max_new_tokens=args.new_tokens, stop_token_ids=[])
+    points = []
+
+    def add(point: dict) -> None:
+        points.append(point)
+        print(json.dumps(point), flush=True)
+        (out / "round_timing.json").write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            torch=torch.__version__, compile=args.compile, points=points), indent=1))
+
+    for batch in args.batch:
+        prompt = random_ids(batch, args.prompt_tokens, target.config.vocab_size, 0, device)
+        plain = Engine(target, max_batch_size=batch, max_length=length, compile=args.compile)
+        plain.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+        seconds = wall_seconds(lambda: plain.generate(prompt, **options), device, args.repeats)
+        add(dict(engine="plain", batch=batch, ms_per_token=1e3 * seconds / args.new_tokens,
+                 compiled=plain.is_compiled(batch)))
+        del plain
+        for k in args.k:
+            engine = SpeculativeEngine(target, draft, k=k, k_choices=(k,), max_batch_size=batch, max_length=length,
+                                       compile=args.compile)
+            engine.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+            for ahead in (True, False, True, False):  # alternated, so that drift shows
+                engine.launch_ahead = ahead and device.type == "cuda"
+                seconds = wall_seconds(lambda: engine.generate(prompt, **options), device, args.repeats)
+                rounds = engine.stats.rounds
+                times = next(t for (b, _), t in engine._times.items() if b == batch)
+                add(dict(engine="speculative", batch=batch, k=k, launch_ahead=engine.launch_ahead,
+                         compiled=engine.is_compiled(batch, k), rounds=rounds,
+                         ms_per_round=1e3 * seconds / rounds,
+                         draft_ms=1e3 * times.draft[k], verify_ms=1e3 * times.verify[k],
+                         host_gap_ms=1e3 * (times.overhead or 0.0)))
+            del engine
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
