@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = wall_seconds(lambda: plain.generate(prompt, **options), device, args.repeats)
         add(dict(engine="plain", batch=batch, ms_per_token=1e3 * seconds / args.new_tokens,
                  compiled=plain.is_compiled(batch)))
-        del plain
+        plain = None  # frees its graphs and cache before the speculative engines
         for k in args.k:
             engine = SpeculativeEngine(target, draft, k=k, k_choices=(k,), max_batch_size=batch, max_length=length,
                                        compile=args.compile)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                          ms_per_round=1e3 * seconds / rounds,
                          draft_ms=1e3 * times.draft[k], verify_ms=1e3 * times.verify[k],
                          host_gap_ms=1e3 * (times.overhead or 0.0)))
-            del engine
+            engine = None
     return 0
 
 
