@@ -20,7 +20,10 @@ the same number of tokens) by the plain :class:`Engine` (CUDA-graph decode) and 
 requests, prefill included, after a warm-up request that captures the graphs), the ratio to
 plain decoding, where a request's time goes (its first token, timed apart with one new token,
 and the tokens/s of the rest: ``decode tokens/s`` and ``decode ratio``), the mean accepted length (draft tokens accepted per row and verify call), and
-``match``, the fraction of tokens equal to the plain engine's (1.0 up to bf16 near-ties).
+``match``, the fraction of tokens equal to the plain engine's (1.0 up to bf16 near-ties), and
+``round ms``: a round's wall time (the requests' time after their first token over their rounds)
+beside the device's share at a fixed K (draft + verify graphs, CUDA events; the engine's
+``round_times``), which tells a host-bound round from a device-bound one.
 ``--compile`` builds both engines with ``compile=True`` (torch.compile'd decode step and rounds,
 each compiled before its CUDA-graph capture, in the warm-up request), so that the comparison
 stays like for like; each point records ``compiled`` and the seconds its warm-up spent compiling.
@@ -352,12 +355,17 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
             tps = tokens / statistics.median(times)
             split = split_first_token(engine, batches, device, args.repeats, statistics.median(times), tokens,
                                       k=k, **options)
+            # The device's share of a round (fixed K only: "auto" mixes several).
+            device_times = engine.round_times(batch, k) if k != "auto" else None
+            per_repeat = acceptance["rounds"] / args.repeats
+            round_ms = 1e3 * (statistics.median(times) - split["first_token_ms"] * len(batches) / 1e3) / per_repeat
             results.add("end_to_end", dict(path="speculative", batch=batch, k=k, prompts=len(batches) * batch,
                                            tokens=tokens, seconds=statistics.median(times), tokens_per_s=tps,
                                            ratio=tps / plain_tps, **split,
                                            decode_ratio=split["decode_tokens_per_s"] / plain_split["decode_tokens_per_s"],
                                            match=same / tokens, compiled=compiled, draft_vocab=args.e2e_draft_vocab or None,
-                                           compile_s=engine.compile_seconds - compile_before, **acceptance))
+                                           compile_s=engine.compile_seconds - compile_before, **acceptance,
+                                           round_ms=round_ms, **(device_times or {})))
         del engine
 
 
@@ -551,14 +559,23 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _round_ms(point: dict) -> str:
+    """'wall (draft + verify)' per round, '-' where not recorded (plain points, older runs)."""
+    if "round_ms" not in point:
+        return "-"
+    if "verify_ms" not in point:
+        return f"{point['round_ms']:.2f}"
+    return f"{point['round_ms']:.2f} ({point['draft_ms']:.2f} + {point['verify_ms']:.2f})"
+
+
 def render(data: dict, out: Path) -> None:
     lines = ["# Speculative decoding benchmark", "", f"Device: {data['meta'].get('device_name')}, "
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}.", ""]
     if data["end_to_end"]:
         lines += ["## (a) End to end: plain engine vs speculative", "",
                   "| batch | path | K | compiled | tokens/s | ratio | first token ms | decode tokens/s | "
-                  "decode ratio | mean accepted | tokens/round | match | K used |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "decode ratio | mean accepted | tokens/round | match | K used | round ms (device) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["end_to_end"]:
             # Points of runs before the first-token split have no such fields.
             first = f"{p['first_token_ms']:.1f}" if "first_token_ms" in p else "-"
@@ -567,7 +584,8 @@ def render(data: dict, out: Path) -> None:
             lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {_fmt(p.get('compiled'))} | "
                          f"{p['tokens_per_s']:.1f} | {p['ratio']:.2f} | {first} | {decode} | {decode_ratio} | "
                          f"{_fmt(p.get('mean_accepted'))} | "
-                         f"{_fmt(p.get('tokens_per_round'))} | {_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} |")
+                         f"{_fmt(p.get('tokens_per_round'))} | {_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} | "
+                         f"{_round_ms(p)} |")
         lines.append("")
     if data["verify_cost"]:
         lines += ["## (b) One verify call over K+1 tokens vs K+1 plain decode steps", "",

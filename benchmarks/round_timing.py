@@ -109,12 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 engine.launch_ahead = ahead and device.type == "cuda"
                 seconds = wall_seconds(lambda: engine.generate(prompt, **options), device, args.repeats)
                 rounds = engine.stats.rounds
-                times = next(t for (b, _), t in engine._times.items() if b == batch)
                 add(dict(engine="speculative", batch=batch, k=k, launch_ahead=engine.launch_ahead,
                          compiled=engine.is_compiled(batch, k), rounds=rounds,
-                         ms_per_round=1e3 * seconds / rounds,
-                         draft_ms=1e3 * times.draft[k], verify_ms=1e3 * times.verify[k],
-                         host_gap_ms=1e3 * (times.overhead or 0.0)))
+                         ms_per_round=1e3 * seconds / rounds, **engine.round_times(batch, k)))
             engine = None
     return 0
 

@@ -383,6 +383,22 @@ def test_an_engine_sized_to_the_request_holds_rows_that_finish_early(targets, dr
         for k in (2, 4, 6):
             assert torch.equal(engine.generate(ids, mask, max_new_tokens=new, stop_token_ids=[], k=k), expected), (new, k)
 
+def test_round_times_report_the_setting_of_the_last_requests(targets, drafts):
+    """round_times: None before a request of that batch size, K and sampling; after one, the
+    draft and verify rounds' times and the host's gap, in ms, for that setting only."""
+    engine = SpeculativeEngine(targets["hybrid50"], drafts["transformer"], k="auto", k_choices=(2, 3),
+                               max_batch_size=2, max_length=40)
+    ids, mask = _prompts(2)
+    assert engine.round_times(2, 3) is None
+    engine.generate(ids, mask, max_new_tokens=8, stop_token_ids=[], k=3)
+    times = engine.round_times(2, 3)
+    assert set(times) == {"draft_ms", "verify_ms", "host_gap_ms"}
+    assert times["draft_ms"] > 0 and times["verify_ms"] > 0 and times["host_gap_ms"] >= 0
+    assert engine.round_times(2, 2) is None  # K = 2 never ran
+    assert engine.round_times(1, 3) is None  # nor batch 1
+    assert engine.round_times(2, 3, temperature=1.0) is None  # nor sampling
+
+
 @pytest.mark.parametrize("target_name, draft_name", [("hybrid50", "transformer"), ("mamba2", "mamba2")])
 def test_launching_rounds_ahead_changes_nothing_but_the_waiting(targets, drafts, target_name, draft_name):
     """launch_ahead (on by default on CUDA) queues round n + 1 before the host reads round n's
@@ -837,6 +853,12 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     # Where a request's time goes: its first token, and the tokens/s of the rest.
     assert all(p["first_token_ms"] > 0 and p["decode_tokens_per_s"] > 0 for p in end_to_end)
     assert all(p["decode_ratio"] == 1.0 for p in end_to_end if p["path"] == "plain")
+    # A round's wall time, and at a fixed K the device's share of it (the engine's round_times).
+    speculative = [p for p in end_to_end if p["path"] == "speculative"]
+    assert all(p["round_ms"] > 0 for p in speculative)
+    assert all(p["draft_ms"] > 0 and p["verify_ms"] > 0 and p["host_gap_ms"] >= 0
+               for p in speculative if p["k"] != "auto")
+    assert all("verify_ms" not in p for p in speculative if p["k"] == "auto")
     verify = data["verify_cost"]
     assert {p["k"] for p in verify} == {2, 3} and {p["kernel"] for p in verify} == {"fused", "store_states"}
     assert {p["draft_vocab"] for p in verify} == {None, 64}  # the whole draft head, and cut to 64 rows
@@ -844,6 +866,7 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     assert data["speedup"] and all(p["speedup"] > 0 for p in data["speedup"])
     markdown = (out / "bench_speculative.md").read_text()
     assert "| batch |" in markdown and "verify" in markdown and "decode ratio" in markdown
+    assert "round ms (device)" in markdown
 
 
 def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):

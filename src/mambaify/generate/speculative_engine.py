@@ -899,6 +899,18 @@ class SpeculativeEngine(GenerationFrontend):
         program = self._programs.get((batch_size, k, SamplingParams(temperature, top_k, top_p)))
         return program is not None and program.compiled
 
+    def round_times(self, batch_size: int, k: int, *, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0) -> dict[str, float] | None:
+        """Recent rounds of this setting, in milliseconds (moving averages over the requests so
+        far; None before the first): the draft round and the verify round on the device (CUDA
+        events; wall clock on the CPU), and the host's time between rounds, which launch_ahead
+        hides. A round's wall time well above draft + verify means the host sets the pace."""
+        times = self._times.get((batch_size, SamplingParams(temperature, top_k, top_p)))
+        if times is None or k not in times.verify:
+            return None
+        return dict(draft_ms=1e3 * times.draft[k], verify_ms=1e3 * times.verify[k],
+                    host_gap_ms=1e3 * (times.overhead or 0.0))
+
     def _reset_rows(self, batch: int) -> None:
         for cache in (self.target_cache, self.draft_cache):
             for t in (cache.lengths, cache.counts, cache.pad_lengths):
