@@ -38,7 +38,11 @@ round (K draft calls, the first over two tokens, as the engine runs them). The s
 measured at ``--accepted-k``): the per-token acceptance rate alpha solving
 (1 - alpha^(K0+1)) / (1 - alpha) = a + 1 gives (1 - alpha^(K+1)) / (1 - alpha) tokens per round at
 each K, so speed-up(K) = tokens per round x decode step / (verify(K) + draft round(K)).
-``--draft-step-ms`` replaces the measured draft cost.
+``--draft-step-ms`` replaces the measured draft cost. With ``--compile``, (b) times the engines
+themselves as generate() runs them, compiled: the plain Engine's decode step and the
+SpeculativeEngine's draft and verify rounds (``measure_rounds``, after a request from the
+context-token prompt), fused kernel only (each K and draft head compiles its own rounds: keep
+to few of them, e.g. ``--verify-k 2,3,4 --draft-vocab 32768``).
 
 Writes OUT/bench_speculative.json (rewritten after every point), bench_speculative.md and
 bench_speculative.png. Points past ``--time-budget-s`` are skipped (recorded as such).
@@ -123,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(a): cut the draft's LM head to the N tokens most frequent in the offline training "
                         "corpus (train-split Wikipedia summaries; the first N ids with --tiny); 0: the whole head")
     a.add_argument("--compile", action="store_true",
-                   help="torch.compile the plain engine's decode step and the speculative rounds (both engines)")
+                   help="torch.compile the plain engine's decode step and the speculative rounds (both engines; "
+                        "(b) then times the engines' own compiled step and rounds)")
     b = p.add_argument_group("(b) the verify call on an 8B-shaped hybrid")
     b.add_argument("--shape", choices=["llama8b"], help="run (b) with this model shape")
     b.add_argument("--attention", type=float_list, default=[0.25, 0.5], help="attention fractions (default 0.25,0.5)")
@@ -394,13 +399,15 @@ def median_seconds(step, clock: Clock, repeats: int, calls: int = 10) -> float:
     return statistics.median(times)
 
 
-def decode_step_seconds(model, batch: int, context: int, device, clock: Clock, repeats: int) -> float:
-    """One plain decode step of the Engine (CUDA graph on a GPU) after a prompt of ``context`` tokens."""
+def decode_step_seconds(model, batch: int, context: int, device, clock: Clock, repeats: int,
+                        compile: bool = False) -> float:
+    """One plain decode step of the Engine (CUDA graph on a GPU; compiled first with ``compile``)
+    after a prompt of ``context`` tokens."""
     from mambaify.bench import random_ids, time_decode
     from mambaify.generate.engine import Engine
 
     steps = 16
-    engine = Engine(model, max_batch_size=batch, max_length=context + steps + 1)
+    engine = Engine(model, max_batch_size=batch, max_length=context + steps + 1, compile=compile)
     prompt = random_ids(batch, context, model.config.vocab_size, 0, device)
     first = engine.prefill(prompt)[:, -1].argmax(-1)
     times = time_decode(engine, first, context, steps, repeats, clock)
@@ -463,6 +470,32 @@ def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[i
     return verify, rounds
 
 
+@torch.no_grad()
+def engine_round_seconds(target, draft, batch: int, context: int, ks: list[int], device, repeats: int,
+                         draft_vocabs: Sequence[int], compile: bool) -> tuple[dict, dict]:
+    """What verify_and_draft_seconds measures, from the SpeculativeEngine's own rounds as
+    generate() runs them (compiled with ``compile``; fused kernel): {(k, "fused"): verify
+    seconds}, {(k, head rows): draft round seconds}. One engine per draft head (the first ids, as
+    above); a request from a ``context``-token prompt at each K first captures (and compiles) its
+    rounds and leaves that context in the caches."""
+    from mambaify.bench import random_ids
+    from mambaify.generate.speculative_engine import SpeculativeEngine
+
+    prompt = random_ids(batch, context, target.config.vocab_size, 1, device)
+    verify, rounds = {}, {}
+    for rows in draft_vocabs:
+        engine = SpeculativeEngine(target, draft, k=max(ks), k_choices=ks, max_batch_size=batch,
+                                   max_length=context + 4 * (max(ks) + 1), compile=compile,
+                                   draft_vocab=range(rows) if rows else None)
+        for k in ks:
+            engine.generate(prompt, max_new_tokens=2, stop_token_ids=[], k=k)
+            times = engine.measure_rounds(batch, k, repeats=max(repeats, 5))
+            verify[(k, "fused")] = times["verify_ms"] / 1e3  # the same call for every draft head
+            rounds[(k, rows)] = times["draft_ms"] / 1e3
+        del engine
+    return verify, rounds
+
+
 def tokens_per_round(alpha: float, k: int) -> float:
     return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
@@ -498,6 +531,7 @@ def speedup_points(cost: dict, accepted_lengths: list[float], accepted_k: int) -
         per_round = tokens_per_round(alpha, cost["k"])
         points.append(dict(
             attention=cost["attention"], batch=cost["batch"], k=cost["k"], kernel=cost["kernel"],
+            compiled=cost.get("compiled", False),
             draft_vocab=cost.get("draft_vocab"), accepted_at_k0=accepted, alpha=alpha, tokens_per_round=per_round,
             speedup=per_round * cost["decode_step_ms"] / (cost["verify_ms"] + cost["draft_round_ms"]),
         ))
@@ -527,9 +561,14 @@ def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.d
             if results.out_of_time(what):
                 continue
             try:
-                decode_s = decode_step_seconds(current, batch, args.context, device, clock, args.repeats)
-                verify, rounds = verify_and_draft_seconds(current, draft, batch, args.context, args.verify_k,
-                                                          device, clock, args.repeats, args.draft_vocab)
+                decode_s = decode_step_seconds(current, batch, args.context, device, clock, args.repeats,
+                                               compile=args.compile)
+                if args.compile:
+                    verify, rounds = engine_round_seconds(current, draft, batch, args.context, args.verify_k,
+                                                          device, args.repeats, args.draft_vocab, compile=True)
+                else:
+                    verify, rounds = verify_and_draft_seconds(current, draft, batch, args.context, args.verify_k,
+                                                              device, clock, args.repeats, args.draft_vocab)
             except torch.OutOfMemoryError as err:
                 results.data["skipped"].append({"point": what, "reason": str(err).splitlines()[0][:200]})
                 free_memory()
@@ -542,6 +581,7 @@ def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.d
                         draft_vocab=rows or None, verify_ms=1e3 * verify_s, decode_step_ms=1e3 * decode_s,
                         decode_steps_ms=1e3 * (k + 1) * decode_s,
                         verify_over_decode_steps=verify_s / ((k + 1) * decode_s), draft_round_ms=1e3 * draft_s,
+                        compiled=args.compile,
                     )
                     results.add("verify_cost", cost)
                     for point in speedup_points(cost, args.accepted, args.accepted_k):
@@ -557,6 +597,10 @@ def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _kernel(point: dict) -> str:
+    return point["kernel"] + (" (compiled)" if point.get("compiled") else "")
 
 
 def _round_ms(point: dict) -> str:
@@ -593,7 +637,7 @@ def render(data: dict, out: Path) -> None:
                   "draft round ms |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["verify_cost"]:
-            lines.append(f"| {p['attention']:g} | {p['batch']} | {p['k']} | {p['kernel']} | {p['verify_ms']:.3f} | "
+            lines.append(f"| {p['attention']:g} | {p['batch']} | {p['k']} | {_kernel(p)} | {p['verify_ms']:.3f} | "
                          f"{p['decode_steps_ms']:.3f} | {p['verify_over_decode_steps']:.3f} | "
                          f"{p.get('draft_vocab') or 'all'} | {p['draft_round_ms']:.3f} |")
         lines += ["", "## (b) Speed-up over plain decoding at the given acceptance", "",
@@ -602,7 +646,7 @@ def render(data: dict, out: Path) -> None:
                   "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in {p['k'] for p in data['speedup']}) + " |"]
         groups: dict = {}
         for p in data["speedup"]:
-            key = (p["attention"], p["batch"], p["kernel"], p.get("draft_vocab"), p["accepted_at_k0"], p["alpha"])
+            key = (p["attention"], p["batch"], _kernel(p), p.get("draft_vocab"), p["accepted_at_k0"], p["alpha"])
             groups.setdefault(key, {})[p["k"]] = p
         for (attention, batch, kernel, rows, accepted, alpha), by_k in groups.items():
             cells = " | ".join(f"{by_k[k]['speedup']:.2f}x" if k in by_k else "-"

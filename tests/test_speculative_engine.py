@@ -399,6 +399,26 @@ def test_round_times_report_the_setting_of_the_last_requests(targets, drafts):
     assert engine.round_times(2, 3, temperature=1.0) is None  # nor sampling
 
 
+def test_measure_rounds_times_replays_that_commit_nothing(targets, drafts):
+    """measure_rounds replays a setting's rounds with the rows finished: positive times, the
+    caches' lengths untouched (the context of the last request stays), and the next request's
+    tokens unchanged."""
+    engine = SpeculativeEngine(targets["hybrid50"], drafts["transformer"], k="auto", k_choices=(2, 3),
+                               max_batch_size=2, max_length=40)
+    ids, mask = _prompts(2)
+    expected = engine.generate(ids, mask, max_new_tokens=8, stop_token_ids=[], k=3)
+    lengths = engine.target_cache.lengths.clone(), engine.draft_cache.lengths.clone()
+    times = engine.measure_rounds(2, 3, repeats=3)
+    assert set(times) == {"draft_ms", "verify_ms"} and times["draft_ms"] > 0 and times["verify_ms"] > 0
+    assert torch.equal(engine.target_cache.lengths, lengths[0]) and torch.equal(engine.draft_cache.lengths, lengths[1])
+    assert engine.measure_rounds(1, 2, repeats=1)["verify_ms"] > 0  # a new setting: captured first
+    assert torch.equal(engine.generate(ids, mask, max_new_tokens=8, stop_token_ids=[], k=3), expected)
+    with pytest.raises(ValueError, match="largest K"):
+        engine.measure_rounds(2, 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.measure_rounds(3, 2)
+
+
 @pytest.mark.parametrize("target_name, draft_name", [("hybrid50", "transformer"), ("mamba2", "mamba2")])
 def test_launching_rounds_ahead_changes_nothing_but_the_waiting(targets, drafts, target_name, draft_name):
     """launch_ahead (on by default on CUDA) queues round n + 1 before the host reads round n's
@@ -892,7 +912,13 @@ def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):
         points = json.loads((out / "bench_speculative.json").read_text())["end_to_end"]
         assert [(p["path"], p["compiled"]) for p in points] == [("plain", bool(flags)), ("speculative", bool(flags))]
         assert f"| 2 | speculative | 2 | {bool(flags)} |" in (out / "bench_speculative.md").read_text()
-    assert compiled_steps == ["step", "draft_round", "verify_round"]  # once each, with --compile only
+        # (b) with --compile times the engines' own compiled decode step and rounds (fused kernel).
+        verify = json.loads((out / "bench_speculative.json").read_text())["verify_cost"]
+        assert {(p["kernel"], p["compiled"]) for p in verify} == ({("fused", True)} if flags else
+                                                                  {("fused", False), ("store_states", False)})
+        assert all(p["verify_ms"] > 0 and p["draft_round_ms"] > 0 and p["decode_step_ms"] > 0 for p in verify)
+    # Once each with --compile only: (a)'s plain step and rounds, then (b)'s at its one K.
+    assert compiled_steps == ["step", "draft_round", "verify_round"] * 2
 
 
 def test_benchmark_takes_accepted_lengths_from_an_end_to_end_run(tmp_path):
@@ -954,6 +980,11 @@ def test_cuda_graph_rounds_equal_eager(targets, drafts, target_name):
                     assert torch.equal(graphed.generate(batch, batch_mask, **sampled),
                                        eager.generate(batch, batch_mask, **sampled))
         assert graphed.prefill_error is None and set(graphed._prefill_graphs) == {(4, 16), (1, 16)}
+        # Replays timed with CUDA events commit nothing: the next request is unchanged.
+        times = graphed.measure_rounds(1, 4, repeats=3)
+        assert times["draft_ms"] > 0 and times["verify_ms"] > 0
+        assert torch.equal(graphed.generate(ids[:1].cuda(), mask[:1].cuda(), max_new_tokens=16, stop_token_ids=[], k=4),
+                           expected[:1].cpu())
 
 
 @pytest.mark.gpu

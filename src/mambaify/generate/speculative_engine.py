@@ -81,6 +81,7 @@ generate() / assisted_generate().
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1145,18 +1146,48 @@ class SpeculativeEngine(GenerationFrontend):
         """Time freshly captured programs before the request (their replays commit nothing), so
         that adaptive K starts from measured costs."""
         self._reset_rows(batch)
-        clock = _Clock(self.device)
         for program in programs:
-            for _ in range(repeats):
-                wall = time.perf_counter()
-                start = clock.mark()
-                program.draft()
-                middle = clock.mark()
-                program.verify()
-                end = clock.mark()
-                self.buffers.report[:batch].tolist()
-                times.observe(program.k, clock.seconds(start, middle), clock.seconds(middle, end),
-                              time.perf_counter() - wall)
+            for draft_s, verify_s, wall_s in self._timed_replays(program, batch, repeats):
+                times.observe(program.k, draft_s, verify_s, wall_s)
+
+    def _timed_replays(self, program: RoundProgram, batch: int, repeats: int) -> list[tuple[float, float, float]]:
+        """(draft s, verify s, wall s) of ``repeats`` replays of a round, each read back before
+        the next. The rows must be inactive (nothing commits), or the replays would decode."""
+        clock = _Clock(self.device)
+        timings = []
+        for _ in range(repeats):
+            wall = time.perf_counter()
+            start = clock.mark()
+            program.draft()
+            middle = clock.mark()
+            program.verify()
+            end = clock.mark()
+            self.buffers.report[:batch].tolist()
+            timings.append((clock.seconds(start, middle), clock.seconds(middle, end), time.perf_counter() - wall))
+        return timings
+
+    def measure_rounds(self, batch_size: int, k: int, repeats: int = 10, *, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0) -> dict[str, float]:
+        """The device time of one round at this batch size, K and sampling setting, in ms (median
+        of ``repeats`` replays; CUDA events, or the host clock on the CPU): the draft round (K
+        draft calls) and the verify round (the target over K + 1 tokens, acceptance, commit), as
+        generate() runs them (captured, and compiled with compile=True). The rounds read the
+        context the last request left in the caches: to time them at a C-token context, first
+        generate from a C-token prompt at the same setting (a setting's first capture resets the
+        rows, so one measured before any request reads an empty context). Nothing is committed
+        (the rows are marked finished), and the next request starts afresh."""
+        k = _check_k(k)
+        if k > self.k_max:
+            raise ValueError(f"k={k} exceeds the engine's largest K ({self.k_max}); make the engine with k={k}")
+        if not 1 <= batch_size <= self.max_batch_size:
+            raise ValueError(f"batch_size must be in 1..{self.max_batch_size}, got {batch_size}")
+        with torch.no_grad():
+            self.buffers.active[:batch_size].zero_()  # nothing commits
+            program = self._program(batch_size, k, SamplingParams(temperature, top_k, top_p))
+            self.buffers.active[:batch_size].zero_()  # a capture's warm-up may have set them
+            timings = self._timed_replays(program, batch_size, repeats)
+        return dict(draft_ms=1e3 * statistics.median(t[0] for t in timings),
+                    verify_ms=1e3 * statistics.median(t[1] for t in timings))
 
     # --- the public interface -------------------------------------------------------------
 
