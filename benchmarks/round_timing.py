@@ -13,6 +13,7 @@ A wall time per round well above draft + verify says the host, not the GPU, sets
 Usage (on the H200, after ``source benchmarks/h200/env.sh``; runs on the CPU too, slowly):
 
     python3 benchmarks/round_timing.py --out DIR [--compile] [--batch 1,8] [--k 2,3] [--repeats 3]
+    python3 benchmarks/round_timing.py --out DIR --tiny     # tiny random models (what the tests run)
 
 Writes DIR/round_timing.json (and prints one line per point).
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 import mambaify
-from mambaify.bench import materialise_on, parse_list, random_ids, resolve_device, resolve_dtype
+from mambaify.bench import build_teacher, materialise_on, parse_list, random_ids, resolve_device, resolve_dtype
 from mambaify.draft import build_draft_from_teacher
 from mambaify.generate.engine import Engine
 from mambaify.generate.speculative_engine import SpeculativeEngine
@@ -74,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2's shapes")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = smollm2_shaped(device, dtype)
+    teacher = build_teacher("tiny", device, dtype) if args.tiny else smollm2_shaped(device, dtype)
     draft = build_draft_from_teacher(teacher).eval()
     target = mambaify.convert(teacher, attention=0.5).eval()
     length = args.prompt_tokens + args.new_tokens

@@ -889,6 +889,21 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     assert "round ms (device)" in markdown
 
 
+def test_round_timing_script_runs_on_tiny_models(tmp_path):
+    out = tmp_path / "rounds"
+    command = [sys.executable, str(REPO / "benchmarks" / "round_timing.py"), "--tiny", "--out", str(out),
+               "--batch", "1,2", "--k", "2", "--new-tokens", "6", "--prompt-tokens", "5", "--repeats", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = json.loads((out / "round_timing.json").read_text())["points"]
+    assert [p["engine"] for p in points] == ["plain"] + ["speculative"] * 4 + ["plain"] + ["speculative"] * 4
+    assert all(p["ms_per_token"] > 0 for p in points if p["engine"] == "plain")
+    speculative = [p for p in points if p["engine"] == "speculative"]
+    assert all(p["ms_per_round"] > 0 and p["draft_ms"] > 0 and p["verify_ms"] > 0 and p["rounds"] >= 1
+               for p in speculative)
+    assert not any(p["launch_ahead"] for p in speculative)  # the CPU: nothing to launch ahead of
+
+
 def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):
     """--compile builds the plain engine and the speculative one with compile=True and records
     it per point. compile_step is replaced here (the flag's plumbing is under test, not inductor)."""
