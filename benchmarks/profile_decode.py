@@ -4,7 +4,7 @@ torch.profiler, its kernels grouped by kind, beside the graphed step's time and 
 Usage (on the H200, after ``source benchmarks/h200/env.sh``; ``--family tiny`` runs anywhere):
 
     python3 benchmarks/profile_decode.py --out DIR [--family llama8b] [--attention 1,0.25]
-        [--batch 1] [--context 1024] [--steps 16] [--compile]
+        [--batch 1] [--context 1024] [--steps 16] [--compile [--compile-mode max-autotune-no-cudagraphs]]
 
 For each model: the step replayed from its CUDA graph, timed with CUDA events (what `mambaify
 bench` reports), then ``--steps`` eager steps under the profiler. The kernels' device time per
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=16, help="profiled eager steps (default 16)")
     p.add_argument("--compile", action="store_true", help="the engine's decode step through torch.compile")
+    p.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+                   help="inductor's mode with --compile (max-autotune-no-cudagraphs: Triton matmul templates timed "
+                        "against cuBLAS per shape)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     return p
@@ -94,7 +97,7 @@ def started_engine(model, args, device, use_cuda_graph) -> tuple[Engine, torch.T
     """An engine past its prefill of ``--context`` random tokens and 4 warm-up steps (Triton's
     compiles, inductor's with --compile, the graph capture), and the next tokens to feed."""
     engine = Engine(model, max_batch_size=args.batch, max_length=args.context + 2 * args.steps + 8,
-                    use_cuda_graph=use_cuda_graph, compile=args.compile)
+                    use_cuda_graph=use_cuda_graph, compile=args.compile, compile_mode=args.compile_mode)
     tokens = engine.prefill(random_ids(args.batch, args.context, model.config.vocab_size, 0, device))[:, -1].argmax(-1)
     for _ in range(4):
         tokens = engine.decode(tokens).argmax(-1)
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype, device)
     fractions = parse_list(args.attention, float)
     options = BenchOptions(out=args.out, families=[args.family], attention=fractions, batches=[args.batch],
-                           contexts=[args.context], compile=args.compile)
+                           contexts=[args.context], compile=args.compile, compile_mode=args.compile_mode)
     clock = Clock(device)
     bandwidth = measure_copy_bandwidth(device)
     header = (f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch "

@@ -615,12 +615,21 @@ def test_bench_compile_flag_records_what_ran(tmp_path, monkeypatch):
     argv = ["--families", "tiny", "--attention", "1", "--batch", "1", "--context", "16", "--new-tokens", "2",
             "--repeats", "1", "--hf-batch", "none", "--device", "cpu", "--out"]
     docs = {}
-    for name, flags in (("on", ["--compile"]), ("off", [])):
+    for name, flags in (("on", ["--compile"]), ("off", []),
+                        ("tuned", ["--compile", "--compile-mode", "max-autotune-no-cudagraphs"])):
         assert cli_main(["bench", *flags, *argv, str(tmp_path / name)]) == 0
         docs[name] = json.loads((tmp_path / name / "bench.json").read_text())
-    assert modes == ["default"]
-    on, off = docs["on"]["points"][0], docs["off"]["points"][0]
+    assert modes == ["default", "max-autotune-no-cudagraphs"]
+    on, off, tuned = (docs[name]["points"][0] for name in ("on", "off", "tuned"))
     assert on["compiled"] is True and off["compiled"] is False and on["compile_error"] is None
+    assert (on["compile_mode"], off["compile_mode"], tuned["compile_mode"]) == (
+        "default", None, "max-autotune-no-cudagraphs")
+    assert "| teacher | engine (compiled, max-autotune-no-cudagraphs) | 1 | 16 |" in (
+        tmp_path / "tuned" / "bench.md").read_text()
+    with pytest.raises(SystemExit):  # argparse names the modes there are
+        cli_main(["bench", "--compile", "--compile-mode", "reduce-overhead", *argv, str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="--compile-mode must be one of"):
+        bench.BenchOptions(out=tmp_path, compile=True, compile_mode="reduce-overhead")
     assert docs["on"]["meta"]["options"]["compile"] is True and on["compile_s"] <= on["capture_s"]
 
     def broken(step, mode):
@@ -633,11 +642,13 @@ def test_bench_compile_flag_records_what_ran(tmp_path, monkeypatch):
     assert point["status"] == "ok" and point["compiled"] is False and "no compiler here" in point["compile_error"]
     assert any("no compiler here" in note for note in doc["meta"]["notes"])
 
-    merged = bench.render_from_json([tmp_path / "on" / "bench.json", tmp_path / "off" / "bench.json"], tmp_path / "all")
+    merged = bench.render_from_json([tmp_path / name / "bench.json" for name in ("on", "off", "tuned")],
+                                    tmp_path / "all")
     table = (tmp_path / "all" / "bench.md").read_text()
     assert "| teacher | engine (compiled) | 1 | 16 |" in table and "| teacher | engine | 1 | 16 |" in table
-    # Each teacher point is its own reference (compiled with compiled, uncompiled with uncompiled).
-    assert [p["decode_vs_teacher"] for p in merged["points"]] == [1.0, 1.0]
+    # Each teacher point is its own reference (compiled with compiled in the same mode, uncompiled
+    # with uncompiled).
+    assert [p["decode_vs_teacher"] for p in merged["points"]] == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.gpu

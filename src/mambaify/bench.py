@@ -99,6 +99,7 @@ class BenchOptions:
     teacher: str = DEFAULT_TEACHER
     seed: int = 0
     compile: bool = False  # the engine's decode step through torch.compile (off: comparable to earlier runs)
+    compile_mode: str = "default"  # inductor's mode with compile (COMPILE_MODES)
 
     def __post_init__(self):
         unknown = [f for f in self.families if f not in (*FAMILIES, "tiny")]
@@ -109,6 +110,10 @@ class BenchOptions:
             raise ValueError(f"--attention fractions must be in [0, 1], got {bad}")
         if min(self.batches + self.contexts + self.hf_batches + [self.new_tokens, self.repeats], default=1) < 1:
             raise ValueError("batch sizes, contexts, --new-tokens and --repeats must be at least 1")
+        from .generate.engine import COMPILE_MODES
+
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if set(self.paths) - {"engine", "hf"}:
             raise ValueError(f"--paths takes engine and/or hf, got {self.paths}")
         # Teacher first, then fewer and fewer attention layers (each hybrid converts the one before).
@@ -493,8 +498,8 @@ def measure_engine(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
     vocab = model.config.vocab_size
 
     def build(compile_: bool) -> Engine:
-        return without_oom(lambda: Engine(model, max_batch_size=batch, max_length=context + steps, compile=compile_),
-                           "allocating the caches")
+        return without_oom(lambda: Engine(model, max_batch_size=batch, max_length=context + steps, compile=compile_,
+                                          compile_mode=options.compile_mode), "allocating the caches")
 
     # The first request of a batch size captures the decode graph (and runs it twice), compiling
     # the step first with --compile: time it apart with a short prompt, before the real prefill
@@ -530,7 +535,7 @@ def measure_engine(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
     decode_median = statistics.median(decode_s)
     return {
         "capture_s": capture_s, "compiled": engine.is_compiled(batch), "compile_s": engine.compile_seconds,
-        "compile_error": compile_error,
+        "compile_mode": options.compile_mode if engine.is_compiled(batch) else None, "compile_error": compile_error,
         "prefill_rows": rows, "prefill_ms": prefill_s * 1e3, "prefill_tok_s": rows * context / prefill_s,
         "prefill_repeats_ms": [t * 1e3 for t in prefill["prefill_s"]],
         "ttft_ms": (passes * prefill_s + ttft_s - prefill_s) * 1e3, "ttft_extrapolated": passes > 1,
@@ -741,15 +746,15 @@ def add_ratios(points: list[dict]) -> None:
     the same batch and context; on transformers' points, engine_vs_hf: the teacher's engine
     (uncompiled where both were run) over generate()."""
     teacher = {
-        (p["family"], p["batch"], p["context"], p.get("compiled", False)): p["decode_tok_s"]
+        (p["family"], p["batch"], p["context"], compile_key(p)): p["decode_tok_s"]
         for p in points if p["path"] == "engine" and p["attention"] == 1.0 and p["status"] == "ok"
     }
     for p in points:
         key = (p["family"], p["batch"], p["context"])
         if p["path"] == "engine":
-            base = teacher.get((*key, p.get("compiled", False)))
+            base = teacher.get((*key, compile_key(p)))
         else:
-            base = teacher.get((*key, False), teacher.get((*key, True)))
+            base = teacher.get((*key, None), teacher.get((*key, "default")))
         ok = p["status"] == "ok" and base is not None
         if p["path"] == "engine":
             p["decode_vs_teacher"] = p["decode_tok_s"] / base if ok else None
@@ -782,10 +787,22 @@ class Results:
         plot(self.doc, self.out)
 
 
+def compile_key(p: dict) -> str | None:
+    """None for an uncompiled engine point, else its inductor mode (points of runs before
+    --compile-mode were compiled in the default mode)."""
+    return (p.get("compile_mode") or "default") if p.get("compiled") else None
+
+
+def _compiled_suffix(p: dict) -> str:
+    mode = compile_key(p)
+    return "" if mode is None else " (compiled)" if mode == "default" else f" (compiled, {mode})"
+
+
 def path_label(p: dict) -> str:
-    """engine / engine (compiled) / hf / hf (eager): the path and whether it ran compiled."""
+    """engine / engine (compiled) / engine (compiled, MODE) / hf / hf (eager): the path and
+    whether (and how) it ran compiled."""
     if p["path"] == "engine":
-        return "engine (compiled)" if p.get("compiled") else "engine"
+        return "engine" + _compiled_suffix(p)
     return "hf" if p.get("compiled", True) else "hf (eager)"
 
 
@@ -887,7 +904,7 @@ def _speedup_table(rows: list[dict]) -> list[str]:
 
 
 def _series_label(p: dict) -> str:
-    return f"{p['model']} (compiled)" if p.get("compiled") else p["model"]
+    return p["model"] + (_compiled_suffix(p) if p["path"] == "engine" else "")
 
 
 def plot(doc: dict, out: Path) -> None:
@@ -1087,6 +1104,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         hf_contexts=parse_list(args.hf_context) or None, memory_limit_gib=args.memory_limit_gib,
         time_budget_s=args.time_budget_s, device=args.device, dtype=args.dtype, teacher=args.teacher, seed=args.seed,
         compile=args.compile,
+        compile_mode=args.compile_mode,
     )
 
 

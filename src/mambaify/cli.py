@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="compile the engine's decode step with torch.compile before capturing it in a CUDA graph "
                         "(default off, comparable to earlier runs); each point records whether it ran compiled")
+    p.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+                   help="inductor's mode with --compile: max-autotune-no-cudagraphs times Triton templates against "
+                        "cuBLAS for each matmul shape (minutes per model) and keeps the fastest")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="measure nothing: merge these bench.json files and write the report into --out")
     p.set_defaults(func=cmd_bench)
