@@ -10,6 +10,9 @@
 #   verify-compiled  issue 5 (b) through the engines as generate() runs them, compiled: the plain
 #             decode step and the speculative draft and verify rounds (draft head cut to 32k rows),
 #             batch 1, K = 2, 3, 4
+#   autotune  `mambaify bench --compile --compile-mode max-autotune-no-cudagraphs` at batch 1, 1k
+#             context, teacher and 25% hybrid: inductor's matmul templates against cuBLAS (the
+#             roofline target; minutes of autotuning per model)
 #   b64       `mambaify bench --compile` at batch 64, 8k context (the 3x target), teacher and 25%
 #   grid      the whole uncompiled grid (5 models x batch 1/16/64 x context 1k/8k/32k) with the
 #             split-K decode attention the engines now run
@@ -17,7 +20,7 @@
 # Usage (from the repo root): bash benchmarks/h200/llama8b.sh PART [PART...]
 source benchmarks/h200/env.sh
 set +e
-[ $# -gt 0 ] || { echo "usage: llama8b.sh PART [PART...], PART: profile|profile-eager|compiled|verify-compiled|b64|grid"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: llama8b.sh PART [PART...], PART: profile|profile-eager|compiled|verify-compiled|autotune|b64|grid"; exit 2; }
 run() {  # run LIMIT_S NAME COMMAND...: with a time limit, log to $dir/NAME.log (env.sh's run_logged)
   local limit=$1 name=$2; shift 2
   run_logged "$dir/$name.log" "$limit" 12 "$@"
@@ -43,12 +46,15 @@ case $part in
     run 250 verify python3 benchmarks/bench_speculative.py --out "$dir/verify" --shape llama8b --attention 0.5 \
       --verify-batch 1,8 --verify-k 2,3,4,6 --draft-vocab 0,32768 --accepted 1.32,1.40,2.2 --accepted-k 4 \
       --repeats 5 --time-budget-s 225 ;;
+  autotune)
+    run 520 b1 python3 -m mambaify.cli bench --compile --compile-mode max-autotune-no-cudagraphs --families llama8b \
+      --attention 1,0.25 --batch 1 --context 1024 --paths engine --repeats 3 --time-budget-s 500 --out "$dir/b1" ;;
   b64)
     run 300 b64 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25 --batch 64 --context 8192 \
       --paths engine --repeats 2 --time-budget-s 280 --out "$dir/b64" ;;
   grid)
     run 520 grid python3 -m mambaify.cli bench --families llama8b --paths engine --repeats 2 --time-budget-s 480 --out "$dir/grid" ;;
-  *) echo "unknown part $part: profile, profile-eager, compiled, verify-compiled, b64 or grid"; continue ;;
+  *) echo "unknown part $part: profile, profile-eager, compiled, verify-compiled, autotune, b64 or grid"; continue ;;
 esac
 bash benchmarks/h200/pack.sh "llama8b-$part"
 done
