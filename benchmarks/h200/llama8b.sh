@@ -14,13 +14,12 @@
 #             context, teacher and 25% hybrid: inductor's matmul templates against cuBLAS (the
 #             roofline target; minutes of autotuning per model)
 #   b64       `mambaify bench --compile` at batch 64, 8k context (the 3x target), teacher and 25%
-#   grid      the whole uncompiled grid (5 models x batch 1/16/64 x context 1k/8k/32k) with the
-#             split-K decode attention the engines now run
+# (The whole uncompiled grid: grid.sh llama8b.)
 # Results are packed into $OUT/llama8b-PART.tgz; logs beside them.
 # Usage (from the repo root): bash benchmarks/h200/llama8b.sh PART [PART...]
 source benchmarks/h200/env.sh
 set +e
-[ $# -gt 0 ] || { echo "usage: llama8b.sh PART [PART...], PART: profile|profile-eager|compiled|verify-compiled|autotune|b64|grid"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: llama8b.sh PART [PART...], PART: profile|profile-eager|compiled|verify-compiled|autotune|b64"; exit 2; }
 run() {  # run LIMIT_S NAME COMMAND...: with a time limit, log to $dir/NAME.log (env.sh's run_logged)
   local limit=$1 name=$2; shift 2
   run_logged "$dir/$name.log" "$limit" 12 "$@"
@@ -52,9 +51,7 @@ case $part in
   b64)
     run 300 b64 python3 -m mambaify.cli bench --compile --families llama8b --attention 1,0.25 --batch 64 --context 8192 \
       --paths engine --repeats 2 --time-budget-s 280 --out "$dir/b64" ;;
-  grid)
-    run 520 grid python3 -m mambaify.cli bench --families llama8b --paths engine --repeats 2 --time-budget-s 480 --out "$dir/grid" ;;
-  *) echo "unknown part $part: profile, profile-eager, compiled, verify-compiled, autotune, b64 or grid"; continue ;;
+  *) echo "unknown part $part: profile, profile-eager, compiled, verify-compiled, autotune or b64"; continue ;;
 esac
 bash benchmarks/h200/pack.sh "llama8b-$part"
 done
