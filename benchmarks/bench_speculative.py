@@ -17,7 +17,8 @@ gives others: one prompt per line); with ``--tiny``, random token ids. Each batc
 generated greedily for ``--new-tokens`` tokens per row (stop tokens off, so both paths produce
 the same number of tokens) by the plain :class:`Engine` (CUDA-graph decode) and by the
 :class:`SpeculativeEngine` at each K (and adaptive K). Reported: tokens/s (wall clock of whole
-requests, prefill included, after a warm-up request that captures the graphs), the ratio to
+requests, prefill included, after a warm-up request that captures the graphs and one token of
+every request, which captures each prompt width's prefill graph), the ratio to
 plain decoding, where a request's time goes (its first token, timed apart with one new token,
 and the tokens/s of the rest: ``decode tokens/s`` and ``decode ratio``), the mean accepted length (draft tokens accepted per row and verify call), and
 ``match``, the fraction of tokens equal to the plain engine's (1.0 up to bf16 near-ties), and
@@ -266,6 +267,14 @@ def tiny_pair(device: torch.device, dtype: torch.dtype):
     return mambaify.convert(teacher, attention=0.5).eval(), draft
 
 
+def warm_prefills(engine, batches: list[list[list[int]]], **options) -> None:
+    """One token for every request before any is timed: each prompt width's prefill graph is
+    captured here (on a GPU, one per padded width, on its first use), not inside the first timed
+    repeat, where a median of two repeats would average it in."""
+    for batch in batches:
+        engine.generate(batch, max_new_tokens=1, stop_token_ids=[], **options)
+
+
 def timed_generate(engine, batches: list[list[list[int]]], device: torch.device, **options) -> tuple[float, list, list]:
     """Seconds to generate every batch (one request each), the tokens, and each request's
     SpeculativeStats (None for the plain engine)."""
@@ -325,6 +334,7 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
             continue
         plain = Engine(target, tokenizer, max_batch_size=batch, max_length=length, compile=args.compile)
         plain.generate(batches[0], max_new_tokens=4, stop_token_ids=[])  # compile and capture the decode step
+        warm_prefills(plain, batches)
         times, reference = [], None
         for _ in range(args.repeats):
             seconds, reference, _ = timed_generate(plain, batches, device, **options)
@@ -342,12 +352,16 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
         del plain
         engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,), draft_vocab=draft_vocab,
                                    max_batch_size=batch, max_length=length, compile=args.compile)
+        prefills_warm = False
         for k in args.k:
             if results.out_of_time(f"(a) {label} k={k}"):
                 continue
             compile_before = engine.compile_seconds
             # Compile (with --compile) and capture the round graphs: every K that "auto" may pick.
             engine.generate(batches[0], max_new_tokens=4, stop_token_ids=[], k=k)
+            if not prefills_warm:  # the prefill graphs serve every K
+                warm_prefills(engine, batches, k=k)
+                prefills_warm = True
             ks = engine.k_choices if k == "auto" else [k]
             compiled = all(engine.is_compiled(batch, kk) for kk in ks)
             times, stats = [], []
