@@ -83,7 +83,7 @@ bench end_to_end 200 --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 
   --repeats 1 --time-budget-s 80
 # Compiled, K = 2 and 3 and adaptive K over those two (each batch size and K compiles its rounds
 # once; "auto" reuses them).
-bench end_to_end_compiled 330 --compile --k 2,3,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 2 \
+bench end_to_end_compiled 330 --compile --k 2,3,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 \
   --time-budget-s 300
 for name in "${benches[@]}"; do [ -d "$runs/$name" ] && cp -r "$runs/$name" "$out/"; done
 cat "$runs/end_to_end$suffix$TAG/bench_speculative.md" 2>/dev/null
