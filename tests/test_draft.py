@@ -330,12 +330,14 @@ def test_default_teacher_draft_is_its_first_and_last_layer(real_teacher_cache, t
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("attention", [None, 0.0], ids=["transformer", "mamba"])
-def test_distill_draft_on_the_gpu(teacher_dir, data_files, tmp_path, attention):
-    """The GPU path: bf16 autocast, a bf16 target, float32 master weights (Triton/fla kernels for Mamba)."""
+def test_distill_draft_on_the_gpu(teacher_dir, data_files, tmp_path, attention, compile_):
+    """The GPU path: bf16 autocast, a bf16 target, float32 master weights (Triton/fla kernels for
+    Mamba); with compile, the training steps through torch.compile."""
     out = tmp_path / "gpu"
     metrics = distill_draft(draft_config(teacher_dir, data_files, out, device="auto", tokens=20 * 2 * 64,
-                                         attention=attention))
+                                         attention=attention, compile=compile_))
     assert metrics["device"].startswith("cuda")
     assert metrics["after"]["text"]["kl"] < metrics["before"]["text"]["kl"]
     draft = AutoModelForCausalLM.from_pretrained(out / "model")

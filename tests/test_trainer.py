@@ -175,7 +175,53 @@ def test_data_volume_flags_reach_the_configs():
     flags = ["--text-docs", "5000", "--num-prompts", "2000", "--label-tokens", "96", "--label-batch-size", "256",
              "--eval-texts", "128", "--eval-chats", "48"]
     fields = ("text_docs", "num_prompts", "label_tokens", "label_batch_size", "eval_texts", "eval_chats")
+    from mambaify.distill.flags import switch_values
+
     for command, cls in (("distill", DistillConfig), ("distill-draft", DraftConfig)):
         args = parser.parse_args([command, *flags])
         cfg = cls.from_flags(None, {f: getattr(args, f) for f in fields})
         assert [getattr(cfg, f) for f in fields] == [5000, 2000, 96, 256, 128, 48], command
+        # The shared switches: off unless given.
+        assert switch_values(args) == {} and cls.from_flags(None, {}).compile is False
+        switched = parser.parse_args([command, "--compile", "--no-progress"])
+        cfg = cls.from_flags(None, switch_values(switched))
+        assert (cfg.compile, cfg.progress) == (True, False), command
+
+
+def test_compiled_training_steps_follow_the_eager_ones(teacher_dir, data_files, tmp_path, monkeypatch):
+    """--compile runs the student's and the teacher's forward through torch.compile (inductor on
+    the CPU here); the steps compute what the eager ones do, up to float32 rounding."""
+    from mambaify.distill import trainer
+
+    made = []
+    real = trainer.compiled
+    monkeypatch.setattr(trainer, "compiled", lambda model: made.append(type(model).__name__) or real(model))
+    runs = {}
+    for name, flag in (("eager", False), ("compiled", True)):
+        distill(config(teacher_dir, data_files, tmp_path / name, tokens=2 * 2 * 64, eval_texts=2, compile=flag))
+        records = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = [json.loads(line)["loss"] for line in records], weights(tmp_path / name)
+    assert made == ["HybridForCausalLM", "LlamaForCausalLM"]  # the student, then the teacher
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs["eager"], runs["compiled"]
+    assert len(eager_losses) == len(compiled_losses) == 2
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_may_switch_how_steps_run_but_not_what_they_compute(tmp_path):
+    import yaml
+
+    from mambaify.distill.trainer import _check_run_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    saved = DistillConfig(out=str(run)).to_dict()
+    del saved["compile"]  # a run saved before the option existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / "checkpoint" / "state.json").write_text(json.dumps({"step": 2}))
+    for switches in ({"compile": True}, {"compile": False, "progress": False, "save_every": 7}):
+        assert _check_run_dir(run, DistillConfig(out=str(run), **switches), resume=True) == {"step": 2}
+    with pytest.raises(ValueError, match="different options.*seq_len"):
+        _check_run_dir(run, DistillConfig(out=str(run), seq_len=128), resume=True)
+

@@ -10,6 +10,7 @@
 # the next call, which resumes (the machine must still be warm).
 # Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S] [DEADLINE_S]
 # TAG and BENCH_ARGS (environment): a variant of the benchmarks (see bench below).
+# TRAIN_ARGS (environment): added to both trainings, e.g. TRAIN_ARGS=--compile (compiled steps).
 # TRAIN_ONLY=1 (environment): train the hybrid and the draft, skip the benchmarks (for a call that
 # runs the GPU tests beside the training on one GPU: timings would be disturbed, training only slowed).
 # DRAFT and DRAFT_ARGS (environment): a second draft, trained with DRAFT_ARGS added, against the
@@ -41,7 +42,7 @@ if [ ! -f "$runs/hybrid50/model/config.json" ] && [ -z "$(ls "$runs"/hybrid50/st
   [ "$draft" = draft ] || { echo "$draft: no hybrid in $runs/hybrid50 yet: run the first draft's call first"; exit 2; }
   resume=""; [ -d "$runs/hybrid50/checkpoint" ] && resume="--resume"
   step hybrid 280 python3 -m mambaify.cli -v distill --config configs/h200-smollm2-attn50.yaml $resume \
-    --out "$runs/hybrid50" --init linear-attention --time-budget-s "$hybrid_s" --num-prompts 1024 --no-progress
+    --out "$runs/hybrid50" --init linear-attention --time-budget-s "$hybrid_s" --num-prompts 1024 --no-progress $TRAIN_ARGS
 fi
 cp "$runs/hybrid50/metrics.json" "$out/hybrid50-metrics.json" 2>/dev/null
 target="$runs/hybrid50/model"
@@ -57,7 +58,7 @@ if [ ! -f "$runs/$draft/model/config.json" ]; then
   step "$draft" $(( draft_s + 150 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
     --draft-from smollm2-135m-instruct --out "$runs/$draft" --time-budget-s "$draft_s" --tokens 200000000 \
     --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 24000 --label-tokens 128 \
-    --label-batch-size 1024 --eval-texts 256 --eval-chats 64 --no-progress $DRAFT_ARGS
+    --label-batch-size 1024 --eval-texts 256 --eval-chats 64 --no-progress $TRAIN_ARGS $DRAFT_ARGS
 fi
 cp "$runs/$draft/metrics.json" "$out/$draft-metrics.json" 2>/dev/null
 # The benchmarks write into the run folder (kept while the machine is warm: a later call skips a

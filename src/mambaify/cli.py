@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .distill.flags import add_flags, flag_values, shared_flags
+from .distill.flags import add_flags, add_switches, flag_values, shared_flags, switch_values
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,8 +87,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     overrides = flag_values(args, _DISTILL_FLAGS)
     if args.reverse_kl:
         overrides["reverse_kl"] = True
-    if args.no_progress:
-        overrides["progress"] = False
+    overrides.update(switch_values(args))
     cfg = DistillConfig.from_flags(args.config, overrides)
     metrics = distill(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary
@@ -278,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, _DISTILL_FLAGS)
     p.add_argument("--reverse-kl", action="store_true", help="use KL(student||teacher)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_switches(p)
     p.set_defaults(func=cmd_distill)
 
     from .draft import add_distill_draft_arguments, run_distill_draft

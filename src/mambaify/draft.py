@@ -40,7 +40,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .convert import convert
-from .distill.flags import add_flags, flag_values, shared_flags
+from .distill.flags import add_flags, add_switches, flag_values, shared_flags, switch_values
 from .distill.trainer import DistillConfig
 from .models.configuration import SUPPORTED_BASE_MODEL_TYPES, HybridConfig
 from .models.modeling import HybridForCausalLM
@@ -518,7 +518,7 @@ def add_distill_draft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mamba", action="store_true",
                         help="convert the draft's layers to Mamba2 (attention-initialised): a pure-Mamba2 draft")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_switches(parser)
 
 
 def run_distill_draft(args: argparse.Namespace) -> int:
@@ -527,8 +527,7 @@ def run_distill_draft(args: argparse.Namespace) -> int:
     overrides = flag_values(args, _DRAFT_FLAGS)
     if args.mamba:
         overrides["attention"] = 0.0
-    if args.no_progress:
-        overrides["progress"] = False
+    overrides.update(switch_values(args))
     cfg = DraftConfig.from_flags(args.config, overrides)
     metrics = distill_draft(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary

@@ -45,3 +45,22 @@ def add_flags(parser: argparse.ArgumentParser, flags: Flags) -> None:
 def flag_values(args: argparse.Namespace, flags: Flags) -> dict[str, Any]:
     """The parsed flags by config field (None where not given)."""
     return {field: getattr(args, field) for field, _, _ in flags.values()}
+
+
+def add_switches(parser: argparse.ArgumentParser) -> None:
+    """The on/off options both commands share; a switch given overrides the YAML file."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the student's and the teacher's forward for the training steps "
+                             "(inductor fuses norms, activations and residual adds; fla's scans stay outside); "
+                             "the first step pays the compile, within --time-budget-s")
+
+
+def switch_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the given switches set."""
+    values: dict[str, Any] = {}
+    if args.no_progress:
+        values["progress"] = False
+    if args.compile:
+        values["compile"] = True
+    return values

@@ -99,6 +99,10 @@ class DistillConfig:
     # with no token count trains for the budget (DistillConfig.from_flags).
     time_budget_s: float | None = None
     gradient_checkpointing: bool = False
+    # torch.compile the student's and the teacher's forward for the training steps (inductor
+    # fuses the norms, activations and residual adds; fla's scans stay outside the graph). The
+    # first step pays the compile, inside the time budget. Off: comparable to earlier runs.
+    compile: bool = False
     progress: bool = True
 
     def stage_defaults(self) -> dict:
@@ -308,6 +312,12 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.hidden_states[-1]
 
 
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` through torch.compile for training steps: static shapes (every micro-batch is
+    [batch_size, seq_len]), graph breaks allowed (the fla scan is compiler-disabled on purpose)."""
+    return torch.compile(model, dynamic=False)
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -411,6 +421,9 @@ def train_stage(
         warn_if_repeating()
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
+    # The models as the steps call them: compiled with cfg.compile (the prepared student, so
+    # that DDP still sees its forward), else themselves.
+    student_call, teacher_call = (compiled(student), compiled(teacher)) if cfg.compile else (student, teacher)
     # Every process walks the same global order of micro-batches and takes its own share.
     batch_plan = D.batches(rows, cfg.batch_size, seed=cfg.seed + stage.index, start_step=start_step * cfg.grad_accum * world,
                      epochs=epochs, pad_id=pad_id)
@@ -448,8 +461,8 @@ def train_stage(
             sync = accelerator.no_sync(student) if i < len(micro) - 1 else nullcontext()
             with sync, accelerator.autocast():
                 with torch.no_grad():
-                    t_hidden = final_hidden(teacher, batch)
-                s_hidden = final_hidden(student, batch)
+                    t_hidden = final_hidden(teacher_call, batch)
+                s_hidden = final_hidden(student_call, batch)
                 out = distill_loss_from_hidden(
                     s_hidden, accelerator.unwrap_model(student).lm_head, t_hidden, teacher.lm_head,
                     batch["input_ids"], batch["loss_mask"],
@@ -523,7 +536,10 @@ def _check_run_dir(run_dir: Path, cfg: DistillConfig, resume: bool) -> dict | No
             raise ValueError(f"--resume: {run_dir} holds no mambaify checkpoint")
         previous = yaml.safe_load(saved_cfg.read_text())
         ours = cfg.to_dict()
-        changed = [k for k in ours if k not in ("progress", "out", "save_every") and previous.get(k) != ours[k]]
+        # How the steps run (bars, checkpoints' spacing, compiled or not) may change on resume;
+        # what they compute may not.
+        changed = [k for k in ours if k not in ("progress", "out", "save_every", "compile")
+                   and previous.get(k) != ours[k]]
         if changed:
             raise ValueError(
                 f"--resume with different options than the run in {run_dir}: {', '.join(changed)}; "

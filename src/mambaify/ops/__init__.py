@@ -191,8 +191,12 @@ def _conv_step_inplace(conv_state, x, weight, bias=None, silu=True, out=None):
 def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """weight * RMSNorm(y * silu(z)) over the last dim, as ``models.modeling.GatedRMSNorm``
     computes it (differentiable on both paths)."""
-    if torch.compiler.is_compiling() and not _needs_grad(y, z, weight):
-        return torch.ops.mambaify.gated_rmsnorm(y, z, weight, eps)
+    if torch.compiler.is_compiling():
+        # Inference: one opaque op (the Triton kernel on CUDA). Training (a compiled training
+        # step): the PyTorch form, which inductor fuses, backward included.
+        if not _needs_grad(y, z, weight):
+            return torch.ops.mambaify.gated_rmsnorm(y, z, weight, eps)
+        return _gated_rmsnorm_torch(y, z, weight, eps)
     return _gated_rmsnorm(y, z, weight, eps)
 
 
@@ -200,6 +204,10 @@ def _gated_rmsnorm(y, z, weight, eps=1e-6):
     kernels = _gpu_kernels(y)
     if kernels is not None:
         return kernels.gated_rmsnorm(y, z, weight, eps)
+    return _gated_rmsnorm_torch(y, z, weight, eps)
+
+
+def _gated_rmsnorm_torch(y, z, weight, eps=1e-6):
     compute = torch.promote_types(y.dtype, torch.float32)
     h = y.to(compute) * torch.nn.functional.silu(z.to(compute))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)

@@ -30,7 +30,9 @@ def _register_fla() -> bool:
     except Exception as err:  # not installed, or failing to import on this platform: keep the reference
         logger.info("fla scan backend unavailable: %s", err)
         return False
-    register_backend("fla", fla_ssd_scan, cuda_preferred=True)
+    # Compiler-disabled: a compiled training step (distill --compile) calls fla's autotuned
+    # kernels as they are, a graph break, rather than have dynamo trace their launchers.
+    register_backend("fla", torch.compiler.disable(fla_ssd_scan), cuda_preferred=True)
     return True
 
 
