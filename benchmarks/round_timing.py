@@ -14,6 +14,7 @@ Usage (on the H200, after ``source benchmarks/h200/env.sh``; runs on the CPU too
 
     python3 benchmarks/round_timing.py --out DIR [--compile] [--batch 1,8] [--k 2,3] [--repeats 3]
     python3 benchmarks/round_timing.py --out DIR --tiny     # tiny random models (what the tests run)
+    python3 benchmarks/round_timing.py --out DIR --compile --target HYBRID --draft DRAFT   # a trained pair
 
 Writes DIR/round_timing.json (and prints one line per point).
 """
@@ -76,14 +77,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2's shapes")
+    p.add_argument("--target", help="a saved target instead of the random one (with --draft): the same timings "
+                                    "on trained weights, which accept drafts, from the same random prompt")
+    p.add_argument("--draft", help="the saved draft for --target")
     args = p.parse_args(argv)
+    if (args.target is None) != (args.draft is None):
+        p.error("--target and --draft go together")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = build_teacher("tiny", device, dtype) if args.tiny else smollm2_shaped(device, dtype)
-    draft = build_draft_from_teacher(teacher).eval()
-    target = mambaify.convert(teacher, attention=0.5).eval()
+    if args.target:
+        from mambaify.generate.loading import load_for_generation
+
+        target, _ = load_for_generation(args.target, device=str(device), dtype=str(dtype).split(".")[-1])
+        draft, _ = load_for_generation(args.draft, device=str(device), dtype=str(dtype).split(".")[-1])
+    else:
+        teacher = build_teacher("tiny", device, dtype) if args.tiny else smollm2_shaped(device, dtype)
+        draft = build_draft_from_teacher(teacher).eval()
+        target = mambaify.convert(teacher, attention=0.5).eval()
     length = args.prompt_tokens + args.new_tokens
     options = dict(max_new_tokens=args.new_tokens, stop_token_ids=[])
     points = []
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds = engine.stats.rounds
                 add(dict(engine="speculative", batch=batch, k=k, launch_ahead=engine.launch_ahead,
                          compiled=engine.is_compiled(batch, k), rounds=rounds,
+                         tokens_per_round=engine.stats.emitted / max(engine.stats.row_rounds, 1),
                          ms_per_round=1e3 * seconds / rounds, **engine.round_times(batch, k)))
             engine = None
     return 0

@@ -902,6 +902,24 @@ def test_round_timing_script_runs_on_tiny_models(tmp_path):
     assert all(p["ms_per_round"] > 0 and p["draft_ms"] > 0 and p["verify_ms"] > 0 and p["rounds"] >= 1
                for p in speculative)
     assert not any(p["launch_ahead"] for p in speculative)  # the CPU: nothing to launch ahead of
+    assert all(p["tokens_per_round"] >= 1 for p in speculative)
+
+
+def test_round_timing_script_takes_a_saved_pair(teacher_dir, tmp_path):
+    from mambaify.cli import main as cli_main
+
+    assert cli_main(["convert", str(teacher_dir), str(tmp_path / "hybrid"), "--attention", "0.5"]) == 0
+    script = [sys.executable, str(REPO / "benchmarks" / "round_timing.py"), "--out", str(tmp_path / "rounds")]
+    sizes = ["--batch", "1", "--k", "3", "--new-tokens", "6", "--prompt-tokens", "5", "--repeats", "1"]
+    # The teacher drafts for its own converted hybrid: a pair of one tokenizer, from disk.
+    result = subprocess.run([*script, *sizes, "--target", str(tmp_path / "hybrid"), "--draft", str(teacher_dir)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = json.loads((tmp_path / "rounds" / "round_timing.json").read_text())["points"]
+    assert [p["engine"] for p in points] == ["plain"] + ["speculative"] * 4
+    result = subprocess.run([*script, *sizes, "--target", str(tmp_path / "hybrid")], capture_output=True, text=True,
+                            timeout=600, cwd=REPO)
+    assert result.returncode == 2 and "--target and --draft go together" in result.stderr
 
 
 def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):

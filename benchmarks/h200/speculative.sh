@@ -11,6 +11,7 @@
 # Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S] [DEADLINE_S]
 # TAG and BENCH_ARGS (environment): a variant of the benchmarks (see bench below).
 # TRAIN_ARGS (environment): added to both trainings, e.g. TRAIN_ARGS=--compile (compiled steps).
+# ROUND_TIMING=1 / EAGER=0 (environment): see the benchmarks below.
 # TRAIN_ONLY=1 (environment): train the hybrid and the draft, skip the benchmarks (for a call that
 # runs the GPU tests beside the training on one GPU: timings would be disturbed, training only slowed).
 # DRAFT and DRAFT_ARGS (environment): a second draft, trained with DRAFT_ARGS added, against the
@@ -76,7 +77,15 @@ bench() {  # bench NAME LIMIT_S ARGS...
   step "$name" "$limit" python3 benchmarks/bench_speculative.py --out "$runs/$name" --target "$target" \
     --draft "$runs/$draft/model" "$@" $BENCH_ARGS
 }
-bench end_to_end 200 --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 --time-budget-s 170
+# ROUND_TIMING=1: first, round_timing.py on this trained pair (compiled, batch 1, K = 2 and 3): a
+# round's wall time against its device time, launch-ahead on and off, from one random prompt.
+if [ "${ROUND_TIMING:-0}" = 1 ] && [ -f "$runs/$draft/model/config.json" ] && [ "${TRAIN_ONLY:-0}" != 1 ]; then
+  step round_timing$suffix 200 python3 benchmarks/round_timing.py --out "$out/round_timing$suffix" --compile \
+    --target "$target" --draft "$runs/$draft/model" --batch 1 --k 2,3 --repeats 3
+fi
+# EAGER=0: skip the uncompiled benchmark (measured in sessions 4-6).
+[ "${EAGER:-1}" = 1 ] && bench end_to_end 200 --k 2,3,4,6,auto --batch 1,8 --new-tokens 128 --prompts 16 \
+  --repeats 3 --time-budget-s 170
 # Greedy speculative output equals plain output exactly in float32 (bf16 rounds the verify call
 # and single steps differently, so near-ties part them): the same check on the GPU, briefly.
 # Measured in session 5 (every token equal); EXACT=1 runs it again.
