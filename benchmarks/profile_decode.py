@@ -43,7 +43,7 @@ from mambaify.bench import (
     resolve_dtype,
     weight_bytes,
 )
-from mambaify.generate.engine import Engine
+from mambaify.generate.engine import COMPILE_MODES, Engine
 
 # First match wins: inductor's fused kernels (--compile) by their prefix, then Mamba and attention
 # kernels before the generic names their kernels contain.
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=16, help="profiled eager steps (default 16)")
     p.add_argument("--compile", action="store_true", help="the engine's decode step through torch.compile")
-    p.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="inductor's mode with --compile (max-autotune-no-cudagraphs: Triton matmul templates timed "
                         "against cuBLAS per shape)")
     p.add_argument("--device", default="auto")

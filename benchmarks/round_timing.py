@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +33,8 @@ from mambaify.bench import build_teacher, materialise_on, parse_list, random_ids
 from mambaify.draft import build_draft_from_teacher
 from mambaify.generate.engine import Engine
 from mambaify.generate.speculative_engine import SpeculativeEngine
+
+from bench_speculative import timed_generate  # beside this script in benchmarks/
 
 
 def smollm2_shaped(device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -49,20 +50,9 @@ def smollm2_shaped(device: torch.device, dtype: torch.dtype, seed: int = 0):
         return LlamaForCausalLM(config).eval()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def wall_seconds(run, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def wall_seconds(engine, prompt: torch.Tensor, device: torch.device, repeats: int, **options) -> float:
+    """Median wall time of one request (bench_speculative's timing: synchronised before and after)."""
+    return statistics.median(timed_generate(engine, [prompt], device, **options)[0] for _ in range(repeats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = random_ids(batch, args.prompt_tokens, target.config.vocab_size, 0, device)
         plain = Engine(target, max_batch_size=batch, max_length=length, compile=args.compile)
         plain.generate(prompt, max_new_tokens=4, stop_token_ids=[])
-        seconds = wall_seconds(lambda: plain.generate(prompt, **options), device, args.repeats)
+        seconds = wall_seconds(plain, prompt, device, args.repeats, **options)
         add(dict(engine="plain", batch=batch, ms_per_token=1e3 * seconds / args.new_tokens,
                  compiled=plain.is_compiled(batch)))
         plain = None  # frees its graphs and cache before the speculative engines
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.generate(prompt, max_new_tokens=4, stop_token_ids=[])
             for ahead in (True, False, True, False):  # alternated, so that drift shows
                 engine.launch_ahead = ahead and device.type == "cuda"
-                seconds = wall_seconds(lambda: engine.generate(prompt, **options), device, args.repeats)
+                seconds = wall_seconds(engine, prompt, device, args.repeats, **options)
                 rounds = engine.stats.rounds
                 add(dict(engine="speculative", batch=batch, k=k, launch_ahead=engine.launch_ahead,
                          compiled=engine.is_compiled(batch, k), rounds=rounds,

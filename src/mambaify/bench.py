@@ -63,7 +63,7 @@ from torch import nn
 
 from .convert import attention_layers_for, convert
 from .fileio import write_json_atomic
-from .generate.engine import PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache
+from .generate.engine import COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, prefill_width
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
 GIB = 2**30
@@ -110,8 +110,6 @@ class BenchOptions:
             raise ValueError(f"--attention fractions must be in [0, 1], got {bad}")
         if min(self.batches + self.contexts + self.hf_batches + [self.new_tokens, self.repeats], default=1) < 1:
             raise ValueError("batch sizes, contexts, --new-tokens and --repeats must be at least 1")
-        from .generate.engine import COMPILE_MODES
-
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if set(self.paths) - {"engine", "hf"}:
@@ -597,9 +595,9 @@ def time_prefill(engine: Engine, prompt: torch.Tensor, options: BenchOptions, cl
 
 def prefill_is_graphed(engine: Engine, rows: int, width: int) -> bool:
     """Whether ``engine.generate`` prefills a (rows, width) prompt from a CUDA graph without
-    padding it (the benchmark's prompts are exactly as wide as their context)."""
-    return (engine.use_cuda_graph and bool(engine.prefill_widths) and width in engine.prefill_widths
-            and rows * width <= PREFILL_GRAPH_TOKENS)
+    padding it (the benchmark's prompts are exactly as wide as their context): generate's own
+    choice of width, with no room to pad."""
+    return engine.use_cuda_graph and prefill_width(engine.prefill_widths, rows, width, room=width) is not None
 
 
 def copy_rows(cache: StaticCache, rows: int, batch: int) -> None:

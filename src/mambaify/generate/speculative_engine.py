@@ -1157,13 +1157,10 @@ class SpeculativeEngine(GenerationFrontend):
         timings = []
         for _ in range(repeats):
             wall = time.perf_counter()
-            start = clock.mark()
-            program.draft()
-            middle = clock.mark()
-            program.verify()
-            end = clock.mark()
-            self.buffers.report[:batch].tolist()
-            timings.append((clock.seconds(start, middle), clock.seconds(middle, end), time.perf_counter() - wall))
+            run = self._launch(program, batch, None, clock)  # no new uniforms: nothing commits
+            run.read()
+            timings.append((clock.seconds(run.start, run.middle), clock.seconds(run.middle, run.end),
+                            time.perf_counter() - wall))
         return timings
 
     def measure_rounds(self, batch_size: int, k: int, repeats: int = 10, *, temperature: float = 0.0,
@@ -1176,15 +1173,14 @@ class SpeculativeEngine(GenerationFrontend):
         generate from a C-token prompt at the same setting (a setting's first capture resets the
         rows, so one measured before any request reads an empty context). Nothing is committed
         (the rows are marked finished), and the next request starts afresh."""
-        k = _check_k(k)
-        if k > self.k_max:
-            raise ValueError(f"k={k} exceeds the engine's largest K ({self.k_max}); make the engine with k={k}")
+        if k == "auto":
+            raise ValueError("measure_rounds times one K: pass an integer k")
+        (k,) = self._resolve_k(k)
         if not 1 <= batch_size <= self.max_batch_size:
             raise ValueError(f"batch_size must be in 1..{self.max_batch_size}, got {batch_size}")
         with torch.no_grad():
-            self.buffers.active[:batch_size].zero_()  # nothing commits
             program = self._program(batch_size, k, SamplingParams(temperature, top_k, top_p))
-            self.buffers.active[:batch_size].zero_()  # a capture's warm-up may have set them
+            self.buffers.active[:batch_size].zero_()  # nothing commits
             timings = self._timed_replays(program, batch_size, repeats)
         return dict(draft_ms=1e3 * statistics.median(t[0] for t in timings),
                     verify_ms=1e3 * statistics.median(t[1] for t in timings))
