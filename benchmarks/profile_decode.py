@@ -33,6 +33,7 @@ from mambaify.bench import (
     BenchOptions,
     Clock,
     decode_step_bytes,
+    decode_weight_bytes,
     layer_shapes,
     measure_copy_bandwidth,
     model_label,
@@ -41,7 +42,6 @@ from mambaify.bench import (
     random_ids,
     resolve_device,
     resolve_dtype,
-    weight_bytes,
 )
 from mambaify.generate.engine import COMPILE_MODES, Engine
 
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             slots = args.context + 1
             roofline = None
             if bandwidth:
-                step_bytes = decode_step_bytes(weight_bytes(model), layer_shapes(model), args.batch, slots, dtype)
+                weights = decode_weight_bytes(model, args.batch)
+                step_bytes = decode_step_bytes(weights, layer_shapes(model), args.batch, slots, dtype)
                 roofline = 1e3 * step_bytes / bandwidth
             graphed = graphed_step_ms(model, args, device, clock)
             by_kind, top, launches = profiled_step(model, args, device)

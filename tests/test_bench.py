@@ -4,6 +4,7 @@ byte count against a hand computation, and points that do not fit."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,9 @@ def test_tiny_grid_end_to_end_writes_json_markdown_and_plots(run):
         assert p["decode_tok_s"] > 0 and p["ttft_ms"] > 0 and p["new_tokens"] == NEW_TOKENS
         assert p["roofline_step_ms"] is None and p.get("roofline_fraction") is None  # no CUDA: no roofline
         assert p["peak_memory_gib"] is None  # nor peak memory
-        assert p["bytes_per_step"] > p["weights_bytes"] > 0
+        # The tiny family's embedding is untied: a step reads only the rows it gathers.
+        assert p["bytes_per_step"] > p["weights_read_bytes_per_step"] > 0
+        assert p["weights_read_bytes_per_step"] < p["weights_bytes"]
         if p["path"] == "engine":
             assert p["prefill_tok_s"] > 0 and p["prefill_rows"] == p["batch"] and not p["ttft_extrapolated"]
     # A hybrid's ratio is its decode speed over the teacher's at the same batch and context.
@@ -112,6 +115,10 @@ def test_roofline_bytes_equal_a_hand_computation():
     mamba = 2 * (2 * batch * (conv + ssm))  # 2 layers, read and written
     shapes = bench.layer_shapes(model)
     assert bench.decode_step_bytes(weights, shapes, batch, slots, torch.float32) == weights + kv + mamba == 682336
+    # A step gathers one embedding row per token: the other 97 - 3 rows of the untied table stay unread.
+    unread = (97 - batch) * 64 * 4
+    assert bench.unread_embedding_bytes(model, batch) == unread
+    assert bench.decode_weight_bytes(model, batch) == weights - unread
 
     # In bf16 the K/V and conv state halve; the SSM state stays float32.
     assert bench.kv_cache_bytes(shapes, batch, slots, torch.bfloat16) == kv // 2
@@ -216,3 +223,45 @@ def test_prefill_timed_from_a_graph_where_generate_would_use_one():
     assert PREFILL_GRAPH_TOKENS == 4096
     assert not bench.prefill_is_graphed(SimpleNamespace(use_cuda_graph=False, prefill_widths=PREFILL_GRAPH_WIDTHS), 1, 1024)
     assert not bench.prefill_is_graphed(SimpleNamespace(use_cuda_graph=True, prefill_widths=None), 1, 1024)
+
+
+def test_a_tied_embedding_is_read_whole_as_the_head():
+    tied = tiny_teacher("llama")
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    assert bench.unread_embedding_bytes(tied, batch=2) == 0
+    assert bench.decode_weight_bytes(tied, batch=2) == bench.weight_bytes(tied)
+
+
+def test_split_k_attention_reads_the_slots_up_to_the_current_one():
+    # 4 steps from slot 10 read 11, 12, 13 and 14 slots per row on CUDA (the split-K kernel);
+    # SDPA over a mask (the CPU) reads all 14 every step.
+    assert bench.engine_kv_slots_read(10, 4, torch.device("cuda")) == 12.5 == (11 + 12 + 13 + 14) / 4
+    assert bench.engine_kv_slots_read(10, 4, CPU) == 14
+
+
+def test_legacy_points_are_rendered_with_the_gathered_embedding_rows(tmp_path):
+    # Points as recorded on the H200 before the correction (session 2's grids): a llama8b step's
+    # bytes counted the whole 128256 x 4096 bf16 embedding table; re-rendering takes off all but the
+    # rows a step gathers. SmolLM2 ties its table to the head: its points stay as they were.
+    recorded = Path(__file__).parent.parent / "results" / "h200" / "bench"
+    legacy = json.loads((recorded / "llama8b.json").read_text())["points"][0]
+    tied = json.loads((recorded / "smollm2.json").read_text())["points"][0]
+    assert "weights_read_bytes_per_step" not in legacy and (legacy["family"], legacy["batch"]) == ("llama8b", 1)
+    merged = bench.render_from_json([recorded / "llama8b.json", recorded / "smollm2.json"], tmp_path / "merged")
+    new = next(p for p in merged["points"] if p["family"] == "llama8b" and p["model"] == "teacher")
+    same = next(p for p in merged["points"] if p["family"] == "smollm2" and p["model"] == tied["model"]
+                and (p["batch"], p["context"], p["path"]) == (tied["batch"], tied["context"], tied["path"]))
+    unread = (128256 - 1) * 4096 * 2
+    assert new["bytes_per_step"] == legacy["bytes_per_step"] - unread
+    assert new["weights_read_bytes_per_step"] == legacy["weights_bytes"] - unread
+    ratio = new["bytes_per_step"] / legacy["bytes_per_step"]
+    assert new["roofline_step_ms"] == pytest.approx(legacy["roofline_step_ms"] * ratio)
+    assert new["roofline_fraction"] == pytest.approx(new["roofline_step_ms"] / legacy["decode_step_ms"])
+    assert 0.93 < ratio < 0.94  # a 1 GiB table of 16 GiB of weights
+    assert same["bytes_per_step"] == tied["bytes_per_step"] and same["roofline_fraction"] == tied["roofline_fraction"]
+    assert any("recomputed" in n for n in merged["meta"]["notes"])
+    # Rendering the merged file again changes nothing more.
+    again = bench.render_from_json([tmp_path / "merged" / "bench.json"], tmp_path / "again")
+    first = next(p for p in again["points"] if p["family"] == "llama8b" and p["model"] == "teacher")
+    assert first["roofline_step_ms"] == pytest.approx(new["roofline_step_ms"])
+    assert sum("recomputed" in n for n in again["meta"]["notes"]) == 1

@@ -33,10 +33,15 @@ How one engine point (batch B, context C, N new tokens) is measured:
 
 Roofline of a decode step: the bytes one step must move through HBM, over the bandwidth of a large
 device-to-device copy measured at the start (bytes read + written): all parameters in their
-dtype, the K/V of every attention layer for every slot the step reads (the engine's step reads all
-C + N slots, masked; transformers' static cache does the same), and each Mamba layer's conv and
-SSM state, read and written once (in the dtypes the engine keeps them: conv in the model dtype,
-SSM in float32). Fraction of roofline = roofline time / measured step time.
+dtype except the rows of an untied input embedding that the step does not gather (it reads one
+row per token; a table tied to the LM head is read whole, as the head), the K/V of every
+attention layer for every slot the step reads, and each Mamba layer's conv and SSM state, read
+and written once (in the dtypes the engine keeps them: conv in the model dtype, SSM in float32).
+Slots read: on CUDA the engine's split-K attention reads each row's slots up to the current one,
+C + (N + 1) / 2 on average over N steps from slot C; elsewhere (SDPA over a mask) and in
+transformers' static cache, all C + N. Fraction of roofline = roofline time / measured step time.
+Points recorded before 2026-12-04 counted the whole embedding table (1 GiB of Llama-3-8B's
+16 GiB; SmolLM2 ties it to the head): ``--from-json`` re-renders them with the rows corrected.
 
 Outputs in ``--out``: bench.json (rewritten after every point, so a run cut short keeps what it
 measured), bench.md (tables) and decode.png / roofline.png (written after every model).
@@ -63,7 +68,9 @@ from torch import nn
 
 from .convert import attention_layers_for, convert
 from .fileio import write_json_atomic
-from .generate.engine import COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, prefill_width
+from .generate.engine import (
+    COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, prefill_width, use_split_k_attention,
+)
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
 GIB = 2**30
@@ -280,10 +287,38 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def kv_cache_bytes(shapes: Sequence[LayerShape], batch: int, slots: int, dtype: torch.dtype) -> int:
-    """Keys and values of every attention layer: 2 * kv_heads * head_dim * slots * batch * itemsize."""
+def unread_embedding_bytes(model: nn.Module, batch: int) -> int:
+    """Bytes of the input embedding table that a decode step of ``batch`` rows does not read: the
+    lookup gathers one row per token, so the rest of an untied table stays in HBM unread. A table
+    tied to the LM head is read whole by the head: nothing is left unread."""
+    table = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() == table.data_ptr():
+        return 0
+    return max(table.shape[0] - batch, 0) * table[0].numel() * table.element_size()
+
+
+def decode_weight_bytes(model: nn.Module, batch: int) -> int:
+    """The weights one decode step of ``batch`` rows reads: every parameter once, but only the
+    gathered rows of an untied input embedding."""
+    return weight_bytes(model) - unread_embedding_bytes(model, batch)
+
+
+def engine_kv_slots_read(context: int, new_tokens: int, device: torch.device) -> float:
+    """Mean K/V slots per row that the engine's decode steps read over ``new_tokens`` steps from
+    slot ``context``: the split-K kernel (CUDA) reads the slots up to the current one, SDPA over a
+    mask reads every slot of the cache."""
+    if use_split_k_attention(device):
+        return context + (new_tokens + 1) / 2
+    return context + new_tokens
+
+
+def kv_cache_bytes(shapes: Sequence[LayerShape], batch: int, slots: float, dtype: torch.dtype) -> int:
+    """Keys and values of every attention layer: 2 * kv_heads * head_dim * slots * batch * itemsize
+    (``slots`` may be a mean over steps)."""
     itemsize = dtype.itemsize
-    return sum(2 * s.kv_heads * s.head_dim * slots * batch * itemsize for s in shapes if isinstance(s, AttentionShape))
+    return round(sum(2 * s.kv_heads * s.head_dim * slots * batch * itemsize
+                     for s in shapes if isinstance(s, AttentionShape)))
 
 
 def mamba_state_bytes(shapes: Sequence[LayerShape], batch: int, dtype: torch.dtype) -> int:
@@ -296,9 +331,9 @@ def mamba_state_bytes(shapes: Sequence[LayerShape], batch: int, dtype: torch.dty
     )
 
 
-def decode_step_bytes(weights: int, shapes: Sequence[LayerShape], batch: int, slots: int, dtype: torch.dtype) -> int:
-    """HBM traffic of one decode step: every weight once, the K/V of every slot the step reads,
-    and the Mamba states read and written."""
+def decode_step_bytes(weights: int, shapes: Sequence[LayerShape], batch: int, slots: float, dtype: torch.dtype) -> int:
+    """HBM traffic of one decode step: the weights it reads (``decode_weight_bytes``), the K/V of
+    every slot the step reads, and the Mamba states read and written."""
     return weights + kv_cache_bytes(shapes, batch, slots, dtype) + 2 * mamba_state_bytes(shapes, batch, dtype)
 
 
@@ -422,26 +457,29 @@ class PointSpec:
     context: int
 
 
-def new_point(spec: PointSpec, model: nn.Module | None, path: str, dtype: torch.dtype, slots: int,
+def new_point(spec: PointSpec, model: nn.Module | None, path: str, dtype: torch.dtype, slots: float,
               bandwidth: float | None, compiled: bool = False) -> dict:
     """The fields every point has, the decode step's bytes among them (None without a model: a
-    point that was never reached). ``compiled``: the engine's step through torch.compile (as asked
-    until measured)."""
+    point that was never reached). ``slots``: the K/V slots a decode step reads per row (a mean
+    over the steps). ``compiled``: the engine's step through torch.compile (as asked until
+    measured)."""
     point = {
         "family": spec.family, "model": spec.label, "attention": spec.fraction, "path": path,
         "compiled": compiled,
         "batch": spec.batch, "context": spec.context, "dtype": str(dtype).removeprefix("torch."),
         "status": "ok", "reason": None, "kv_slots_read": slots,
-        "attention_layers": None, "layers": None, "weights_bytes": None, "kv_bytes_per_step": None,
-        "mamba_state_bytes_per_step": None, "bytes_per_step": None, "roofline_step_ms": None,
+        "attention_layers": None, "layers": None, "weights_bytes": None, "weights_read_bytes_per_step": None,
+        "kv_bytes_per_step": None, "mamba_state_bytes_per_step": None, "bytes_per_step": None,
+        "roofline_step_ms": None,
     }
     if model is not None:
         shapes = layer_shapes(model)
-        weights = weight_bytes(model)
-        step_bytes = decode_step_bytes(weights, shapes, spec.batch, slots, dtype)
+        weights_read = decode_weight_bytes(model, spec.batch)
+        step_bytes = decode_step_bytes(weights_read, shapes, spec.batch, slots, dtype)
         point.update(
             attention_layers=sum(isinstance(s, AttentionShape) for s in shapes), layers=len(shapes),
-            weights_bytes=weights, kv_bytes_per_step=kv_cache_bytes(shapes, spec.batch, slots, dtype),
+            weights_bytes=weight_bytes(model), weights_read_bytes_per_step=weights_read,
+            kv_bytes_per_step=kv_cache_bytes(shapes, spec.batch, slots, dtype),
             mamba_state_bytes_per_step=2 * mamba_state_bytes(shapes, spec.batch, dtype), bytes_per_step=step_bytes,
             roofline_step_ms=step_bytes / bandwidth * 1e3 if bandwidth else None,
         )
@@ -455,7 +493,8 @@ def skip(point: dict, reason: str) -> dict:
 
 def bench_engine_point(model: nn.Module, spec: PointSpec, options: BenchOptions, device: torch.device,
                        dtype: torch.dtype, clock: Clock, bandwidth: float | None, warmed: set) -> dict:
-    point = new_point(spec, model, "engine", dtype, spec.context + options.new_tokens, bandwidth, options.compile)
+    slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
+    point = new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile)
     estimate = estimate_memory(model, spec.batch, spec.context, options.new_tokens, dtype)
     point["estimated_memory_gib"] = estimate["total"] / GIB
     limit = memory_limit_bytes(options, device)
@@ -838,8 +877,9 @@ def markdown(doc: dict) -> str:
         f"SSD scan backend {meta.get('ssd_backend')}.",
         "",
         (f"Copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (bytes read + written; H200 reference "
-         f"{H200_COPY_BANDWIDTH / 1e12:.2f} TB/s). Roofline = bytes a decode step moves (weights + K/V of "
-         "every slot read + Mamba states read and written) / that bandwidth." if bandwidth else
+         f"{H200_COPY_BANDWIDTH / 1e12:.2f} TB/s). Roofline = bytes a decode step moves (the weights it reads, "
+         "of an untied input embedding only the rows it gathers, + K/V of every slot read + Mamba states read "
+         "and written) / that bandwidth." if bandwidth else
          "No CUDA device: times from time.perf_counter; no peak memory, no roofline."),
         "",
         "TTFT marked ~ is extrapolated from a pass over fewer rows (the batch would need several such passes); "
@@ -1030,7 +1070,7 @@ def run_engine_grid(family: str, options: BenchOptions, device: torch.device, dt
         late = out_of_time()
         if late:  # not even built: converting an 8B model would spend more of the time left
             for spec in specs:
-                slots = spec.context + options.new_tokens
+                slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
                 results.add(skip(new_point(spec, None, "engine", dtype, slots, None, options.compile), late))
             continue
         _, model = next(models)
@@ -1038,7 +1078,7 @@ def run_engine_grid(family: str, options: BenchOptions, device: torch.device, dt
         for spec in specs:  # contexts outer, batches inner: prefill shapes repeat and skip their warm-up
             late = out_of_time()
             if late:
-                slots = spec.context + options.new_tokens
+                slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
                 point = skip(new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile), late)
             else:
                 point = bench_engine_point(model, spec, options, device, dtype, clock, bandwidth, warmed)
@@ -1077,13 +1117,50 @@ def run_hf_reference(family: str, options: BenchOptions, device: torch.device, d
     results.render()
 
 
+def _untied_embedding_shape(family: str) -> tuple[int, int] | None:
+    """(rows, width) of a family's input embedding table when it is not tied to the LM head; None
+    for the default teacher, whose table is its head."""
+    if family == "smollm2":
+        return None
+    config = llama8b_config() if family == "llama8b" else tiny_config()
+    return config.vocab_size, config.hidden_size
+
+
+def correct_legacy_point(point: dict) -> int:
+    """A point recorded before decode steps counted only the embedding rows they gather (its
+    roofline counted the whole table): recompute its step bytes, roofline and fraction in place.
+    Returns the bytes taken off (0 for a current point, a tied table or a point never reached)."""
+    if "weights_read_bytes_per_step" in point or point.get("bytes_per_step") is None:
+        return 0
+    shape = _untied_embedding_shape(point["family"])
+    itemsize = getattr(torch, point["dtype"]).itemsize
+    unread = 0 if shape is None else max(shape[0] - point["batch"], 0) * shape[1] * itemsize
+    point["weights_read_bytes_per_step"] = point["weights_bytes"] - unread
+    if unread:
+        old = point["bytes_per_step"]
+        point["bytes_per_step"] = old - unread
+        if point.get("roofline_step_ms") is not None:
+            point["roofline_step_ms"] *= point["bytes_per_step"] / old
+            if point.get("decode_step_ms"):
+                point["roofline_fraction"] = point["roofline_step_ms"] / point["decode_step_ms"]
+    return unread
+
+
 def render_from_json(paths: Sequence[str | Path], out: Path) -> dict:
-    """Merge the points of earlier runs and write bench.json / bench.md / plots into ``out``."""
+    """Merge the points of earlier runs and write bench.json / bench.md / plots into ``out``.
+    Points recorded before the roofline counted only the gathered embedding rows are corrected
+    (:func:`correct_legacy_point`), with a note."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     meta = dict(docs[0]["meta"])
     meta["merged_from"] = [str(p) for p in paths]
     meta["notes"] = [note for doc in docs for note in doc["meta"].get("notes", [])]
-    results = Results(Path(out), meta, [p for doc in docs for p in doc["points"]])
+    points = [p for doc in docs for p in doc["points"]]
+    corrected = sum(correct_legacy_point(p) > 0 for p in points)
+    note = ("roofline of points recorded before 2026-12-04 recomputed: their step bytes counted the whole "
+            "untied input embedding table, of which a decode step reads only the rows it gathers")
+    if corrected:
+        meta["notes"] = [n for n in meta["notes"] if not n.startswith(note)] + [f"{note} ({corrected} points)"]
+    results = Results(Path(out), meta, points)
     results.render()
     return results.doc
 
@@ -1108,7 +1185,10 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 __all__ = [
     "BenchOptions",
+    "correct_legacy_point",
     "decode_step_bytes",
+    "decode_weight_bytes",
+    "engine_kv_slots_read",
     "estimate_memory",
     "kv_cache_bytes",
     "layer_shapes",
@@ -1116,6 +1196,7 @@ __all__ = [
     "options_from_args",
     "render_from_json",
     "run_bench",
+    "unread_embedding_bytes",
     "weight_bytes",
 ]
 
