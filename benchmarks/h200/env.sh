@@ -19,6 +19,12 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # fla's kernels are tuned once per image rather than once per session (minutes each time).
 export TRITON_CACHE_DIR="$PWD/.gpu/triton-cache"
 mkdir -p "$TRITON_CACHE_DIR"
+# The autotuning results of earlier sessions (keep_autotune.sh), committed: a fresh machine starts
+# with them instead of timing every configuration again.
+[ -f benchmarks/h200/triton-autotune.tgz ] && tar xzf benchmarks/h200/triton-autotune.tgz -C "$TRITON_CACHE_DIR" --skip-old-files
+# Training reads the built-in corpus from the cache; this machine cannot download it.
+wiki=$(ls "$MAMBAIFY_CACHE"/data/wiki-offline-*.jsonl 2>/dev/null | head -1)
+[ -n "$wiki" ] || echo "env.sh: no built-in training corpus in $MAMBAIFY_CACHE/data, so distill and distill-draft will fail here (no network): run bash benchmarks/h200/prep.sh on the CPU machine and carry .gpu/cache/data" >&2
 
 # run_logged LOG LIMIT_S TAIL COMMAND...: run COMMAND with a time limit, its output in LOG, then
 # say how it ended and show LOG's last TAIL lines (progress bars left out). SIGINT first at the

@@ -41,7 +41,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $out/NAM
 if [ ! -f "$runs/hybrid50/model/config.json" ] && [ -z "$(ls "$runs"/hybrid50/stages/*/config.json 2>/dev/null)" ]; then
   # A second draft never trains a hybrid of its own (two jobs would share one run folder).
   [ "$draft" = draft ] || { echo "$draft: no hybrid in $runs/hybrid50 yet: run the first draft's call first"; exit 2; }
-  resume=""; [ -d "$runs/hybrid50/checkpoint" ] && resume="--resume"
+  # --resume on any earlier folder: it continues a checkpoint, and starts afresh where an earlier
+  # call trained nothing (a plain start would refuse the folder that call left).
+  resume=""; [ -d "$runs/hybrid50" ] && resume="--resume"
   step hybrid 280 python3 -m mambaify.cli -v distill --config configs/h200-smollm2-attn50.yaml $resume \
     --out "$runs/hybrid50" --init linear-attention --time-budget-s "$hybrid_s" --num-prompts 1024 --no-progress $TRAIN_ARGS
 fi
@@ -50,7 +52,7 @@ target="$runs/hybrid50/model"
 [ -f "$target/config.json" ] || target=$(dirname "$(ls "$runs"/hybrid50/stages/*/config.json 2>/dev/null | tail -1)")
 echo "target: $target"
 if [ ! -f "$runs/$draft/model/config.json" ]; then
-  resume=""; [ -d "$runs/$draft/checkpoint" ] && resume="--resume"
+  resume=""; [ -d "$runs/$draft" ] && resume="--resume"
   # --tokens is an upper bound: the time budget decides how long the draft trains. The whole
   # offline corpus, each title asked in about three phrasings (24,000 answers): session 4's draft
   # memorised the defaults' 0.14 M tokens, session 5's passed 8 times over 2.2 M.
