@@ -4,7 +4,7 @@ Usage (on the H200, after ``source benchmarks/h200/env.sh``):
 
     python3 benchmarks/bench_kernels.py OUT_DIR [--prefill b8,t2048,h32,p64,n64 ...]
         [--decode b1,h32,p128,n128 ...] [--only scan|decode|verify] [--no-compile]
-        [--verify-batch 1,8] [--verify-k 2,3,4,5,6,7,8]
+        [--verify-batch 1,8] [--verify-k 2,3,4,5,6,7,8] [--gemv-batch 1,8]
 
 Prefill/training: the reference chunked scan (eager and torch.compile'd) against fla's
 chunk_simple_gla and chunk_gla, forward and forward+backward, in bf16 (decays and states fp32).
@@ -17,6 +17,12 @@ fused verify call over K + 1 tokens (replay of the K + 1 accepted cached tokens,
 worst case, then K + 1 new tokens, no per-token state stored), the naive variant that stores
 every per-token state, and K + 1 single-token ssd_step_inplace calls, each in a CUDA graph; the
 conv window likewise. "cost in steps" = a call's time over one plain decode step's.
+GEMV (``--only gemv``; not in the default run): the linear layers of the 8B decode step at batch
+1 and 8 (each of Llama-3-8B's and its Mamba2 layer's matrices, q/k/v and gate/up also as one
+matrix each, the LM head): cuBLAS (F.linear), inductor's max-autotune choice (torch.compile of
+F.linear, skipped with --no-compile) and mambaify's split-K Triton kernel (the best of a few block
+sizes, named in the row), in CUDA graphs, each call on another copy of the weight (together
+beyond the 60 MB L2, as a model's layers are); "TB/s" is the weight's bytes over the time.
 
 Times are medians of triton.testing.do_bench / do_bench_cudagraph, in milliseconds. A case
 that fails (compile error, out of memory, a kernel refusing the machine) is recorded with its
@@ -74,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"decode shape b,h,p,n (repeatable; default {' and '.join(DEFAULT_DECODE)})")
     p.add_argument("--kv-heads", type=int, default=8, help="x/B heads for the conv width (default 8)")
     p.add_argument("--d-conv", type=int, default=4)
-    p.add_argument("--only", choices=["scan", "decode", "verify"], help="run one group only")
+    p.add_argument("--only", choices=["scan", "decode", "verify", "gemv"],
+                   help="run one group only (gemv runs only when asked for)")
+    p.add_argument("--gemv-batch", type=_int_list, default=[1, 8], help="GEMV rows (default 1,8)")
     p.add_argument("--verify-batch", type=_int_list, default=[1, 8], help="verify batch sizes (default 1,8)")
     p.add_argument("--verify-k", type=_int_list, default=list(range(2, 9)), help="draft lengths K (default 2..8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
@@ -358,6 +366,69 @@ def bench_verify(rec: Recorder, b: int, k: int, args, torch, bench_graph) -> Non
             **per_conv_step)
 
 
+# --------------------------------------------------------------------------- gemv
+
+# (name, N, K): the 8B decode step's matrices, out_features x in_features.
+GEMV_SHAPES = [
+    ("q_proj / o_proj / out_proj", 4096, 4096),
+    ("k_proj / v_proj", 1024, 4096),
+    ("q+k+v as one", 6144, 4096),
+    ("mamba in_proj (z, x, B, C, dt)", 8480, 4096),
+    ("gate_proj / up_proj", 14336, 4096),
+    ("gate+up as one", 28672, 4096),
+    ("down_proj", 4096, 14336),
+    ("lm_head", 128256, 4096),
+]
+GEMV_CONFIGS = [(bn, bk, w) for bn in (16, 32, 64) for bk in (256, 512) for w in (4, 8)]
+L2_BEATING_BYTES = 512 * 2**20
+
+
+def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
+    from mambaify.ops.triton.gemv import small_batch_linear
+
+    bf16 = torch.bfloat16
+    for name, n, k in GEMV_SHAPES:
+        weight_bytes = n * k * 2
+        copies = max(1, -(-L2_BEATING_BYTES // weight_bytes))
+        torch.manual_seed(0)
+        weights = [torch.randn(n, k, device=DEVICE, dtype=bf16) * k ** -0.5 for _ in range(copies)]
+        x = torch.randn(m, k, device=DEVICE, dtype=bf16)
+        shape = f"m{m} n{n} k{k} ({name})"
+        tbs = {"TB_per_s": lambda ms: weight_bytes / (ms * 1e-3) / 1e12}
+
+        def per_weight(linear):
+            def run():
+                for w in weights:
+                    linear(x, w)
+            return lambda: bench_graph(run) / copies
+
+        rec.run("gemv", shape, "cuBLAS (F.linear)", per_weight(torch.nn.functional.linear), **tbs)
+        if not args.no_compile:
+            compiled = torch.compile(torch.nn.functional.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+            rec.run("gemv", shape, "inductor max-autotune", per_weight(compiled), **tbs)
+        expected = torch.nn.functional.linear(x.float(), weights[0].float())
+        best = None
+        for bn, bk, warps in GEMV_CONFIGS:
+            def ours(x_, w_, bn=bn, bk=bk, warps=warps):
+                return small_batch_linear(x_, w_, block_n=bn, block_k=bk, num_warps=warps)
+            got = ours(x, weights[0]).float()
+            err = ((got - expected).norm() / expected.norm()).item()
+            if not err < 1e-2:
+                raise AssertionError(f"small_batch_linear {shape} bn{bn} bk{bk} w{warps}: rel. error {err:.2e}")
+            try:
+                ms = per_weight(ours)()
+            except Exception as e:  # a config the machine refuses (registers, shared memory)
+                print(f"gemv {shape} bn{bn} bk{bk} w{warps}: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, bn, bk, warps)
+        if best is not None:
+            ms, bn, bk, warps = best
+            rec.run("gemv", shape, f"mambaify split-K (bn{bn} bk{bk} w{warps})", lambda: ms, **tbs)
+        del weights
+        torch.cuda.empty_cache()
+
+
 def verify_markdown(rows: list[dict]) -> str:
     """The verify rows again, with the cost of a call in plain decode steps."""
     rows = [r for r in rows if r["group"].startswith("verify") and "ms" in r]
@@ -393,8 +464,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}; "
         "median ms (triton.testing.do_bench / do_bench_cudagraph).",
         "",
-        "| group | shape | implementation | ms | tokens/s | GB/s | % of 4.08 TB/s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| group | shape | implementation | ms | tokens/s | GB/s | % of 4.08 TB/s | TB/s (weights) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def num(v, f):
@@ -404,7 +475,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ms = num(r.get("ms"), ".4f") if "error" not in r else f"error: {r['error']}"
         lines.append(
             f"| {r['group']} | {r['shape']} | {r['impl']} | {ms} | {num(r.get('tokens_per_s'), ',.0f')} "
-            f"| {num(r.get('GB_per_s'), ',.0f')} | {num(r.get('pct_of_hbm_peak'), '.1f')} |"
+            f"| {num(r.get('GB_per_s'), ',.0f')} | {num(r.get('pct_of_hbm_peak'), '.1f')} "
+            f"| {num(r.get('TB_per_s'), '.2f')} |"
         )
     return "\n".join(lines) + "\n" + verify_markdown(rows)
 
@@ -459,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.verify_batch:
             for k in args.verify_k:
                 bench_verify(rec, b, k, args, torch, bench_graph)
+    if args.only == "gemv":
+        for m in args.gemv_batch:
+            bench_gemv(rec, m, args, torch, bench_graph)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": rec.rows}, indent=2))

@@ -11,7 +11,7 @@ bench` reports), then ``--steps`` eager steps under the profiler. The kernels' d
 step, grouped (inductor's fused kernels, Mamba kernels, attention, matmul, norms, copies and
 indexing, elementwise, other),
 against the graphed step tells kernel time from the gaps between kernels: at batch 1 the 8B
-step ran at 50-65% of its roofline (BENCHMARKS.md), and this says which part to fuse or speed
+step ran at 47-61% of its roofline uncompiled and 68-77% compiled (BENCHMARKS.md), and this says which part to fuse or speed
 up. On the CPU (tiny family) the profiler sees CPU ops instead (self time of aten ops, views
 included), and there is no graph and no roofline.
 Writes DIR/profile_decode.json and .md (the table, and each model's 15 costliest kernels).
@@ -48,6 +48,9 @@ from mambaify.generate.engine import COMPILE_MODES, Engine
 # First match wins: inductor's fused kernels (--compile) by their prefix, then Mamba and attention
 # kernels before the generic names their kernels contain.
 KINDS = [
+    # A matmul that inductor generated itself (max-autotune turns batch-1 matmuls into reductions
+    # fused with the norm or activation around them): its time is matmul time for the TB/s.
+    ("inductor-matmul", r"^triton_(poi|red|per|tem)_.*_(mm|addmm|bmm)(_|$)"),
     ("inductor-fused", r"^triton_(poi|red|per|tem)_"),
     ("mamba", r"ssd|conv_step|conv1d|causal_conv|verify|mamba|gated_rmsnorm"),
     ("attention", r"attention|attn|flash|split_k|sdpa|softmax"),
@@ -144,8 +147,13 @@ def profiled_step(model, args, device) -> tuple[dict, list, int]:
     return dict(by_kind), kernels[:15], round(launches / args.steps)
 
 
+MATMUL_KINDS = ("matmul", "inductor-matmul")
+
+
 def matmul_tb_per_s(m: dict) -> float | None:
-    ms = m["by_kind_ms"].get("matmul", 0.0)
+    """Every linear weight's bytes over the time of the kernels that compute the matmuls (library
+    matmuls and inductor's own, the latter with the small ops fused into them)."""
+    ms = sum(m["by_kind_ms"].get(kind, 0.0) for kind in MATMUL_KINDS)
     return m["linear_weight_bytes"] / ms / 1e9 if ms > 0 and "linear_weight_bytes" in m else None
 
 
@@ -163,7 +171,8 @@ def render(results: dict) -> str:
         lines.append(f"| {m['model']} | {m['batch']} | {m['context']} | {fmt(m['graphed_step_ms'])} | "
                      f"{fmt(m['roofline_ms'])} | {m['kernels_per_step']} | {fmt(m['kernel_ms_per_step'])} | "
                      + " | ".join(fmt(m["by_kind_ms"].get(k, 0.0)) for k in kinds) + f" | {fmt(matmul_tb_per_s(m))} |")
-    lines += ["", "matmul TB/s: the bytes of every linear layer's weight over the matmul kernels' time, against "
+    lines += ["", "matmul TB/s: the bytes of every linear layer's weight over the matmul kernels' time (library "
+              "matmuls and inductor's own, which carry the norms and activations fused into them), against "
               f"the copy bandwidth of {fmt(results.get('bandwidth_tb_per_s'))} TB/s (at batch 1 the matmuls "
               "are matrix-vector products, bound by reading their weights)."]
     for m in results["models"]:

@@ -182,6 +182,10 @@ def test_decode_profile_groups_each_steps_time_by_kind(tmp_path):
         "_ssd_step_kernel": "mamba",
         "_gated_rmsnorm_fwd_kernel": "mamba",
         "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "inductor-fused",
+        # max-autotune's batch-1 matmuls, as the H200 profile named them (session 7)
+        "triton_red_fused__to_copy_add_mean_mm_mul_pow_rsqrt_t_view_14": "inductor-matmul",
+        "triton_red_fused_mm_t_view_24": "inductor-matmul",
+        "triton_tem_fused_mm_0": "inductor-matmul",
         "void at::native::index_elementwise_kernel<128, 4>": "copy/index",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise",
         "aten::rms_norm": "norm",
@@ -202,6 +206,8 @@ def test_decode_profile_groups_each_steps_time_by_kind(tmp_path):
         assert m["linear_weight_bytes"] > 0
         assert profile_decode.matmul_tb_per_s(m) == pytest.approx(
             m["linear_weight_bytes"] / m["by_kind_ms"]["matmul"] / 1e9)
+    fused = {"linear_weight_bytes": 2e9, "by_kind_ms": {"matmul": 0.5, "inductor-matmul": 1.5, "mamba": 9.0}}
+    assert profile_decode.matmul_tb_per_s(fused) == pytest.approx(2e9 / 2.0 / 1e9)
     assert "matmul TB/s" in (out / "profile_decode.md").read_text()
     assert results["models"][0]["by_kind_ms"].get("attention", 0) > 0  # the teacher attends ...
     assert results["models"][1]["by_kind_ms"].get("attention", 0) == 0  # ... the pure Mamba2 model does not

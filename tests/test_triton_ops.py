@@ -128,6 +128,40 @@ KERNEL_CASES = [
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("m,n,k,block_k,bias", [
+    (1, 37, 1000, 16, False),   # K split 8 ways, partial sums added after; odd N masked
+    (3, 300, 1000, 16, True),   # several rows and N blocks, bias after the split sums
+    (16, 33, 70, 256, True),    # one split: the kernel writes the result itself, K masked
+    (5, 64, 96, 32, False),     # split into whole blocks, the last one short
+])
+def test_small_batch_linear_kernel(kernels, device, dtype, m, n, k, block_k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    wide = randn(m, k + 3, g=g, dtype=dtype, device=device)
+    x = wide[:, 2 : 2 + k]  # a strided view: rows of a wider tensor
+    w = randn(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    b = randn(n, g=g, dtype=dtype, device=device) if bias else None
+    out = kernels.small_batch_linear(x, w, b, block_k=block_k)
+    ref = F.linear(x.double().cpu(), w.double().cpu(), None if b is None else b.double().cpu())
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    # Fixed-order sums (no atomics): the same inputs give the same bits.
+    assert torch.equal(out, kernels.small_batch_linear(x, w, b, block_k=block_k))
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
+def test_small_batch_linear_takes_leading_dims_and_hands_big_batches_to_cublas(kernels, device, dtype):
+    g = torch.Generator().manual_seed(9)
+    w = randn(24, 40, g=g, dtype=dtype, device=device)
+    x = randn(2, 3, 40, g=g, dtype=dtype, device=device)
+    out = kernels.small_batch_linear(x, w)
+    assert out.shape == (2, 3, 24) and rel_err(out, F.linear(x.double(), w.double())) < TOL[dtype]
+    many = randn(kernels.gemv.MAX_ROWS + 1, 40, g=g, dtype=dtype, device=device)
+    assert torch.equal(kernels.small_batch_linear(many, w), F.linear(many, w))
+    with pytest.raises(ValueError, match="40 features"):
+        kernels.small_batch_linear(x, w[:, :39])
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
 @pytest.mark.parametrize("with_D", [True, False])
 def test_ssd_step_kernel(kernels, device, dtype, with_D):
     b, h, n, p, steps = 3, 6, 7, 37, 3  # odd sizes: masks on n and p, p split over programs on CUDA

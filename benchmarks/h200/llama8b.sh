@@ -2,7 +2,7 @@
 # On the H200, the Llama-3-8B-shaped family (random weights, built on the GPU: nothing to carry
 # but the wheels), in parts that each fit one call (< 9 min):
 #   profile   where the batch-1 decode step's time goes (benchmarks/profile_decode.py), compiled
-#             (teacher, 25% hybrid: 73-80% of the roofline in session 6)
+#             (teacher, 25% hybrid: 68-74% of the corrected roofline in session 6, 74-76% with max-autotune)
 #   profile-eager  the same uncompiled (teacher, 25% and 0% hybrids)
 #   compiled  `mambaify bench --compile` at batch 1, 1k context (the roofline target: teacher,
 #             25% and 0% hybrids), then issue 5 (b) again: the verify call against K + 1 steps
