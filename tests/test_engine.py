@@ -673,3 +673,106 @@ def test_cuda_compiled_graph_decode_equals_eager_in_bf16(attention):
     eager.prefill(ids, mask)
     token = torch.tensor([5, 6, 7], device="cuda")
     assert torch.allclose(compiled.decode(token).float(), eager.decode(token).float(), atol=2e-2, rtol=2e-2)
+
+
+# --- small_batch_linear: the linear layers through ops.small_batch_linear ---------------------
+
+
+def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing_on_the_cpu(model, monkeypatch):
+    # On the CPU the op is F.linear, so the tokens and logits must be the same bits; the counter
+    # shows that every linear of a step (and the MLP rebuilt from its projections) went through it.
+    prompts = random_prompts(6, 3, 9)
+    options = dict(max_new_tokens=10, stop_token_ids=[])
+    plain = Engine(model, max_batch_size=3, max_length=32)
+    expected = plain.generate(prompts, **options)
+    calls = []
+    real = ops.small_batch_linear
+    monkeypatch.setattr(ops, "small_batch_linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or real(x, w, b))
+    fast = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True)
+    assert torch.equal(fast.generate(prompts, **options), expected)
+    ids, mask = left_padded(prompts)
+    plain.prefill(ids, mask)
+    fast.prefill(ids, mask)
+    calls.clear()
+    token = torch.tensor([5, 6, 7])
+    assert torch.equal(fast.decode(token), plain.decode(token))
+    layers = model.model.layers
+    attention = sum(1 for layer in layers if not hasattr(layer, "mamba") or layer.is_attention)
+    # attention layer: q, k, v, o + gate, up, down; Mamba layer: in_proj, out_proj + the MLP; the head
+    assert len(calls) == 7 * attention + 5 * (len(layers) - attention) + 1
+    assert tuple(model.lm_head.weight.shape) in calls
+
+
+def test_small_batch_linear_refuses_an_mlp_it_cannot_rebuild():
+    model = tiny_teacher("llama")
+
+    class PlainMLP(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.fc = torch.nn.Linear(width, width)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model.model.layers[0].mlp = PlainMLP(model.config.hidden_size)
+    Engine(model, max_batch_size=1, max_length=8)  # the modules' own forward: fine
+    with pytest.raises(ValueError, match="PlainMLP has no gate_proj, up_proj, down_proj, act_fn"):
+        Engine(model, max_batch_size=1, max_length=8, small_batch_linear=True)
+
+
+def test_small_batch_linear_op_is_opaque_under_compile():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 1, 12, generator=g), torch.randn(20, 12, generator=g), torch.randn(20, generator=g)
+    torch.library.opcheck(torch.ops.mambaify.small_batch_linear.default, (x, w, b))
+    seen: list[str] = []
+    compiled = torch.compile(ops.small_batch_linear, backend=recording_backend(seen), fullgraph=True)
+    assert torch.equal(compiled(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert "mambaify.small_batch_linear" in seen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", [0.5, 1.0], ids=["hybrid-50", "llama"])
+def test_cuda_small_batch_linear_decodes_as_the_modules_do(attention):
+    # float32: the split-K kernel and cuBLAS round differently but far below a token's margin.
+    model = (tiny_teacher("llama") if attention == 1.0 else perturbed_hybrid(attention)).cuda()
+    prompts = random_prompts(7, 2, 12)
+    options = dict(max_new_tokens=24, stop_token_ids=[])
+    fast = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True)
+    plain = Engine(model, max_batch_size=4, max_length=48)
+    assert torch.equal(fast.generate(prompts, **options), plain.generate(prompts, **options))
+    ids, mask = left_padded(prompts)
+    fast.prefill(ids, mask)
+    plain.prefill(ids, mask)
+    token = torch.tensor([5, 6, 7], device="cuda")
+    assert torch.allclose(fast.decode(token), plain.decode(token), atol=1e-4)
+
+
+def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
+    from mambaify import bench
+
+    argv = ["--families", "tiny", "--attention", "1,0", "--batch", "1", "--context", "16", "--new-tokens", "2",
+            "--repeats", "1", "--hf-batch", "none", "--device", "cpu", "--out"]
+    assert cli_main(["bench", "--small-batch-linear", *argv, str(tmp_path / "gemv")]) == 0
+    assert cli_main(["bench", *argv, str(tmp_path / "plain")]) == 0
+    doc = json.loads((tmp_path / "gemv" / "bench.json").read_text())
+    assert doc["meta"]["options"]["small_batch_linear"] is True
+    assert [p["decode_linear"] for p in doc["points"]] == ["split-K", "split-K"]
+    assert "| hybrid-0% | engine (split-K linear) | 1 | 16 |" in (tmp_path / "gemv" / "bench.md").read_text()
+    merged = bench.render_from_json([tmp_path / "gemv" / "bench.json", tmp_path / "plain" / "bench.json"],
+                                    tmp_path / "all")
+    # Each hybrid is compared with the teacher run the same way.
+    gemv_teacher, gemv_hybrid, plain_teacher, plain_hybrid = merged["points"]
+    assert gemv_hybrid["decode_vs_teacher"] == pytest.approx(gemv_hybrid["decode_tok_s"] / gemv_teacher["decode_tok_s"])
+    assert plain_hybrid["decode_vs_teacher"] == pytest.approx(
+        plain_hybrid["decode_tok_s"] / plain_teacher["decode_tok_s"])
+
+
+def test_compiled_small_batch_linear_equals_eager():
+    model = perturbed_hybrid(0.5, num_hidden_layers=2)
+    prompts = random_prompts(7, 3)
+    compiled = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True)
+    eager = Engine(model, max_batch_size=2, max_length=32)
+    options = dict(max_new_tokens=8, stop_token_ids=[])
+    assert torch.equal(compiled.generate(prompts, **options), eager.generate(prompts, **options))
+    assert compiled.is_compiled(2) and compiled.compile_error is None

@@ -107,6 +107,7 @@ class BenchOptions:
     seed: int = 0
     compile: bool = False  # the engine's decode step through torch.compile (off: comparable to earlier runs)
     compile_mode: str = "default"  # inductor's mode with compile (COMPILE_MODES)
+    small_batch_linear: bool = False  # the engine's linear layers through the split-K GEMV (Engine(small_batch_linear=))
 
     def __post_init__(self):
         unknown = [f for f in self.families if f not in (*FAMILIES, "tiny")]
@@ -458,14 +459,15 @@ class PointSpec:
 
 
 def new_point(spec: PointSpec, model: nn.Module | None, path: str, dtype: torch.dtype, slots: float,
-              bandwidth: float | None, compiled: bool = False) -> dict:
+              bandwidth: float | None, compiled: bool = False, decode_linear: str | None = None) -> dict:
     """The fields every point has, the decode step's bytes among them (None without a model: a
     point that was never reached). ``slots``: the K/V slots a decode step reads per row (a mean
     over the steps). ``compiled``: the engine's step through torch.compile (as asked until
-    measured)."""
+    measured). ``decode_linear``: "split-K" where the engine ran its linear layers through
+    ``ops.small_batch_linear``, else None."""
     point = {
         "family": spec.family, "model": spec.label, "attention": spec.fraction, "path": path,
-        "compiled": compiled,
+        "compiled": compiled, "decode_linear": decode_linear,
         "batch": spec.batch, "context": spec.context, "dtype": str(dtype).removeprefix("torch."),
         "status": "ok", "reason": None, "kv_slots_read": slots,
         "attention_layers": None, "layers": None, "weights_bytes": None, "weights_read_bytes_per_step": None,
@@ -486,6 +488,10 @@ def new_point(spec: PointSpec, model: nn.Module | None, path: str, dtype: torch.
     return point
 
 
+def engine_linear(options: BenchOptions) -> str | None:
+    return "split-K" if options.small_batch_linear else None
+
+
 def skip(point: dict, reason: str) -> dict:
     point.update(status="skipped", reason=reason)
     return point
@@ -494,7 +500,7 @@ def skip(point: dict, reason: str) -> dict:
 def bench_engine_point(model: nn.Module, spec: PointSpec, options: BenchOptions, device: torch.device,
                        dtype: torch.dtype, clock: Clock, bandwidth: float | None, warmed: set) -> dict:
     slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
-    point = new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile)
+    point = new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, engine_linear(options))
     estimate = estimate_memory(model, spec.batch, spec.context, options.new_tokens, dtype)
     point["estimated_memory_gib"] = estimate["total"] / GIB
     limit = memory_limit_bytes(options, device)
@@ -536,7 +542,8 @@ def measure_engine(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
 
     def build(compile_: bool) -> Engine:
         return without_oom(lambda: Engine(model, max_batch_size=batch, max_length=context + steps, compile=compile_,
-                                          compile_mode=options.compile_mode), "allocating the caches")
+                                          compile_mode=options.compile_mode,
+                                          small_batch_linear=options.small_batch_linear), "allocating the caches")
 
     # The first request of a batch size captures the decode graph (and runs it twice), compiling
     # the step first with --compile: time it apart with a short prompt, before the real prefill
@@ -783,15 +790,15 @@ def add_ratios(points: list[dict]) -> None:
     the same batch and context; on transformers' points, engine_vs_hf: the teacher's engine
     (uncompiled where both were run) over generate()."""
     teacher = {
-        (p["family"], p["batch"], p["context"], compile_key(p)): p["decode_tok_s"]
+        (p["family"], p["batch"], p["context"], engine_variant(p)): p["decode_tok_s"]
         for p in points if p["path"] == "engine" and p["attention"] == 1.0 and p["status"] == "ok"
     }
     for p in points:
         key = (p["family"], p["batch"], p["context"])
         if p["path"] == "engine":
-            base = teacher.get((*key, compile_key(p)))
+            base = teacher.get((*key, engine_variant(p)))
         else:
-            base = teacher.get((*key, None), teacher.get((*key, "default")))
+            base = teacher.get((*key, (None, None)), teacher.get((*key, ("default", None))))
         ok = p["status"] == "ok" and base is not None
         if p["path"] == "engine":
             p["decode_vs_teacher"] = p["decode_tok_s"] / base if ok else None
@@ -830,14 +837,22 @@ def compile_key(p: dict) -> str | None:
     return (p.get("compile_mode") or "default") if p.get("compiled") else None
 
 
+def engine_variant(p: dict) -> tuple[str | None, str | None]:
+    """What makes engine points comparable: the compile mode (None: uncompiled) and the linear
+    layers' kernel (None: the modules' own)."""
+    return compile_key(p), p.get("decode_linear")
+
+
 def _compiled_suffix(p: dict) -> str:
-    mode = compile_key(p)
-    return "" if mode is None else " (compiled)" if mode == "default" else f" (compiled, {mode})"
+    mode, linear = engine_variant(p)
+    parts = ([] if mode is None else ["compiled"] if mode == "default" else ["compiled", mode])
+    parts += [f"{linear} linear"] if linear else []
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def path_label(p: dict) -> str:
-    """engine / engine (compiled) / engine (compiled, MODE) / hf / hf (eager): the path and
-    whether (and how) it ran compiled."""
+    """engine / engine (compiled) / engine (compiled, MODE) / engine (..., split-K linear) / hf /
+    hf (eager): the path, whether (and how) it ran compiled, and its linear layers' kernel."""
     if p["path"] == "engine":
         return "engine" + _compiled_suffix(p)
     return "hf" if p.get("compiled", True) else "hf (eager)"
@@ -1071,7 +1086,8 @@ def run_engine_grid(family: str, options: BenchOptions, device: torch.device, dt
         if late:  # not even built: converting an 8B model would spend more of the time left
             for spec in specs:
                 slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
-                results.add(skip(new_point(spec, None, "engine", dtype, slots, None, options.compile), late))
+                results.add(skip(new_point(spec, None, "engine", dtype, slots, None, options.compile,
+                                           engine_linear(options)), late))
             continue
         _, model = next(models)
         warmed: set = set()  # the (rows, width) prefill shapes this model has run
@@ -1079,7 +1095,8 @@ def run_engine_grid(family: str, options: BenchOptions, device: torch.device, dt
             late = out_of_time()
             if late:
                 slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
-                point = skip(new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile), late)
+                point = skip(new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile,
+                                       engine_linear(options)), late)
             else:
                 point = bench_engine_point(model, spec, options, device, dtype, clock, bandwidth, warmed)
             if point.get("compile_error"):
@@ -1180,6 +1197,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         time_budget_s=args.time_budget_s, device=args.device, dtype=args.dtype, teacher=args.teacher, seed=args.seed,
         compile=args.compile,
         compile_mode=args.compile_mode,
+        small_batch_linear=args.small_batch_linear,
     )
 
 

@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
                    help="inductor's mode with --compile: max-autotune-no-cudagraphs times Triton templates against "
                         "cuBLAS for each matmul shape (minutes per model) and keeps the fastest")
+    p.add_argument("--small-batch-linear", action="store_true",
+                   help="run the engine's linear layers through mambaify's split-K Triton GEMV (CUDA, at most 16 "
+                        "rows) instead of the modules' own; points are labelled '... split-K linear'")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="measure nothing: merge these bench.json files and write the report into --out")
     p.set_defaults(func=cmd_bench)

@@ -172,6 +172,23 @@ def grouped_query_attention(
 
 
 # ---------------------------------------------------------------------------------------------
+# How the runners call a linear layer
+
+LinearCall = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
+
+
+def module_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's own forward (cuBLAS on CUDA, or whatever inductor makes of it compiled)."""
+    return layer(x)
+
+
+def few_row_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's weights through :func:`mambaify.ops.small_batch_linear`: the split-K Triton
+    GEMV on CUDA for at most 16 rows (a decode step at small batch), ``F.linear`` otherwise."""
+    return ops.small_batch_linear(x, layer.weight, layer.bias)
+
+
+# ---------------------------------------------------------------------------------------------
 # Token mixers against the static cache
 
 
@@ -180,8 +197,9 @@ class AttentionRunner:
     with its own projections and its family's RoPE function. Prefill and decode are one code path:
     write this pass's keys/values at their slots, then attend over the slots the mask allows."""
 
-    def __init__(self, attention: nn.Module):
+    def __init__(self, attention: nn.Module, linear: LinearCall = module_linear):
         self.attention = attention
+        self.linear = linear
         self.head_dim: int = attention.head_dim
         self.num_kv_heads: int = attention.k_proj.out_features // self.head_dim
         # Qwen2 sets its window per layer; Mistral reads it from the config; Llama has none.
@@ -199,9 +217,10 @@ class AttentionRunner:
         attn = self.attention
         b, t, _ = hidden.shape
         heads = (b, t, -1, self.head_dim)
-        query = attn.q_proj(hidden).view(heads).transpose(1, 2)
-        key = attn.k_proj(hidden).view(heads).transpose(1, 2)
-        value = attn.v_proj(hidden).view(heads).transpose(1, 2)
+        linear = self.linear
+        query = linear(attn.q_proj, hidden).view(heads).transpose(1, 2)
+        key = linear(attn.k_proj, hidden).view(heads).transpose(1, 2)
+        value = linear(attn.v_proj, hidden).view(heads).transpose(1, 2)
         query, key = self.apply_rotary(query, key, *ctx.rotary)
         kv.keys.index_copy_(2, ctx.query_slots, key)
         kv.values.index_copy_(2, ctx.query_slots, value)
@@ -211,7 +230,7 @@ class AttentionRunner:
             out = decode_attention_op(
                 query, kv.keys, kv.values, ctx.pad_lengths, ctx.query_slots, attn.scaling, self.sliding_window
             )
-            return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            return linear(attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
         readable = ctx.key_slots.shape[0]
         out = grouped_query_attention(
             query,
@@ -220,7 +239,7 @@ class AttentionRunner:
             ctx.attention_bias(self.sliding_window, query.dtype),
             attn.scaling,
         )
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return linear(attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
     prefill = decode = forward
 
@@ -236,8 +255,9 @@ class MambaRunner:
     a request always decodes with the mixer's current parameters.
     """
 
-    def __init__(self, mixer: Mamba2Mixer):
+    def __init__(self, mixer: Mamba2Mixer, linear: LinearCall = module_linear):
         self.mixer = mixer
+        self.linear = linear
         with torch.no_grad():
             self.A = mixer.A.clone()
 
@@ -264,21 +284,34 @@ class MambaRunner:
         # Mamba2Mixer.forward for one token, the state read and written in place (fused kernels on CUDA).
         m = self.mixer
         b = hidden.shape[0]
-        z, xBC, dt = m.project(hidden)
+        z, xBC, dt = m.split_projection(self.linear(m.in_proj, hidden))
         xBC = ops.conv_step_inplace(state.conv_state, xBC[:, 0], m.conv1d.weight[:, 0], m.conv1d.bias)  # SiLU-ed
         x, B, C = m.split_heads(xBC[:, None])
         dt = F.softplus(dt[:, 0] + m.dt_bias)
         y = ops.ssd_step_inplace(state.ssm_state, x[:, 0], dt, self.A, B[:, 0], C[:, 0], m.D)
-        return m.out_proj(m.norm(y.reshape(b, 1, m.d_inner), z))
+        return self.linear(m.out_proj, m.norm(y.reshape(b, 1, m.d_inner), z))
 
 
 class DecoderLayerRunner:
-    """A decoder layer (the hybrid's or the teacher's): norm, token mixer, residual, norm, MLP, residual."""
+    """A decoder layer (the hybrid's or the teacher's): norm, token mixer, residual, norm, MLP, residual.
 
-    def __init__(self, layer: nn.Module):
+    With a ``linear`` other than the modules' own, the MLP is run here from its gate, up and down
+    projections (the gated MLP of the Llama family: down(act(gate(x)) * up(x)))."""
+
+    def __init__(self, layer: nn.Module, linear: LinearCall = module_linear):
         self.layer = layer
+        self.linear = linear
         mamba = getattr(layer, "mamba", None)
-        self.mixer = MambaRunner(mamba) if isinstance(mamba, Mamba2Mixer) else AttentionRunner(layer.self_attn)
+        if isinstance(mamba, Mamba2Mixer):
+            self.mixer = MambaRunner(mamba, linear)
+        else:
+            self.mixer = AttentionRunner(layer.self_attn, linear)
+        if linear is not module_linear:
+            missing = [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(layer.mlp, n)]
+            if missing:
+                raise ValueError(
+                    f"small_batch_linear needs the Llama family's gated MLP; {type(layer.mlp).__name__} has no "
+                    f"{', '.join(missing)}: leave small_batch_linear off for this model")
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers | MambaBuffers:
         return self.mixer.allocate(batch, slots, dtype, device)
@@ -292,7 +325,13 @@ class DecoderLayerRunner:
     def _run(self, mix: Callable, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
         layer = self.layer
         hidden = hidden + mix(layer.input_layernorm(hidden), ctx, buffers)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + self._mlp(layer.post_attention_layernorm(hidden))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        mlp, linear = self.layer.mlp, self.linear
+        if linear is module_linear:
+            return mlp(x)
+        return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,11 +348,12 @@ class DecodingStack:
     without attention layers, or for a RoPE that depends on the positions seen (dynamic, long).
     """
 
-    def __init__(self, model: nn.Module, num_slots: int):
+    def __init__(self, model: nn.Module, num_slots: int, linear: LinearCall = module_linear):
         base = model.model
         self.embed_tokens, self.norm, self.rotary_emb = base.embed_tokens, base.norm, base.rotary_emb
         self.lm_head = model.lm_head
-        self.layers = [DecoderLayerRunner(layer) for layer in base.layers]
+        self.linear = linear
+        self.layers = [DecoderLayerRunner(layer, linear) for layer in base.layers]
         self.has_attention = any(isinstance(r.mixer, AttentionRunner) for r in self.layers)
         self.num_slots = num_slots
         self.slot_range = torch.arange(num_slots, device=self.lm_head.weight.device)
@@ -367,7 +407,7 @@ class DecodingStack:
         ctx = self.context(hidden, self.slot_range[:t], t, cache.pad_lengths, attention_mask)
         for runner, buffers in zip(self.layers, cache.layers):
             hidden = runner.prefill(hidden, ctx, buffers)
-        return self.lm_head(self.norm(hidden[:, -logits_to_keep:]))
+        return self.linear(self.lm_head, self.norm(hidden[:, -logits_to_keep:]))
 
     def decode(self, token_ids: torch.Tensor, slot: torch.Tensor, cache: StaticCache) -> torch.Tensor:
         """One token per row, token_ids (b, 1), written at ``slot`` (a (1,) tensor) -> logits (b, vocab).
@@ -377,7 +417,7 @@ class DecodingStack:
         ctx = self.context(hidden, slot, self.num_slots, cache.pad_lengths, split_k=split_k)
         for runner, buffers in zip(self.layers, cache.layers):
             hidden = runner.decode(hidden, ctx, buffers)
-        return self.lm_head(self.norm(hidden))[:, 0]
+        return self.linear(self.lm_head, self.norm(hidden))[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,6 +886,9 @@ class Engine(GenerationFrontend):
     default) never compiles. ``compile_seconds`` adds up the time spent compiling;
     :meth:`is_compiled` says whether a batch size's step runs compiled.
     compile_mode: the inductor mode, one of :data:`COMPILE_MODES`.
+    small_batch_linear: run every linear layer through :func:`mambaify.ops.small_batch_linear`
+    (on CUDA the split-K Triton GEMV for requests of at most 16 rows) instead of the modules' own
+    forward; off by default until it measures faster (``benchmarks/bench_kernels.py --only gemv``).
     stop_check_lag (attribute): how many steps :meth:`generate` may run past the step where the
     last row stopped, so that the host never waits for the step in flight (:class:`StopWatch`;
     :data:`STOP_CHECK_LAG` on CUDA, 0 on the CPU). Streams check every step.
@@ -866,6 +909,7 @@ class Engine(GenerationFrontend):
         use_cuda_graph: bool | Literal["auto"] = "auto",
         compile: bool | Literal["auto"] = False,
         compile_mode: str = "default",
+        small_batch_linear: bool = False,
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
@@ -879,7 +923,9 @@ class Engine(GenerationFrontend):
         self.max_batch_size = max_batch_size
         self.max_length = max_length
 
-        self.stack = DecodingStack(model, num_slots=max_length)
+        self.small_batch_linear = small_batch_linear
+        self.stack = DecodingStack(model, num_slots=max_length,
+                                   linear=few_row_linear if small_batch_linear else module_linear)
         self.cache = self.stack.allocate(max_batch_size, self.dtype, self.device)
         self.inputs = DecodeInputs(
             token_ids=torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device),

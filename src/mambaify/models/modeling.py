@@ -147,7 +147,11 @@ class Mamba2Mixer(nn.Module):
         return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        return self.split_projection(self.in_proj(hidden_states))
+
+    def split_projection(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """in_proj's output -> z (gate), xBC (conv input), dt (pre-softplus)."""
+        z, xBC, dt = projected.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         return z, xBC, dt
 
     def split_heads(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -270,6 +270,32 @@ def _(y, z, weight, eps):
     return y.new_empty(y.shape, dtype=torch.promote_types(weight.dtype, y.dtype))
 
 
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; on CUDA, for at most 16 rows, the split-K Triton GEMV
+    (:func:`mambaify.ops.triton.gemv.small_batch_linear`). Inference only (no backward): the
+    engine's decode step uses it when asked (``Engine(small_batch_linear=True)``)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.mambaify.small_batch_linear(x, weight, bias)
+    return _small_batch_linear(x, weight, bias)
+
+
+def _small_batch_linear(x, weight, bias=None):
+    kernels = _gpu_kernels(x)
+    if kernels is not None:
+        return kernels.small_batch_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@torch.library.custom_op("mambaify::small_batch_linear", mutates_args=())
+def _small_batch_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _small_batch_linear(x, weight, bias)
+
+
+@_small_batch_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 # --- Speculative verify (PAPER.md section 3): one call per Mamba layer and verify round ------
 
 
@@ -505,6 +531,7 @@ __all__ = [
     "register_backend",
     "segsum",
     "select_backend",
+    "small_batch_linear",
     "ssd_chunked",
     "ssd_scan",
     "ssd_sequential",
