@@ -23,7 +23,7 @@ mkdir -p "$TRITON_CACHE_DIR"
 # with them instead of timing every configuration again.
 [ -f benchmarks/h200/triton-autotune.tgz ] && tar xzf benchmarks/h200/triton-autotune.tgz -C "$TRITON_CACHE_DIR" --skip-old-files
 # Training reads the built-in corpus from the cache; this machine cannot download it.
-wiki=$(ls "$MAMBAIFY_CACHE"/data/wiki-offline-*.jsonl 2>/dev/null | head -1)
+wiki=$(ls "$MAMBAIFY_CACHE"/data/wiki-offline-*.jsonl 2>/dev/null | head -1 || true)
 [ -n "$wiki" ] || echo "env.sh: no built-in training corpus in $MAMBAIFY_CACHE/data, so distill and distill-draft will fail here (no network): run bash benchmarks/h200/prep.sh on the CPU machine and carry .gpu/cache/data" >&2
 
 # run_logged LOG LIMIT_S TAIL COMMAND...: run COMMAND with a time limit, its output in LOG, then
