@@ -118,6 +118,9 @@ def test_other_families_and_sliding_windows(family, overrides):
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert torch.equal(Engine(model, max_batch_size=1, max_length=16).generate(ids, max_new_tokens=8),
                            expected[:, ids.shape[1]:])
+        # The linear layers through ops.small_batch_linear (F.linear on the CPU): Qwen2's q/k/v biases too.
+        fast = Engine(model, max_batch_size=1, max_length=16, small_batch_linear=True)
+        assert torch.equal(fast.generate(ids, max_new_tokens=8), expected[:, ids.shape[1]:])
 
 
 @pytest.fixture
