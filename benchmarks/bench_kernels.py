@@ -425,7 +425,7 @@ def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
         if best is not None:
             ms, bn, bk, warps = best
             rec.run("gemv", shape, f"mambaify split-K (bn{bn} bk{bk} w{warps})", lambda: ms, **tbs)
-        del weights
+        weights.clear()  # the copies go before the next shape's are made
         torch.cuda.empty_cache()
 
 

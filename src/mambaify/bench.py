@@ -68,6 +68,7 @@ from torch import nn
 
 from .convert import attention_layers_for, convert
 from .fileio import write_json_atomic
+from .generate.clock import Clock
 from .generate.engine import (
     COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, prefill_width, use_split_k_attention,
 )
@@ -376,27 +377,6 @@ def memory_limit_bytes(options: BenchOptions, device: torch.device) -> int | Non
 
 # ---------------------------------------------------------------------------------------------
 # Timing
-
-
-class Clock:
-    """Marks on the device's timeline: CUDA events on a GPU (no host sync inside a timed region),
-    time.perf_counter on the CPU. ``seconds`` synchronises, so call it after the region."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start, end) -> float:
-        if not self.cuda:
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = GIB, repeats: int = 20) -> float | None:
@@ -1203,6 +1183,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 __all__ = [
     "BenchOptions",
+    "Clock",
     "correct_legacy_point",
     "decode_step_bytes",
     "decode_weight_bytes",

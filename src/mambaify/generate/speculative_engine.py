@@ -94,6 +94,7 @@ from torch import nn
 from .. import ops
 from ..models.modeling import Mamba2Mixer
 from ..ops.attention import decode_attention_op
+from .clock import Clock
 from .engine import (
     AttentionRunner,
     DecodingStack,
@@ -675,24 +676,6 @@ class AdaptiveK:
         return max(self.choices, key=lambda k: self.expected_tokens(k) / cost[k])
 
 
-class _Clock:
-    """Seconds between marks: CUDA events on a GPU (read after the round's sync), else the host
-    clock (eager CPU calls are synchronous)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start, end) -> float:
-        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
-
-
 # ---------------------------------------------------------------------------------------------
 # The engine
 
@@ -1075,7 +1058,7 @@ class SpeculativeEngine(GenerationFrontend):
         rb.stop_ids.fill_(-1)
         rb.stop_ids[: len(stop)] = torch.tensor(stop, dtype=torch.long, device=self.device)
         stats = self.stats = SpeculativeStats()
-        clock = _Clock(self.device)
+        clock = Clock(self.device)
         # Rounds are launched one ahead of the report the host reads (launch_ahead): round n + 1
         # runs on the device while the host reads round n's outcome and yields it, so the device
         # does not wait for the host between rounds. Everything a round needs from the last one
@@ -1153,7 +1136,7 @@ class SpeculativeEngine(GenerationFrontend):
     def _timed_replays(self, program: RoundProgram, batch: int, repeats: int) -> list[tuple[float, float, float]]:
         """(draft s, verify s, wall s) of ``repeats`` replays of a round, each read back before
         the next. The rows must be inactive (nothing commits), or the replays would decode."""
-        clock = _Clock(self.device)
+        clock = Clock(self.device)
         timings = []
         for _ in range(repeats):
             wall = time.perf_counter()
