@@ -151,7 +151,7 @@ def bench_case(torch, bench_graph, args, b: int, S: int, t: int, fill: float) ->
         rows.append(row)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
         print(json.dumps(shown), flush=True)
-    del caches
+    caches.clear()  # the copies go before the next shape's are made
     torch.cuda.empty_cache()
     return rows
 

@@ -21,8 +21,10 @@ GEMV (``--only gemv``; not in the default run): the linear layers of the 8B deco
 1 and 8 (each of Llama-3-8B's and its Mamba2 layer's matrices, q/k/v and gate/up also as one
 matrix each, the LM head): cuBLAS (F.linear), inductor's max-autotune choice (torch.compile of
 F.linear, skipped with --no-compile) and mambaify's split-K Triton kernel (the best of a few block
-sizes, named in the row), in CUDA graphs, each call on another copy of the weight (together
-beyond the 60 MB L2, as a model's layers are); "TB/s" is the weight's bytes over the time.
+sizes, with its planned splits and with none, named in the row; for gate_proj also gate and up
+read in one pass with the SiLU gate applied, small_batch_gated_up), in CUDA graphs, each call on
+another copy of the weight (together beyond the 60 MB L2, as a model's layers are); "TB/s" is
+the bytes of the matrices read over the time.
 
 Times are medians of triton.testing.do_bench / do_bench_cudagraph, in milliseconds. A case
 that fails (compile error, out of memory, a kernel refusing the machine) is recorded with its
@@ -384,47 +386,60 @@ L2_BEATING_BYTES = 512 * 2**20
 
 
 def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
-    from mambaify.ops.triton.gemv import small_batch_linear
+    from mambaify.ops.triton.gemv import small_batch_gated_up, small_batch_linear
 
-    bf16 = torch.bfloat16
+    F, bf16 = torch.nn.functional, torch.bfloat16
     for name, n, k in GEMV_SHAPES:
+        gated = name.startswith("gate_proj")  # also time gate and up read together (small_batch_gated_up)
         weight_bytes = n * k * 2
         copies = max(1, -(-L2_BEATING_BYTES // weight_bytes))
         torch.manual_seed(0)
         weights = [torch.randn(n, k, device=DEVICE, dtype=bf16) * k ** -0.5 for _ in range(copies)]
         x = torch.randn(m, k, device=DEVICE, dtype=bf16)
         shape = f"m{m} n{n} k{k} ({name})"
-        tbs = {"TB_per_s": lambda ms: weight_bytes / (ms * 1e-3) / 1e12}
 
-        def per_weight(linear):
+        def timed(linear, weights=weights):
             def run():
-                for w in weights:
-                    linear(x, w)
+                for i, w in enumerate(weights):
+                    linear(x, w, weights[i - 1])  # the gated kernel reads a second matrix
             return lambda: bench_graph(run) / copies
 
-        rec.run("gemv", shape, "cuBLAS (F.linear)", per_weight(torch.nn.functional.linear), **tbs)
+        def tbs(per_call_bytes):
+            return {"TB_per_s": lambda ms: per_call_bytes / (ms * 1e-3) / 1e12}
+
+        rec.run("gemv", shape, "cuBLAS (F.linear)", timed(lambda x_, w_, _: F.linear(x_, w_)),
+                **tbs(weight_bytes))
         if not args.no_compile:
-            compiled = torch.compile(torch.nn.functional.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
-            rec.run("gemv", shape, "inductor max-autotune", per_weight(compiled), **tbs)
-        expected = torch.nn.functional.linear(x.float(), weights[0].float())
-        best = None
-        for bn, bk, warps in GEMV_CONFIGS:
-            def ours(x_, w_, bn=bn, bk=bk, warps=warps):
-                return small_batch_linear(x_, w_, block_n=bn, block_k=bk, num_warps=warps)
-            got = ours(x, weights[0]).float()
-            err = ((got - expected).norm() / expected.norm()).item()
-            if not err < 1e-2:
-                raise AssertionError(f"small_batch_linear {shape} bn{bn} bk{bk} w{warps}: rel. error {err:.2e}")
-            try:
-                ms = per_weight(ours)()
-            except Exception as e:  # a config the machine refuses (registers, shared memory)
-                print(f"gemv {shape} bn{bn} bk{bk} w{warps}: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, bn, bk, warps)
-        if best is not None:
-            ms, bn, bk, warps = best
-            rec.run("gemv", shape, f"mambaify split-K (bn{bn} bk{bk} w{warps})", lambda: ms, **tbs)
+            compiled = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+            rec.run("gemv", shape, "inductor max-autotune", timed(lambda x_, w_, _: compiled(x_, w_)),
+                    **tbs(weight_bytes))
+        kinds = [("split-K", weight_bytes, lambda x_, w_, u_, **kw: small_batch_linear(x_, w_, **kw),
+                  lambda w_, u_: F.linear(x.float(), w_.float()))]
+        if gated:
+            kinds.append(("gate+up fused (SwiGLU)", 2 * weight_bytes, small_batch_gated_up,
+                          lambda w_, u_: F.silu(F.linear(x.float(), w_.float())) * F.linear(x.float(), u_.float())))
+        for label, nbytes, kernel, reference in kinds:
+            expected = reference(weights[0], weights[-1])
+            best = None
+            for bn, bk, warps in GEMV_CONFIGS:
+                for splits in (None, 1):  # the planned split-K, and none (no partial sums to add)
+                    def ours(x_, w_, u_, bn=bn, bk=bk, warps=warps, splits=splits):
+                        return kernel(x_, w_, u_, block_n=bn, block_k=bk, num_warps=warps, splits=splits)
+                    got = ours(x, weights[0], weights[-1]).float()
+                    err = ((got - expected).norm() / expected.norm()).item()
+                    if not err < 1e-2:
+                        raise AssertionError(f"{label} {shape} bn{bn} bk{bk} w{warps}: rel. error {err:.2e}")
+                    try:
+                        ms = timed(ours)()
+                    except Exception as e:  # a config the machine refuses (registers, shared memory)
+                        print(f"gemv {label} {shape} bn{bn} bk{bk} w{warps}: {type(e).__name__}: {e}".splitlines()[0],
+                              flush=True)
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, f"bn{bn} bk{bk} w{warps} {'planned splits' if splits is None else 'no split'}")
+            if best is not None:
+                ms, config = best
+                rec.run("gemv", shape, f"mambaify {label} ({config})", lambda: ms, **tbs(nbytes))
         weights.clear()  # the copies go before the next shape's are made
         torch.cuda.empty_cache()
 

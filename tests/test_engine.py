@@ -688,22 +688,40 @@ def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing
     options = dict(max_new_tokens=10, stop_token_ids=[])
     plain = Engine(model, max_batch_size=3, max_length=32)
     expected = plain.generate(prompts, **options)
-    calls = []
-    real = ops.small_batch_linear
+    calls, gated = [], []
+    real, real_gated = ops.small_batch_linear, ops.small_batch_gated_up
     monkeypatch.setattr(ops, "small_batch_linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or real(x, w, b))
+    monkeypatch.setattr(ops, "small_batch_gated_up",
+                        lambda x, g, u: gated.append(tuple(g.shape)) or real_gated(x, g, u))
     fast = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True)
     assert torch.equal(fast.generate(prompts, **options), expected)
     ids, mask = left_padded(prompts)
     plain.prefill(ids, mask)
     fast.prefill(ids, mask)
     calls.clear()
+    gated.clear()
     token = torch.tensor([5, 6, 7])
     assert torch.equal(fast.decode(token), plain.decode(token))
     layers = model.model.layers
     attention = sum(1 for layer in layers if not hasattr(layer, "mamba") or layer.is_attention)
-    # attention layer: q, k, v, o + gate, up, down; Mamba layer: in_proj, out_proj + the MLP; the head
-    assert len(calls) == 7 * attention + 5 * (len(layers) - attention) + 1
+    # attention layer: q, k, v, o + down; Mamba layer: in_proj, out_proj + down; the head. The
+    # SiLU MLP's gate and up: one fused call per layer.
+    assert len(calls) == 5 * attention + 3 * (len(layers) - attention) + 1
     assert tuple(model.lm_head.weight.shape) in calls
+    assert gated == [tuple(layer.mlp.gate_proj.weight.shape) for layer in layers]
+
+
+def test_small_batch_linear_keeps_gate_and_up_apart_for_another_activation(monkeypatch):
+    model = tiny_teacher("llama")
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    prompts = random_prompts(5, 8)
+    options = dict(max_new_tokens=6, stop_token_ids=[])
+    expected = Engine(model, max_batch_size=2, max_length=24).generate(prompts, **options)
+    gated = []
+    monkeypatch.setattr(ops, "small_batch_gated_up", lambda *args: gated.append(args))
+    fast = Engine(model, max_batch_size=2, max_length=24, small_batch_linear=True)
+    assert torch.equal(fast.generate(prompts, **options), expected) and gated == []
 
 
 def test_small_batch_linear_refuses_an_mlp_it_cannot_rebuild():
@@ -723,14 +741,19 @@ def test_small_batch_linear_refuses_an_mlp_it_cannot_rebuild():
         Engine(model, max_batch_size=1, max_length=8, small_batch_linear=True)
 
 
-def test_small_batch_linear_op_is_opaque_under_compile():
+def test_small_batch_linear_ops_are_opaque_under_compile():
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(2, 1, 12, generator=g), torch.randn(20, 12, generator=g), torch.randn(20, generator=g)
+    up = torch.randn(20, 12, generator=g)
     torch.library.opcheck(torch.ops.mambaify.small_batch_linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.mambaify.small_batch_gated_up.default, (x, w, up))
     seen: list[str] = []
     compiled = torch.compile(ops.small_batch_linear, backend=recording_backend(seen), fullgraph=True)
     assert torch.equal(compiled(x, w, b), torch.nn.functional.linear(x, w, b))
-    assert "mambaify.small_batch_linear" in seen
+    compiled_gated = torch.compile(ops.small_batch_gated_up, backend=recording_backend(seen), fullgraph=True)
+    F = torch.nn.functional
+    assert torch.equal(compiled_gated(x, w, up), F.silu(F.linear(x, w)) * F.linear(x, up))
+    assert {"mambaify.small_batch_linear", "mambaify.small_batch_gated_up"} <= set(seen)
 
 
 @pytest.mark.gpu

@@ -148,6 +148,28 @@ def test_small_batch_linear_kernel(kernels, device, dtype, m, n, k, block_k, bia
     assert torch.equal(out, kernels.small_batch_linear(x, w, b, block_k=block_k))
 
 
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("m,n,k,block_k,splits", [
+    (1, 37, 1000, 16, None),  # split as planned: both partial sums added up, then the gate
+    (4, 300, 200, 32, 1),     # one split: the kernel applies the gate itself
+    (3, 50, 640, 64, 3),      # a split count asked for
+])
+def test_small_batch_gated_up_kernel(kernels, device, dtype, m, n, k, block_k, splits):
+    g = torch.Generator().manual_seed(m + n + k)
+    x = randn(2, m, k, g=g, dtype=dtype, device=device)[1]  # the second of two row blocks
+    gate = randn(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    up = randn(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    out = kernels.small_batch_gated_up(x, gate, up, block_k=block_k, splits=splits)
+    x64, g64, u64 = (t.double().cpu() for t in (x, gate, up))
+    ref = F.silu(F.linear(x64, g64)) * F.linear(x64, u64)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.equal(out, kernels.small_batch_gated_up(x, gate, up, block_k=block_k, splits=splits))
+    # The same split counts through the plain linear.
+    plain = kernels.small_batch_linear(x, gate, block_k=block_k, splits=splits)
+    assert rel_err(plain, F.linear(x64, g64)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
 def test_small_batch_linear_takes_leading_dims_and_hands_big_batches_to_cublas(kernels, device, dtype):
     g = torch.Generator().manual_seed(9)
@@ -159,6 +181,11 @@ def test_small_batch_linear_takes_leading_dims_and_hands_big_batches_to_cublas(k
     assert torch.equal(kernels.small_batch_linear(many, w), F.linear(many, w))
     with pytest.raises(ValueError, match="40 features"):
         kernels.small_batch_linear(x, w[:, :39])
+    gated = kernels.small_batch_gated_up(many, w, w.flip(0))
+    assert rel_err(gated, F.silu(F.linear(many.double(), w.double())) * F.linear(many.double(), w.flip(0).double())) \
+        < TOL[dtype]
+    with pytest.raises(ValueError, match="differ"):
+        kernels.small_batch_gated_up(x, w, w[:20])
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)

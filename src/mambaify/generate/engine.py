@@ -296,7 +296,8 @@ class DecoderLayerRunner:
     """A decoder layer (the hybrid's or the teacher's): norm, token mixer, residual, norm, MLP, residual.
 
     With a ``linear`` other than the modules' own, the MLP is run here from its gate, up and down
-    projections (the gated MLP of the Llama family: down(act(gate(x)) * up(x)))."""
+    projections (the gated MLP of the Llama family: down(act(gate(x)) * up(x))), gate and up as
+    one :func:`mambaify.ops.small_batch_gated_up` call where the activation is SiLU."""
 
     def __init__(self, layer: nn.Module, linear: LinearCall = module_linear):
         self.layer = layer
@@ -306,12 +307,19 @@ class DecoderLayerRunner:
             self.mixer = MambaRunner(mamba, linear)
         else:
             self.mixer = AttentionRunner(layer.self_attn, linear)
+        self.swiglu = False
         if linear is not module_linear:
-            missing = [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(layer.mlp, n)]
+            mlp = layer.mlp
+            missing = [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(mlp, n)]
             if missing:
                 raise ValueError(
-                    f"small_batch_linear needs the Llama family's gated MLP; {type(layer.mlp).__name__} has no "
+                    f"small_batch_linear needs the Llama family's gated MLP; {type(mlp).__name__} has no "
                     f"{', '.join(missing)}: leave small_batch_linear off for this model")
+            # SiLU without biases (the family's usual MLP): gate and up go through one fused call.
+            # The activation is asked what it computes: families name their SiLU modules differently.
+            probe = torch.linspace(-8.0, 8.0, 65)
+            self.swiglu = (mlp.gate_proj.bias is None and mlp.up_proj.bias is None
+                           and torch.equal(mlp.act_fn(probe), F.silu(probe)))
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers | MambaBuffers:
         return self.mixer.allocate(batch, slots, dtype, device)
@@ -331,6 +339,8 @@ class DecoderLayerRunner:
         mlp, linear = self.layer.mlp, self.linear
         if linear is module_linear:
             return mlp(x)
+        if self.swiglu:  # gate and up read in one pass, SiLU applied as their sums finish
+            return linear(mlp.down_proj, ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight))
         return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
 
 

@@ -6,8 +6,11 @@ layers' 8-235 MB matrices at 3.1-3.4 TB/s while the same kind of kernel read the
 4.3-4.5 TB/s: the small matrices give too few programs, each with a long serial reduction. This
 kernel splits the reduction dimension as well (split-K) so that every shape has a few programs
 per multiprocessor, each streaming a contiguous stripe of the row-major weight, and adds the
-partial sums atomically in float32. It is a candidate measured by ``benchmarks/bench_kernels.py
---only gemv`` against cuBLAS and inductor; nothing in the engine calls it yet.
+float32 partial sums in a fixed order (no atomics: the same inputs give the same bits).
+:func:`small_batch_gated_up` computes a gated MLP's silu(x W_gate^T) * (x W_up^T) in one pass
+over both matrices, so the MLP's activation costs no kernel of its own. Both are candidates,
+timed by ``benchmarks/bench_kernels.py --only gemv`` against cuBLAS and inductor and used by the
+engine only when asked (``Engine(small_batch_linear=True)``).
 """
 
 from __future__ import annotations
@@ -30,19 +33,22 @@ def _num_sms(device: torch.device) -> int:
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split,
-    x_sm, x_sk, w_sn, w_sk, o_ss, o_sm, o_sn,
+    x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GATED: tl.constexpr,
+    FINAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Program (n block, k split s): out[s, m, n] = sum_{k in split s} x[m, k] * w[n, k], for all
-    rows m. The weight tile is loaded once and used for every row. With one split the result is
-    final (bias added, stored in the output's dtype); with several, :func:`_sum_splits_kernel`
-    adds them up in a fixed order, so results do not depend on scheduling (no atomics)."""
+    """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
+    (and of x[m, k] * w2[n, k] when GATED: w the gate, w2 the up projection, read in the same
+    pass). FINAL (one split): the result itself, bias added or the gate applied, in the output's
+    dtype. Otherwise float32 partial sums into out[s, part] for :func:`_sum_splits_kernel`, which
+    adds them in a fixed order (no atomics, so results do not depend on scheduling)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,39 +57,60 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k in range(k_start, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        w = tl.load(w_ptr + offs_n[:, None] * w_sn + offs_k[None, :] * w_sk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(ACC)
+        tile = offs_n[:, None] * w_sn + offs_k[None, :] * w_sk
+        tile_mask = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
+        if GATED:
+            w2 = tl.load(w2_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
         for m in tl.static_range(BLOCK_M):
             in_rows = (offs_k * 0 + m) < M  # padding rows (past M) load zeros
             x = tl.load(x_ptr + m * x_sm + offs_k * x_sk, mask=mask_k & in_rows, other=0.0).to(ACC)
-            row = tl.sum(w * x[None, :], axis=1)
-            acc += tl.where(offs_m[:, None] == m, row[None, :], 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+            acc += tl.where(offs_m[:, None] == m, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+            if GATED:
+                acc2 += tl.where(offs_m[:, None] == m, tl.sum(w2 * x[None, :], axis=1)[None, :], 0.0)
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     ptrs = out_ptr + pid_k * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+    if FINAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * acc2
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptrs, acc, mask=mask)
+        if GATED:
+            tl.store(ptrs + o_sp, acc2, mask=mask)
 
 
 @triton.jit
 def _sum_splits_kernel(
     part_ptr, bias_ptr, out_ptr,
     S, M, N,
-    p_ss, p_sm, p_sn, o_sm, o_sn,
+    p_ss, p_sp, p_sm, p_sn, o_sm, o_sn,
     BLOCK_N: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    """Program (row m, n block): out[m, n] = sum_s part[s, m, n] (+ bias[n]), in the output dtype."""
+    """Program (row m, n block): out[m, n] = sum_s part[s, 0, m, n] (+ bias[n]), or with GATED
+    silu(sum_s part[s, 0]) * sum_s part[s, 1], in the output dtype."""
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=part_ptr.dtype.element_ty)
+    acc2 = tl.zeros((BLOCK_N,), dtype=part_ptr.dtype.element_ty)
     for s in range(0, S):
-        acc += tl.load(part_ptr + s * p_ss + m * p_sm + offs_n * p_sn, mask=mask_n, other=0.0)
+        row = part_ptr + s * p_ss + m * p_sm + offs_n * p_sn
+        acc += tl.load(row, mask=mask_n, other=0.0)
+        if GATED:
+            acc2 += tl.load(row + p_sp, mask=mask_n, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc2
     tl.store(out_ptr + m * o_sm + offs_n * o_sn, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -97,41 +124,70 @@ def plan(n: int, k: int, device: torch.device, block_n: int = 32, block_k: int =
     return programs_n, triton.cdiv(k, k_per_split)
 
 
-def small_batch_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    block_n: int = 32, block_k: int = 256, num_warps: int = 4,
-) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
-    bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
-    dtype. More rows go to ``F.linear``."""
-    *lead, k = x.shape
+def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, bias: torch.Tensor | None,
+            block_n: int, block_k: int, num_warps: int, splits: int | None) -> torch.Tensor:
+    m, k = rows.shape
     n = weight.shape[0]
-    if weight.shape != (n, k) or (bias is not None and bias.shape != (n,)):
-        raise ValueError(f"small_batch_linear: x has {k} features, weight is {tuple(weight.shape)}, "
-                         f"bias {None if bias is None else tuple(bias.shape)}")
-    rows = x.reshape(-1, k)
-    m = rows.shape[0]
-    if m > MAX_ROWS or m == 0:
-        return torch.nn.functional.linear(x, weight, bias)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    programs_n, splits = plan(n, k, x.device, block_n, block_k)
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    programs_n, planned = plan(n, k, rows.device, block_n, block_k)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits or planned), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    gated, parts = up is not None, 2 if up is not None else 1
+    out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     # One split writes the result itself; several write float32 partial sums, added up after.
-    part = out[None] if splits == 1 else torch.empty(splits, m, n, dtype=acc_dtype, device=x.device)
+    part = out[None, None] if splits == 1 else torch.empty(splits, parts, m, n, dtype=acc_dtype, device=rows.device)
     _gemv_kernel[(programs_n, splits)](
-        rows, weight, bias if bias is not None else weight, part,
+        rows, weight, up if gated else weight, bias if bias is not None else weight, part,
         m, n, k, k_per_split,
         *rows.stride(), *weight.stride(), *part.stride(),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None and splits == 1, ACC=acc, num_warps=num_warps,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
+        HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        num_warps=num_warps,
     )
     if splits > 1:
         sum_block = 256
         _sum_splits_kernel[(m, triton.cdiv(n, sum_block))](
             part, bias if bias is not None else weight, out,
             splits, m, n, *part.stride(), *out.stride(),
-            BLOCK_N=sum_block, HAS_BIAS=bias is not None,
+            BLOCK_N=sum_block, GATED=gated, HAS_BIAS=bias is not None,
         )
-    return out.reshape(*lead, n)
+    return out
+
+
+def _rows(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"{name}: x has {k} features, weight is {tuple(weight.shape)}")
+    return x.reshape(-1, k)
+
+
+def small_batch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    block_n: int = 32, block_k: int = 256, num_warps: int = 4, splits: int | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
+    bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
+    dtype. More rows go to ``F.linear``. ``splits``: the reduction's splits (None: :func:`plan`)."""
+    rows = _rows(x, weight, "small_batch_linear")
+    n = weight.shape[0]
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"small_batch_linear: bias {tuple(bias.shape)} for a weight of {n} rows")
+    if not 0 < rows.shape[0] <= MAX_ROWS:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits).reshape(*x.shape[:-1], n)
+
+
+def small_batch_gated_up(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+    block_n: int = 32, block_k: int = 256, num_warps: int = 4, splits: int | None = None,
+) -> torch.Tensor:
+    """``silu(x gate^T) * (x up^T)``, the first half of a gated (SwiGLU) MLP, for x (..., K) of at
+    most MAX_ROWS rows and gate, up (N, K): both matrices read in one pass, the activation applied
+    as the sums finish. More rows go to PyTorch."""
+    rows = _rows(x, gate, "small_batch_gated_up")
+    if up.shape != gate.shape:
+        raise ValueError(f"small_batch_gated_up: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    n = gate.shape[0]
+    if not 0 < rows.shape[0] <= MAX_ROWS:
+        return torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
+    return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits).reshape(*x.shape[:-1], n)
