@@ -67,6 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from mambaify.generate.clock import Clock  # noqa: E402
+
 DEFAULT_BUILTIN_PROMPTS = [
     # Used only when the offline Wikipedia data cannot be loaded (no network, no cache).
     "Explain how photosynthesis works.",
@@ -151,26 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # Timing and results
-
-
-class Clock:
-    """CUDA events on a GPU, perf_counter on the CPU; ``seconds`` waits for the end mark."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start, end) -> float:
-        if not self.cuda:
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
 
 
 def sync(device: torch.device) -> None:
