@@ -54,7 +54,7 @@ KINDS = [
     ("inductor-fused", r"^triton_(poi|red|per|tem)_"),
     ("mamba", r"ssd|conv_step|conv1d|causal_conv|verify|mamba|gated_rmsnorm"),
     ("attention", r"attention|attn|flash|split_k|sdpa|softmax"),
-    ("matmul", r"gemm|gemv|matmul|\bmm\b|addmm|linear|cutlass|cublas|sm90_|nvjet"),
+    ("matmul", r"gemm|gemv|sum_splits|matmul|\bmm\b|addmm|linear|cutlass|cublas|sm90_|nvjet"),
     ("norm", r"rms|norm"),
     ("copy/index", r"copy|cat|index|scatter|gather|fill|clone|contiguous|to_copy|slice|memcpy|memset"),
     ("elementwise", r"elementwise|vectorized|reduce|mul|add|silu|sigmoid|exp|rsqrt|pow|mean|neg|where"),
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="inductor's mode with --compile (max-autotune-no-cudagraphs: Triton matmul templates timed "
                         "against cuBLAS per shape)")
+    p.add_argument("--small-batch-linear", action="store_true",
+                   help="the engine's linear layers through mambaify's split-K GEMV (Engine(small_batch_linear=True))")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     return p
@@ -100,7 +102,8 @@ def started_engine(model, args, device, use_cuda_graph) -> tuple[Engine, torch.T
     """An engine past its prefill of ``--context`` random tokens and 4 warm-up steps (Triton's
     compiles, inductor's with --compile, the graph capture), and the next tokens to feed."""
     engine = Engine(model, max_batch_size=args.batch, max_length=args.context + 2 * args.steps + 8,
-                    use_cuda_graph=use_cuda_graph, compile=args.compile, compile_mode=args.compile_mode)
+                    use_cuda_graph=use_cuda_graph, compile=args.compile, compile_mode=args.compile_mode,
+                    small_batch_linear=args.small_batch_linear)
     tokens = engine.prefill(random_ids(args.batch, args.context, model.config.vocab_size, 0, device))[:, -1].argmax(-1)
     for _ in range(4):
         tokens = engine.decode(tokens).argmax(-1)
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = measure_copy_bandwidth(device)
     header = (f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch "
               f"{torch.__version__}; {dtype}; family {args.family}; {args.steps} profiled eager steps"
-              f"{'; compiled step' if args.compile else ''}. Kernel times are device time (CPU time of "
+              f"{'; compiled step' if args.compile else ''}"
+              f"{'; linear layers through the split-K GEMV' if args.small_batch_linear else ''}. Kernel times are device time (CPU time of "
               "aten ops on the CPU), per step; the graphed step is the CUDA-graph replay `mambaify bench` times.")
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "header": header, "models": [],
                "bandwidth_tb_per_s": bandwidth / 1e12 if bandwidth else None}

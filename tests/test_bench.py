@@ -186,6 +186,8 @@ def test_decode_profile_groups_each_steps_time_by_kind(tmp_path):
         "triton_red_fused__to_copy_add_mean_mm_mul_pow_rsqrt_t_view_14": "inductor-matmul",
         "triton_red_fused_mm_t_view_24": "inductor-matmul",
         "triton_tem_fused_mm_0": "inductor-matmul",
+        "_gemv_kernel": "matmul",  # mambaify's split-K GEMV and the sum of its splits
+        "_sum_splits_kernel": "matmul",
         "void at::native::index_elementwise_kernel<128, 4>": "copy/index",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise",
         "aten::rms_norm": "norm",
@@ -209,6 +211,10 @@ def test_decode_profile_groups_each_steps_time_by_kind(tmp_path):
     fused = {"linear_weight_bytes": 2e9, "by_kind_ms": {"matmul": 0.5, "inductor-matmul": 1.5, "mamba": 9.0}}
     assert profile_decode.matmul_tb_per_s(fused) == pytest.approx(2e9 / 2.0 / 1e9)
     assert "matmul TB/s" in (out / "profile_decode.md").read_text()
+    gemv = tmp_path / "profile-gemv"
+    assert profile_decode.main(["--out", str(gemv), "--family", "tiny", "--attention", "0", "--steps", "1",
+                                "--context", "8", "--small-batch-linear"]) == 0
+    assert "linear layers through the split-K GEMV" in (gemv / "profile_decode.md").read_text()
     assert results["models"][0]["by_kind_ms"].get("attention", 0) > 0  # the teacher attends ...
     assert results["models"][1]["by_kind_ms"].get("attention", 0) == 0  # ... the pure Mamba2 model does not
     assert "| teacher | 1 | 16 |" in (out / "profile_decode.md").read_text()
