@@ -61,7 +61,7 @@ def _gemv_kernel(
     for k in range(k_start, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        tile = offs_n[:, None] * w_sn + offs_k[None, :] * w_sk
+        tile = offs_n[:, None].to(tl.int64) * w_sn + offs_k[None, :] * w_sk  # > 2^31 elements: 64-bit
         tile_mask = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
         if GATED:
