@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compile", action="store_true",
                    help="torch.compile the plain engine's decode step and the speculative rounds (both engines; "
                         "(b) then times the engines' own compiled step and rounds)")
+    a.add_argument("--small-batch-linear", action="store_true",
+                   help="both engines' linear layers through mambaify's split-K GEMV (small_batch_linear=True); "
+                        "(a), and (b) with --compile")
     b = p.add_argument_group("(b) the verify call on an 8B-shaped hybrid")
     b.add_argument("--shape", choices=["llama8b"], help="run (b) with this model shape")
     b.add_argument("--attention", type=float_list, default=[0.25, 0.5], help="attention fractions (default 0.25,0.5)")
@@ -314,7 +317,8 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
         label = f"batch {batch}"
         if results.out_of_time(f"(a) {label}"):
             continue
-        plain = Engine(target, tokenizer, max_batch_size=batch, max_length=length, compile=args.compile)
+        plain = Engine(target, tokenizer, max_batch_size=batch, max_length=length, compile=args.compile,
+                       small_batch_linear=args.small_batch_linear)
         plain.generate(batches[0], max_new_tokens=4, stop_token_ids=[])  # compile and capture the decode step
         warm_prefills(plain, batches)
         times, reference = [], None
@@ -333,7 +337,8 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
             draft_vocab = corpus_draft_vocab(args, tokenizer, args.e2e_draft_vocab, plain.stop_token_ids)
         del plain
         engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,), draft_vocab=draft_vocab,
-                                   max_batch_size=batch, max_length=length, compile=args.compile)
+                                   max_batch_size=batch, max_length=length, compile=args.compile,
+                                   small_batch_linear=args.small_batch_linear)
         prefills_warm = False
         for k in args.k:
             if results.out_of_time(f"(a) {label} k={k}"):
@@ -396,14 +401,15 @@ def median_seconds(step, clock: Clock, repeats: int, calls: int = 10) -> float:
 
 
 def decode_step_seconds(model, batch: int, context: int, device, clock: Clock, repeats: int,
-                        compile: bool = False) -> float:
+                        compile: bool = False, small_batch_linear: bool = False) -> float:
     """One plain decode step of the Engine (CUDA graph on a GPU; compiled first with ``compile``)
     after a prompt of ``context`` tokens."""
     from mambaify.bench import random_ids, time_decode
     from mambaify.generate.engine import Engine
 
     steps = 16
-    engine = Engine(model, max_batch_size=batch, max_length=context + steps + 1, compile=compile)
+    engine = Engine(model, max_batch_size=batch, max_length=context + steps + 1, compile=compile,
+                    small_batch_linear=small_batch_linear)
     prompt = random_ids(batch, context, model.config.vocab_size, 0, device)
     first = engine.prefill(prompt)[:, -1].argmax(-1)
     times = time_decode(engine, first, context, steps, repeats, clock)
@@ -468,7 +474,8 @@ def verify_and_draft_seconds(target, draft, batch: int, context: int, ks: list[i
 
 @torch.no_grad()
 def engine_round_seconds(target, draft, batch: int, context: int, ks: list[int], device, repeats: int,
-                         draft_vocabs: Sequence[int], compile: bool) -> tuple[dict, dict]:
+                         draft_vocabs: Sequence[int], compile: bool,
+                         small_batch_linear: bool = False) -> tuple[dict, dict]:
     """What verify_and_draft_seconds measures, from the SpeculativeEngine's own rounds as
     generate() runs them (compiled with ``compile``; fused kernel): {(k, "fused"): verify
     seconds}, {(k, head rows): draft round seconds}. One engine per draft head (the first ids, as
@@ -482,7 +489,7 @@ def engine_round_seconds(target, draft, batch: int, context: int, ks: list[int],
     for rows in draft_vocabs:
         engine = SpeculativeEngine(target, draft, k=max(ks), k_choices=ks, max_batch_size=batch,
                                    max_length=context + 4 * (max(ks) + 1), compile=compile,
-                                   draft_vocab=range(rows) if rows else None)
+                                   draft_vocab=range(rows) if rows else None, small_batch_linear=small_batch_linear)
         for k in ks:
             engine.generate(prompt, max_new_tokens=2, stop_token_ids=[], k=k)
             times = engine.measure_rounds(batch, k, repeats=max(repeats, 5))
@@ -558,10 +565,12 @@ def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.d
                 continue
             try:
                 decode_s = decode_step_seconds(current, batch, args.context, device, clock, args.repeats,
-                                               compile=args.compile)
+                                               compile=args.compile,
+                                               small_batch_linear=args.small_batch_linear and args.compile)
                 if args.compile:
                     verify, rounds = engine_round_seconds(current, draft, batch, args.context, args.verify_k,
-                                                          device, args.repeats, args.draft_vocab, compile=True)
+                                                          device, args.repeats, args.draft_vocab, compile=True,
+                                                          small_batch_linear=args.small_batch_linear)
                 else:
                     verify, rounds = verify_and_draft_seconds(current, draft, batch, args.context, args.verify_k,
                                                               device, clock, args.repeats, args.draft_vocab)
@@ -742,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     meta = dict(argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=str(device), dtype=str(dtype), torch=torch.__version__,
                 python=platform.python_version(), compile=args.compile,
+                small_batch_linear=args.small_batch_linear,
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
     if args.context is None:
         args.context = 32 if args.tiny else 512

@@ -155,6 +155,25 @@ def test_greedy_equals_plain_greedy(targets, drafts, target_name, draft_name, ba
     assert len(accepted) > 1 and max(accepted) > 0.5  # drafts were right sometimes, not always
 
 
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+@pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
+def test_small_batch_linear_rounds_give_the_same_tokens(targets, drafts, target_name, draft_name, monkeypatch):
+    """Both models' linear layers through ops.small_batch_linear (F.linear on the CPU, so the same
+    tokens exactly): the verify round's and every draft step's projections, MLPs and heads."""
+    target, draft = targets[target_name], drafts[draft_name]
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids, mask, 12)
+    calls = []
+    real, real_gated = ops.small_batch_linear, ops.small_batch_gated_up
+    monkeypatch.setattr(ops, "small_batch_linear", lambda x, w, b=None: calls.append(x.shape[:-1]) or real(x, w, b))
+    monkeypatch.setattr(ops, "small_batch_gated_up", lambda x, g, u: calls.append(x.shape[:-1]) or real_gated(x, g, u))
+    engine = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=40, small_batch_linear=True)
+    assert engine.small_batch_linear
+    assert torch.equal(engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[]), expected)
+    # Verify calls (4 rows x K + 1 = 4 tokens) and draft steps (4 rows x 2, then 1 token) went through them.
+    assert {(4, 4), (4, 2), (4, 1)} <= set(calls)
+
+
 @pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
 def test_split_k_attention_path_gives_the_same_tokens(targets, drafts, draft_name, monkeypatch):
     """The CUDA branch of attention (ops.decode_attention fed slots and pad lengths, no mask),
@@ -954,6 +973,30 @@ def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):
     assert compiled_steps == ["step", "draft_round", "verify_round"] * 2
 
 
+def test_benchmark_small_batch_linear_flag_reaches_every_engine(tmp_path, monkeypatch):
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("bench_speculative", REPO / "benchmarks" / "bench_speculative.py")
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    monkeypatch.setattr(engine_module, "compile_step", lambda step, mode: step)
+    built = []
+    for cls in (Engine, SpeculativeEngine):
+        original = cls.__init__
+
+        def init(self, *args, _original=original, **kwargs):
+            built.append((type(self).__name__, kwargs.get("small_batch_linear", False)))
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", init)
+    argv = ["--tiny", "--k", "2", "--batch", "2", "--prompts", "2", "--new-tokens", "6", "--repeats", "1",
+            "--verify-k", "2", "--attention", "0.5", "--compile", "--small-batch-linear", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    # (a)'s two engines and (b)'s plain step and rounds, every one with the GEMV.
+    assert {name for name, _ in built} == {"Engine", "SpeculativeEngine"} and all(flag for _, flag in built)
+    assert json.loads((tmp_path / "bench_speculative.json").read_text())["meta"]["small_batch_linear"] is True
+
+
 def test_benchmark_takes_accepted_lengths_from_an_end_to_end_run(tmp_path):
     import importlib.util
 
@@ -1018,6 +1061,21 @@ def test_cuda_graph_rounds_equal_eager(targets, drafts, target_name):
         assert times["draft_ms"] > 0 and times["verify_ms"] > 0
         assert torch.equal(graphed.generate(ids[:1].cuda(), mask[:1].cuda(), max_new_tokens=16, stop_token_ids=[], k=4),
                            expected[:1].cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+def test_cuda_small_batch_linear_rounds_equal_plain_greedy(targets, drafts, target_name):
+    # float32: the split-K GEMV rounds differently from cuBLAS, far below these models' margins.
+    target = copy.deepcopy(targets[target_name]).cuda()
+    draft = copy.deepcopy(drafts["transformer"]).cuda()
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids.cuda(), mask.cuda(), 16).cpu()
+    engine = SpeculativeEngine(target, draft, k="auto", max_batch_size=4, max_length=48, small_batch_linear=True)
+    for k in (1, 4, "auto"):
+        tokens = engine.generate(ids.cuda(), mask.cuda(), max_new_tokens=16, stop_token_ids=[], k=k)
+        assert torch.equal(tokens, expected), f"k={k}"
 
 
 @pytest.mark.gpu

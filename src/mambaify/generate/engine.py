@@ -333,9 +333,10 @@ class DecoderLayerRunner:
     def _run(self, mix: Callable, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
         layer = self.layer
         hidden = hidden + mix(layer.input_layernorm(hidden), ctx, buffers)
-        return hidden + self._mlp(layer.post_attention_layernorm(hidden))
+        return hidden + self.mlp(layer.post_attention_layernorm(hidden))
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's MLP, its projections through ``linear``."""
         mlp, linear = self.layer.mlp, self.linear
         if linear is module_linear:
             return mlp(x)

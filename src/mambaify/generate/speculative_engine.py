@@ -100,6 +100,7 @@ from .engine import (
     DecodingStack,
     GenerationFrontend,
     KVBuffers,
+    LinearCall,
     MambaBuffers,
     MambaRunner,
     Prompts,
@@ -110,8 +111,10 @@ from .engine import (
     compile_failed,
     compile_steps,
     fast_path_enabled,
+    few_row_linear,
     grouped_query_attention,
     left_pad,
+    module_linear,
     prefill_width,
     use_split_k_attention,
 )
@@ -234,12 +237,12 @@ class RowContext:
 
 def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, kv: KVBuffers) -> torch.Tensor:
     """``AttentionRunner.forward`` with each row writing its keys/values at its own slots."""
-    attn = runner.attention
+    attn, linear = runner.attention, runner.linear
     b, t, _ = hidden.shape
     heads = (b, t, -1, runner.head_dim)
-    query = attn.q_proj(hidden).view(heads).transpose(1, 2)
-    key = attn.k_proj(hidden).view(heads).transpose(1, 2)
-    value = attn.v_proj(hidden).view(heads).transpose(1, 2)
+    query = linear(attn.q_proj, hidden).view(heads).transpose(1, 2)
+    key = linear(attn.k_proj, hidden).view(heads).transpose(1, 2)
+    value = linear(attn.v_proj, hidden).view(heads).transpose(1, 2)
     query, key = runner.apply_rotary(query, key, *ctx.rotary)
     index = ctx.slots[:, None, :, None].expand(b, runner.num_kv_heads, t, runner.head_dim)
     kv.keys.scatter_(2, index, key)
@@ -253,7 +256,7 @@ def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, 
         out = grouped_query_attention(
             query, kv.keys, kv.values, ctx.attention_mask(runner.sliding_window), attn.scaling
         )
-    return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    return linear(attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,24 +269,26 @@ def _mamba_inputs(mixer: Mamba2Mixer, activated: torch.Tensor, dt: torch.Tensor)
 
 
 def mamba_verify(
-    mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor
+    mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor,
+    linear: LinearCall = module_linear,
 ) -> torch.Tensor:
     """One Mamba layer over t tokens (b,t,d) from the checkpoint after folding counts[b] tokens
-    (the fused kernels, or the naive store-every-state call when ``buf.states`` is allocated)."""
+    (the fused kernels, or the naive store-every-state call when ``buf.states`` is allocated);
+    ``linear`` runs in_proj and out_proj (see :class:`~mambaify.generate.engine.DecodingStack`)."""
     b, t, _ = hidden.shape
-    z, xBC, dt = mixer.project(hidden)
+    z, xBC, dt = mixer.split_projection(linear(mixer.in_proj, hidden))
     conv = ops.conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, silu=True)
     x, B, C, dt = _mamba_inputs(mixer, conv, dt)
     if buf.states is None:
         y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
     else:
         y = ops.ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D)
-    return mixer.out_proj(mixer.norm(y.reshape(b, t, mixer.d_inner), z))
+    return linear(mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z))
 
 
 def mamba_draft_step(
     mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor, step: int,
-    prev_real: torch.Tensor,
+    prev_real: torch.Tensor, linear: LinearCall = module_linear,
 ) -> torch.Tensor:
     """Step ``step`` of a draft round: "a verify call done one token at a time", the first two.
 
@@ -294,9 +299,10 @@ def mamba_draft_step(
     window, dt = 0. Steps 1..K-1 take one token (b,1,d), advance only the running state and
     conv, and cache their token's inputs at position ``step + 1`` and its raw conv input in the
     window, so that the next round's fold sees the layout of a verify call over all K + 1 tokens.
+    ``linear`` runs in_proj and out_proj.
     """
     b, t, _ = hidden.shape
-    z, xBC, dt = mixer.project(hidden)
+    z, xBC, dt = mixer.split_projection(linear(mixer.in_proj, hidden))
     weight, bias = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
     d_conv = mixer.d_conv
     if step == 0:
@@ -318,7 +324,7 @@ def mamba_draft_step(
         buf.x[:, position].copy_(x[:, 0])
         buf.dt[:, position].copy_(dt[:, 0])
         buf.B[:, position].copy_(B[:, 0])
-    return mixer.out_proj(mixer.norm(y.reshape(b, t, mixer.d_inner), z))
+    return linear(mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +336,8 @@ class SpeculativeStack(DecodingStack):
     :class:`SpeculativeCache`: a prefill, a verify call over t <= max_tokens tokens per row, and
     a draft step of one token per row. num_slots bounds the committed tokens plus one call's."""
 
-    def __init__(self, model: nn.Module, num_slots: int, max_tokens: int):
-        super().__init__(model, num_slots)
+    def __init__(self, model: nn.Module, num_slots: int, max_tokens: int, linear: LinearCall = module_linear):
+        super().__init__(model, num_slots, linear)
         self.max_tokens = max_tokens
         self.vocab_size = model.lm_head.weight.shape[0]
         self.token_range = torch.arange(max_tokens, device=self.slot_range.device)
@@ -394,7 +400,7 @@ class SpeculativeStack(DecodingStack):
                 hidden = hidden + attend_rows(runner.mixer, normed, ctx, buffers)
             else:
                 hidden = hidden + mamba(runner.mixer.mixer, normed, buffers)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + runner.mlp(layer.post_attention_layernorm(hidden))
         return self.norm(hidden)
 
     def verify(self, token_ids: torch.Tensor, cache: SpeculativeCache) -> torch.Tensor:
@@ -404,9 +410,9 @@ class SpeculativeStack(DecodingStack):
             raise ValueError(f"a verify call takes at most {self.max_tokens} tokens, got {token_ids.shape[1]}")
 
         def mamba(mixer, normed, buffers):
-            return mamba_verify(mixer, normed, buffers, cache.counts)
+            return mamba_verify(mixer, normed, buffers, cache.counts, self.linear)
 
-        return self.lm_head(self._run(token_ids, 0, cache, mamba))
+        return self.linear(self.lm_head, self._run(token_ids, 0, cache, mamba))
 
     def draft_step(self, token_ids: torch.Tensor, step: int, cache: SpeculativeCache,
                    prev_real: torch.Tensor) -> torch.Tensor:
@@ -419,10 +425,10 @@ class SpeculativeStack(DecodingStack):
             raise ValueError(f"draft step {step} takes {2 if step == 0 else 1} token(s) per row, got {token_ids.shape[1]}")
 
         def mamba(mixer, normed, buffers):
-            return mamba_draft_step(mixer, normed, buffers, cache.counts, step, prev_real)
+            return mamba_draft_step(mixer, normed, buffers, cache.counts, step, prev_real, self.linear)
 
         hidden = self._run(token_ids, 0 if step == 0 else step + 1, cache, mamba)
-        return self.lm_head(hidden[:, -1])
+        return self.linear(self.lm_head, hidden[:, -1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,6 +745,9 @@ class SpeculativeEngine(GenerationFrontend):
     the eager rounds, with a warning and ``compile_error`` set, where compilation fails; False
     (the default) never compiles. ``compile_seconds`` adds up the time spent compiling;
     :meth:`is_compiled` says whether a setting's rounds run compiled.
+    small_batch_linear: as for the Engine: both models' linear layers through
+    :func:`mambaify.ops.small_batch_linear` (a verify call at batch b has b * (K + 1) rows, a
+    draft step b or 2b).
 
     The text helpers (generate_text, stream_text, chat, stream_chat) work as the Engine's.
     After each request, ``stats`` holds its :class:`SpeculativeStats`.
@@ -761,6 +770,7 @@ class SpeculativeEngine(GenerationFrontend):
         compile: bool | Literal["auto"] = False,
         compile_mode: str = "default",
         draft_vocab: Sequence[int] | torch.Tensor | None = None,
+        small_batch_linear: bool = False,
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
@@ -785,8 +795,10 @@ class SpeculativeEngine(GenerationFrontend):
 
         # A round writes K + 1 slots past the committed ones, which stay below max_length + K.
         slots = max_length + self.k_max + 1
-        self.target_stack = SpeculativeStack(target, slots, self.k_max + 1)
-        self.draft_stack = SpeculativeStack(draft, slots, self.k_max + 1)
+        self.small_batch_linear = small_batch_linear
+        linear = few_row_linear if small_batch_linear else module_linear
+        self.target_stack = SpeculativeStack(target, slots, self.k_max + 1, linear)
+        self.draft_stack = SpeculativeStack(draft, slots, self.k_max + 1, linear)
         self.vocab_size = self.target_stack.vocab_size
         self.draft_vocab = self._cut_draft_head(draft, draft_vocab)
         target_dtype, draft_dtype = target.lm_head.weight.dtype, draft.lm_head.weight.dtype
