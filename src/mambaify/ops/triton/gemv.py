@@ -3,8 +3,9 @@
 At batch 1-16 a decode step's matmuls are matrix-vector products bound by reading the weight
 once. The 8B profile (BENCHMARKS.md, session 7) found inductor's fused reductions reading the
 layers' 8-235 MB matrices at 3.1-3.4 TB/s while the same kind of kernel read the 1 GB LM head at
-4.3-4.5 TB/s: the small matrices give too few programs, each with a long serial reduction. This
-kernel splits the reduction dimension as well (split-K) so that every shape has a few programs
+4.3-4.5 TB/s. The likely cause (not yet measured apart): the smaller matrices give too few
+programs, each with a long serial reduction. This kernel splits the reduction dimension as
+well (split-K) so that every shape has a few programs
 per multiprocessor, each streaming a contiguous stripe of the row-major weight, and adds the
 float32 partial sums in a fixed order (no atomics: the same inputs give the same bits).
 :func:`small_batch_gated_up` computes a gated MLP's silu(x W_gate^T) * (x W_up^T) in one pass
