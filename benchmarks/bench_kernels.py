@@ -386,7 +386,7 @@ L2_BEATING_BYTES = 512 * 2**20
 
 
 def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
-    from mambaify.ops.triton.gemv import small_batch_gated_up, small_batch_linear
+    from mambaify.ops.triton.gemv import plan, small_batch_gated_up, small_batch_linear
 
     F, bf16 = torch.nn.functional, torch.bfloat16
     for name, n, k in GEMV_SHAPES:
@@ -422,7 +422,9 @@ def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
             expected = reference(weights[0], weights[-1])
             best = None
             for bn, bk, warps in GEMV_CONFIGS:
-                for splits in (None, 1):  # the planned split-K, and none (no partial sums to add)
+                # The planned split-K, and none (no partial sums to add) where the plan splits.
+                planned = plan(n, k, torch.device(DEVICE), bn, bk)[1]
+                for splits in (None, 1) if planned > 1 else (None,):
                     def ours(x_, w_, u_, bn=bn, bk=bk, warps=warps, splits=splits):
                         return kernel(x_, w_, u_, block_n=bn, block_k=bk, num_warps=warps, splits=splits)
                     got = ours(x, weights[0], weights[-1]).float()

@@ -297,7 +297,12 @@ def unread_embedding_bytes(model: nn.Module, batch: int) -> int:
     head = model.get_output_embeddings()
     if head is not None and head.weight.data_ptr() == table.data_ptr():
         return 0
-    return max(table.shape[0] - batch, 0) * table[0].numel() * table.element_size()
+    return _unread_rows_bytes(table.shape[0], table[0].numel(), table.element_size(), batch)
+
+
+def _unread_rows_bytes(rows: int, width: int, itemsize: int, batch: int) -> int:
+    """An embedding table's bytes outside the ``batch`` rows a decode step gathers."""
+    return max(rows - batch, 0) * width * itemsize
 
 
 def decode_weight_bytes(model: nn.Module, batch: int) -> int:
@@ -468,8 +473,12 @@ def new_point(spec: PointSpec, model: nn.Module | None, path: str, dtype: torch.
     return point
 
 
-def engine_linear(options: BenchOptions) -> str | None:
-    return "split-K" if options.small_batch_linear else None
+def new_engine_point(spec: PointSpec, model: nn.Module | None, options: BenchOptions, device: torch.device,
+                     dtype: torch.dtype, bandwidth: float | None) -> dict:
+    """:func:`new_point` for an engine point run with ``options`` on ``device``."""
+    slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
+    return new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile,
+                     "split-K" if options.small_batch_linear else None)
 
 
 def skip(point: dict, reason: str) -> dict:
@@ -479,8 +488,7 @@ def skip(point: dict, reason: str) -> dict:
 
 def bench_engine_point(model: nn.Module, spec: PointSpec, options: BenchOptions, device: torch.device,
                        dtype: torch.dtype, clock: Clock, bandwidth: float | None, warmed: set) -> dict:
-    slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
-    point = new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, engine_linear(options))
+    point = new_engine_point(spec, model, options, device, dtype, bandwidth)
     estimate = estimate_memory(model, spec.batch, spec.context, options.new_tokens, dtype)
     point["estimated_memory_gib"] = estimate["total"] / GIB
     limit = memory_limit_bytes(options, device)
@@ -1065,18 +1073,14 @@ def run_engine_grid(family: str, options: BenchOptions, device: torch.device, dt
         late = out_of_time()
         if late:  # not even built: converting an 8B model would spend more of the time left
             for spec in specs:
-                slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
-                results.add(skip(new_point(spec, None, "engine", dtype, slots, None, options.compile,
-                                           engine_linear(options)), late))
+                results.add(skip(new_engine_point(spec, None, options, device, dtype, None), late))
             continue
         _, model = next(models)
         warmed: set = set()  # the (rows, width) prefill shapes this model has run
         for spec in specs:  # contexts outer, batches inner: prefill shapes repeat and skip their warm-up
             late = out_of_time()
             if late:
-                slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
-                point = skip(new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile,
-                                       engine_linear(options)), late)
+                point = skip(new_engine_point(spec, model, options, device, dtype, bandwidth), late)
             else:
                 point = bench_engine_point(model, spec, options, device, dtype, clock, bandwidth, warmed)
             if point.get("compile_error"):
@@ -1131,7 +1135,7 @@ def correct_legacy_point(point: dict) -> int:
         return 0
     shape = _untied_embedding_shape(point["family"])
     itemsize = getattr(torch, point["dtype"]).itemsize
-    unread = 0 if shape is None else max(shape[0] - point["batch"], 0) * shape[1] * itemsize
+    unread = 0 if shape is None else _unread_rows_bytes(*shape, itemsize, point["batch"])
     point["weights_read_bytes_per_step"] = point["weights_bytes"] - unread
     if unread:
         old = point["bytes_per_step"]

@@ -121,8 +121,13 @@ def plan(n: int, k: int, device: torch.device, block_n: int = 32, block_k: int =
     8B shape's smallest matrix (1024 x 4096, 8 MB) eight splits write and read 64 KB of them."""
     programs_n = triton.cdiv(n, block_n)
     splits = max(1, min(triton.cdiv(4 * _num_sms(device), programs_n), k // (2 * block_k)))
+    return programs_n, _whole_blocks(k, splits, block_k)[1]
+
+
+def _whole_blocks(k: int, splits: int, block_k: int) -> tuple[int, int]:
+    """(K per split, splits) for about ``splits`` splits of whole K blocks (the last may be short)."""
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    return programs_n, triton.cdiv(k, k_per_split)
+    return k_per_split, triton.cdiv(k, k_per_split)
 
 
 def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, bias: torch.Tensor | None,
@@ -131,8 +136,7 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
     n = weight.shape[0]
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     programs_n, planned = plan(n, k, rows.device, block_n, block_k)
-    k_per_split = triton.cdiv(triton.cdiv(k, splits or planned), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
+    k_per_split, splits = _whole_blocks(k, splits or planned, block_k)
     gated, parts = up is not None, 2 if up is not None else 1
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     # One split writes the result itself; several write float32 partial sums, added up after.
