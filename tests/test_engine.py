@@ -307,6 +307,36 @@ def test_prompts_padded_to_a_prefill_width_give_the_same_tokens(model):
                            plain.generate(batch, max_new_tokens=12, stop_token_ids=stop))
     padded.generate(prompts, max_new_tokens=30, stop_token_ids=[])  # 9 + 30 fits 40; 16 + 30 does not
     assert padded._request.next_slot == 9 + 29
+    assert padded.prefill_counts["eager"] >= 1 and plain.pad_slots == 0  # the CPU allocates no pad slots
+
+
+def test_pad_slots_let_an_exactly_sized_engine_pad_its_prompts(model):
+    """An engine sized exactly to its requests (prompt + max_new_tokens = max_length) still pads a
+    short prompt to a graphed width, into its pad slots past max_length: the same tokens as
+    without padding, and the slots the padding took. Session 8 found every timed request of
+    bench_speculative prefilling eagerly for want of them."""
+    prompts = random_prompts(5, 9, 3)
+    plain = Engine(model, max_batch_size=3, max_length=9 + 30)
+    padded = Engine(model, max_batch_size=3, max_length=9 + 30, prefill_pad_slots=8)
+    assert padded.pad_slots == 8 and padded.stack.num_slots == 39 + 8
+    kv = [layer for layer in padded.cache.layers if isinstance(layer, engine_module.KVBuffers)]
+    assert all(layer.keys.shape[2] == 47 for layer in kv)  # (none in a pure-Mamba2 model)
+    padded.prefill_widths = (16, 24)
+    for batch in (prompts[:1], prompts):
+        expected = plain.generate(batch, max_new_tokens=30, stop_token_ids=[])
+        assert torch.equal(padded.generate(batch, max_new_tokens=30, stop_token_ids=[]), expected)
+        assert padded._request.next_slot == 16 + 29  # padded to 16: 7 of the pad slots
+    with pytest.raises(ValueError, match="max_length=39"):  # the contract is still max_length
+        padded.generate(prompts, max_new_tokens=31, stop_token_ids=[])
+    with pytest.raises(ValueError, match="prefill_pad_slots must be >= 0"):
+        Engine(model, max_length=40, prefill_pad_slots=-1)
+    on_cuda = engine_module.pad_slots_for(torch.device("cuda"), "auto")
+    assert on_cuda == engine_module.PREFILL_PAD_SLOTS == 128
+    assert engine_module.pad_slots_for(torch.device("cuda"), False) == 0
+    assert engine_module.pad_slots_for(torch.device("cpu"), "auto") == 0
+    # With 128 pad slots, any prompt of up to 256 tokens fits its graphed width at no room at all.
+    widths = engine_module.PREFILL_GRAPH_WIDTHS
+    assert all(engine_module.prefill_width(widths, 1, w, room=w + on_cuda) is not None for w in range(1, 257))
 
 
 def test_report_generations_through_the_engine_equal_transformers_generate(monkeypatch):

@@ -480,6 +480,15 @@ def test_prompts_padded_to_a_prefill_width_give_the_same_tokens(targets, drafts,
             expected = plain.generate(batch, batch_mask, max_new_tokens=12, **options)
             assert torch.equal(padded.generate(batch, batch_mask, max_new_tokens=12, **options), expected)
     assert int(padded.target_cache.lengths[0]) == 16 + 11  # the prompt filled slots 0..15
+    # Sized exactly to the request, the engine pads into its pad slots past max_length.
+    width = ids.shape[1]
+    tight = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=width + 20, prefill_pad_slots=8)
+    tight.prefill_widths = (16, 24)
+    assert tight.pad_slots == 8 and plain.pad_slots == 0
+    expected = plain.generate(ids, mask, max_new_tokens=20, stop_token_ids=[])
+    assert torch.equal(tight.generate(ids, mask, max_new_tokens=20, stop_token_ids=[]), expected)
+    assert tight.prefill_counts == {"graphed": 0, "eager": 1}  # padded, but the CPU runs it eagerly
+    assert int(tight.target_cache.lengths[0]) > width  # the padding took slots past the prompt
 
 
 def test_frequent_tokens():
@@ -892,6 +901,9 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     # Where a request's time goes: its first token, and the tokens/s of the rest.
     assert all(p["first_token_ms"] > 0 and p["decode_tokens_per_s"] > 0 for p in end_to_end)
     assert all(p["decode_ratio"] == 1.0 for p in end_to_end if p["path"] == "plain")
+    # Each timed request's prefill is counted (all eager on the CPU, which graphs none: no warning).
+    assert all(p["eager_prefills"] == 2 // p["batch"] for p in end_to_end)
+    assert "ran eagerly" not in result.stdout
     # A round's wall time, and at a fixed K the device's share of it (the engine's round_times).
     speculative = [p for p in end_to_end if p["path"] == "speculative"]
     assert all(p["round_ms"] > 0 for p in speculative)

@@ -521,6 +521,25 @@ PREFILL_GRAPH_WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 PREFILL_GRAPH_TOKENS = 4096
 
 
+# Cache slots past max_length for the padding of a short prompt up to its graphed width: without
+# them an engine sized exactly to its requests (prompt + max_new_tokens = max_length) would leave
+# no room for any padding and prefill every prompt eagerly (about 45 ms for SmolLM2 on the H200,
+# against 5 ms from a graph: session 8 found every timed request of bench_speculative doing so).
+# With 128 more slots, any prompt of up to 256 tokens fits its width, whatever max_length is.
+PREFILL_PAD_SLOTS = 128
+
+
+def pad_slots_for(device: torch.device, use_cuda_graph: bool | str, setting: int | None = None) -> int:
+    """The cache slots an engine adds to max_length for its prefills' padding: ``setting`` where
+    given, else PREFILL_PAD_SLOTS where the engine may graph its prefills, 0 where it never does."""
+    if setting is not None:
+        if setting < 0:
+            raise ValueError(f"prefill_pad_slots must be >= 0, got {setting}")
+        return setting
+    graphs = device.type == "cuda" and use_cuda_graph is not False and fast_path_enabled("MAMBAIFY_PREFILL_GRAPHS")
+    return PREFILL_PAD_SLOTS if graphs else 0
+
+
 def prefill_width(widths: Sequence[int] | None, batch: int, width: int, room: int) -> int | None:
     """The width of ``widths`` that a (batch, width) prompt is padded to (at most ``room``), or None."""
     for bucket in widths or ():
@@ -744,6 +763,19 @@ class GenerationFrontend:
         self.prefill_widths: tuple[int, ...] | None = PREFILL_GRAPH_WIDTHS if graphs else None
         self.prefill_error: str | None = None
         self._prefill_graphs: dict[tuple, GraphedPrefill] = {}
+        # generate()'s prefills so far, from a graph or not: a benchmark checks that what it
+        # times ran the path it means to time.
+        self.prefill_counts = {"graphed": 0, "eager": 0}
+
+    def prefill_bucket(self, batch: int, width: int, max_new_tokens: int) -> int | None:
+        """The graphed width generate() pads a (batch, width) prompt to, or None (an eager
+        prefill); counted in ``prefill_counts``. The padding may use the cache's slots past
+        max_length (``pad_slots``)."""
+        room = self.max_length + self.pad_slots - max_new_tokens
+        bucket = prefill_width(self.prefill_widths, batch, width, room)
+        graphed = bucket is not None and self.use_cuda_graph and self.prefill_error is None
+        self.prefill_counts["graphed" if graphed else "eager"] += 1
+        return bucket
 
     def graphed_prefill(self, key: tuple, run: Callable, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -882,10 +914,14 @@ class Engine(GenerationFrontend):
     """Batched prefill + decode over static caches, for a hybrid or a Llama-family causal LM.
 
     Engine(model, tokenizer=None, max_batch_size=8, max_length=2048) allocates, once, for every
-    attention layer a K/V buffer (max_batch_size, kv_heads, max_length, head_dim) and for every
-    Mamba layer a conv state (max_batch_size, conv_dim, d_conv - 1) and an SSM state
+    attention layer a K/V buffer (max_batch_size, kv_heads, max_length + pad_slots, head_dim) and
+    for every Mamba layer a conv state (max_batch_size, conv_dim, d_conv - 1) and an SSM state
     (max_batch_size, heads, d_state, head_dim) in float32. A request holds at most max_batch_size
     prompts, and prompt width + max_new_tokens <= max_length.
+
+    prefill_pad_slots: the K/V slots past max_length (``pad_slots``) that a short prompt's padding
+    up to a graphed prefill width may take; None: :data:`PREFILL_PAD_SLOTS` where prefills may be
+    graphed (CUDA), else 0. ``prefill_counts`` counts generate()'s prefills, graphed or eager.
 
     device / dtype: move / cast the model (in place) first; None keeps the model's.
     use_cuda_graph: "auto" replays a captured decode step on CUDA (one capture per batch size,
@@ -921,6 +957,7 @@ class Engine(GenerationFrontend):
         compile: bool | Literal["auto"] = False,
         compile_mode: str = "default",
         small_batch_linear: bool = False,
+        prefill_pad_slots: int | None = None,
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
@@ -933,9 +970,10 @@ class Engine(GenerationFrontend):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_length = max_length
+        self.pad_slots = pad_slots_for(self.device, use_cuda_graph, prefill_pad_slots)
 
         self.small_batch_linear = small_batch_linear
-        self.stack = DecodingStack(model, num_slots=max_length,
+        self.stack = DecodingStack(model, num_slots=max_length + self.pad_slots,
                                    linear=few_row_linear if small_batch_linear else module_linear)
         self.cache = self.stack.allocate(max_batch_size, self.dtype, self.device)
         self.inputs = DecodeInputs(
@@ -985,13 +1023,15 @@ class Engine(GenerationFrontend):
 
     @torch.no_grad()
     def _prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 1, room: int | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 1,
+        max_new_tokens: int | None = None,
     ) -> torch.Tensor:
-        """room: the slots the request may fill with its prompt (max_length - max_new_tokens), for
-        generate(): a short prompt is then padded to one of ``prefill_widths`` and prefilled from a
-        graph. None (prefill()): the prompt as it is, eagerly."""
+        """max_new_tokens: generate()'s, which leaves a short prompt room to be padded to one of
+        ``prefill_widths`` and prefilled from a graph (:meth:`prefill_bucket`). None (prefill()):
+        the prompt as it is, eagerly."""
         b, width = input_ids.shape
-        bucket = prefill_width(self.prefill_widths, b, width, room) if room is not None and logits_to_keep == 1 else None
+        graphable = max_new_tokens is not None and logits_to_keep == 1
+        bucket = self.prefill_bucket(b, width, max_new_tokens) if graphable else None
         if bucket is not None:
             input_ids, attention_mask = left_pad(input_ids, attention_mask, bucket, self.pad_token_id)
             width = bucket
@@ -1032,8 +1072,9 @@ class Engine(GenerationFrontend):
     def _decode(self, request: _Request, token_ids: torch.Tensor) -> torch.Tensor:
         if request is not self._request:
             raise RuntimeError("another request started on this engine while this one was being decoded")
-        if request.next_slot >= self.max_length:
-            raise ValueError(f"the request reached max_length={self.max_length}")
+        if request.next_slot >= self.stack.num_slots:
+            raise ValueError(f"the request filled the engine's {self.stack.num_slots} cache slots "
+                             f"(max_length={self.max_length}): make a larger engine")
         if token_ids.shape != (request.batch_size,):
             raise ValueError(
                 f"decode takes one token per row, shape ({request.batch_size},), got {tuple(token_ids.shape)}"
@@ -1071,7 +1112,7 @@ class Engine(GenerationFrontend):
         stop = torch.tensor(self._stop_ids(stop_token_ids), dtype=torch.long, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
 
-        logits = self._prefill(input_ids, attention_mask, room=self.max_length - max_new_tokens)[:, -1]
+        logits = self._prefill(input_ids, attention_mask, max_new_tokens=max_new_tokens)[:, -1]
         request = self._request
         running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=self.device)
         watch = StopWatch(self.device, stop_check_lag)

@@ -115,7 +115,7 @@ from .engine import (
     grouped_query_attention,
     left_pad,
     module_linear,
-    prefill_width,
+    pad_slots_for,
     use_split_k_attention,
 )
 from .sampling import SamplingParams, keep_top_k, keep_top_p
@@ -748,6 +748,7 @@ class SpeculativeEngine(GenerationFrontend):
     small_batch_linear: as for the Engine: both models' linear layers through
     :func:`mambaify.ops.small_batch_linear` (a verify call at batch b has b * (K + 1) rows, a
     draft step b or 2b).
+    prefill_pad_slots: as for the Engine (both models' caches hold that many more slots).
 
     The text helpers (generate_text, stream_text, chat, stream_chat) work as the Engine's.
     After each request, ``stats`` holds its :class:`SpeculativeStats`.
@@ -771,6 +772,7 @@ class SpeculativeEngine(GenerationFrontend):
         compile_mode: str = "default",
         draft_vocab: Sequence[int] | torch.Tensor | None = None,
         small_batch_linear: bool = False,
+        prefill_pad_slots: int | None = None,
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
@@ -793,8 +795,10 @@ class SpeculativeEngine(GenerationFrontend):
         self.max_batch_size, self.max_length = max_batch_size, max_length
         self.k_max = max([*self.k_choices, self.k] if self.k != "auto" else self.k_choices)
 
-        # A round writes K + 1 slots past the committed ones, which stay below max_length + K.
-        slots = max_length + self.k_max + 1
+        # A round writes K + 1 slots past the committed ones, which stay below max_length + K;
+        # pad_slots more take a short prompt's padding up to a graphed prefill width.
+        self.pad_slots = pad_slots_for(self.device, use_cuda_graph, prefill_pad_slots)
+        slots = max_length + self.pad_slots + self.k_max + 1
         self.small_batch_linear = small_batch_linear
         linear = few_row_linear if small_batch_linear else module_linear
         self.target_stack = SpeculativeStack(target, slots, self.k_max + 1, linear)
@@ -1040,7 +1044,7 @@ class SpeculativeEngine(GenerationFrontend):
         started = time.perf_counter()
         request = self._request = _Request(b)
         # A short prompt: padded to a graphed width, both prefills replayed from one graph.
-        bucket = prefill_width(self.prefill_widths, b, input_ids.shape[1], self.max_length - max_new_tokens)
+        bucket = self.prefill_bucket(b, input_ids.shape[1], max_new_tokens)
         if bucket is not None:
             input_ids, attention_mask = left_pad(input_ids, attention_mask, bucket, self.pad_token_id)
         target_rows, draft_rows = self.target_cache.rows(b), self.draft_cache.rows(b)
