@@ -804,6 +804,24 @@ def test_cuda_small_batch_linear_decodes_as_the_modules_do(attention):
     assert torch.allclose(fast.decode(token), plain.decode(token), atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_exactly_sized_engine_prefills_from_a_graph():
+    """On CUDA an engine sized exactly to its request (prompt + max_new_tokens = max_length)
+    pads a short prompt into its pad slots and replays the prefill from a graph (session 8's
+    bench_speculative engines prefilled every prompt eagerly): the same tokens as an engine with
+    room to spare."""
+    model = perturbed_hybrid(0.5).cuda()
+    prompts = random_prompts(7, 2, 12)
+    width = max(len(p) for p in prompts)
+    tight = Engine(model, max_batch_size=2, max_length=width + 20)
+    roomy = Engine(model, max_batch_size=2, max_length=512)
+    assert tight.pad_slots == engine_module.PREFILL_PAD_SLOTS
+    options = dict(max_new_tokens=20, stop_token_ids=[])
+    assert torch.equal(tight.generate(prompts, **options), roomy.generate(prompts, **options))
+    assert tight.prefill_counts == {"graphed": 1, "eager": 0}
+
+
 def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
     from mambaify import bench
 
