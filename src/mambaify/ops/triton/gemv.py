@@ -7,7 +7,11 @@ layers' 8-235 MB matrices at 3.1-3.4 TB/s while the same kind of kernel read the
 programs, each with a long serial reduction. This kernel splits the reduction dimension as
 well (split-K) so that every shape has a few programs
 per multiprocessor, each streaming a contiguous stripe of the row-major weight, and adds the
-float32 partial sums in a fixed order (no atomics: the same inputs give the same bits).
+float32 partial sums in a fixed order (no atomics: the same inputs give the same bits). One row
+reduces on the CUDA cores; several rows (a batch, or a speculative verify call's K + 1 tokens)
+multiply each weight tile with all of them at once through ``tl.dot``, padded to 16 rows, so the
+weight is still read once (session 8's batch-8 step, with a reduction per row over each tile,
+ran at 26% of its roofline).
 :func:`small_batch_gated_up` computes a gated MLP's silu(x W_gate^T) * (x W_up^T) in one pass
 over both matrices, so the MLP's activation costs no kernel of its own. Both are candidates,
 timed by ``benchmarks/bench_kernels.py --only gemv`` against cuBLAS and inductor and used by the
@@ -44,12 +48,17 @@ def _gemv_kernel(
     FINAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
     (and of x[m, k] * w2[n, k] when GATED: w the gate, w2 the up projection, read in the same
     pass). FINAL (one split): the result itself, bias added or the gate applied, in the output's
     dtype. Otherwise float32 partial sums into out[s, part] for :func:`_sum_splits_kernel`, which
-    adds them in a fixed order (no atomics, so results do not depend on scheduling)."""
+    adds them in a fixed order (no atomics, so results do not depend on scheduling).
+    USE_DOT (several rows, BLOCK_M >= 16 with the padding rows zero): each weight tile is
+    multiplied with all rows at once by ``tl.dot`` (tensor cores); one row reduces on the CUDA
+    cores, where a dot would be 15/16 padding."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,15 +73,24 @@ def _gemv_kernel(
         mask_k = offs_k < k_end
         tile = offs_n[:, None].to(tl.int64) * w_sn + offs_k[None, :] * w_sk  # > 2^31 elements: 64-bit
         tile_mask = mask_n[:, None] & mask_k[None, :]
-        w = tl.load(w_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
-        if GATED:
-            w2 = tl.load(w2_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
-        for m in tl.static_range(BLOCK_M):
-            in_rows = (offs_k * 0 + m) < M  # padding rows (past M) load zeros
-            x = tl.load(x_ptr + m * x_sm + offs_k * x_sk, mask=mask_k & in_rows, other=0.0).to(ACC)
-            acc += tl.where(offs_m[:, None] == m, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+        if USE_DOT:
+            x_mask = (offs_m < M)[:, None] & mask_k[None, :]  # padding rows (past M) load zeros
+            xs = tl.load(x_ptr + offs_m[:, None] * x_sm + offs_k[None, :] * x_sk, mask=x_mask, other=0.0)
+            w = tl.load(w_ptr + tile, mask=tile_mask, other=0.0)
+            acc += tl.dot(xs, tl.trans(w), input_precision=DOT_PRECISION, out_dtype=ACC)
             if GATED:
-                acc2 += tl.where(offs_m[:, None] == m, tl.sum(w2 * x[None, :], axis=1)[None, :], 0.0)
+                w2 = tl.load(w2_ptr + tile, mask=tile_mask, other=0.0)
+                acc2 += tl.dot(xs, tl.trans(w2), input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            w = tl.load(w_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
+            if GATED:
+                w2 = tl.load(w2_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
+            for m in tl.static_range(BLOCK_M):
+                in_rows = (offs_k * 0 + m) < M  # padding rows (past M) load zeros
+                x = tl.load(x_ptr + m * x_sm + offs_k * x_sk, mask=mask_k & in_rows, other=0.0).to(ACC)
+                acc += tl.where(offs_m[:, None] == m, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+                if GATED:
+                    acc2 += tl.where(offs_m[:, None] == m, tl.sum(w2 * x[None, :], axis=1)[None, :], 0.0)
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     ptrs = out_ptr + pid_k * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
     if FINAL:
@@ -138,6 +156,10 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
     programs_n, planned = plan(n, k, rows.device, block_n, block_k)
     k_per_split, splits = _whole_blocks(k, splits or planned, block_k)
     gated, parts = up is not None, 2 if up is not None else 1
+    # tl.dot takes tiles of at least 16 in every dimension; float32 inputs keep full precision
+    # ("ieee", not tf32), half-precision ones multiply exactly anyway (the precision is ignored).
+    use_dot = m > 1 and block_n >= 16 and block_k >= 16
+    block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     # One split writes the result itself; several write float32 partial sums, added up after.
     part = out[None, None] if splits == 1 else torch.empty(splits, parts, m, n, dtype=acc_dtype, device=rows.device)
@@ -145,8 +167,9 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
         rows, weight, up if gated else weight, bias if bias is not None else weight, part,
         m, n, k, k_per_split,
         *rows.stride(), *weight.stride(), *part.stride(),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
         num_warps=num_warps,
     )
     if splits > 1:
