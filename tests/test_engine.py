@@ -812,7 +812,7 @@ def test_cuda_exactly_sized_engine_prefills_from_a_graph():
     bench_speculative engines prefilled every prompt eagerly): the same tokens as an engine with
     room to spare."""
     model = perturbed_hybrid(0.5).cuda()
-    prompts = random_prompts(7, 2, 12)
+    prompts = random_prompts(7, 12)  # two prompts for an engine of max_batch_size=2
     width = max(len(p) for p in prompts)
     tight = Engine(model, max_batch_size=2, max_length=width + 20)
     roomy = Engine(model, max_batch_size=2, max_length=512)
