@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default 128)")
     a.add_argument("--prompts", type=int, default=16, help="prompts per batch size (default 16)")
     a.add_argument("--prompts-file", type=Path, help="prompts, one per line (default: offline Wikipedia chat prompts)")
-    a.add_argument("--e2e-draft-vocab", type=int, default=0,
+    a.add_argument("--e2e-draft-vocab", type=int_list, default=[0],
                    help="(a): cut the draft's LM head to the N tokens most frequent in the offline training "
-                        "corpus (train-split Wikipedia summaries; the first N ids with --tiny); 0: the whole head")
+                        "corpus (train-split Wikipedia summaries; the first N ids with --tiny); 0: the whole "
+                        "head; several (e.g. 0,8192): each against the same plain engine (default 0)")
     a.add_argument("--compile", action="store_true",
                    help="torch.compile the plain engine's decode step and the speculative rounds (both engines; "
                         "(b) then times the engines' own compiled step and rounds)")
@@ -311,7 +312,6 @@ def acceptance_over(stats: list) -> dict:
 def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dtype) -> None:
     from mambaify.generate.engine import Engine
     from mambaify.generate.loading import load_for_generation
-    from mambaify.generate.speculative_engine import SpeculativeEngine
 
     if args.tiny:
         (target, draft), tokenizer = tiny_pair(device, dtype), None
@@ -323,7 +323,7 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
     length = max(len(p) for p in prompts) + new
     fixed = [k for k in args.k if k != "auto"]
     options = dict(max_new_tokens=new, stop_token_ids=[])
-    draft_vocab = None
+    cut_heads: dict[int, list[int]] = {}  # rows -> the draft's kept token ids, computed once
     for batch in args.batch:
         batches = [prompts[i:i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
         label = f"batch {batch}"
@@ -347,49 +347,66 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
                                        tokens=tokens, seconds=statistics.median(times), tokens_per_s=plain_tps,
                                        ratio=1.0, **plain_split, decode_ratio=1.0, eager_prefills=plain_eager,
                                        compiled=plain.is_compiled(batch), compile_s=plain.compile_seconds))
-        if args.e2e_draft_vocab and draft_vocab is None:
-            draft_vocab = corpus_draft_vocab(args, tokenizer, args.e2e_draft_vocab, plain.stop_token_ids)
+        for rows in args.e2e_draft_vocab:
+            if rows and rows not in cut_heads:
+                cut_heads[rows] = corpus_draft_vocab(args, tokenizer, rows, plain.stop_token_ids)
         del plain
-        engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,), draft_vocab=draft_vocab,
-                                   max_batch_size=batch, max_length=length, compile=args.compile,
-                                   small_batch_linear=args.small_batch_linear)
-        prefills_warm = False
-        for k in args.k:
-            if results.out_of_time(f"(a) {label} k={k}"):
+        for rows in args.e2e_draft_vocab:
+            head = f", draft head {rows} rows" if rows else ""
+            if results.out_of_time(f"(a) {label}{head}"):
                 continue
-            compile_before = engine.compile_seconds
-            # Compile (with --compile) and capture the round graphs: every K that "auto" may pick.
-            engine.generate(batches[0], max_new_tokens=4, stop_token_ids=[], k=k)
-            if not prefills_warm:  # the prefill graphs serve every K
-                warm_prefills(engine, batches, k=k)
-                prefills_warm = True
-            ks = engine.k_choices if k == "auto" else [k]
-            compiled = all(engine.is_compiled(batch, kk) for kk in ks)
-            times, stats = [], []
-            counted = dict(engine.prefill_counts)
-            for _ in range(args.repeats):
-                seconds, outputs, request_stats = timed_generate(engine, batches, device, k=k, **options)
-                times.append(seconds)
-                stats += request_stats
-            eager = eager_prefills(engine, counted, f"speculative, {label}, k={k}")
-            same = sum(int((o.cpu() == r.cpu()).sum()) for o, r in zip(outputs, reference))
-            acceptance = acceptance_over(stats)
-            tps = tokens / statistics.median(times)
-            split = split_first_token(engine, batches, device, args.repeats, statistics.median(times), tokens,
-                                      k=k, **options)
-            # The device's share of a round (fixed K only: "auto" mixes several).
-            device_times = engine.round_times(batch, k) if k != "auto" else None
-            per_repeat = acceptance["rounds"] / args.repeats
-            round_ms = 1e3 * (statistics.median(times) - split["first_token_ms"] * len(batches) / 1e3) / per_repeat
-            results.add("end_to_end", dict(path="speculative", batch=batch, k=k, prompts=len(batches) * batch,
-                                           tokens=tokens, seconds=statistics.median(times), tokens_per_s=tps,
-                                           ratio=tps / plain_tps, **split,
-                                           decode_ratio=split["decode_tokens_per_s"] / plain_split["decode_tokens_per_s"],
-                                           match=same / tokens, compiled=compiled, eager_prefills=eager,
-                                           draft_vocab=args.e2e_draft_vocab or None,
-                                           compile_s=engine.compile_seconds - compile_before, **acceptance,
-                                           round_ms=round_ms, **(device_times or {})))
-        del engine
+            speculative_points(args, results, target, draft, tokenizer, batches, batch, length, fixed,
+                               cut_heads.get(rows), rows, reference, plain_tps, plain_split, device, options)
+
+
+def speculative_points(args, results: Results, target, draft, tokenizer, batches, batch: int, length: int,
+                       fixed: list[int], draft_vocab: list[int] | None, rows: int, reference, plain_tps: float,
+                       plain_split: dict, device: torch.device, options: dict) -> None:
+    """(a)'s speculative points of one batch size and draft head (``rows``, 0 the whole head):
+    one SpeculativeEngine, every K of ``args.k``, against the plain engine's figures."""
+    from mambaify.generate.speculative_engine import SpeculativeEngine
+
+    label = f"batch {batch}" + (f", draft head {rows} rows" if rows else "")
+    tokens = sum(o.numel() for o in reference)
+    engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,), draft_vocab=draft_vocab,
+                               max_batch_size=batch, max_length=length, compile=args.compile,
+                               small_batch_linear=args.small_batch_linear)
+    prefills_warm = False
+    for k in args.k:
+        if results.out_of_time(f"(a) {label} k={k}"):
+            continue
+        compile_before = engine.compile_seconds
+        # Compile (with --compile) and capture the round graphs: every K that "auto" may pick.
+        engine.generate(batches[0], max_new_tokens=4, stop_token_ids=[], k=k)
+        if not prefills_warm:  # the prefill graphs serve every K
+            warm_prefills(engine, batches, k=k)
+            prefills_warm = True
+        ks = engine.k_choices if k == "auto" else [k]
+        compiled = all(engine.is_compiled(batch, kk) for kk in ks)
+        times, stats = [], []
+        counted = dict(engine.prefill_counts)
+        for _ in range(args.repeats):
+            seconds, outputs, request_stats = timed_generate(engine, batches, device, k=k, **options)
+            times.append(seconds)
+            stats += request_stats
+        eager = eager_prefills(engine, counted, f"speculative, {label}, k={k}")
+        same = sum(int((o.cpu() == r.cpu()).sum()) for o, r in zip(outputs, reference))
+        acceptance = acceptance_over(stats)
+        tps = tokens / statistics.median(times)
+        split = split_first_token(engine, batches, device, args.repeats, statistics.median(times), tokens,
+                                  k=k, **options)
+        # The device's share of a round (fixed K only: "auto" mixes several).
+        device_times = engine.round_times(batch, k) if k != "auto" else None
+        per_repeat = acceptance["rounds"] / args.repeats
+        round_ms = 1e3 * (statistics.median(times) - split["first_token_ms"] * len(batches) / 1e3) / per_repeat
+        results.add("end_to_end", dict(path="speculative", batch=batch, k=k, prompts=len(batches) * batch,
+                                       tokens=tokens, seconds=statistics.median(times), tokens_per_s=tps,
+                                       ratio=tps / plain_tps, **split,
+                                       decode_ratio=split["decode_tokens_per_s"] / plain_split["decode_tokens_per_s"],
+                                       match=same / tokens, compiled=compiled, eager_prefills=eager,
+                                       draft_vocab=rows or None,
+                                       compile_s=engine.compile_seconds - compile_before, **acceptance,
+                                       round_ms=round_ms, **(device_times or {})))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,15 +656,17 @@ def render(data: dict, out: Path) -> None:
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}.", ""]
     if data["end_to_end"]:
         lines += ["## (a) End to end: plain engine vs speculative", "",
-                  "| batch | path | K | compiled | tokens/s | ratio | first token ms | decode tokens/s | "
-                  "decode ratio | mean accepted | tokens/round | match | K used | round ms (device) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| batch | path | K | compiled | draft head rows | tokens/s | ratio | first token ms | "
+                  "decode tokens/s | decode ratio | mean accepted | tokens/round | match | K used | "
+                  "round ms: wall (device draft + verify) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["end_to_end"]:
             # Points of runs before the first-token split have no such fields.
             first = f"{p['first_token_ms']:.1f}" if "first_token_ms" in p else "-"
             decode = f"{p['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in p else "-"
             decode_ratio = f"{p['decode_ratio']:.2f}" if "decode_ratio" in p else "-"
-            lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {_fmt(p.get('compiled'))} | "
+            head = "-" if p["path"] == "plain" else (p.get("draft_vocab") or "all")
+            lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {_fmt(p.get('compiled'))} | {head} | "
                          f"{p['tokens_per_s']:.1f} | {p['ratio']:.2f} | {first} | {decode} | {decode_ratio} | "
                          f"{_fmt(p.get('mean_accepted'))} | "
                          f"{_fmt(p.get('tokens_per_round'))} | {_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} | "

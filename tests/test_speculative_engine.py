@@ -890,13 +890,17 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     out = tmp_path / "bench"
     command = [sys.executable, str(REPO / "benchmarks" / "bench_speculative.py"), "--tiny", "--out", str(out),
                "--k", "1,3,auto", "--batch", "1,2", "--new-tokens", "8", "--prompts", "2", "--verify-k", "2,3",
-               "--attention", "0.5", "--repeats", "1", "--accepted", "1.5,2.5", "--draft-vocab", "0,64"]
+               "--attention", "0.5", "--repeats", "1", "--accepted", "1.5,2.5", "--draft-vocab", "0,64",
+               "--e2e-draft-vocab", "0,48"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "bench_speculative.json").read_text())
     end_to_end = data["end_to_end"]
     assert {p["batch"] for p in end_to_end} == {1, 2}
     assert {p["k"] for p in end_to_end if p["path"] == "speculative"} == {1, 3, "auto"}
+    # One plain point per batch size; each K with the whole draft head and with it cut to 48 rows.
+    assert [(p["batch"], p["k"], p.get("draft_vocab")) for p in end_to_end] == [
+        (b, k, v) for b in (1, 2) for k, v in [(None, None)] + [(k, v) for v in (None, 48) for k in (1, 3, "auto")]]
     assert all(p["tokens_per_s"] > 0 for p in end_to_end)
     # Where a request's time goes: its first token, and the tokens/s of the rest.
     assert all(p["first_token_ms"] > 0 and p["decode_tokens_per_s"] > 0 for p in end_to_end)
@@ -917,7 +921,8 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     assert data["speedup"] and all(p["speedup"] > 0 for p in data["speedup"])
     markdown = (out / "bench_speculative.md").read_text()
     assert "| batch |" in markdown and "verify" in markdown and "decode ratio" in markdown
-    assert "round ms (device)" in markdown
+    assert "round ms: wall (device draft + verify)" in markdown
+    assert "| 1 | speculative | 3 | False | 48 |" in markdown and "| 1 | speculative | 3 | False | all |" in markdown
 
 
 def test_round_timing_script_runs_on_tiny_models(tmp_path):
