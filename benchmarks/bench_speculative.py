@@ -222,7 +222,11 @@ def load_prompts(args, tokenizer, count: int, vocab_size: int) -> list[list[int]
                 print(f"warning: offline Wikipedia prompts unavailable ({str(err)[:160]}); using built-in prompts",
                       flush=True)
                 texts = DEFAULT_BUILTIN_PROMPTS
-    texts = [texts[i % len(texts)] for i in range(count)]
+    return render_prompts(tokenizer, [texts[i % len(texts)] for i in range(count)])
+
+
+def render_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text as a user turn of the tokenizer's chat template (plain text without one)."""
     if getattr(tokenizer, "chat_template", None):
         rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                                   add_generation_prompt=True) for t in texts]
