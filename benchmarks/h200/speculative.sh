@@ -11,7 +11,7 @@
 # Usage (from the repo root): bash benchmarks/h200/speculative.sh [HYBRID_S] [DRAFT_S] [DEADLINE_S]
 # TAG and BENCH_ARGS (environment): a variant of the benchmarks (see bench below).
 # TRAIN_ARGS (environment): added to both trainings, e.g. TRAIN_ARGS=--compile (compiled steps).
-# ROUND_TIMING=1 / EAGER=0 / E2E_DRAFT_VOCAB (environment): see the benchmarks below.
+# ROUND_TIMING=1 / EAGER=0 / E2E_DRAFT_VOCAB / COMPILED_LIMIT_S (environment): see the benchmarks below.
 # TRAIN_ONLY=1 (environment): train the hybrid and the draft, skip the benchmarks (for a call that
 # runs the GPU tests beside the training on one GPU: timings would be disturbed, training only slowed).
 # DRAFT and DRAFT_ARGS (environment): a second draft, trained with DRAFT_ARGS added, against the
@@ -96,9 +96,10 @@ fi
 # Compiled, K = 2 and 3 and adaptive K over those two (each batch size and K compiles its rounds
 # once; "auto" reuses them).
 # Session 9: 330 s ended this one while it compiled its seventh point (45-56 s a compile), so it
-# has 450 s; E2E_DRAFT_VOCAB (e.g. 0,8192) adds a cut draft head beside the whole one.
-bench end_to_end_compiled 450 --compile --k 2,3,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 \
-  --time-budget-s 420 --e2e-draft-vocab "${E2E_DRAFT_VOCAB:-0}"
+# has 450 s (COMPILED_LIMIT_S: less for fewer points, so that it fits a shorter call);
+# E2E_DRAFT_VOCAB (e.g. 0,8192) adds a cut draft head beside the whole one.
+bench end_to_end_compiled "${COMPILED_LIMIT_S:-450}" --compile --k 2,3,auto --batch 1,8 --new-tokens 128 --prompts 16 --repeats 3 \
+  --time-budget-s $(( ${COMPILED_LIMIT_S:-450} - 30 )) --e2e-draft-vocab "${E2E_DRAFT_VOCAB:-0}"
 for name in "${benches[@]}"; do [ -d "$runs/$name" ] && cp -r "$runs/$name" "$out/"; done
 cat "$runs/end_to_end$suffix$TAG/bench_speculative.md" 2>/dev/null
 for run in hybrid50 "$draft"; do  # the runs' reports and plots beside the step logs
