@@ -48,6 +48,7 @@ from torch import nn
 from bench_speculative import render_prompts
 
 from mambaify.distill.losses import distill_loss
+from mambaify.draft import build_draft_from_teacher, parse_layers
 
 
 class FeatureDraft(nn.Module):
@@ -310,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--time-budget-s", type=float, default=float("inf"), help="per draft: stop its training after this")
+    p.add_argument("--token-layers", type=parse_layers, default=[0, -1],
+                   help="the teacher's layers the token draft is made of (default 0,-1, distill-draft's)")
+    p.add_argument("--feature-layers", type=parse_layers, default=[-1],
+                   help="the teacher's layers the feature draft is made of (default -1, its last)")
     p.add_argument("--train-depth", type=int, default=2, help="the feature draft's unrolled depths in training")
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--max-k", type=int, default=6)
@@ -324,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tiny and not args.target:
         print("give --target (a saved hybrid), or --tiny", file=sys.stderr)
         return 2
-    from mambaify.draft import build_draft_from_teacher
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(args.seed)
@@ -338,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(train_prompts)} + {len(eval_prompts)} answers of {args.new_tokens} tokens in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     # The drafts train in float32 (bf16 autocast on CUDA); the target stays in its dtype.
-    drafts = {"token": build_draft_from_teacher(teacher, dtype=torch.float32),
-              "feature": FeatureDraft(build_draft_from_teacher(teacher, layers=[-1], dtype=torch.float32))}
-    layers = {"token": 2, "feature": 1}
+    drafts = {"token": build_draft_from_teacher(teacher, layers=args.token_layers, dtype=torch.float32),
+              "feature": FeatureDraft(build_draft_from_teacher(teacher, layers=args.feature_layers, dtype=torch.float32))}
+    layers = {"token": drafts["token"].config.num_hidden_layers, "feature": drafts["feature"].body.config.num_hidden_layers}
     training = train(drafts, target, *train_rows, args, device)
     measured = measure(drafts, target, *eval_rows, args.starts_per_row, args.max_k, device, args.seed)
     data = dict(meta=dict(target="tiny" if args.tiny else args.target, draft_from="tiny" if args.tiny else args.draft_from,

@@ -101,17 +101,17 @@ def test_feature_draft_loss_at_depth_one_is_kl_plus_the_feature_pull(experiment,
     q = torch.log_softmax(draft_logits[answer].double(), -1)
     kl = (p.exp() * (p - q)).sum(-1).mean()
     pull = torch.nn.functional.smooth_l1_loss(hidden[answer].double(), features[answer].double())
-    assert float(loss) == pytest.approx(float(kl + 0.5 * pull), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(kl + 0.5 * pull), rel=1e-4)
     # Two depths: the second reads the first's outputs, so the loss changes.
     deeper = experiment.feature_draft_loss(draft, ids, mask, answer, features, logits, depth=2, feature_weight=0.5)
-    assert float(deeper) != pytest.approx(float(loss), rel=1e-6)
+    assert float(deeper.detach()) != pytest.approx(float(loss.detach()), rel=1e-6)
 
 
 def test_script_runs_on_tiny_models(tmp_path):
     out = tmp_path / "fd"
     command = [sys.executable, str(REPO / "benchmarks" / "feature_draft.py"), "--tiny", "--out", str(out),
                "--train-prompts", "16", "--eval-prompts", "4", "--new-tokens", "12", "--steps", "4",
-               "--batch-size", "4", "--max-k", "3", "--starts-per-row", "4"]
+               "--batch-size", "4", "--max-k", "3", "--starts-per-row", "4", "--feature-layers", "0,-1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "feature_draft.json").read_text())
@@ -121,7 +121,7 @@ def test_script_runs_on_tiny_models(tmp_path):
         assert 0.0 <= draft["top1_agreement"] <= 1.0 and draft["rounds"] == 4 * 4
         accepted = [draft["mean_accepted"][str(k)] for k in (1, 2, 3)]
         assert all(0.0 <= a <= k for a, k in zip(accepted, (1, 2, 3))) and accepted == sorted(accepted)
-    assert "| feature | 1 | 4 |" in (out / "feature_draft.md").read_text()
+    assert "| feature | 2 | 4 |" in (out / "feature_draft.md").read_text() and data["drafts"]["token"]["layers"] == 2
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "feature_draft.py"), "--out", str(out)],
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 2 and "--target" in result.stderr
