@@ -101,7 +101,7 @@ def test_feature_draft_loss_at_depth_one_is_kl_plus_the_feature_pull(experiment,
     q = torch.log_softmax(draft_logits[answer].double(), -1)
     kl = (p.exp() * (p - q)).sum(-1).mean()
     pull = torch.nn.functional.smooth_l1_loss(hidden[answer].double(), features[answer].double())
-    assert float(loss.detach()) == pytest.approx(float(kl + 0.5 * pull), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float((kl + 0.5 * pull).detach()), rel=1e-4)
     # Two depths: the second reads the first's outputs, so the loss changes.
     deeper = experiment.feature_draft_loss(draft, ids, mask, answer, features, logits, depth=2, feature_weight=0.5)
     assert float(deeper.detach()) != pytest.approx(float(loss.detach()), rel=1e-6)
