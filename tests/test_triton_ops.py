@@ -144,8 +144,12 @@ def test_small_batch_linear_kernel(kernels, device, dtype, m, n, k, block_k, bia
     ref = F.linear(x.double().cpu(), w.double().cpu(), None if b is None else b.double().cpu())
     assert out.shape == (m, n) and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
-    # Fixed-order sums (no atomics): the same inputs give the same bits.
+    # Fixed-order sums: the same inputs give the same bits, whichever split finishes last, and
+    # the same as the split sums added by a kernel of their own.
     assert torch.equal(out, kernels.small_batch_linear(x, w, b, block_k=block_k))
+    assert torch.equal(out, kernels.small_batch_linear(x, w, b, block_k=block_k, one_launch=False))
+    counters = kernels.gemv._COUNTERS.get(torch.device(device))
+    assert counters is None or not counters.any()  # every call leaves its counters at zero
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)
@@ -165,9 +169,35 @@ def test_small_batch_gated_up_kernel(kernels, device, dtype, m, n, k, block_k, s
     assert out.shape == (m, n) and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
     assert torch.equal(out, kernels.small_batch_gated_up(x, gate, up, block_k=block_k, splits=splits))
+    assert torch.equal(out, kernels.small_batch_gated_up(x, gate, up, block_k=block_k, splits=splits, one_launch=False))
     # The same split counts through the plain linear.
     plain = kernels.small_batch_linear(x, gate, block_k=block_k, splits=splits)
     assert rel_err(plain, F.linear(x64, g64)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
+def test_small_batch_linear_split_sums_switch_and_counter_limit(kernels, device, dtype, monkeypatch):
+    """MAMBAIFY_GEMV_ONE_LAUNCH=0 sends the split sums to their own kernel (the same bits); more n
+    blocks than the counters cover is refused with the way out named."""
+    g = torch.Generator().manual_seed(11)
+    x = randn(2, 512, g=g, dtype=dtype, device=device)
+    w = randn(96, 512, g=g, dtype=dtype, device=device, scale=512 ** -0.5)
+    gemv = kernels.gemv
+    one = gemv.small_batch_linear(x, w, block_k=32, splits=4)
+    launches = []
+    real = gemv._sum_splits_kernel
+    monkeypatch.setattr(gemv, "_sum_splits_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
+    monkeypatch.setenv("MAMBAIFY_GEMV_ONE_LAUNCH", "0")
+    assert not gemv.one_launch_default()
+    assert torch.equal(gemv.small_batch_linear(x, w, block_k=32, splits=4), one) and len(launches) == 1
+    monkeypatch.delenv("MAMBAIFY_GEMV_ONE_LAUNCH")
+    assert gemv.one_launch_default()
+    assert torch.equal(gemv.small_batch_linear(x, w, block_k=32, splits=4), one) and len(launches) == 1
+    monkeypatch.setattr(gemv, "MAX_PROGRAMS_N", 2)
+    with pytest.raises(ValueError, match="one_launch=False"):
+        gemv.small_batch_linear(x, w, block_k=32, splits=4)  # 3 blocks of 32 along N
+    assert torch.equal(gemv.small_batch_linear(x, w, block_k=32, splits=4, one_launch=False), one)
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])

@@ -7,7 +7,11 @@ layers' 8-235 MB matrices at 3.1-3.4 TB/s while the same kind of kernel read the
 programs, each with a long serial reduction. This kernel splits the reduction dimension as
 well (split-K) so that every shape has a few programs
 per multiprocessor, each streaming a contiguous stripe of the row-major weight, and adds the
-float32 partial sums in a fixed order (no atomics: the same inputs give the same bits). One row
+float32 partial sums in a fixed order (the same inputs give the same bits): the split of an n
+block that finishes last (an atomic count per block says which) adds them in split order, so one
+launch does it all; ``one_launch=False`` or MAMBAIFY_GEMV_ONE_LAUNCH=0 adds them in a second
+kernel instead (a launch more per call, up to six calls per layer and step; bench_kernels times
+both). One row
 reduces on the CUDA cores; several rows (a batch, or a speculative verify call's K + 1 tokens)
 multiply each weight tile with all of them at once through ``tl.dot``, padded to 16 rows, so the
 weight is still read once (session 8's batch-8 step, with a reduction per row over each tile,
@@ -21,6 +25,7 @@ engine only when asked (``Engine(small_batch_linear=True)``).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -38,9 +43,9 @@ def _num_sms(device: torch.device) -> int:
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
-    M, N, K, k_per_split,
-    x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn,
+    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr,
+    M, N, K, k_per_split, S,
+    x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn, f_sm, f_sn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -50,6 +55,7 @@ def _gemv_kernel(
     ACC: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    LAST_SPLIT_SUMS: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
     (and of x[m, k] * w2[n, k] when GATED: w the gate, w2 the up projection, read in the same
@@ -58,7 +64,12 @@ def _gemv_kernel(
     adds them in a fixed order (no atomics, so results do not depend on scheduling).
     USE_DOT (several rows, BLOCK_M >= 16 with the padding rows zero): each weight tile is
     multiplied with all rows at once by ``tl.dot`` (tensor cores); one row reduces on the CUDA
-    cores, where a dot would be 15/16 padding."""
+    cores, where a dot would be 15/16 padding.
+    LAST_SPLIT_SUMS (several splits): each program counts itself done on its n block's counter
+    (``count_ptr``, zero before the call); the one that finds every other split done adds all
+    partial sums in split order (the same bits whichever program it is), writes the result to
+    ``final_ptr`` and puts the counter back to zero for the next call. One launch instead of
+    this kernel and :func:`_sum_splits_kernel`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,6 +114,26 @@ def _gemv_kernel(
         tl.store(ptrs, acc, mask=mask)
         if GATED:
             tl.store(ptrs + o_sp, acc2, mask=mask)
+        if LAST_SPLIT_SUMS:
+            # Every thread's partial sums are stored before the count (barrier); the count's
+            # acquire-release order and reads past L1 (.cg) let the last split see the others'.
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if done == S - 1:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+                for s in range(0, S):
+                    split_ptrs = out_ptr + s * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
+                    acc += tl.load(split_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                    if GATED:
+                        acc2 += tl.load(split_ptrs + o_sp, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+                if GATED:
+                    acc = acc * tl.sigmoid(acc) * acc2
+                final = final_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn
+                tl.store(final, acc.to(final_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -148,8 +179,35 @@ def _whole_blocks(k: int, splits: int, block_k: int) -> tuple[int, int]:
     return k_per_split, triton.cdiv(k, k_per_split)
 
 
+# Per device, the n blocks' "splits done" counters of the one-launch split sums: zeros, and put
+# back to zero by every call, so one buffer serves every call and every CUDA-graph replay on a
+# stream (calls on one stream never overlap). Allocated on first use, never freed or replaced: a
+# captured graph keeps pointing at it.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_PROGRAMS_N = 1 << 16  # n blocks per call: a 2M-row weight at block_n 32
+
+
+def _split_counters(device: torch.device, programs_n: int) -> torch.Tensor:
+    if programs_n > MAX_PROGRAMS_N:
+        raise ValueError(f"small_batch_linear: {programs_n} blocks along N exceed {MAX_PROGRAMS_N}; "
+                         f"give a larger block_n or pass one_launch=False")
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("small_batch_linear: run it once before capturing a CUDA graph (its counters "
+                               "are allocated on first use), as a graph's warm-up does")
+        counters = _COUNTERS[device] = torch.zeros(MAX_PROGRAMS_N, dtype=torch.int32, device=device)
+    return counters
+
+
+def one_launch_default() -> bool:
+    """The split sums' default: in the GEMV's own launch, unless MAMBAIFY_GEMV_ONE_LAUNCH=0 (a
+    switch, like the engines' fast paths, to go back to the second kernel without touching code)."""
+    return os.environ.get("MAMBAIFY_GEMV_ONE_LAUNCH", "1") != "0"
+
+
 def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, bias: torch.Tensor | None,
-            block_n: int, block_k: int, num_warps: int, splits: int | None) -> torch.Tensor:
+            block_n: int, block_k: int, num_warps: int, splits: int | None, one_launch: bool | None) -> torch.Tensor:
     m, k = rows.shape
     n = weight.shape[0]
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
@@ -161,18 +219,21 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
     use_dot = m > 1 and block_n >= 16 and block_k >= 16
     block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
-    # One split writes the result itself; several write float32 partial sums, added up after.
+    # One split writes the result itself; several write float32 partial sums, added up by the
+    # last split to finish (one_launch) or by a second kernel.
     part = out[None, None] if splits == 1 else torch.empty(splits, parts, m, n, dtype=acc_dtype, device=rows.device)
+    last_sums = (one_launch_default() if one_launch is None else one_launch) and splits > 1
+    counters = _split_counters(rows.device, programs_n) if last_sums else out
     _gemv_kernel[(programs_n, splits)](
-        rows, weight, up if gated else weight, bias if bias is not None else weight, part,
-        m, n, k, k_per_split,
-        *rows.stride(), *weight.stride(), *part.stride(),
+        rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters,
+        m, n, k, k_per_split, splits,
+        *rows.stride(), *weight.stride(), *part.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
-        num_warps=num_warps,
+        LAST_SPLIT_SUMS=last_sums, num_warps=num_warps,
     )
-    if splits > 1:
+    if splits > 1 and not last_sums:
         sum_block = 256
         _sum_splits_kernel[(m, triton.cdiv(n, sum_block))](
             part, bias if bias is not None else weight, out,
@@ -192,30 +253,34 @@ def _rows(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
 def small_batch_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     block_n: int = 32, block_k: int = 256, num_warps: int = 4, splits: int | None = None,
+    one_launch: bool | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
     bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
-    dtype. More rows go to ``F.linear``. ``splits``: the reduction's splits (None: :func:`plan`)."""
+    dtype. More rows go to ``F.linear``. ``splits``: the reduction's splits (None: :func:`plan`).
+    ``one_launch``: the last split to finish adds the splits' sums (else a second kernel does;
+    the same bits either way); None: :func:`one_launch_default`."""
     rows = _rows(x, weight, "small_batch_linear")
     n = weight.shape[0]
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"small_batch_linear: bias {tuple(bias.shape)} for a weight of {n} rows")
     if not 0 < rows.shape[0] <= MAX_ROWS:
         return torch.nn.functional.linear(x, weight, bias)
-    return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits).reshape(*x.shape[:-1], n)
+    return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch).reshape(*x.shape[:-1], n)
 
 
 def small_batch_gated_up(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     block_n: int = 32, block_k: int = 256, num_warps: int = 4, splits: int | None = None,
+    one_launch: bool | None = None,
 ) -> torch.Tensor:
     """``silu(x gate^T) * (x up^T)``, the first half of a gated (SwiGLU) MLP, for x (..., K) of at
     most MAX_ROWS rows and gate, up (N, K): both matrices read in one pass, the activation applied
-    as the sums finish. More rows go to PyTorch."""
+    as the sums finish. More rows go to PyTorch. ``one_launch``: as for :func:`small_batch_linear`."""
     rows = _rows(x, gate, "small_batch_gated_up")
     if up.shape != gate.shape:
         raise ValueError(f"small_batch_gated_up: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     n = gate.shape[0]
     if not 0 < rows.shape[0] <= MAX_ROWS:
         return torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
-    return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits).reshape(*x.shape[:-1], n)
+    return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits, one_launch).reshape(*x.shape[:-1], n)
