@@ -18,7 +18,7 @@ pytest.importorskip("triton.backends.nvidia")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mambaify.ops.triton import decode, decode_attention, norm, verify  # noqa: E402
+from mambaify.ops.triton import decode, decode_attention, gemv, norm, verify  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 F32_POINTERS = {"state_ptr", "ckpt_ptr", "states_ptr", "A_ptr", "D_ptr", "rstd_ptr", "dw_ptr",
@@ -27,13 +27,16 @@ INT_POINTERS = {"counts_ptr", "start_ptr", "slots_ptr", "visited_ptr"}
 FLOAT_SCALARS = {"eps", "scale_log2e"}
 
 
-def compile_for_hopper(kernel, constexprs: dict, num_warps: int = 4):
-    """Compile ``kernel`` with the given constexpr values; other arguments are typed by name."""
+def compile_for_hopper(kernel, constexprs: dict, num_warps: int = 4, types: dict | None = None):
+    """Compile ``kernel`` with the given constexpr values; other arguments are typed by name
+    (``types``: where a name's type differs from its usual one)."""
     signature = {}
     for name, param in zip(kernel.arg_names, kernel.params):
         if param.is_constexpr:
             signature[name] = "constexpr"
-        elif name == "tickets_ptr":
+        elif types and name in types:
+            signature[name] = types[name]
+        elif name in ("tickets_ptr", "count_ptr"):
             signature[name] = "*i32"
         elif name in F32_POINTERS:
             signature[name] = "*fp32"
@@ -75,6 +78,21 @@ CASES = {
                                     DOT_PRECISION="ieee", BLOCK_M=32, BLOCK_N=64, BLOCK_D=128)),
     "attention_combine": (decode_attention._attention_combine_kernel, dict(BLOCK_SPLITS=64, BLOCK_D=128)),
 }
+# The split-K GEMV: one row on the CUDA cores and 16 through tl.dot, its splits' float32 partial
+# sums added in its own launch (the last split, after an atomic count) or by the sum kernel.
+GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32")
+GEMV_PARTIALS = {"out_ptr": "*fp32"}
+GEMV_CASES = {
+    "gemv_one_row_split_one_launch": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True), GEMV_PARTIALS),
+    "gemv_dot_gated_split_one_launch": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=True, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=True), GEMV_PARTIALS),
+    "gemv_dot_split_two_launches": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=False), GEMV_PARTIALS),
+    "gemv_dot_final": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False), None),
+    "gemv_sum_splits": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False), {"part_ptr": "*fp32"}),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -82,3 +100,16 @@ def test_kernel_compiles_for_hopper(name):
     kernel, constexprs = CASES[name]
     compiled = compile_for_hopper(kernel, constexprs)
     assert len(compiled.asm["cubin"]) > 0
+
+
+@pytest.mark.parametrize("name", sorted(GEMV_CASES))
+def test_gemv_compiles_for_hopper(name):
+    kernel, constexprs, types = GEMV_CASES[name]
+    compiled = compile_for_hopper(kernel, constexprs, types=types)
+    assert len(compiled.asm["cubin"]) > 0
+    ptx = compiled.asm["ptx"]
+    if constexprs.get("LAST_SPLIT_SUMS"):
+        # One count per program and its release/acquire order, the others' partials read past L1.
+        assert "atom.global.acq_rel" in ptx.replace(".gpu", "") and "ld.global.cg" in ptx
+    if constexprs.get("USE_DOT"):
+        assert "mma" in ptx  # the rows' products on the tensor cores

@@ -105,11 +105,8 @@ def _gemv_kernel(
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     ptrs = out_ptr + pid_k * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
     if FINAL:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
-        if GATED:
-            acc = acc * tl.sigmoid(acc) * acc2
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs, _finish(acc, acc2, bias_ptr, offs_n, mask_n, GATED, HAS_BIAS).to(out_ptr.dtype.element_ty),
+                 mask=mask)
     else:
         tl.store(ptrs, acc, mask=mask)
         if GATED:
@@ -120,20 +117,37 @@ def _gemv_kernel(
             tl.debug_barrier()
             done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
             if done == S - 1:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-                for s in range(0, S):
-                    split_ptrs = out_ptr + s * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
-                    acc += tl.load(split_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                    if GATED:
-                        acc2 += tl.load(split_ptrs + o_sp, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
-                if GATED:
-                    acc = acc * tl.sigmoid(acc) * acc2
+                first = out_ptr + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
+                acc, acc2 = _split_sums(first, mask, S, o_ss, o_sp, GATED, ".cg")
+                result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, GATED, HAS_BIAS)
                 final = final_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn
-                tl.store(final, acc.to(final_ptr.dtype.element_ty), mask=mask)
+                tl.store(final, result.to(final_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@triton.jit
+def _split_sums(first, mask, S, p_ss, p_sp, GATED: tl.constexpr, CACHE: tl.constexpr):
+    """The partial sums at ``first`` (split 0) and the S - 1 splits after it (``p_ss`` apart),
+    added in split order; with GATED also those of the second matrix (``p_sp`` further)."""
+    acc = tl.load(first, mask=mask, other=0.0, cache_modifier=CACHE)
+    acc2 = acc  # read only with GATED
+    if GATED:
+        acc2 = tl.load(first + p_sp, mask=mask, other=0.0, cache_modifier=CACHE)
+    for s in range(1, S):
+        acc += tl.load(first + s * p_ss, mask=mask, other=0.0, cache_modifier=CACHE)
+        if GATED:
+            acc2 += tl.load(first + s * p_ss + p_sp, mask=mask, other=0.0, cache_modifier=CACHE)
+    return acc, acc2
+
+
+@triton.jit
+def _finish(acc, acc2, bias_ptr, offs_n, mask_n, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The layer's output from its sums: bias added, or with GATED silu(gate sums) * up sums."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc2
+    return acc
 
 
 @triton.jit
@@ -150,18 +164,9 @@ def _sum_splits_kernel(
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=part_ptr.dtype.element_ty)
-    acc2 = tl.zeros((BLOCK_N,), dtype=part_ptr.dtype.element_ty)
-    for s in range(0, S):
-        row = part_ptr + s * p_ss + m * p_sm + offs_n * p_sn
-        acc += tl.load(row, mask=mask_n, other=0.0)
-        if GATED:
-            acc2 += tl.load(row + p_sp, mask=mask_n, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
-    if GATED:
-        acc = acc * tl.sigmoid(acc) * acc2
-    tl.store(out_ptr + m * o_sm + offs_n * o_sn, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    acc, acc2 = _split_sums(part_ptr + m * p_sm + offs_n * p_sn, mask_n, S, p_ss, p_sp, GATED, "")
+    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, GATED, HAS_BIAS)
+    tl.store(out_ptr + m * o_sm + offs_n * o_sn, result.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 def plan(n: int, k: int, device: torch.device, block_n: int = 32, block_k: int = 256) -> tuple[int, int]:
