@@ -11,8 +11,7 @@ float32 partial sums in a fixed order (the same inputs give the same bits): the 
 block that finishes last (an atomic count per block says which) adds them in split order, so one
 launch does it all; ``one_launch=False`` or MAMBAIFY_GEMV_ONE_LAUNCH=0 adds them in a second
 kernel instead (a launch more per call, up to six calls per layer and step; bench_kernels times
-both). One row
-reduces on the CUDA cores; several rows (a batch, or a speculative verify call's K + 1 tokens)
+both). One row reduces on the CUDA cores; several rows (a batch, or a speculative verify call's K + 1 tokens)
 multiply each weight tile with all of them at once through ``tl.dot``, padded to 16 rows, so the
 weight is still read once (session 8's batch-8 step, with a reduction per row over each tile,
 ran at 26% of its roofline).
@@ -60,8 +59,8 @@ def _gemv_kernel(
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
     (and of x[m, k] * w2[n, k] when GATED: w the gate, w2 the up projection, read in the same
     pass). FINAL (one split): the result itself, bias added or the gate applied, in the output's
-    dtype. Otherwise float32 partial sums into out[s, part] for :func:`_sum_splits_kernel`, which
-    adds them in a fixed order (no atomics, so results do not depend on scheduling).
+    dtype. Otherwise float32 partial sums into out[s, part], added in split order (so results do
+    not depend on scheduling) by :func:`_sum_splits_kernel` or, with LAST_SPLIT_SUMS, here.
     USE_DOT (several rows, BLOCK_M >= 16 with the padding rows zero): each weight tile is
     multiplied with all rows at once by ``tl.dot`` (tensor cores); one row reduces on the CUDA
     cores, where a dot would be 15/16 padding.
