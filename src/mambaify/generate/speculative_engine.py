@@ -219,6 +219,7 @@ class RowContext:
     mask (b,1,t,S) bool: the row's real slots up to the query's own, and the query's own slot
     (built on the CPU only: on CUDA the split-K kernel reads slots and pad_lengths directly).
     key_slots (S,): all slots; rotary: RoPE (cos, sin) at the tokens' positions, or None.
+    rows (b,), heads (H,): aranges that index the K/V caches by row and head.
     """
 
     slots: torch.Tensor
@@ -226,6 +227,9 @@ class RowContext:
     mask: torch.Tensor | None
     key_slots: torch.Tensor
     rotary: tuple[torch.Tensor, torch.Tensor] | None
+    rows: torch.Tensor  # (b,) 0..b-1 and
+    heads: torch.Tensor  # (H,) 0..H-1 for the most K/V heads of any layer: the caches' indices
+
 
     def attention_mask(self, sliding_window: int | None) -> torch.Tensor:
         if sliding_window is None:
@@ -244,9 +248,12 @@ def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, 
     key = linear(attn.k_proj, hidden).view(heads).transpose(1, 2)
     value = linear(attn.v_proj, hidden).view(heads).transpose(1, 2)
     query, key = runner.apply_rotary(query, key, *ctx.rotary)
-    index = ctx.slots[:, None, :, None].expand(b, runner.num_kv_heads, t, runner.head_dim)
-    kv.keys.scatter_(2, index, key)
-    kv.values.scatter_(2, index, value)
+    # index_put_, not scatter_: torch.compile turns a scatter_ into a cache buffer (the whole of
+    # it) copied out, scattered and copied back, two extra kernels that grow with the context,
+    # while it writes an index_put_ in place (profile_rounds.py, BENCHMARKS.md "Session 10").
+    where = (ctx.rows[:, None, None], ctx.heads[None, : runner.num_kv_heads, None], ctx.slots[:, None, :])
+    kv.keys.index_put_(where, key)
+    kv.values.index_put_(where, value)
     if ctx.mask is None:
         # Split-K over each row's real slots only (mambaify.ops.attention): the same rule as the mask.
         out = decode_attention_op(
@@ -274,15 +281,22 @@ def mamba_verify(
 ) -> torch.Tensor:
     """One Mamba layer over t tokens (b,t,d) from the checkpoint after folding counts[b] tokens
     (the fused kernels, or the naive store-every-state call when ``buf.states`` is allocated);
-    ``linear`` runs in_proj and out_proj (see :class:`~mambaify.generate.engine.DecodingStack`)."""
+    ``linear`` runs in_proj and out_proj (see :class:`~mambaify.generate.engine.DecodingStack`).
+
+    The counts are the engine's own commits (0..K+1, within the caches by construction), so the
+    kernels do not check them: a check reads them back, a device-to-host wait per kernel that
+    only a CUDA graph's capture skips (uncaptured rounds paid four per Mamba layer)."""
     b, t, _ = hidden.shape
     z, xBC, dt = mixer.split_projection(linear(mixer.in_proj, hidden))
-    conv = ops.conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, silu=True)
+    conv = ops.conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, silu=True,
+                                   check_counts_values=False)
     x, B, C, dt = _mamba_inputs(mixer, conv, dt)
     if buf.states is None:
-        y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
+        y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D,
+                                   check_counts_values=False)
     else:
-        y = ops.ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D)
+        y = ops.ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D,
+                                        check_counts_values=False)
     return linear(mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z))
 
 
@@ -307,10 +321,12 @@ def mamba_draft_step(
     d_conv = mixer.d_conv
     if step == 0:
         pad = torch.stack([~prev_real, torch.zeros_like(prev_real)], 1)[..., None]  # (b, 2, 1)
-        activated = ops.conv_verify_inplace(buf.window, counts, xBC.masked_fill(pad, 0.0), weight, bias, silu=True)
+        activated = ops.conv_verify_inplace(buf.window, counts, xBC.masked_fill(pad, 0.0), weight, bias, silu=True,
+                                            check_counts_values=False)
         x, B, C, dt = _mamba_inputs(mixer, activated, dt)
         dt = dt.masked_fill(pad, 0.0)
-        y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D)
+        y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D,
+                                   check_counts_values=False)
         buf.running_state.copy_(buf.checkpoint)
         for i in range(2):
             ops.ssd_step_inplace(buf.running_state, x[:, i], dt[:, i], mixer.A, B[:, i], C[:, i])
@@ -341,6 +357,8 @@ class SpeculativeStack(DecodingStack):
         self.max_tokens = max_tokens
         self.vocab_size = model.lm_head.weight.shape[0]
         self.token_range = torch.arange(max_tokens, device=self.slot_range.device)
+        kv_heads = [r.mixer.num_kv_heads for r in self.layers if isinstance(r.mixer, AttentionRunner)]
+        self.kv_head_range = torch.arange(max(kv_heads, default=0), device=self.slot_range.device)
 
     def allocate_speculative(
         self, batch: int, dtype: torch.dtype, device: torch.device, *, draft: bool = False,
@@ -385,7 +403,8 @@ class SpeculativeStack(DecodingStack):
         rotary = None
         if self.has_attention:
             rotary = self.rotary_emb(hidden, (slots - pad_lengths[:, None]).clamp(min=0))
-        return RowContext(slots, pad_lengths, mask, keys, rotary)
+        rows = torch.arange(slots.shape[0], device=slots.device)
+        return RowContext(slots, pad_lengths, mask, keys, rotary, rows, self.kv_head_range)
 
     def _run(self, token_ids: torch.Tensor, first_slot_offset: int, cache: SpeculativeCache,
              mamba: Callable[[Mamba2Mixer, torch.Tensor, MambaVerifyBuffers], torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""Where a speculative round's device time goes, kernel by kernel, beside the plain decode step.
+
+Session 9 measured the default teacher's 50% hybrid on the H200, compiled: a plain step 1.21 ms,
+a verify round over K + 1 = 4 tokens 1.43 ms, a draft round of 3 steps 0.37 ms. The verify
+round's 0.22 ms over the step decides the end-to-end target (a round costs 1.5 plain steps); this
+script says which kernels it is made of. A round's cost depends on the shapes, not on what it
+accepts, so random SmolLM2-shaped models (as in ``round_timing.py``) stand in for the trained pair.
+
+For the plain engine's decode step, the speculative engine's draft round and its verify round
+(compiled with ``--compile``, as the engines run them), each run ``--calls`` times under
+torch.profiler, without its CUDA graph and (on CUDA) replayed from it, which is what the engines
+run: the kernels' device time per call grouped by kind (the groups of ``profile_decode.py``), the
+number of kernels, and every kernel; and the graph's replay timed with CUDA events.
+
+Usage (on the H200, after ``source benchmarks/h200/env.sh``; ``--tiny`` runs anywhere):
+
+    python3 benchmarks/profile_rounds.py --out DIR [--compile] [--batch 1] [--k 3] [--calls 16]
+
+Writes DIR/profile_rounds.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import mambaify
+from mambaify.bench import Clock, build_teacher, random_ids, resolve_device, resolve_dtype
+from mambaify.draft import build_draft_from_teacher
+from mambaify.generate.engine import COMPILE_MODES, Engine
+from mambaify.generate.sampling import SamplingParams
+from mambaify.generate.speculative_engine import SpeculativeEngine
+
+from profile_decode import kind_of  # beside this script in benchmarks/
+from round_timing import smollm2_shaped
+
+TOP_KERNELS = 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--k", type=int, default=3, help="draft tokens per round (the verify round runs K + 1)")
+    p.add_argument("--prompt-tokens", type=int, default=48, help="context before the profiled calls (default 48)")
+    p.add_argument("--calls", type=int, default=16, help="profiled calls of each kind (default 16)")
+    p.add_argument("--compile", action="store_true", help="the step and the rounds through torch.compile")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    p.add_argument("--small-batch-linear", action="store_true",
+                   help="linear layers through mambaify's split-K GEMV in both engines")
+    p.add_argument("--attention", type=float, default=0.5, help="the target's attention fraction (default 0.5)")
+    p.add_argument("--no-graphed", dest="graphed", action="store_false",
+                   help="skip the graphed timings (each needs engines of its own, compiled again)")
+    p.add_argument("--tiny", action="store_true", help="tiny random models instead of SmolLM2's shapes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
+    return p
+
+
+def kernel_table(prof, calls: int, cuda: bool) -> tuple[dict, list, int]:
+    """Device time per call by kind (ms), every kernel (costliest first), kernels per call. On
+    the CPU the profiler sees aten ops instead (their self time), as in profile_decode.py."""
+    by_kind, kernels, launches = defaultdict(float), [], 0
+    for event in prof.key_averages():
+        if cuda:
+            us = event.self_device_time_total
+            if event.device_type != torch.autograd.DeviceType.CUDA or us <= 0:
+                continue
+        else:
+            us = event.self_cpu_time_total
+            if not event.key.startswith("aten::") or us <= 0:
+                continue
+        ms = us / 1e3 / calls
+        by_kind[kind_of(event.key)] += ms
+        kernels.append({"name": event.key[:120], "kind": kind_of(event.key), "ms_per_call": ms,
+                        "calls_per_call": event.count / calls, "us_each": us / event.count})
+        launches += event.count
+    kernels.sort(key=lambda k: -k["ms_per_call"])
+    return dict(by_kind), kernels, round(launches / calls)
+
+
+def profiled(fn, calls: int, device: torch.device) -> tuple[dict, list, int]:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()  # anything lazy (a first compile, autotuning) happens outside the profile
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    return kernel_table(prof, calls, cuda)
+
+
+def timed_ms(fn, calls: int, clock: Clock) -> float:
+    """Median ms of ``calls`` calls, each timed alone (CUDA events, or the host clock)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start = clock.mark()
+        fn()
+        times.append(clock.seconds(start, clock.mark()))
+    return 1e3 * statistics.median(times)
+
+
+def plain_step(target, args, prompt, use_cuda_graph: bool):
+    """The plain engine past its prefill and a few steps; a function that runs one decode step
+    (the next slot each time; the engine is sized for every call this script makes)."""
+    engine = Engine(target, max_batch_size=args.batch, max_length=prompt.shape[1] + 4 * args.calls + 16,
+                    use_cuda_graph=use_cuda_graph, compile=args.compile, compile_mode=args.compile_mode,
+                    small_batch_linear=args.small_batch_linear)
+    tokens = engine.prefill(prompt)[:, -1].argmax(-1)
+
+    def step():
+        nonlocal tokens
+        tokens = engine.decode(tokens).argmax(-1)
+
+    for _ in range(2):
+        step()
+    return engine, step
+
+
+def rounds(target, draft, args, prompt, use_cuda_graph: bool):
+    """The speculative engine after one short request at this batch size and K (its rounds
+    compiled and captured, the caches holding the prompt), and its draft and verify round as
+    functions. The rows are marked finished, so a call commits nothing and every call reads the
+    same context (as SpeculativeEngine.measure_rounds times them)."""
+    engine = SpeculativeEngine(target, draft, k=args.k, k_choices=(args.k,), max_batch_size=args.batch,
+                               max_length=prompt.shape[1] + 32, use_cuda_graph=use_cuda_graph,
+                               compile=args.compile, compile_mode=args.compile_mode,
+                               small_batch_linear=args.small_batch_linear)
+    engine.generate(prompt, max_new_tokens=8, stop_token_ids=[])
+    program = engine._program(args.batch, args.k, SamplingParams())
+    engine.buffers.active[: args.batch].zero_()
+    return engine, program
+
+
+def render(results: dict) -> str:
+    profiles = [(r["call"], label, r[label], r["graphed_ms"]) for r in results["calls"]
+                for label in ("eager", "graphed") if label in r]
+    kinds = sorted({k for _, _, p, _ in profiles for k in p["by_kind_ms"]})
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["# Speculative rounds, kernel by kernel", "", results["header"], "",
+             "| call | profiled | graphed ms | kernels per call | kernel ms per call | " + " | ".join(kinds) + " |",
+             "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " |"]
+    for call, label, p, graphed_ms in profiles:
+        lines.append(f"| {call} | {label} | {fmt(graphed_ms)} | {p['kernels_per_call']} | {fmt(p['kernel_ms_per_call'])} | "
+                     + " | ".join(fmt(p["by_kind_ms"].get(k, 0.0)) for k in kinds) + " |")
+    lines += ["", "graphed ms: one call replayed from its CUDA graph (median, CUDA events). profiled: the call run "
+              "without its graph (eager; compiled code where compiled) or its graph replayed (graphed) under "
+              "torch.profiler; the kernel columns are device time per call by kind (where the profiler sees "
+              "inside a graph's replay)."]
+    for call, label, p, _ in profiles:
+        lines += ["", f"## {call}, {label}: costliest kernels", "",
+                  "| kernel | kind | ms per call | launches per call | us each |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| `{k['name']}` | {k['kind']} | {k['ms_per_call']:.4f} | {k['calls_per_call']:g} | {k['us_each']:.1f} |"
+                  for k in p["kernels"][:TOP_KERNELS]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    teacher = build_teacher("tiny", device, dtype) if args.tiny else smollm2_shaped(device, dtype)
+    draft = build_draft_from_teacher(teacher).eval()
+    target = mambaify.convert(teacher, attention=args.attention).eval()
+    prompt = random_ids(args.batch, args.prompt_tokens, target.config.vocab_size, 0, device)
+    clock = Clock(device)
+    cuda = device.type == "cuda"
+    graphed_too = cuda and args.graphed
+    header = (f"Device: {torch.cuda.get_device_name(device) if cuda else 'CPU'}; torch {torch.__version__}; {dtype}; "
+              f"{'tiny random models' if args.tiny else 'random SmolLM2-shaped models'}, target "
+              f"{args.attention:.0%} attention, draft of the teacher's first and last layers; batch {args.batch}, "
+              f"K = {args.k}, {args.prompt_tokens}-token context; {args.calls} profiled calls each"
+              f"{'; compiled (' + args.compile_mode + ')' if args.compile else ''}"
+              f"{'; split-K GEMV linear layers' if args.small_batch_linear else ''}.")
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "header": header, "calls": []}
+
+    def add(call: str, fn, graphed_fn) -> None:
+        entry = {"call": call}
+        for label, run in (("eager", fn), ("graphed", graphed_fn)):
+            if run is None:
+                continue
+            by_kind, kernels, launches = profiled(run, args.calls, device)
+            entry[label] = {"kernels_per_call": launches, "kernel_ms_per_call": sum(by_kind.values()),
+                            "by_kind_ms": by_kind, "kernels": kernels}
+        entry["graphed_ms"] = timed_ms(graphed_fn, args.calls, clock) if graphed_fn is not None else None
+        results["calls"].append(entry)
+        eager = entry["eager"]
+        print(f"{call}: graphed {entry['graphed_ms']} ms; without the graph {eager['kernels_per_call']} kernels per "
+              f"call, {eager['kernel_ms_per_call']:.3f} ms of kernels", flush=True)
+        (args.out / "profile_rounds.json").write_text(json.dumps(results, indent=1))
+        (args.out / "profile_rounds.md").write_text(render(results))
+
+    with torch.no_grad():
+        _, step = plain_step(target, args, prompt, use_cuda_graph=False)
+        graphed_step = plain_step(target, args, prompt, use_cuda_graph=True)[1] if graphed_too else None
+        add("plain decode step", step, graphed_step)
+        _, program = rounds(target, draft, args, prompt, use_cuda_graph=False)
+        graphed = rounds(target, draft, args, prompt, use_cuda_graph=True)[1] if graphed_too else None
+        add(f"draft round (K = {args.k})", program.draft, graphed.draft if graphed else None)
+        add(f"verify round ({args.k + 1} tokens)", program.verify, graphed.verify if graphed else None)
+    print(f"wrote {args.out}/profile_rounds.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
