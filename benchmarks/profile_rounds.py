@@ -8,13 +8,16 @@ accepts, so random SmolLM2-shaped models (as in ``round_timing.py``) stand in fo
 
 For the plain engine's decode step, the speculative engine's draft round and its verify round
 (compiled with ``--compile``, as the engines run them), each run ``--calls`` times under
-torch.profiler, without its CUDA graph and (on CUDA) replayed from it, which is what the engines
-run: the kernels' device time per call grouped by kind (the groups of ``profile_decode.py``), the
-number of kernels, and every kernel; and the graph's replay timed with CUDA events.
+torch.profiler, replayed from its CUDA graph as the engines run it (on CUDA; the profiler sees
+the kernels inside a replay) or without a graph (on the CPU, or with ``--eager`` too): the
+kernels' device time per call grouped by kind (the groups of ``profile_decode.py``), the number
+of kernels, and every kernel; and the graph's replay timed with CUDA events. Each engine compiles
+its own code (about a minute per engine on the H200). The plain step is timed as ``mambaify
+bench`` times it, with its argmax and input copies.
 
 Usage (on the H200, after ``source benchmarks/h200/env.sh``; ``--tiny`` runs anywhere):
 
-    python3 benchmarks/profile_rounds.py --out DIR [--compile] [--batch 1] [--k 3] [--calls 16]
+    python3 benchmarks/profile_rounds.py --out DIR [--compile] [--small-batch-linear] [--batch 1] [--k 3] [--eager]
 
 Writes DIR/profile_rounds.json and .md.
 """
@@ -56,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small-batch-linear", action="store_true",
                    help="linear layers through mambaify's split-K GEMV in both engines")
     p.add_argument("--attention", type=float, default=0.5, help="the target's attention fraction (default 0.5)")
-    p.add_argument("--no-graphed", dest="graphed", action="store_false",
-                   help="skip the graphed timings (each needs engines of its own, compiled again)")
+    p.add_argument("--eager", action="store_true",
+                   help="on CUDA, also profile each call without its graph (engines of their own, compiled "
+                        "again: session 10's run of both timed out in 200 s per linear-layer setting)")
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of SmolLM2's shapes")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
@@ -175,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     prompt = random_ids(args.batch, args.prompt_tokens, target.config.vocab_size, 0, device)
     clock = Clock(device)
     cuda = device.type == "cuda"
-    graphed_too = cuda and args.graphed
     header = (f"Device: {torch.cuda.get_device_name(device) if cuda else 'CPU'}; torch {torch.__version__}; {dtype}; "
               f"{'tiny random models' if args.tiny else 'random SmolLM2-shaped models'}, target "
               f"{args.attention:.0%} attention, draft of the teacher's first and last layers; batch {args.batch}, "
@@ -184,30 +187,29 @@ def main(argv: list[str] | None = None) -> int:
               f"{'; split-K GEMV linear layers' if args.small_batch_linear else ''}.")
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "header": header, "calls": []}
 
-    def add(call: str, fn, graphed_fn) -> None:
-        entry = {"call": call}
-        for label, run in (("eager", fn), ("graphed", graphed_fn)):
-            if run is None:
-                continue
+    def add(call: str, runs: dict) -> None:
+        entry = {"call": call, "graphed_ms": timed_ms(runs["graphed"], args.calls, clock) if "graphed" in runs else None}
+        for label, run in runs.items():
             by_kind, kernels, launches = profiled(run, args.calls, device)
             entry[label] = {"kernels_per_call": launches, "kernel_ms_per_call": sum(by_kind.values()),
                             "by_kind_ms": by_kind, "kernels": kernels}
-        entry["graphed_ms"] = timed_ms(graphed_fn, args.calls, clock) if graphed_fn is not None else None
         results["calls"].append(entry)
-        eager = entry["eager"]
-        print(f"{call}: graphed {entry['graphed_ms']} ms; without the graph {eager['kernels_per_call']} kernels per "
-              f"call, {eager['kernel_ms_per_call']:.3f} ms of kernels", flush=True)
+        print(f"{call}: graphed {entry['graphed_ms']} ms; " + "; ".join(
+            f"{label}: {entry[label]['kernels_per_call']} kernels per call, {entry[label]['kernel_ms_per_call']:.3f} ms "
+            "of kernels" for label in runs), flush=True)
         (args.out / "profile_rounds.json").write_text(json.dumps(results, indent=1))
         (args.out / "profile_rounds.md").write_text(render(results))
 
+    # The graph's replay is what the engines run (and the profiler sees inside it); without the
+    # graph only on the CPU, or on request.
+    modes = {"graphed": True} if cuda else {}
+    if not cuda or args.eager:
+        modes["eager"] = False
     with torch.no_grad():
-        _, step = plain_step(target, args, prompt, use_cuda_graph=False)
-        graphed_step = plain_step(target, args, prompt, use_cuda_graph=True)[1] if graphed_too else None
-        add("plain decode step", step, graphed_step)
-        _, program = rounds(target, draft, args, prompt, use_cuda_graph=False)
-        graphed = rounds(target, draft, args, prompt, use_cuda_graph=True)[1] if graphed_too else None
-        add(f"draft round (K = {args.k})", program.draft, graphed.draft if graphed else None)
-        add(f"verify round ({args.k + 1} tokens)", program.verify, graphed.verify if graphed else None)
+        add("plain decode step", {label: plain_step(target, args, prompt, graphs)[1] for label, graphs in modes.items()})
+        programs = {label: rounds(target, draft, args, prompt, graphs)[1] for label, graphs in modes.items()}
+        add(f"draft round (K = {args.k})", {label: program.draft for label, program in programs.items()})
+        add(f"verify round ({args.k + 1} tokens)", {label: program.verify for label, program in programs.items()})
     print(f"wrote {args.out}/profile_rounds.json, .md")
     return 0
 

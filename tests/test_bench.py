@@ -277,3 +277,27 @@ def test_legacy_points_are_rendered_with_the_gathered_embedding_rows(tmp_path):
     first = next(p for p in again["points"] if p["family"] == "llama8b" and p["model"] == "teacher")
     assert first["roofline_step_ms"] == pytest.approx(new["roofline_step_ms"])
     assert sum("recomputed" in n for n in again["meta"]["notes"]) == 1
+
+
+def test_round_profile_lists_each_calls_kernels(tmp_path, monkeypatch):
+    """benchmarks/profile_rounds.py on the CPU (tiny models): the plain step, the draft round and
+    the verify round, each with per-kind times that add up to its kernel time; the verify round
+    writes its K/V with index_put_ (a scatter_ costs two copies of the cache once compiled)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    profile_rounds = importlib.import_module("profile_rounds")
+    out = tmp_path / "rounds"
+    assert profile_rounds.main(["--out", str(out), "--tiny", "--calls", "2", "--k", "2", "--prompt-tokens", "8"]) == 0
+    results = json.loads((out / "profile_rounds.json").read_text())
+    assert [r["call"] for r in results["calls"]] == ["plain decode step", "draft round (K = 2)", "verify round (3 tokens)"]
+    for r in results["calls"]:
+        assert r["graphed_ms"] is None and "graphed" not in r  # no CUDA graph on the CPU
+        eager = r["eager"]
+        assert eager["kernels_per_call"] > 0
+        assert sum(eager["by_kind_ms"].values()) == pytest.approx(eager["kernel_ms_per_call"])
+        assert sum(k["ms_per_call"] for k in eager["kernels"]) == pytest.approx(eager["kernel_ms_per_call"])
+    verify_ops = {k["name"] for k in results["calls"][2]["eager"]["kernels"]}
+    assert "aten::index_put_" in verify_ops and "aten::scatter_" not in verify_ops
+    assert "verify round (3 tokens), eager: costliest kernels" in (out / "profile_rounds.md").read_text()
