@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--small-batch-linear", action="store_true",
                    help="both engines' linear layers through mambaify's split-K GEMV (small_batch_linear=True); "
                         "(a), and (b) with --compile")
+    a.add_argument("--e2e-linear", type=lambda text: linear_list(text), default=None,
+                   help="(a): the linear layers of both engines, several side by side: 'modules' (the modules' "
+                        "own, cuBLAS) and/or 'split-k' (mambaify's split-K GEMV); each speculative point is "
+                        "against the plain engine of its own kind (default: split-k with --small-batch-linear, "
+                        "else modules)")
     b = p.add_argument_group("(b) the verify call on an 8B-shaped hybrid")
     b.add_argument("--shape", choices=["llama8b"], help="run (b) with this model shape")
     b.add_argument("--attention", type=float_list, default=[0.25, 0.5], help="attention fractions (default 0.25,0.5)")
@@ -153,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(b): also time draft rounds with the draft's LM head cut to this many rows "
                         "(SpeculativeEngine(draft_vocab=...)); 0 is the whole head (default 0)")
     return p
+
+
+LINEAR_KINDS = ("modules", "split-k")
+
+
+def linear_list(text: str) -> list[str]:
+    kinds = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [k for k in kinds if k not in LINEAR_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"linear layers are {' or '.join(LINEAR_KINDS)}, got {text!r}")
+    return list(dict.fromkeys(kinds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,13 +344,14 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
     fixed = [k for k in args.k if k != "auto"]
     options = dict(max_new_tokens=new, stop_token_ids=[])
     cut_heads: dict[int, list[int]] = {}  # rows -> the draft's kept token ids, computed once
-    for batch in args.batch:
+    linears = args.e2e_linear or ["split-k" if args.small_batch_linear else "modules"]
+    for batch, linear in ((b, kind) for b in args.batch for kind in linears):
         batches = [prompts[i:i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
-        label = f"batch {batch}"
+        label = f"batch {batch}" + (f", {linear} linear layers" if len(linears) > 1 else "")
         if results.out_of_time(f"(a) {label}"):
             continue
         plain = Engine(target, tokenizer, max_batch_size=batch, max_length=length, compile=args.compile,
-                       small_batch_linear=args.small_batch_linear)
+                       small_batch_linear=linear == "split-k")
         plain.generate(batches[0], max_new_tokens=4, stop_token_ids=[])  # compile and capture the decode step
         warm_prefills(plain, batches)
         times, reference = [], None
@@ -350,7 +367,8 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
         results.add("end_to_end", dict(path="plain", batch=batch, k=None, prompts=len(batches) * batch,
                                        tokens=tokens, seconds=statistics.median(times), tokens_per_s=plain_tps,
                                        ratio=1.0, **plain_split, decode_ratio=1.0, eager_prefills=plain_eager,
-                                       compiled=plain.is_compiled(batch), compile_s=plain.compile_seconds))
+                                       compiled=plain.is_compiled(batch), compile_s=plain.compile_seconds,
+                                       linear=linear))
         for rows in args.e2e_draft_vocab:
             if rows and rows not in cut_heads:
                 cut_heads[rows] = corpus_draft_vocab(args, tokenizer, rows, plain.stop_token_ids)
@@ -360,21 +378,24 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
             if results.out_of_time(f"(a) {label}{head}"):
                 continue
             speculative_points(args, results, target, draft, tokenizer, batches, batch, length, fixed,
-                               cut_heads.get(rows), rows, reference, plain_tps, plain_split, device, options)
+                               cut_heads.get(rows), rows, reference, plain_tps, plain_split, device, options,
+                               linear, label)
 
 
 def speculative_points(args, results: Results, target, draft, tokenizer, batches, batch: int, length: int,
                        fixed: list[int], draft_vocab: list[int] | None, rows: int, reference, plain_tps: float,
-                       plain_split: dict, device: torch.device, options: dict) -> None:
-    """(a)'s speculative points of one batch size and draft head (``rows``, 0 the whole head):
-    one SpeculativeEngine, every K of ``args.k``, against the plain engine's figures."""
+                       plain_split: dict, device: torch.device, options: dict, linear: str = "modules",
+                       label: str | None = None) -> None:
+    """(a)'s speculative points of one batch size, draft head (``rows``, 0 the whole head) and
+    kind of linear layers: one SpeculativeEngine, every K of ``args.k``, against the figures of
+    the plain engine with the same linear layers."""
     from mambaify.generate.speculative_engine import SpeculativeEngine
 
-    label = f"batch {batch}" + (f", draft head {rows} rows" if rows else "")
+    label = (label or f"batch {batch}") + (f", draft head {rows} rows" if rows else "")
     tokens = sum(o.numel() for o in reference)
     engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,), draft_vocab=draft_vocab,
                                max_batch_size=batch, max_length=length, compile=args.compile,
-                               small_batch_linear=args.small_batch_linear)
+                               small_batch_linear=linear == "split-k")
     prefills_warm = False
     for k in args.k:
         if results.out_of_time(f"(a) {label} k={k}"):
@@ -408,7 +429,7 @@ def speculative_points(args, results: Results, target, draft, tokenizer, batches
                                        ratio=tps / plain_tps, **split,
                                        decode_ratio=split["decode_tokens_per_s"] / plain_split["decode_tokens_per_s"],
                                        match=same / tokens, compiled=compiled, eager_prefills=eager,
-                                       draft_vocab=rows or None,
+                                       draft_vocab=rows or None, linear=linear,
                                        compile_s=engine.compile_seconds - compile_before, **acceptance,
                                        round_ms=round_ms, **(device_times or {})))
 
@@ -660,17 +681,19 @@ def render(data: dict, out: Path) -> None:
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}.", ""]
     if data["end_to_end"]:
         lines += ["## (a) End to end: plain engine vs speculative", "",
-                  "| batch | path | K | compiled | draft head rows | tokens/s | ratio | first token ms | "
-                  "decode tokens/s | decode ratio | mean accepted | tokens/round | match | K used | "
-                  "round ms: wall (device draft + verify) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| batch | path | K | compiled | linear layers | draft head rows | tokens/s | ratio | "
+                  "first token ms | decode tokens/s | decode ratio | mean accepted | tokens/round | match | "
+                  "K used | round ms: wall (device draft + verify) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in data["end_to_end"]:
             # Points of runs before the first-token split have no such fields.
             first = f"{p['first_token_ms']:.1f}" if "first_token_ms" in p else "-"
             decode = f"{p['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in p else "-"
             decode_ratio = f"{p['decode_ratio']:.2f}" if "decode_ratio" in p else "-"
             head = "-" if p["path"] == "plain" else (p.get("draft_vocab") or "all")
-            lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {_fmt(p.get('compiled'))} | {head} | "
+            # Points of runs before --e2e-linear: their run's --small-batch-linear.
+            linear = p.get("linear") or ("split-k" if data["meta"].get("small_batch_linear") else "modules")
+            lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {_fmt(p.get('compiled'))} | {linear} | {head} | "
                          f"{p['tokens_per_s']:.1f} | {p['ratio']:.2f} | {first} | {decode} | {decode_ratio} | "
                          f"{_fmt(p.get('mean_accepted'))} | "
                          f"{_fmt(p.get('tokens_per_round'))} | {_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} | "
@@ -719,10 +742,13 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "end_to_end":
-            for batch in sorted({p["batch"] for p in data[panel]}):
-                points = [p for p in data[panel] if p["batch"] == batch]
+            lines_of = sorted({(p["batch"], p.get("linear") or "modules") for p in data[panel]})
+            for batch, linear in lines_of:
+                points = [p for p in data[panel] if (p["batch"], p.get("linear") or "modules") == (batch, linear)]
+                several = len({kind for _, kind in lines_of}) > 1
                 ax.plot([str(p["k"]) if p["path"] == "speculative" else "plain" for p in points],
-                        [p["tokens_per_s"] for p in points], "o-", label=f"batch {batch}")
+                        [p["tokens_per_s"] for p in points], "o-",
+                        label=f"batch {batch}" + (f", {linear}" if several else ""))
             ax.set(title="(a) end to end", xlabel="K", ylabel="tokens/s")
         elif panel == "verify_cost":
             for key in sorted({(p["attention"], p["batch"], p["kernel"]) for p in data[panel]}):

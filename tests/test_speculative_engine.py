@@ -922,7 +922,29 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     markdown = (out / "bench_speculative.md").read_text()
     assert "| batch |" in markdown and "verify" in markdown and "decode ratio" in markdown
     assert "round ms: wall (device draft + verify)" in markdown
-    assert "| 1 | speculative | 3 | False | 48 |" in markdown and "| 1 | speculative | 3 | False | all |" in markdown
+    assert "| 1 | speculative | 3 | False | modules | 48 |" in markdown
+    assert "| 1 | speculative | 3 | False | modules | all |" in markdown
+
+
+def test_benchmark_script_sets_both_kinds_of_linear_layers_side_by_side(tmp_path):
+    """--e2e-linear modules,split-k: a plain engine of each kind, and each speculative point
+    measured against the plain engine of its own kind (the same greedy tokens in float32)."""
+    out = tmp_path / "bench"
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_speculative.py"), "--tiny", "--out", str(out),
+               "--k", "2", "--batch", "1", "--new-tokens", "8", "--prompts", "2", "--repeats", "1",
+               "--e2e-linear", "modules,split-k", "--verify-k", "2", "--attention", "0.5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    end_to_end = json.loads((out / "bench_speculative.json").read_text())["end_to_end"]
+    assert [(p["path"], p["linear"]) for p in end_to_end] == [
+        ("plain", "modules"), ("speculative", "modules"), ("plain", "split-k"), ("speculative", "split-k")]
+    for plain, speculative in (end_to_end[:2], end_to_end[2:]):
+        assert speculative["ratio"] == pytest.approx(speculative["tokens_per_s"] / plain["tokens_per_s"])
+        assert speculative["match"] == 1.0
+    markdown = (out / "bench_speculative.md").read_text()
+    assert "| 1 | speculative | 2 | False | split-k | all |" in markdown
+    bad = subprocess.run(command[:-6] + ["--e2e-linear", "cublas"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "linear layers are modules or split-k, got 'cublas'" in bad.stderr
 
 
 def test_round_timing_script_runs_on_tiny_models(tmp_path):
