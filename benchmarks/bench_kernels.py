@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemv-batch", type=_int_list, default=[1, 8], help="GEMV rows (default 1,8)")
     p.add_argument("--verify-batch", type=_int_list, default=[1, 8], help="verify batch sizes (default 1,8)")
     p.add_argument("--verify-k", type=_int_list, default=list(range(2, 9)), help="draft lengths K (default 2..8)")
+    p.add_argument("--verify-shape", type=_int_list, default=[VERIFY_SHAPE[c] for c in "hpn"],
+                   help="the verified Mamba layer's heads, head dim and state size h,p,n (default 32,128,128, "
+                        "the 8B shape; SmolLM2's 50%% hybrid: 9,64,64)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     p.add_argument("--rep", type=int, default=100, help="target ms of timed repetitions per case")
     return p
@@ -281,7 +284,9 @@ def bench_verify(rec: Recorder, b: int, k: int, args, torch, bench_graph) -> Non
     """One 8B-shaped Mamba layer's verify call over t = K + 1 tokens: fused vs naive vs t steps."""
     from mambaify.ops import triton as kernels
 
-    h, p, n = (VERIFY_SHAPE[c] for c in "hpn")
+    if len(args.verify_shape) != 3:
+        raise SystemExit(f"--verify-shape takes h,p,n, got {args.verify_shape}")
+    h, p, n = args.verify_shape
     t = T = k + 1
     dev, bf16 = DEVICE, torch.bfloat16
     name = f"b{b} K{k} h{h} p{p} n{n}"
@@ -319,8 +324,9 @@ def bench_verify(rec: Recorder, b: int, k: int, args, torch, bench_graph) -> Non
         for i in range(t):
             kernels.ssd_step_inplace(checkpoint, x[:, i], dt[:, i], A, B[:, i], C[:, i], D, out=y[:, i])
 
-    def fused():
-        kernels.ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out=y)
+    def fused(prefetch=True):
+        kernels.ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out=y,
+                                   prefetch=prefetch)
 
     def naive():
         kernels.ssd_verify_store_states(checkpoint, states, counts, x, dt, A, B, C, D, out=y)
@@ -336,6 +342,9 @@ def bench_verify(rec: Recorder, b: int, k: int, args, torch, bench_graph) -> Non
     per_step = {"cost_in_steps": lambda ms: ms / step_ms[0]} if step_ms else {}
     rec.run("verify ssd", name, "fused ssd_verify_inplace, CUDA graph", lambda: bench_graph(fused),
             **bandwidth("fused"), **per_step)
+    # The same kernel loading each token's inputs inside its loops (its form until session 10).
+    rec.run("verify ssd", name, "fused ssd_verify_inplace, per-step loads, CUDA graph",
+            lambda: bench_graph(lambda: fused(prefetch=False)), **bandwidth("fused"), **per_step)
     rec.run("verify ssd", name, "naive ssd_verify_store_states, CUDA graph", lambda: bench_graph(naive),
             **bandwidth("naive"), **per_step)
 
@@ -456,7 +465,7 @@ def verify_markdown(rows: list[dict]) -> str:
         return ""
     lines = [
         "",
-        "## Speculative verify, one 8B-shaped Mamba layer",
+        "## Speculative verify, one Mamba layer (--verify-shape)",
         "",
         "A call over K + 1 tokens, its cost in plain one-token decode steps (fewer than the tokens a",
         "call commits on average = the Mamba layer gains), and the bandwidth it achieves.",

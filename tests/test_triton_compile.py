@@ -64,9 +64,14 @@ CASES = {
     "gated_rmsnorm_fwd": (norm._gated_rmsnorm_fwd_kernel, dict(BLOCK_N=4096, ACC=tl.float32)),
     "gated_rmsnorm_bwd": (norm._gated_rmsnorm_bwd_kernel, dict(BLOCK_N=4096, ACC=tl.float32)),
     "ssd_verify": (verify._ssd_verify_kernel,
-                   dict(HAS_D=True, STORE_STATES=False, SHARED_BH=True, BLOCK_N=128, BLOCK_P=32)),
+                   dict(HAS_D=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=True, BLOCK_T=16, BLOCK_N=128,
+                        BLOCK_P=32)),
+    "ssd_verify_per_step_loads": (verify._ssd_verify_kernel,
+                                  dict(HAS_D=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=False, BLOCK_T=16,
+                                       BLOCK_N=128, BLOCK_P=32)),
     "ssd_verify_store_states": (verify._ssd_verify_kernel,
-                                dict(HAS_D=True, STORE_STATES=True, SHARED_BH=False, BLOCK_N=128, BLOCK_P=32)),
+                                dict(HAS_D=True, STORE_STATES=True, SHARED_BH=False, PREFETCH=True, BLOCK_T=16,
+                                     BLOCK_N=128, BLOCK_P=32)),
     "conv_verify": (verify._conv_verify_kernel,
                     dict(K=4, BLOCK_T=8, BLOCK_H=4, BLOCK_C=128, HAS_BIAS=True, APPLY_SILU=True, ACC=tl.float32)),
     # Decode at the 8B shape: a group of 4 query heads x 1 token, padded to a 16-row tile.
@@ -113,3 +118,28 @@ def test_gemv_compiles_for_hopper(name):
         assert "atom.global.acq_rel" in ptx.replace(".gpu", "") and "ld.global.cg" in ptx
     if constexprs.get("USE_DOT"):
         assert "mma" in ptx  # the rows' products on the tensor cores
+
+
+def _loop_bodies(ptx: str) -> list[list[str]]:
+    """The PTX lines of each loop (from LLVM's loop-header comment to the branch back to it)."""
+    lines, bodies = ptx.splitlines(), []
+    for i, line in enumerate(lines):
+        if "Loop Header" in line:
+            label = line.split(":")[0].strip()
+            ends = [k for k in range(i + 1, len(lines)) if "bra" in lines[k] and f"{label};" in lines[k]]
+            bodies.append(lines[i: ends[-1] + 1])
+    return bodies
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_verify_kernel_loops_load_from_registers_when_prefetched(prefetch):
+    """The fused verify kernel at SmolLM2's hybrid shape (n = 64, 8 columns, K = 3), one warp as
+    it launches there: prefetched, its two sequential loops (replay, new tokens) issue no global
+    load; with per-step loads, each does."""
+    constexprs = dict(HAS_D=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=prefetch, BLOCK_T=4, BLOCK_N=64,
+                      BLOCK_P=8)
+    ptx = compile_for_hopper(verify._ssd_verify_kernel, constexprs, num_warps=1).asm["ptx"]
+    loops = _loop_bodies(ptx)
+    assert len(loops) == 2
+    loads = [sum("ld.global" in line for line in body) for body in loops]
+    assert (loads == [0, 0]) if prefetch else all(n > 0 for n in loads)

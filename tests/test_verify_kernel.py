@@ -383,14 +383,41 @@ def test_ssd_verify_kernel_equals_reference(kernels, device, dtype, block_p):
             assert torch.equal(cache[:, :t], new_value) and torch.equal(cache[:, t:], old[:, t:])
 
 
+# prefetch: every token's inputs loaded before the kernel's loops (the default), or per step.
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "per-step-loads"])
 @pytest.mark.parametrize("device,dtype,block_p", _split_cases(interp_f32=False))
-def test_ssd_verify_kernel_rounds_equal_sequential_decoding(kernels, device, dtype, block_p):
-    run_rounds(fused_runner(kernels.ssd_verify_inplace, dtype, device, block_p=block_p), dtype, device, seed=8, shared_B=True)
+def test_ssd_verify_kernel_rounds_equal_sequential_decoding(kernels, device, dtype, block_p, prefetch):
+    run_rounds(fused_runner(kernels.ssd_verify_inplace, dtype, device, block_p=block_p, prefetch=prefetch),
+               dtype, device, seed=8, shared_B=True)
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "per-step-loads"])
 @pytest.mark.parametrize("device,dtype,block_p", _split_cases(interp_f32=False))
-def test_naive_store_states_kernel_rounds_equal_sequential_decoding(kernels, device, dtype, block_p):
-    run_rounds(naive_runner(kernels.ssd_verify_store_states, dtype, device, block_p=block_p), dtype, device, seed=9)
+def test_naive_store_states_kernel_rounds_equal_sequential_decoding(kernels, device, dtype, block_p, prefetch):
+    run_rounds(naive_runner(kernels.ssd_verify_store_states, dtype, device, block_p=block_p, prefetch=prefetch),
+               dtype, device, seed=9)
+
+
+def test_verify_kernel_warps_hold_the_prefetched_tiles():
+    """One warp where the tiles fit (SmolLM2's hybrid: n = 64, 8 columns per program, K = 3),
+    more as they grow (the 8B shape: n = 128, 16 columns; K = 8), Triton's 4 without prefetch,
+    and MAMBAIFY_VERIFY_PREFETCH=0 turns it off."""
+    import os
+
+    verify = pytest.importorskip("mambaify.ops.triton.verify")
+    assert verify._num_warps(4, 64, 8, True) == 1
+    assert verify._num_warps(4, 128, 16, True) == 2 and verify._num_warps(16, 128, 16, True) == 4
+    assert verify._num_warps(4, 64, 8, False) == 4
+    saved = os.environ.get("MAMBAIFY_VERIFY_PREFETCH")
+    try:
+        os.environ["MAMBAIFY_VERIFY_PREFETCH"] = "0"
+        assert verify.prefetch_default() is False
+        os.environ["MAMBAIFY_VERIFY_PREFETCH"] = "1"
+        assert verify.prefetch_default() is True
+    finally:
+        os.environ.pop("MAMBAIFY_VERIFY_PREFETCH", None)
+        if saved is not None:
+            os.environ["MAMBAIFY_VERIFY_PREFETCH"] = saved
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)

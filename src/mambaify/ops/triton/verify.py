@@ -25,6 +25,8 @@ be ordinary writable tensors (no two elements sharing memory).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,18 @@ from ..reference import check_counts, check_verify_shapes
 from .decode import _acc_dtype, _block_p, _num_sms
 
 # --------------------------------------------------------------------------- SSD verify
+
+
+@triton.jit
+def _row(tile, offs_t, i):
+    """Row i of a (BLOCK_T, BLOCK) tile in registers, as a (BLOCK,) vector."""
+    return tl.sum(tl.where((offs_t == i)[:, None], tile, 0.0), axis=0)
+
+
+@triton.jit
+def _entry(vector, offs_t, i):
+    """Entry i of a (BLOCK_T,) vector in registers."""
+    return tl.sum(tl.where(offs_t == i, vector, 0.0), axis=0)
 
 
 @triton.jit
@@ -55,6 +69,8 @@ def _ssd_verify_kernel(
     HAS_D: tl.constexpr,
     STORE_STATES: tl.constexpr,
     SHARED_BH: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -68,6 +84,13 @@ def _ssd_verify_kernel(
     naive (STORE_STATES=True), with states (b,T,h,n,p) the last call's per-token states:
         S = states[b, c-1, h] if c > 0 else checkpoint[b,h];  checkpoint[b,h] = S   (if c > 0)
         for i < t: as above, and states[b, i, h] = S
+
+    Both loops are sequential in S, but their inputs are not. PREFETCH: every token's inputs
+    (BLOCK_T >= T >= t rows) are loaded in one go before the loops, which take each token's row
+    from registers; else each step loads its token's inputs, a global-memory latency on every
+    step of the chain (session 3: 7.5 us for K = 3 on the 8B shape, against 3.3 us for one
+    decode step). Session 10 built PREFETCH without a GPU to time it: MAMBAIFY_VERIFY_PREFETCH=0
+    keeps the per-step loads, and bench_kernels.py --only verify times both.
     """
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
@@ -75,6 +98,7 @@ def _ssd_verify_kernel(
     h = pid_bh % H
     acc = ckpt_ptr.dtype.element_ty
 
+    offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_n = offs_n < N
@@ -87,6 +111,17 @@ def _ssd_verify_kernel(
     # bool combined with a vector mask.
     folds = ((offs_n * 0 + count) > 0)[:, None]
 
+    # The new tokens' inputs, rows t.. as zeros.
+    new = offs_t < t
+    new_p = new[:, None] & mask_p[None, :]
+    new_n = new[:, None] & mask_n[None, :]
+    dt_raw = tl.load(dt_ptr + b * dt_sb + offs_t * dt_st + h * dt_sh, mask=new, other=0.0)
+    x_raw = tl.load(x_ptr + b * x_sb + offs_t[:, None] * x_st + h * x_sh + offs_p[None, :] * x_sp, mask=new_p, other=0.0)
+    B_raw = tl.load(B_ptr + b * B_sb + offs_t[:, None] * B_st + h * B_sh + offs_n[None, :] * B_sn, mask=new_n, other=0.0)
+    C_new = tl.load(C_ptr + b * C_sb + offs_t[:, None] * C_st + h * C_sh + offs_n[None, :] * C_sn, mask=new_n,
+                    other=0.0).to(acc)
+    dt_new, x_new, B_new = dt_raw.to(acc), x_raw.to(acc), B_raw.to(acc)
+
     ckpt_ptrs = ckpt_ptr + b * s_sb + h * s_sh + offs_n[:, None] * s_sn + offs_p[None, :] * s_sp
     if STORE_STATES:
         # The accepted state is stored already: gather it (or keep the checkpoint if none was accepted).
@@ -97,10 +132,20 @@ def _ssd_verify_kernel(
         S = S.to(acc)
     else:
         S = tl.load(ckpt_ptrs, mask=mask, other=0.0)
+        # Rows count.. as zeros (loaded, unused, without PREFETCH: the compiler drops them).
+        replayed = offs_t < count
+        dt_old = tl.load(dtc_ptr + b * dtc_sb + offs_t * dtc_st + h * dtc_sh, mask=replayed, other=0.0).to(acc)
+        x_old = tl.load(xc_ptr + b * xc_sb + offs_t[:, None] * xc_st + h * xc_sh + offs_p[None, :] * xc_sp,
+                        mask=replayed[:, None] & mask_p[None, :], other=0.0).to(acc)
+        B_old = tl.load(Bc_ptr + b * Bc_sb + offs_t[:, None] * Bc_st + h * Bc_sh + offs_n[None, :] * Bc_sn,
+                        mask=replayed[:, None] & mask_n[None, :], other=0.0).to(acc)
         for i in range(0, count):
-            dti = tl.load(dtc_ptr + b * dtc_sb + i * dtc_st + h * dtc_sh).to(acc)
-            xi = tl.load(xc_ptr + b * xc_sb + i * xc_st + h * xc_sh + offs_p * xc_sp, mask=mask_p, other=0.0).to(acc)
-            Bi = tl.load(Bc_ptr + b * Bc_sb + i * Bc_st + h * Bc_sh + offs_n * Bc_sn, mask=mask_n, other=0.0).to(acc)
+            if PREFETCH:
+                dti, xi, Bi = _entry(dt_old, offs_t, i), _row(x_old, offs_t, i), _row(B_old, offs_t, i)
+            else:
+                dti = tl.load(dtc_ptr + b * dtc_sb + i * dtc_st + h * dtc_sh).to(acc)
+                xi = tl.load(xc_ptr + b * xc_sb + i * xc_st + h * xc_sh + offs_p * xc_sp, mask=mask_p, other=0.0).to(acc)
+                Bi = tl.load(Bc_ptr + b * Bc_sb + i * Bc_st + h * Bc_sh + offs_n * Bc_sn, mask=mask_n, other=0.0).to(acc)
             S = tl.exp(dti * a) * S + Bi[:, None] * (dti * xi)[None, :]
     # Every load of what this program overwrites below (the checkpoint, the cached x of its
     # p-block, the stored states) is issued before any thread stores.
@@ -108,39 +153,41 @@ def _ssd_verify_kernel(
     tl.store(ckpt_ptrs, S, mask=mask & folds)
 
     # The last p-block program of this (b, h) to get here writes the shared dt and B caches.
-    owns_shared = offs_n == offs_n  # every p-block is the only one when p is not split
+    owns_shared = offs_t == offs_t  # every p-block is the only one when p is not split
     if not STORE_STATES:
         if SHARED_BH:
             ticket = tl.atomic_add(tickets_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
             is_last = ticket == tl.num_programs(1) - 1
             tl.store(tickets_ptr + pid_bh, 0, mask=is_last)  # ready for the next call
-            owns_shared = (offs_n * 0 + ticket) == tl.num_programs(1) - 1
+            owns_shared = (offs_t * 0 + ticket) == tl.num_programs(1) - 1
 
     if HAS_D:
         D = tl.load(D_ptr + h).to(acc)
     else:
         D = 0.0
     for i in range(0, t):
-        dt_raw = tl.load(dt_ptr + b * dt_sb + i * dt_st + h * dt_sh)
-        x_raw = tl.load(x_ptr + b * x_sb + i * x_st + h * x_sh + offs_p * x_sp, mask=mask_p, other=0.0)
-        B_raw = tl.load(B_ptr + b * B_sb + i * B_st + h * B_sh + offs_n * B_sn, mask=mask_n, other=0.0)
-        Ci = tl.load(C_ptr + b * C_sb + i * C_st + h * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
-        dti, xi, Bi = dt_raw.to(acc), x_raw.to(acc), B_raw.to(acc)
+        if PREFETCH:
+            dti, xi = _entry(dt_new, offs_t, i), _row(x_new, offs_t, i)
+            Bi, Ci = _row(B_new, offs_t, i), _row(C_new, offs_t, i)
+        else:
+            dti = tl.load(dt_ptr + b * dt_sb + i * dt_st + h * dt_sh).to(acc)
+            xi = tl.load(x_ptr + b * x_sb + i * x_st + h * x_sh + offs_p * x_sp, mask=mask_p, other=0.0).to(acc)
+            Bi = tl.load(B_ptr + b * B_sb + i * B_st + h * B_sh + offs_n * B_sn, mask=mask_n, other=0.0).to(acc)
+            Ci = tl.load(C_ptr + b * C_sb + i * C_st + h * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
         S = tl.exp(dti * a) * S + Bi[:, None] * (dti * xi)[None, :]
         y = tl.sum(S * Ci[:, None], axis=0) + D * xi
         tl.store(y_ptr + b * y_sb + i * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
         if STORE_STATES:
             to_states = states_ptr + b * st_sb + i * st_st + h * st_sh
             tl.store(to_states + offs_n[:, None] * st_sn + offs_p[None, :] * st_sp, S, mask=mask)
-        else:
-            xc_i = xc_ptr + b * xc_sb + i * xc_st + h * xc_sh
-            tl.store(xc_i + offs_p * xc_sp, x_raw.to(xc_ptr.dtype.element_ty), mask=mask_p)
-            Bc_i = Bc_ptr + b * Bc_sb + i * Bc_st + h * Bc_sh
-            tl.store(Bc_i + offs_n * Bc_sn, B_raw.to(Bc_ptr.dtype.element_ty), mask=mask_n & owns_shared)
-            # dt is a scalar per (b, h): stored through lane 0 of the n vector.
-            dtc_i = dtc_ptr + b * dtc_sb + i * dtc_st + h * dtc_sh
-            dt_vec = (offs_n * 0).to(acc) + dti
-            tl.store(dtc_i + offs_n * 0, dt_vec.to(dtc_ptr.dtype.element_ty), mask=(offs_n == 0) & owns_shared)
+    if not STORE_STATES:
+        # The new tokens' inputs, for the next call to replay: at positions 0..t-1 of the caches.
+        tl.store(xc_ptr + b * xc_sb + offs_t[:, None] * xc_st + h * xc_sh + offs_p[None, :] * xc_sp,
+                 x_raw.to(xc_ptr.dtype.element_ty), mask=new_p)
+        tl.store(Bc_ptr + b * Bc_sb + offs_t[:, None] * Bc_st + h * Bc_sh + offs_n[None, :] * Bc_sn,
+                 B_raw.to(Bc_ptr.dtype.element_ty), mask=new_n & owns_shared[:, None])
+        tl.store(dtc_ptr + b * dtc_sb + offs_t * dtc_st + h * dtc_sh, dt_raw.to(dtc_ptr.dtype.element_ty),
+                 mask=new & owns_shared)
 
 
 # Ticket counters, one int32 per (batch, head), per device. A buffer is never freed once handed
@@ -163,12 +210,31 @@ def _tickets(device: torch.device, size: int) -> torch.Tensor:
     return buffer
 
 
+def prefetch_default() -> bool:
+    """Whether the verify kernel loads every token's inputs before its loops (see
+    _ssd_verify_kernel), unless MAMBAIFY_VERIFY_PREFETCH=0."""
+    return os.environ.get("MAMBAIFY_VERIFY_PREFETCH", "1") != "0"
+
+
+def _num_warps(block_t: int, block_n: int, block_p: int, prefetch: bool) -> int:
+    """Prefetched, the fewest warps that hold the state tile and the input tiles in about 96
+    float32 registers a thread: with one warp, taking a token's row from a tile is warp
+    shuffles, with more a shared-memory round trip and barriers at every step. Else Triton's 4."""
+    if not prefetch:
+        return 4
+    values = block_n * block_p + block_t * (3 * block_n + 2 * block_p)
+    return next((w for w in (1, 2, 4) if values <= 96 * 32 * w), 8)
+
+
 def _launch(
-    checkpoint, x_cache, dt_cache, B_cache, states, counts, x, dt, A, B, C, D, out, block_p, store_states
+    checkpoint, x_cache, dt_cache, B_cache, states, counts, x, dt, A, B, C, D, out, block_p, store_states,
+    prefetch=None,
 ):
     b, h, n, p = checkpoint.shape
     T, t = (states if store_states else x_cache).shape[1], x.shape[1]
+    prefetch = prefetch_default() if prefetch is None else prefetch
     block_p = block_p or _block_p(b * h, p, checkpoint.device)
+    block_t, block_n = triton.next_power_of_2(max(T, t)), triton.next_power_of_2(n)
     p_blocks = triton.cdiv(p, block_p)
     shared = p_blocks > 1 and not store_states
     tickets = _tickets(checkpoint.device, b * h) if shared else counts
@@ -198,8 +264,11 @@ def _launch(
         HAS_D=D is not None,
         STORE_STATES=store_states,
         SHARED_BH=shared,
-        BLOCK_N=triton.next_power_of_2(n),
+        PREFETCH=prefetch,
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
         BLOCK_P=block_p,
+        num_warps=_num_warps(block_t, block_n, block_p, prefetch),
     )
     return out
 
@@ -220,6 +289,7 @@ def ssd_verify_inplace(
     *,
     check_counts_values: bool | None = None,
     block_p: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """:func:`mambaify.ops.reference.ssd_verify` in one launch, in place.
 
@@ -229,13 +299,15 @@ def ssd_verify_inplace(
     B, C (b,t,h,n), A (h), D (h) or None. y (b,t,h,p) goes to ``out`` (allocated in x's dtype
     if None; nothing is allocated when it is given, so the call can be captured in a CUDA graph
     after one warm-up call). ``check_counts_values``: see :func:`reference.check_counts`.
-    ``block_p`` overrides the p columns per program (tests use it to split heads).
+    ``block_p`` overrides the p columns per program (tests use it to split heads); ``prefetch``
+    the kernel's loads (see :func:`_ssd_verify_kernel`; None: :func:`prefetch_default`).
     """
     T, t = check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
     check_counts(counts, T, check_counts_values)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch(checkpoint, x_cache, dt_cache, B_cache, None, counts, x, dt, A, B, C, D, out, block_p, False)
+    return _launch(checkpoint, x_cache, dt_cache, B_cache, None, counts, x, dt, A, B, C, D, out, block_p, False,
+                   prefetch)
 
 
 def ssd_verify_store_states(
@@ -252,6 +324,7 @@ def ssd_verify_store_states(
     *,
     check_counts_values: bool | None = None,
     block_p: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """The naive verify call, for comparison: every per-token state is written to memory.
 
@@ -279,7 +352,7 @@ def ssd_verify_store_states(
     check_counts(counts, T, check_counts_values, what="ssd_verify_store_states")
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch(checkpoint, None, None, None, states, counts, x, dt, A, B, C, D, out, block_p, True)
+    return _launch(checkpoint, None, None, None, states, counts, x, dt, A, B, C, D, out, block_p, True, prefetch)
 
 
 # --------------------------------------------------------------------------- conv verify
