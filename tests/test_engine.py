@@ -199,6 +199,28 @@ def test_sampling_filters():
         SamplingParams(top_p=0.0)
 
 
+def test_greedy_tokens_equal_argmax_compiled_in_two_stages():
+    """greedy_tokens is argmax(-1) (the first maximum) eagerly and compiled, where it runs in two
+    stages: ties across and inside chunks, a maximum in the padded last chunk, -inf rows, NaN."""
+    from mambaify.generate.sampling import ARGMAX_CHUNK, greedy_tokens
+
+    vocab = 5 * ARGMAX_CHUNK + 17  # the last chunk is padded
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, vocab)
+    logits[0, 0, [7, 3 * ARGMAX_CHUNK + 5]] = 9.0  # a tie across chunks: the first wins
+    logits[0, 1, [ARGMAX_CHUNK + 2, ARGMAX_CHUNK + 9]] = 9.0  # a tie inside a chunk
+    logits[0, 2, vocab - 1] = 9.0  # in the padded chunk
+    logits[1, 0] = float("-inf")
+    logits[1, 1, 2 * ARGMAX_CHUNK + 4] = float("nan")
+    compiled = torch.compile(greedy_tokens, backend="inductor", fullgraph=True)
+    expected = logits.argmax(-1)
+    assert torch.equal(greedy_tokens(logits), expected)
+    assert torch.equal(compiled(logits), expected)
+    assert torch.equal(compiled(logits[:, 0]), expected[:, 0])  # (b, V), as a draft step calls it
+    small = torch.randn(2, 100)  # below four chunks: a plain argmax
+    assert torch.equal(compiled(small), small.argmax(-1))
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(hybrid):
     prompts = random_prompts(5, 8)
     engine = Engine(hybrid, max_batch_size=2, max_length=32)

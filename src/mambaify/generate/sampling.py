@@ -56,6 +56,27 @@ def keep_top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
     return scores.masked_fill(outside, float("-inf"))
 
 
+# Compiled, an argmax over a whole vocabulary is one program per row: the draft's over SmolLM2's
+# 49,152 logits took 8.2 us on the H200 at batch 1 (three per K = 3 round; benchmarks/
+# profile_rounds.py, session 10). In two stages, the maximum of each chunk of ARGMAX_CHUNK logits
+# and then the first chunk that holds the overall maximum, many programs share the reading.
+ARGMAX_CHUNK = 1024
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)``, the same index (the first maximum) for any input; in two stages
+    inside compiled code where the last dimension spans several chunks. Eager, one aten kernel
+    is cheaper than the stages' several."""
+    vocab = logits.shape[-1]
+    if not torch.compiler.is_compiling() or vocab < 4 * ARGMAX_CHUNK:
+        return logits.argmax(-1)
+    chunks = -(-vocab // ARGMAX_CHUNK)
+    padded = torch.nn.functional.pad(logits, (0, chunks * ARGMAX_CHUNK - vocab), value=float("-inf"))
+    best, within = padded.view(*logits.shape[:-1], chunks, ARGMAX_CHUNK).max(-1)  # first maximum of each chunk
+    chunk = best.argmax(-1, keepdim=True)  # the first chunk holding the overall maximum
+    return (chunk * ARGMAX_CHUNK + within.gather(-1, chunk))[..., 0]
+
+
 def sample_next_tokens(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -70,4 +91,4 @@ def sample_next_tokens(
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator)[:, 0]
 
 
-__all__ = ["SamplingParams", "keep_top_k", "keep_top_p", "sample_next_tokens"]
+__all__ = ["SamplingParams", "greedy_tokens", "keep_top_k", "keep_top_p", "sample_next_tokens"]

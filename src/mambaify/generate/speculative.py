@@ -41,6 +41,7 @@ from ..models.cache import MambaLayerCache
 from ..models.modeling import Mamba2Mixer
 from ..ops.reference import causal_conv1d, slide_conv_window, ssd_fold, ssd_sequential
 from .engine import grouped_query_attention
+from .sampling import greedy_tokens
 
 # ---------------------------------------------------------------------------------------------
 # Mamba layers: one checkpoint + cached inputs
@@ -348,7 +349,7 @@ def propose_draft(
 
 def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept the longest prefix of drafts matching the target's argmax, then the target's next token."""
-    best = logits.argmax(-1)  # (b, k+1): best[:, i] follows input i
+    best = greedy_tokens(logits)  # (b, k+1): best[:, i] follows input i
     match = (drafts == best[:, :-1]).long()
     accepted = match.cumprod(-1).sum(-1)
     return accepted, best.gather(1, accepted[:, None])[:, 0]

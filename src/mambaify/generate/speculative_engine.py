@@ -118,7 +118,7 @@ from .engine import (
     pad_slots_for,
     use_split_k_attention,
 )
-from .sampling import SamplingParams, keep_top_k, keep_top_p
+from .sampling import SamplingParams, greedy_tokens, keep_top_k, keep_top_p
 from .speculative import accept_greedy, rejection_rule, sample_inverse_cdf
 
 KChoice = int | Literal["auto"]
@@ -960,7 +960,7 @@ class SpeculativeEngine(GenerationFrontend):
                 if vocab is None:
                     logits = fit_vocabulary(logits, self.vocab_size)
                 if sampling.greedy:
-                    chosen = logits.argmax(-1)
+                    chosen = greedy_tokens(logits)
                 else:
                     dist = token_distribution(logits, sampling)
                     if vocab is None:
