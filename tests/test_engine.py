@@ -199,6 +199,26 @@ def test_sampling_filters():
         SamplingParams(top_p=0.0)
 
 
+def test_programmatic_dependent_launch_is_asked_for_by_the_environment(monkeypatch):
+    """MAMBAIFY_PDL=1 asks for PDL; only on a Hopper-or-later GPU does it reach inductor's options
+    and the GEMV's launches (elsewhere the compiled step is what it was)."""
+    from torch._inductor import config as inductor_config
+
+    from mambaify import ops
+    from mambaify.generate.engine import _pdl_options
+
+    monkeypatch.delenv("MAMBAIFY_PDL", raising=False)
+    assert not ops.pdl_requested() and _pdl_options(inductor_config) == {}
+    monkeypatch.setenv("MAMBAIFY_PDL", "0")
+    assert not ops.pdl_requested()
+    monkeypatch.setenv("MAMBAIFY_PDL", "1")
+    assert ops.pdl_requested()
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    assert _pdl_options(inductor_config) == ({"triton.enable_pdl": True} if hopper else {})
+    gemv = pytest.importorskip("mambaify.ops.triton.gemv")
+    assert gemv.programmatic_launch(torch.device("cpu")) is False
+
+
 def test_greedy_tokens_equal_argmax_compiled_in_two_stages():
     """greedy_tokens is argmax(-1) (the first maximum) eagerly and compiled, where it runs in two
     stages: ties across and inside chunks, a maximum in the padded last chunk, -inf rows, NaN."""
@@ -824,6 +844,27 @@ def test_cuda_small_batch_linear_decodes_as_the_modules_do(attention):
     plain.prefill(ids, mask)
     token = torch.tensor([5, 6, 7], device="cuda")
     assert torch.allclose(fast.decode(token), plain.decode(token), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper-or-later GPU")
+def test_cuda_programmatic_dependent_launch_decodes_the_same_tokens(monkeypatch):
+    """MAMBAIFY_PDL=1: the compiled, graphed step with inductor's kernels and the split-K GEMV
+    launched early (each waits for the kernel ahead before it reads x or writes anything) gives
+    the tokens of the same step launched one kernel after another, in float32."""
+    model = perturbed_hybrid(0.5).cuda()
+    prompts = random_prompts(7, 2, 12)
+    options = dict(max_new_tokens=24, stop_token_ids=[])
+    monkeypatch.setenv("MAMBAIFY_PDL", "0")
+    serial = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, compile=True)
+    expected = serial.generate(prompts, **options)
+    del serial
+    torch._dynamo.reset()  # inductor reads the PDL option when it compiles
+    monkeypatch.setenv("MAMBAIFY_PDL", "1")
+    early = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, compile=True)
+    assert torch.equal(early.generate(prompts, **options), expected)
+    assert early.is_compiled(3)
 
 
 @pytest.mark.gpu

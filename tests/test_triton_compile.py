@@ -85,7 +85,7 @@ CASES = {
 }
 # The split-K GEMV: one row on the CUDA cores and 16 through tl.dot, its splits' float32 partial
 # sums added in its own launch (the last split, after an atomic count) or by the sum kernel.
-GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32")
+GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32", PDL=False)
 GEMV_PARTIALS = {"out_ptr": "*fp32"}
 GEMV_CASES = {
     "gemv_one_row_split_one_launch": (gemv._gemv_kernel, dict(
@@ -97,6 +97,12 @@ GEMV_CASES = {
     "gemv_dot_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False), None),
     "gemv_sum_splits": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False), {"part_ptr": "*fp32"}),
+    # As a programmatic dependent launch (MAMBAIFY_PDL=1 on Hopper): one row, and gate+up through tl.dot.
+    "gemv_one_row_pdl": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True, PDL=True),
+        GEMV_PARTIALS),
+    "gemv_dot_gated_pdl": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=True, FINAL=True, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=False, PDL=True), None),
 }
 
 
@@ -118,6 +124,14 @@ def test_gemv_compiles_for_hopper(name):
         assert "atom.global.acq_rel" in ptx.replace(".gpu", "") and "ld.global.cg" in ptx
     if constexprs.get("USE_DOT"):
         assert "mma" in ptx  # the rows' products on the tensor cores
+    if constexprs.get("PDL"):
+        # The first weight tiles are read before the wait for the kernel ahead; nothing is
+        # stored before it; the next kernel may launch after it.
+        wait = ptx.index("griddepcontrol.wait")
+        assert "ld.global" in ptx[:wait] and "st.global" not in ptx[:wait] and "atom" not in ptx[:wait]
+        assert ptx.index("griddepcontrol.launch_dependents") > wait
+    else:
+        assert "griddepcontrol" not in ptx
 
 
 def _loop_bodies(ptx: str) -> list[list[str]]:

@@ -685,6 +685,13 @@ def _patch_config(module, **values):
     return module.patch(**{name: value for name, value in values.items() if hasattr(module, name)})
 
 
+def _pdl_options(inductor_config) -> dict:
+    """Inductor's programmatic dependent launch where MAMBAIFY_PDL=1 asks for it
+    (:func:`mambaify.ops.pdl_requested`), the GPU has it (Hopper on) and this torch offers it."""
+    wanted = ops.pdl_requested() and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return {"triton.enable_pdl": True} if wanted and hasattr(inductor_config.triton, "enable_pdl") else {}
+
+
 def compile_step(step: Callable[[], torch.Tensor], mode: str = "default") -> Callable[[], torch.Tensor]:
     """Compile a fixed-shape step with torch.compile, run it once (that compiles it) and return a
     callable that runs the compiled code and raises rather than recompiling.
@@ -695,6 +702,7 @@ def compile_step(step: Callable[[], torch.Tensor], mode: str = "default") -> Cal
     compiled step computes what the eager one does, up to the order of float32 reductions. The
     first call writes into whatever the step writes (the cache): compile before a prefill, as
     the CUDA-graph capture does. Call the result under the grad mode of the first call.
+    MAMBAIFY_PDL=1: inductor's kernels launch as programmatic dependent launches (:func:`_pdl_options`).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(
@@ -706,7 +714,8 @@ def compile_step(step: Callable[[], torch.Tensor], mode: str = "default") -> Cal
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
     limits = dict(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT)
-    with _patch_config(dynamo_config, **limits), _patch_config(inductor_config, emulate_precision_casts=True):
+    with _patch_config(dynamo_config, **limits), _patch_config(inductor_config, emulate_precision_casts=True), \
+            inductor_config.patch(_pdl_options(inductor_config)):
         compiled()
 
     def run() -> torch.Tensor:

@@ -133,6 +133,14 @@ def _gpu_kernels(t: torch.Tensor):
     return kernels
 
 
+def pdl_requested() -> bool:
+    """MAMBAIFY_PDL=1 asks for programmatic dependent launch (PDL, Hopper on) in the compiled
+    decode step and rounds: inductor's kernels (its ``triton.enable_pdl``) and the split-K GEMV
+    launch before the kernel ahead of them has finished, the GEMV streaming its first weight
+    tiles meanwhile. Off by default until the H200 times it (benchmarks/README.md)."""
+    return os.environ.get("MAMBAIFY_PDL", "0") == "1"
+
+
 def ssd_step_inplace(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -553,6 +561,7 @@ __all__ = [
     "conv_verify",
     "conv_verify_inplace",
     "gated_rmsnorm",
+    "pdl_requested",
     "reference",
     "register_backend",
     "segsum",

@@ -41,6 +41,43 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
+def _weight_tiles(w_ptr, w2_ptr, offs_n, mask_n, k, k_end, w_sn, w_sk, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) tile of the weight at column k (and of the second matrix with GATED)."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    tile = offs_n[:, None].to(tl.int64) * w_sn + offs_k[None, :] * w_sk  # > 2^31 elements: 64-bit
+    tile_mask = mask_n[:, None] & (offs_k < k_end)[None, :]
+    w = tl.load(w_ptr + tile, mask=tile_mask, other=0.0)
+    w2 = w  # read only with GATED
+    if GATED:
+        w2 = tl.load(w2_ptr + tile, mask=tile_mask, other=0.0)
+    return w, w2
+
+
+@triton.jit
+def _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k, k_end, x_sm, x_sk,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr,
+                USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The sums plus every row's products with the weight tiles at column k."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_end
+    if USE_DOT:
+        x_mask = (offs_m < M)[:, None] & mask_k[None, :]  # padding rows (past M) load zeros
+        xs = tl.load(x_ptr + offs_m[:, None] * x_sm + offs_k[None, :] * x_sk, mask=x_mask, other=0.0)
+        acc += tl.dot(xs, tl.trans(w), input_precision=DOT_PRECISION, out_dtype=ACC)
+        if GATED:
+            acc2 += tl.dot(xs, tl.trans(w2), input_precision=DOT_PRECISION, out_dtype=ACC)
+    else:
+        w, w2 = w.to(ACC), w2.to(ACC)
+        for m in tl.static_range(BLOCK_M):
+            in_rows = (offs_k * 0 + m) < M  # padding rows (past M) load zeros
+            x = tl.load(x_ptr + m * x_sm + offs_k * x_sk, mask=mask_k & in_rows, other=0.0).to(ACC)
+            acc += tl.where(offs_m[:, None] == m, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+            if GATED:
+                acc2 += tl.where(offs_m[:, None] == m, tl.sum(w2 * x[None, :], axis=1)[None, :], 0.0)
+    return acc, acc2
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr,
     M, N, K, k_per_split, S,
@@ -55,6 +92,7 @@ def _gemv_kernel(
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LAST_SPLIT_SUMS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
     (and of x[m, k] * w2[n, k] when GATED: w the gate, w2 the up projection, read in the same
@@ -68,7 +106,11 @@ def _gemv_kernel(
     (``count_ptr``, zero before the call); the one that finds every other split done adds all
     partial sums in split order (the same bits whichever program it is), writes the result to
     ``final_ptr`` and puts the counter back to zero for the next call. One launch instead of
-    this kernel and :func:`_sum_splits_kernel`."""
+    this kernel and :func:`_sum_splits_kernel`.
+    PDL (launched as a programmatic dependent launch, Hopper on): the program reads its first
+    weight tiles, which no kernel writes, before it waits for the kernel ahead of it (whose
+    output may be x), so the weights start streaming while that kernel finishes; then it lets
+    the next kernel launch. Everything else (x, every store) comes after the wait."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,29 +120,18 @@ def _gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k in range(k_start, k_end, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        tile = offs_n[:, None].to(tl.int64) * w_sn + offs_k[None, :] * w_sk  # > 2^31 elements: 64-bit
-        tile_mask = mask_n[:, None] & mask_k[None, :]
-        if USE_DOT:
-            x_mask = (offs_m < M)[:, None] & mask_k[None, :]  # padding rows (past M) load zeros
-            xs = tl.load(x_ptr + offs_m[:, None] * x_sm + offs_k[None, :] * x_sk, mask=x_mask, other=0.0)
-            w = tl.load(w_ptr + tile, mask=tile_mask, other=0.0)
-            acc += tl.dot(xs, tl.trans(w), input_precision=DOT_PRECISION, out_dtype=ACC)
-            if GATED:
-                w2 = tl.load(w2_ptr + tile, mask=tile_mask, other=0.0)
-                acc2 += tl.dot(xs, tl.trans(w2), input_precision=DOT_PRECISION, out_dtype=ACC)
-        else:
-            w = tl.load(w_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
-            if GATED:
-                w2 = tl.load(w2_ptr + tile, mask=tile_mask, other=0.0).to(ACC)
-            for m in tl.static_range(BLOCK_M):
-                in_rows = (offs_k * 0 + m) < M  # padding rows (past M) load zeros
-                x = tl.load(x_ptr + m * x_sm + offs_k * x_sk, mask=mask_k & in_rows, other=0.0).to(ACC)
-                acc += tl.where(offs_m[:, None] == m, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
-                if GATED:
-                    acc2 += tl.where(offs_m[:, None] == m, tl.sum(w2 * x[None, :], axis=1)[None, :], 0.0)
+    k_first = k_start
+    if PDL:
+        w, w2 = _weight_tiles(w_ptr, w2_ptr, offs_n, mask_n, k_start, k_end, w_sn, w_sk, BLOCK_K, GATED)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        acc, acc2 = _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k_start, k_end, x_sm, x_sk,
+                                BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION)
+        k_first = k_start + BLOCK_K
+    for k in range(k_first, k_end, BLOCK_K):
+        w, w2 = _weight_tiles(w_ptr, w2_ptr, offs_n, mask_n, k, k_end, w_sn, w_sk, BLOCK_K, GATED)
+        acc, acc2 = _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k, k_end, x_sm, x_sk,
+                                BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION)
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     ptrs = out_ptr + pid_k * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
     if FINAL:
@@ -204,6 +235,14 @@ def _split_counters(device: torch.device, programs_n: int) -> torch.Tensor:
     return counters
 
 
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether the GEMV launches as a programmatic dependent launch (PDL): asked for with
+    MAMBAIFY_PDL=1 (see :func:`mambaify.ops.pdl_requested`) on a GPU that has it (Hopper on)."""
+    from .. import pdl_requested
+
+    return pdl_requested() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def one_launch_default() -> bool:
     """The split sums' default: in the GEMV's own launch, unless MAMBAIFY_GEMV_ONE_LAUNCH=0 (a
     switch, like the engines' fast paths, to go back to the second kernel without touching code)."""
@@ -228,6 +267,7 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
     part = out[None, None] if splits == 1 else torch.empty(splits, parts, m, n, dtype=acc_dtype, device=rows.device)
     last_sums = (one_launch_default() if one_launch is None else one_launch) and splits > 1
     counters = _split_counters(rows.device, programs_n) if last_sums else out
+    pdl = programmatic_launch(rows.device)
     _gemv_kernel[(programs_n, splits)](
         rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters,
         m, n, k, k_per_split, splits,
@@ -235,7 +275,7 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
-        LAST_SPLIT_SUMS=last_sums, num_warps=num_warps,
+        LAST_SPLIT_SUMS=last_sums, PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
     if splits > 1 and not last_sums:
         sum_block = 256
