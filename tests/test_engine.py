@@ -215,8 +215,10 @@ def test_programmatic_dependent_launch_is_asked_for_by_the_environment(monkeypat
     assert ops.pdl_requested()
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
     assert _pdl_options(inductor_config) == ({"triton.enable_pdl": True} if hopper else {})
-    gemv = pytest.importorskip("mambaify.ops.triton.gemv")
-    assert gemv.programmatic_launch(torch.device("cpu")) is False
+    pdl = pytest.importorskip("mambaify.ops.triton.pdl")
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}  # the interpreter's kernels run as they were
+    if hopper:
+        assert pdl.launch_options(torch.device("cuda")) == {"PDL": True, "launch_pdl": True}
 
 
 def test_greedy_tokens_equal_argmax_compiled_in_two_stages():

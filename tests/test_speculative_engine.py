@@ -1118,6 +1118,24 @@ def test_cuda_small_batch_linear_rounds_equal_plain_greedy(targets, drafts, targ
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper-or-later GPU")
+def test_cuda_programmatic_dependent_launch_rounds_equal_plain_greedy(targets, drafts, monkeypatch):
+    """MAMBAIFY_PDL=1, compiled, split-K GEMV: every kernel of the rounds launched early and
+    waiting for the one ahead gives plain greedy decoding's tokens, in float32."""
+    monkeypatch.setenv("MAMBAIFY_PDL", "1")
+    torch._dynamo.reset()  # inductor reads the PDL option when it compiles
+    target = copy.deepcopy(targets["hybrid50"]).cuda()
+    draft = copy.deepcopy(drafts["transformer"]).cuda()
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids.cuda(), mask.cuda(), 16).cpu()
+    engine = SpeculativeEngine(target, draft, k=3, k_choices=(3,), max_batch_size=4, max_length=48,
+                               small_batch_linear=True, compile=True)
+    tokens = engine.generate(ids.cuda(), mask.cuda(), max_new_tokens=16, stop_token_ids=[])
+    assert torch.equal(tokens, expected) and engine.is_compiled(4, 3)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_bf16_greedy_matches_plain_engine(targets, drafts):
     """In bfloat16 on the GPU, the graphed speculative engine follows the plain engine's greedy

@@ -96,7 +96,8 @@ GEMV_CASES = {
         GEMV, BLOCK_M=16, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=False), GEMV_PARTIALS),
     "gemv_dot_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False), None),
-    "gemv_sum_splits": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False), {"part_ptr": "*fp32"}),
+    "gemv_sum_splits": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False, PDL=False),
+                        {"part_ptr": "*fp32"}),
     # As a programmatic dependent launch (MAMBAIFY_PDL=1 on Hopper): one row, and gate+up through tl.dot.
     "gemv_one_row_pdl": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True, PDL=True),
@@ -106,11 +107,25 @@ GEMV_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_kernel_compiles_for_hopper(name):
+# Every decode kernel both ways; the training-only norm backward has no PDL form.
+@pytest.mark.parametrize("name,pdl", [
+    pytest.param(name, pdl, id=name + ("-pdl" if pdl else ""))
+    for name in sorted(CASES) for pdl in (False, True) if not pdl or "PDL" in CASES[name][0].arg_names
+])
+def test_kernel_compiles_for_hopper(name, pdl):
+    """Every kernel compiles for sm_90, launched one after another or as a programmatic
+    dependent launch (MAMBAIFY_PDL=1): then it waits for the kernel ahead before its first
+    global load or store, and lets the next one launch after that."""
     kernel, constexprs = CASES[name]
-    compiled = compile_for_hopper(kernel, constexprs)
+    compiled = compile_for_hopper(kernel, dict(constexprs, PDL=pdl) if "PDL" in kernel.arg_names else constexprs)
     assert len(compiled.asm["cubin"]) > 0
+    ptx = compiled.asm["ptx"]
+    if not pdl:
+        assert "griddepcontrol" not in ptx
+        return
+    wait = ptx.index("griddepcontrol.wait")
+    assert not any(op in ptx[:wait] for op in ("ld.global", "st.global", "atom."))
+    assert ptx.index("griddepcontrol.launch_dependents") > wait
 
 
 @pytest.mark.parametrize("name", sorted(GEMV_CASES))
@@ -151,7 +166,7 @@ def test_verify_kernel_loops_load_from_registers_when_prefetched(prefetch):
     it launches there: prefetched, its two sequential loops (replay, new tokens) issue no global
     load; with per-step loads, each does."""
     constexprs = dict(HAS_D=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=prefetch, BLOCK_T=4, BLOCK_N=64,
-                      BLOCK_P=8)
+                      BLOCK_P=8, PDL=False)
     ptx = compile_for_hopper(verify._ssd_verify_kernel, constexprs, num_warps=1).asm["ptx"]
     loops = _loop_bodies(ptx)
     assert len(loops) == 2

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_for_inputs
+
 
 @functools.cache
 def _num_sms(device: torch.device) -> int:
@@ -43,6 +45,7 @@ def _ssd_step_kernel(
     HAS_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per (batch b, head h, block of p columns):
 
@@ -52,6 +55,7 @@ def _ssd_step_kernel(
     computed in the state's dtype (float32 in the cache). The columns of S are independent, so
     splitting p over programs needs no communication.
     """
+    wait_for_inputs(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
     b = pid_bh // H
@@ -127,6 +131,7 @@ def ssd_step_inplace(
         HAS_D=D is not None,
         BLOCK_N=triton.next_power_of_2(n),
         BLOCK_P=block_p,
+        **launch_options(state.device),
     )
     return out
 
@@ -163,6 +168,7 @@ def _conv_step_kernel(
     HAS_BIAS: tl.constexpr,
     APPLY_SILU: tl.constexpr,
     ACC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per (batch b, block of channels d). With the window W = [state[b, d, :], x[b, d]]
     (the K-1 previous inputs, then this one):
@@ -170,6 +176,7 @@ def _conv_step_kernel(
         y[b, d]        = silu(bias[d] + sum_k weight[d, k] * W[k])     (silu optional)
         state[b, d, :] = W[1:]                                          (in place)
     """
+    wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
@@ -241,5 +248,6 @@ def conv_step_inplace(
         HAS_BIAS=bias is not None,
         APPLY_SILU=silu,
         ACC=_acc_dtype(x),
+        **launch_options(x.device),
     )
     return out

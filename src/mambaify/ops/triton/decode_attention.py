@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ..attention import check_attention_inputs, check_slot_values
 from .decode import _num_sms
+from .pdl import launch_options, wait_for_inputs
 
 # Splits per (row, kv head, query block) at most, and the fewest keys a split is planned for:
 # below that the combine step and the per-program setup cost more than the split saves.
@@ -56,10 +57,12 @@ def _attention_partial_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (b * KV_HEADS + kv head, split, query block). Query row r of the group is head
     kv_head * GROUP + r // T, token r % T, at slot q = query_slots[b, r % T]; it sees the key
     slots [lo, q] with lo = max(kv_start[b], q - window + 1), or only q when q < kv_start[b]."""
+    wait_for_inputs(PDL)
     pid_bk = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -147,9 +150,11 @@ def _attention_combine_kernel(
     o_sb, o_sh, o_st, o_sd,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (b * KV_HEADS + kv head, query row r): out = sum_j w_j o_j / sum_j w_j with
     w_j = exp2(lse_j - max_j lse_j) over the splits j."""
+    wait_for_inputs(PDL)
     pid_bk = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1)
     b = pid_bk // KV_HEADS
@@ -320,6 +325,7 @@ def decode_attention(
         BLOCK_D=plan.block_d,
         num_warps=8 if plan.block_m * plan.block_d >= 16384 else 4,
         num_stages=3 if query.is_cuda else 1,
+        **launch_options(query.device),
     )
     if not single:
         _attention_combine_kernel[(b * kv_heads, rows)](
@@ -329,5 +335,6 @@ def decode_attention(
             BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
             BLOCK_D=plan.block_d,
             num_warps=4,
+            **launch_options(query.device),
         )
     return out

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_for_inputs
+
 MAX_ROWS = 16  # more rows than this is a matrix product: F.linear (cuBLAS) is the right call
 
 
@@ -188,9 +190,11 @@ def _sum_splits_kernel(
     BLOCK_N: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (row m, n block): out[m, n] = sum_s part[s, 0, m, n] (+ bias[n]), or with GATED
     silu(sum_s part[s, 0]) * sum_s part[s, 1], in the output dtype."""
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -235,14 +239,6 @@ def _split_counters(device: torch.device, programs_n: int) -> torch.Tensor:
     return counters
 
 
-def programmatic_launch(device: torch.device) -> bool:
-    """Whether the GEMV launches as a programmatic dependent launch (PDL): asked for with
-    MAMBAIFY_PDL=1 (see :func:`mambaify.ops.pdl_requested`) on a GPU that has it (Hopper on)."""
-    from .. import pdl_requested
-
-    return pdl_requested() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def one_launch_default() -> bool:
     """The split sums' default: in the GEMV's own launch, unless MAMBAIFY_GEMV_ONE_LAUNCH=0 (a
     switch, like the engines' fast paths, to go back to the second kernel without touching code)."""
@@ -267,7 +263,7 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
     part = out[None, None] if splits == 1 else torch.empty(splits, parts, m, n, dtype=acc_dtype, device=rows.device)
     last_sums = (one_launch_default() if one_launch is None else one_launch) and splits > 1
     counters = _split_counters(rows.device, programs_n) if last_sums else out
-    pdl = programmatic_launch(rows.device)
+    pdl = launch_options(rows.device)
     _gemv_kernel[(programs_n, splits)](
         rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters,
         m, n, k, k_per_split, splits,
@@ -275,14 +271,14 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
-        LAST_SPLIT_SUMS=last_sums, PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
+        LAST_SPLIT_SUMS=last_sums, num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
         sum_block = 256
         _sum_splits_kernel[(m, triton.cdiv(n, sum_block))](
             part, bias if bias is not None else weight, out,
             splits, m, n, *part.stride(), *out.stride(),
-            BLOCK_N=sum_block, GATED=gated, HAS_BIAS=bias is not None,
+            BLOCK_N=sum_block, GATED=gated, HAS_BIAS=bias is not None, **pdl,
         )
     return out
 

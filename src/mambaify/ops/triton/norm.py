@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .decode import _acc_dtype, _num_sms
+from .pdl import launch_options, wait_for_inputs
 
 
 @triton.jit
@@ -21,9 +22,11 @@ def _gated_rmsnorm_fwd_kernel(
     eps,
     BLOCK_N: tl.constexpr,
     ACC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """For row r:  u = y[r] * silu(z[r]);  rstd[r] = 1 / sqrt(mean(u^2) + eps);
     out[r] = weight * (u * rstd[r]) (rounded to y's dtype before the weight, as the module does)."""
+    wait_for_inputs(PDL)
     r = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -102,7 +105,7 @@ class _GatedRMSNorm(torch.autograd.Function):
         if M:
             _gated_rmsnorm_fwd_kernel[(M,)](
                 y2, z2, weight, out, rstd, N, y2.stride(0), z2.stride(0), out.stride(0), eps,
-                BLOCK_N=block_n, ACC=_acc_dtype(y), num_warps=_num_warps(block_n),
+                BLOCK_N=block_n, ACC=_acc_dtype(y), num_warps=_num_warps(block_n), **launch_options(y.device),
             )
         ctx.save_for_backward(y2, z2, weight, rstd)
         ctx.shapes = (shape, z.shape)

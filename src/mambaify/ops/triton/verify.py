@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..reference import check_counts, check_verify_shapes
 from .decode import _acc_dtype, _block_p, _num_sms
+from .pdl import launch_options, wait_for_inputs
 
 # --------------------------------------------------------------------------- SSD verify
 
@@ -73,6 +74,7 @@ def _ssd_verify_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per (batch b, head h, block of p columns). With c = clamp(counts[b], 0, T):
 
@@ -92,6 +94,7 @@ def _ssd_verify_kernel(
     decode step). Session 10 built PREFETCH without a GPU to time it: MAMBAIFY_VERIFY_PREFETCH=0
     keeps the per-step loads, and bench_kernels.py --only verify times both.
     """
+    wait_for_inputs(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
     b = pid_bh // H
@@ -269,6 +272,7 @@ def _launch(
         BLOCK_N=block_n,
         BLOCK_P=block_p,
         num_warps=_num_warps(block_t, block_n, block_p, prefetch),
+        **launch_options(checkpoint.device),
     )
     return out
 
@@ -374,6 +378,7 @@ def _conv_verify_kernel(
     HAS_BIAS: tl.constexpr,
     APPLY_SILU: tl.constexpr,
     ACC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per (batch b, block of channels). With c = clamp(counts[b], 0, T), the history
     hist = window[b, c : c+K-1] and the sequence s = [hist, x[b]] (K-1+t rows):
@@ -381,6 +386,7 @@ def _conv_verify_kernel(
         y[b, i] = bias + sum_k weight[:, k] * s[i + k]          (silu optional)
         window[b, :K-1+t] = s                                    (in place; later rows untouched)
     """
+    wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < DIM
@@ -467,6 +473,7 @@ def conv_verify_inplace(
         HAS_BIAS=bias is not None,
         APPLY_SILU=silu,
         ACC=_acc_dtype(xBC),
+        **launch_options(xBC.device),
     )
     return out
 
