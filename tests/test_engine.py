@@ -762,11 +762,12 @@ def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing
     options = dict(max_new_tokens=10, stop_token_ids=[])
     plain = Engine(model, max_batch_size=3, max_length=32)
     expected = plain.generate(prompts, **options)
-    calls, gated = [], []
-    real, real_gated = ops.small_batch_linear, ops.small_batch_gated_up
+    calls, gated, qkv = [], [], []
+    real, real_gated, real_qkv = ops.small_batch_linear, ops.small_batch_gated_up, ops.small_batch_qkv
     monkeypatch.setattr(ops, "small_batch_linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or real(x, w, b))
     monkeypatch.setattr(ops, "small_batch_gated_up",
                         lambda x, g, u: gated.append(tuple(g.shape)) or real_gated(x, g, u))
+    monkeypatch.setattr(ops, "small_batch_qkv", lambda x, *wb: qkv.append(tuple(wb[0].shape)) or real_qkv(x, *wb))
     fast = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True)
     assert torch.equal(fast.generate(prompts, **options), expected)
     ids, mask = left_padded(prompts)
@@ -774,15 +775,17 @@ def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing
     fast.prefill(ids, mask)
     calls.clear()
     gated.clear()
+    qkv.clear()
     token = torch.tensor([5, 6, 7])
     assert torch.equal(fast.decode(token), plain.decode(token))
     layers = model.model.layers
-    attention = sum(1 for layer in layers if not hasattr(layer, "mamba") or layer.is_attention)
-    # attention layer: q, k, v, o + down; Mamba layer: in_proj, out_proj + down; the head. The
-    # SiLU MLP's gate and up: one fused call per layer.
-    assert len(calls) == 5 * attention + 3 * (len(layers) - attention) + 1
+    attention = [layer for layer in layers if not hasattr(layer, "mamba") or layer.is_attention]
+    # attention layer: o + down; Mamba layer: in_proj, out_proj + down; the head. An attention
+    # layer's q, k and v: one grouped call; the SiLU MLP's gate and up: one fused call per layer.
+    assert len(calls) == 2 * len(attention) + 3 * (len(layers) - len(attention)) + 1
     assert tuple(model.lm_head.weight.shape) in calls
     assert gated == [tuple(layer.mlp.gate_proj.weight.shape) for layer in layers]
+    assert qkv == [tuple(layer.self_attn.q_proj.weight.shape) for layer in attention]
 
 
 def test_small_batch_linear_keeps_gate_and_up_apart_for_another_activation(monkeypatch):

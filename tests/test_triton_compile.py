@@ -85,7 +85,7 @@ CASES = {
 }
 # The split-K GEMV: one row on the CUDA cores and 16 through tl.dot, its splits' float32 partial
 # sums added in its own launch (the last split, after an atomic count) or by the sum kernel.
-GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32", PDL=False)
+GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32", PDL=False, GROUPED=False)
 GEMV_PARTIALS = {"out_ptr": "*fp32"}
 GEMV_CASES = {
     "gemv_one_row_split_one_launch": (gemv._gemv_kernel, dict(
@@ -102,6 +102,13 @@ GEMV_CASES = {
     "gemv_one_row_pdl": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True, PDL=True),
         GEMV_PARTIALS),
+    # An attention layer's q, k and v in one launch, one row and several.
+    "gemv_qkv_one_row": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True, GROUPED=True),
+        GEMV_PARTIALS),
+    "gemv_qkv_dot_pdl": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False, GROUPED=True,
+        PDL=True), None),
     "gemv_dot_gated_pdl": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=True, FINAL=True, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=False, PDL=True), None),
 }

@@ -175,6 +175,34 @@ def test_small_batch_gated_up_kernel(kernels, device, dtype, m, n, k, block_k, s
     assert rel_err(plain, F.linear(x64, g64)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("m,sizes,k,block_k,splits,biases", [
+    (1, (40, 24, 24), 1000, 16, None, (False, False, False)),  # split: matrices not on block bounds
+    (3, (64, 32, 32), 96, 32, None, (True, True, True)),        # several rows, a bias over all three
+    (5, (33, 7, 7), 70, 256, 1, (True, False, True)),           # one split; one bias missing
+])
+def test_small_batch_qkv_kernel(kernels, device, dtype, m, sizes, k, block_k, splits, biases):
+    """q, k and v in one launch: the three projections side by side, as three F.linear calls
+    give them (float64 reference), block rows never shared between two matrices."""
+    g = torch.Generator().manual_seed(sum(sizes) + k)
+    x = randn(m, k, g=g, dtype=dtype, device=device)
+    mats = [randn(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5) for n in sizes]
+    bs = [randn(n, g=g, dtype=dtype, device=device) if has else None for n, has in zip(sizes, biases)]
+    out = kernels.small_batch_qkv(x, *mats, *bs, block_k=block_k, splits=splits)
+    ref = torch.cat([F.linear(x.double().cpu(), w.double().cpu(), None if b is None else b.double().cpu())
+                     for w, b in zip(mats, bs)], -1)
+    assert out.shape == (m, sum(sizes)) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.equal(out, kernels.small_batch_qkv(x, *mats, *bs, block_k=block_k, splits=splits, one_launch=False))
+    counters = kernels.gemv._COUNTERS.get(torch.device(device))
+    assert counters is None or not counters.any()
+    many = randn(20, k, g=g, dtype=dtype, device=device)  # past 16 rows: three F.linear calls
+    assert torch.equal(kernels.small_batch_qkv(many, *mats, *bs),
+                       torch.cat([F.linear(many, w, b) for w, b in zip(mats, bs)], -1))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.small_batch_qkv(x, mats[0], mats[1].t().contiguous().t(), mats[2])
+
+
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
 def test_small_batch_linear_split_sums_switch_and_counter_limit(kernels, device, dtype, monkeypatch):
     """MAMBAIFY_GEMV_ONE_LAUNCH=0 sends the split sums to their own kernel (the same bits); more n

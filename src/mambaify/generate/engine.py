@@ -213,14 +213,29 @@ class AttentionRunner:
         # Zeros, not empty: masked slots still enter the matmuls, and a NaN there would survive the mask.
         return KVBuffers(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, kv: KVBuffers) -> torch.Tensor:
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (b, heads, t, head_dim) of hidden (b, t, d). Through the
+        split-K GEMV (``linear`` is :func:`few_row_linear`) the three projections are one launch
+        (:func:`mambaify.ops.small_batch_qkv`); otherwise each goes through ``linear``."""
         attn = self.attention
         b, t, _ = hidden.shape
         heads = (b, t, -1, self.head_dim)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if self.linear is few_row_linear:
+            qkv = ops.small_batch_qkv(hidden, *(p.weight for p in projections), *(p.bias for p in projections))
+            q_end = attn.q_proj.out_features
+            k_end = q_end + attn.k_proj.out_features
+            outputs = (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])
+        else:
+            outputs = tuple(self.linear(p, hidden) for p in projections)
+        query, key, value = (o.view(heads).transpose(1, 2) for o in outputs)
+        return query, key, value
+
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, kv: KVBuffers) -> torch.Tensor:
+        attn = self.attention
+        b, t, _ = hidden.shape
         linear = self.linear
-        query = linear(attn.q_proj, hidden).view(heads).transpose(1, 2)
-        key = linear(attn.k_proj, hidden).view(heads).transpose(1, 2)
-        value = linear(attn.v_proj, hidden).view(heads).transpose(1, 2)
+        query, key, value = self.project(hidden)
         query, key = self.apply_rotary(query, key, *ctx.rotary)
         kv.keys.index_copy_(2, ctx.query_slots, key)
         kv.values.index_copy_(2, ctx.query_slots, value)

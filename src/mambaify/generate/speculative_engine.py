@@ -243,10 +243,7 @@ def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, 
     """``AttentionRunner.forward`` with each row writing its keys/values at its own slots."""
     attn, linear = runner.attention, runner.linear
     b, t, _ = hidden.shape
-    heads = (b, t, -1, runner.head_dim)
-    query = linear(attn.q_proj, hidden).view(heads).transpose(1, 2)
-    key = linear(attn.k_proj, hidden).view(heads).transpose(1, 2)
-    value = linear(attn.v_proj, hidden).view(heads).transpose(1, 2)
+    query, key, value = runner.project(hidden)
     query, key = runner.apply_rotary(query, key, *ctx.rotary)
     # index_put_, not scatter_: torch.compile turns a scatter_ into a cache buffer (the whole of
     # it) copied out, scattered and copied back, two extra kernels that grow with the context,

@@ -310,6 +310,39 @@ def _small_batch_gated_up(x, gate, up):
     return torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
 
 
+def small_batch_qkv(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """An attention layer's three projections side by side, ``cat([F.linear(x, q, q_bias),
+    F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)``; on CUDA, for at most 16 rows, one
+    launch of the split-K GEMV over the three matrices (:func:`mambaify.ops.triton.gemv.small_batch_qkv`).
+    Inference only."""
+    if torch.compiler.is_compiling():
+        return torch.ops.mambaify.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias)
+    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias)
+
+
+def _small_batch_qkv(x, q, k, v, q_bias=None, k_bias=None, v_bias=None):
+    kernels = _gpu_kernels(x)
+    if kernels is not None:
+        return kernels.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias)
+    F = torch.nn.functional
+    return torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)
+
+
+@torch.library.custom_op("mambaify::small_batch_qkv", mutates_args=())
+def _small_batch_qkv_op(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        q_bias: torch.Tensor | None, k_bias: torch.Tensor | None,
+                        v_bias: torch.Tensor | None) -> torch.Tensor:
+    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias)
+
+
+@_small_batch_qkv_op.register_fake
+def _(x, q, k, v, q_bias, k_bias, v_bias):
+    return x.new_empty((*x.shape[:-1], q.shape[0] + k.shape[0] + v.shape[0]))
+
+
 @torch.library.custom_op("mambaify::small_batch_gated_up", mutates_args=())
 def _small_batch_gated_up_op(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _small_batch_gated_up(x, gate, up)
@@ -568,6 +601,7 @@ __all__ = [
     "select_backend",
     "small_batch_gated_up",
     "small_batch_linear",
+    "small_batch_qkv",
     "ssd_chunked",
     "ssd_scan",
     "ssd_sequential",

@@ -3,7 +3,7 @@
 Importing this package needs Triton (an ImportError tells :mod:`mambaify.ops` that there are no
 GPU kernels). It holds our own Triton kernels for decoding (:mod:`.decode`), speculative
 verification (:mod:`.verify`), the gated RMSNorm (:mod:`.norm`) and a few-row linear layer
-(:mod:`.gemv`: candidates for decode's matrix-vector products), and registers the ``fla``
+(:mod:`.gemv`: decode's matrix-vector products, an attention layer's q, k and v in one), and registers the ``fla``
 scan backend (:mod:`.fla_scan`), preferred for CUDA tensors, where fla-core imports and CUDA is
 available.
 """
@@ -17,7 +17,7 @@ import triton  # noqa: F401  (the ImportError that says "no GPU kernels here")
 
 from .. import register_backend
 from .decode import conv_step_inplace, ssd_step, ssd_step_inplace
-from .gemv import small_batch_gated_up, small_batch_linear
+from .gemv import small_batch_gated_up, small_batch_linear, small_batch_qkv
 from .norm import gated_rmsnorm
 from .verify import conv_verify_inplace, ssd_verify_inplace, ssd_verify_store_states
 
@@ -47,6 +47,7 @@ __all__ = [
     "gated_rmsnorm",
     "small_batch_gated_up",
     "small_batch_linear",
+    "small_batch_qkv",
     "ssd_step",
     "ssd_step_inplace",
     "ssd_verify_inplace",

@@ -80,9 +80,31 @@ def _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k, k_end, x_sm, x_sk,
 
 
 @triton.jit
+def _group_block(w_ptr, wb_ptr, wc_ptr, pid_n, N_A, N_B, N, BLOCK_N: tl.constexpr):
+    """Program pid_n of a grouped call (three matrices A, B, C over one input, each starting on a
+    block of its own): its matrix, this block's rows in it and their mask, and their columns in
+    the output ([A, B, C] side by side)."""
+    blocks_a = tl.cdiv(N_A, BLOCK_N)
+    blocks_ab = blocks_a + tl.cdiv(N_B, BLOCK_N)
+    in_b = pid_n >= blocks_a
+    in_c = pid_n >= blocks_ab
+    base = w_ptr
+    if in_b:
+        base = wb_ptr
+    if in_c:
+        base = wc_ptr
+    first_block = tl.where(in_c, blocks_ab, tl.where(in_b, blocks_a, 0))
+    first_col = tl.where(in_c, N_A + N_B, tl.where(in_b, N_A, 0))
+    rows = tl.where(in_c, N - N_A - N_B, tl.where(in_b, N_B, N_A))
+    offs_w = (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_w < rows
+    return base, offs_w, mask_n, first_col + offs_w
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr,
-    M, N, K, k_per_split, S,
+    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, wb_ptr, wc_ptr,
+    M, N, K, k_per_split, S, N_A, N_B,
     x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn, f_sm, f_sn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -94,6 +116,7 @@ def _gemv_kernel(
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LAST_SPLIT_SUMS: tl.constexpr,
+    GROUPED: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
@@ -109,14 +132,22 @@ def _gemv_kernel(
     partial sums in split order (the same bits whichever program it is), writes the result to
     ``final_ptr`` and puts the counter back to zero for the next call. One launch instead of
     this kernel and :func:`_sum_splits_kernel`.
+    GROUPED: three matrices over the same rows in one launch (an attention layer's q, k and v
+    projections: one launch instead of three), w the first (N_A rows), wb the second (N_B),
+    wc the third (the rest of N); their outputs side by side, bias (if any) over all N.
     PDL (launched as a programmatic dependent launch, Hopper on): the program reads its first
     weight tiles, which no kernel writes, before it waits for the kernel ahead of it (whose
     output may be x), so the weights start streaming while that kernel finishes; then it lets
     the next kernel launch. Everything else (x, every store) comes after the wait."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    if GROUPED:  # offs_w: rows of the program's matrix; offs_n: their columns in the output
+        w_base, offs_w, mask_n, offs_n = _group_block(w_ptr, wb_ptr, wc_ptr, pid_n, N_A, N_B, N, BLOCK_N)
+    else:
+        w_base = w_ptr
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = offs_n
+        mask_n = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -124,14 +155,14 @@ def _gemv_kernel(
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     k_first = k_start
     if PDL:
-        w, w2 = _weight_tiles(w_ptr, w2_ptr, offs_n, mask_n, k_start, k_end, w_sn, w_sk, BLOCK_K, GATED)
+        w, w2 = _weight_tiles(w_base, w2_ptr, offs_w, mask_n, k_start, k_end, w_sn, w_sk, BLOCK_K, GATED)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
         acc, acc2 = _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k_start, k_end, x_sm, x_sk,
                                 BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION)
         k_first = k_start + BLOCK_K
     for k in range(k_first, k_end, BLOCK_K):
-        w, w2 = _weight_tiles(w_ptr, w2_ptr, offs_n, mask_n, k, k_end, w_sn, w_sk, BLOCK_K, GATED)
+        w, w2 = _weight_tiles(w_base, w2_ptr, offs_w, mask_n, k, k_end, w_sn, w_sk, BLOCK_K, GATED)
         acc, acc2 = _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k, k_end, x_sm, x_sk,
                                 BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION)
     mask = (offs_m < M)[:, None] & mask_n[None, :]
@@ -245,12 +276,18 @@ def one_launch_default() -> bool:
     return os.environ.get("MAMBAIFY_GEMV_ONE_LAUNCH", "1") != "0"
 
 
-def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, bias: torch.Tensor | None,
-            block_n: int, block_k: int, num_warps: int, splits: int | None, one_launch: bool | None) -> torch.Tensor:
+def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...], up: torch.Tensor | None,
+            bias: torch.Tensor | None, block_n: int, block_k: int, num_warps: int, splits: int | None,
+            one_launch: bool | None) -> torch.Tensor:
+    """The kernel over one weight, or a group of three (same K and strides; outputs side by side)."""
     m, k = rows.shape
-    n = weight.shape[0]
+    grouped = isinstance(weight, tuple)
+    mats = weight if grouped else (weight,)
+    weight = mats[0]
+    n = sum(w.shape[0] for w in mats)
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    programs_n, planned = plan(n, k, rows.device, block_n, block_k)
+    planned = plan(n, k, rows.device, block_n, block_k)[1]
+    programs_n = sum(triton.cdiv(w.shape[0], block_n) for w in mats)  # each matrix from a block of its own
     k_per_split, splits = _whole_blocks(k, splits or planned, block_k)
     gated, parts = up is not None, 2 if up is not None else 1
     # tl.dot takes tiles of at least 16 in every dimension; float32 inputs keep full precision
@@ -264,14 +301,15 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, b
     last_sums = (one_launch_default() if one_launch is None else one_launch) and splits > 1
     counters = _split_counters(rows.device, programs_n) if last_sums else out
     pdl = launch_options(rows.device)
+    wb, wc = mats[1:] if grouped else (weight, weight)
     _gemv_kernel[(programs_n, splits)](
-        rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters,
-        m, n, k, k_per_split, splits,
+        rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters, wb, wc,
+        m, n, k, k_per_split, splits, mats[0].shape[0], mats[1].shape[0] if grouped else 0,
         *rows.stride(), *weight.stride(), *part.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
-        LAST_SPLIT_SUMS=last_sums, num_warps=num_warps, **pdl,
+        LAST_SPLIT_SUMS=last_sums, GROUPED=grouped, num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
         sum_block = 256
@@ -307,6 +345,32 @@ def small_batch_linear(
     if not 0 < rows.shape[0] <= MAX_ROWS:
         return torch.nn.functional.linear(x, weight, bias)
     return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch).reshape(*x.shape[:-1], n)
+
+
+def small_batch_qkv(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
+    block_n: int = 32, block_k: int = 256, num_warps: int = 4, splits: int | None = None,
+    one_launch: bool | None = None,
+) -> torch.Tensor:
+    """``torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)``
+    in one launch, for x (..., K) of at most MAX_ROWS rows and q, k, v (N_q, K), (N_k, K), (N_v, K)
+    alike in dtype and layout: an attention layer's three projections, read in one pass as if
+    they were one matrix, without copying them into one. More rows go to ``F.linear``."""
+    rows = _rows(x, q, "small_batch_qkv")
+    mats = (q, k, v)
+    if any(w.dim() != 2 or w.shape[1] != q.shape[1] or w.dtype != q.dtype or w.stride() != (w.shape[1], 1)
+           for w in mats):
+        raise ValueError("small_batch_qkv: q, k and v must be contiguous (N, K) matrices of one K and dtype, got "
+                         + ", ".join(f"{tuple(w.shape)} {w.dtype} strides {w.stride()}" for w in mats))
+    biases = (q_bias, k_bias, v_bias)
+    n = sum(w.shape[0] for w in mats)
+    if not 0 < rows.shape[0] <= MAX_ROWS:
+        return torch.cat([torch.nn.functional.linear(x, w, b) for w, b in zip(mats, biases)], -1)
+    bias = None
+    if any(b is not None for b in biases):  # one bias over the three outputs (absent ones as zeros)
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, mats)])
+    return _launch(rows, mats, None, bias, block_n, block_k, num_warps, splits, one_launch).reshape(*x.shape[:-1], n)
 
 
 def small_batch_gated_up(
