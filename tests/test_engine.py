@@ -788,6 +788,24 @@ def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing
     assert qkv == [tuple(layer.self_attn.q_proj.weight.shape) for layer in attention]
 
 
+def test_small_batch_linear_keeps_q_k_v_apart_when_they_cannot_be_read_as_one(monkeypatch):
+    """q, k and v go through one grouped call only where the three weights can be read as one
+    matrix (contiguous, one dtype); a transposed-storage k_proj gets a call of its own, with the
+    same tokens."""
+    model = tiny_teacher("llama")
+    prompts = random_prompts(5, 8)
+    options = dict(max_new_tokens=6, stop_token_ids=[])
+    expected = Engine(model, max_batch_size=2, max_length=24).generate(prompts, **options)
+    k_proj = model.model.layers[0].self_attn.k_proj
+    k_proj.weight = torch.nn.Parameter(k_proj.weight.detach().t().contiguous().t())  # same values, column-major
+    grouped = []
+    real_qkv = ops.small_batch_qkv
+    monkeypatch.setattr(ops, "small_batch_qkv", lambda x, *wb: grouped.append(wb[1] is k_proj.weight) or real_qkv(x, *wb))
+    fast = Engine(model, max_batch_size=2, max_length=24, small_batch_linear=True)
+    assert torch.equal(fast.generate(prompts, **options), expected)
+    assert grouped and not any(grouped)  # the other layers grouped; layer 0 never
+
+
 def test_small_batch_linear_keeps_gate_and_up_apart_for_another_activation(monkeypatch):
     model = tiny_teacher("llama")
     for layer in model.model.layers:

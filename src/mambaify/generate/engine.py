@@ -207,6 +207,11 @@ class AttentionRunner:
             attention, "sliding_window", getattr(attention.config, "sliding_window", None)
         )
         self.apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
+        # q, k and v in one split-K GEMV launch where the linear layers go through it and the three
+        # weights can be read as one (contiguous, one dtype); otherwise one call each.
+        weights = [p.weight for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
+        self.grouped_qkv = linear is few_row_linear and all(
+            w.is_contiguous() and w.dtype == weights[0].dtype and w.shape[1] == weights[0].shape[1] for w in weights)
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers:
         shape = (batch, self.num_kv_heads, slots, self.head_dim)
@@ -216,12 +221,12 @@ class AttentionRunner:
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (b, heads, t, head_dim) of hidden (b, t, d). Through the
         split-K GEMV (``linear`` is :func:`few_row_linear`) the three projections are one launch
-        (:func:`mambaify.ops.small_batch_qkv`); otherwise each goes through ``linear``."""
+        (:func:`mambaify.ops.small_batch_qkv`, ``grouped_qkv``); otherwise each goes through ``linear``."""
         attn = self.attention
         b, t, _ = hidden.shape
         heads = (b, t, -1, self.head_dim)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        if self.linear is few_row_linear:
+        if self.grouped_qkv:
             qkv = ops.small_batch_qkv(hidden, *(p.weight for p in projections), *(p.bias for p in projections))
             q_end = attn.q_proj.out_features
             k_end = q_end + attn.k_proj.out_features
