@@ -229,6 +229,53 @@ def test_small_batch_linear_split_sums_switch_and_counter_limit(kernels, device,
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
+def test_small_batch_linear_tuning_times_each_configuration_once_and_keeps_the_fastest(kernels, device, dtype,
+                                                                                        monkeypatch):
+    """MAMBAIFY_GEMV_TUNE=1: a shape's first call times every configuration and launches the
+    fastest; later calls of the shape reuse it without timing; an explicit configuration is
+    never tuned. In the interpreter the timings are made up (one configuration said fastest);
+    on a GPU they are real."""
+    gemv = kernels.gemv
+    monkeypatch.setenv("MAMBAIFY_GEMV_TUNE", "1")
+    monkeypatch.setattr(gemv, "_TUNED", {})
+    timed = []
+    if device == "cpu":
+        fastest = (16, 512, 8)
+        monkeypatch.setattr(gemv, "_can_time", lambda device: True)
+        monkeypatch.setattr(gemv, "_time_config", lambda config, run: timed.append(config) or (config != fastest) + 1.0)
+    else:
+        real_time = gemv._time_config
+        monkeypatch.setattr(gemv, "_time_config", lambda config, run: timed.append(config) or real_time(config, run))
+    g = torch.Generator().manual_seed(12)
+    x = randn(2, 600, g=g, dtype=dtype, device=device)
+    w = randn(80, 600, g=g, dtype=dtype, device=device, scale=600 ** -0.5)
+    launched = []  # the configuration of every launch, timed or not
+    real_kernel = gemv._gemv_kernel
+
+    def launch(grid):
+        def run(*args, **meta):
+            launched.append((meta["BLOCK_N"], meta["BLOCK_K"], meta["num_warps"]))
+            return real_kernel[grid](*args, **meta)
+        return run
+    monkeypatch.setattr(gemv, "_gemv_kernel", type("Recorded", (), {"__getitem__": lambda self, grid: launch(grid)})())
+    out = gemv.small_batch_linear(x, w)
+    assert sorted(timed) == sorted(gemv.TUNE_CONFIGS)
+    (chosen,) = gemv._TUNED.values()
+    assert launched[-1] == chosen  # the call itself, after the timings
+    if device == "cpu":
+        assert chosen == fastest
+    explicit = dict(zip(("block_n", "block_k", "num_warps"), chosen))
+    assert torch.equal(out, gemv.small_batch_linear(x, w, **explicit))  # launched with the chosen one
+    assert rel_err(out, F.linear(x.double().cpu(), w.double().cpu())) < TOL[dtype]
+    gemv.small_batch_linear(x, w)
+    gemv.small_batch_linear(x, w, block_n=32, block_k=256, num_warps=4)
+    assert len(timed) == len(gemv.TUNE_CONFIGS)  # neither the same shape again nor an explicit configuration
+    monkeypatch.setenv("MAMBAIFY_GEMV_TUNE", "0")
+    gemv.small_batch_linear(x[:1], w)
+    assert len(gemv._TUNED) == 1
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
 def test_small_batch_linear_takes_leading_dims_and_hands_big_batches_to_cublas(kernels, device, dtype):
     g = torch.Generator().manual_seed(9)
     w = randn(24, 40, g=g, dtype=dtype, device=device)

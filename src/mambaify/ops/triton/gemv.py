@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .pdl import launch_options, wait_for_inputs
 
@@ -276,13 +278,60 @@ def one_launch_default() -> bool:
     return os.environ.get("MAMBAIFY_GEMV_ONE_LAUNCH", "1") != "0"
 
 
+DEFAULT_CONFIG = (32, 256, 4)  # (block_n, block_k, num_warps)
+# The configurations MAMBAIFY_GEMV_TUNE=1 times (those bench_kernels.py --only gemv compares;
+# session 8 found a different one fastest for each 8B matrix, none of them the default).
+TUNE_CONFIGS = [(bn, bk, w) for bn in (16, 32, 64) for bk in (256, 512) for w in (4, 8)]
+# Per call shape (rows, matrices' rows, K, dtype, gated, device): the configuration timed fastest.
+_TUNED: dict[tuple, tuple[int, int, int]] = {}
+
+
+def tune_default() -> bool:
+    """Whether a call without an explicit configuration times TUNE_CONFIGS on its first use of a
+    shape and keeps the fastest (MAMBAIFY_GEMV_TUNE=1; off by default until the H200 times it)."""
+    return os.environ.get("MAMBAIFY_GEMV_TUNE", "0") == "1"
+
+
+def _can_time(device: torch.device) -> bool:
+    # Timing needs a GPU, and no CUDA graph capture in progress (an engine's first call of a
+    # shape is its warm-up, before the capture).
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_config(config: tuple[int, int, int], run: Callable[[], torch.Tensor]) -> float:
+    """Median milliseconds of ``run`` (triton's do_bench flushes the L2 cache between calls, so
+    the weights are read from HBM as in a decode step)."""
+    return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
+
+
+def _tuned(rows, mats, up, bias, splits, one_launch) -> tuple[int, int, int]:
+    key = (rows.shape[0], tuple(w.shape[0] for w in mats), rows.shape[1], rows.dtype, up is not None, rows.device)
+    if key not in _TUNED:
+        weight = mats if len(mats) > 1 else mats[0]
+        timings = {}
+        for config in TUNE_CONFIGS:
+            def run(config=config):
+                return _launch(rows, weight, up, bias, *config, splits, one_launch)
+            try:
+                timings[config] = _time_config(config, run)
+            except Exception:  # a configuration this GPU refuses (registers, shared memory)
+                continue
+        _TUNED[key] = min(timings, key=timings.get) if timings else DEFAULT_CONFIG
+    return _TUNED[key]
+
+
 def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...], up: torch.Tensor | None,
-            bias: torch.Tensor | None, block_n: int, block_k: int, num_warps: int, splits: int | None,
-            one_launch: bool | None) -> torch.Tensor:
-    """The kernel over one weight, or a group of three (same K and strides; outputs side by side)."""
+            bias: torch.Tensor | None, block_n: int | None, block_k: int | None, num_warps: int | None,
+            splits: int | None, one_launch: bool | None) -> torch.Tensor:
+    """The kernel over one weight, or a group of three (same K and strides; outputs side by side).
+    A configuration left None: DEFAULT_CONFIG's, or the tuned one (:func:`tune_default`)."""
     m, k = rows.shape
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
+    if block_n is None and block_k is None and num_warps is None and tune_default() and _can_time(rows.device):
+        block_n, block_k, num_warps = _tuned(rows, mats, up, bias, splits, one_launch)
+    block_n, block_k, num_warps = (given or default for given, default in zip((block_n, block_k, num_warps),
+                                                                              DEFAULT_CONFIG))
     weight = mats[0]
     n = sum(w.shape[0] for w in mats)
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
@@ -330,14 +379,16 @@ def _rows(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
 
 def small_batch_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    block_n: int = 32, block_k: int = 256, num_warps: int = 4, splits: int | None = None,
+    block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
     bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
     dtype. More rows go to ``F.linear``. ``splits``: the reduction's splits (None: :func:`plan`).
     ``one_launch``: the last split to finish adds the splits' sums (else a second kernel does;
-    the same bits either way); None: :func:`one_launch_default`."""
+    the same bits either way); None: :func:`one_launch_default`. ``block_n``, ``block_k``,
+    ``num_warps``: the launch configuration; all None: DEFAULT_CONFIG, or with
+    MAMBAIFY_GEMV_TUNE=1 on a GPU the fastest of TUNE_CONFIGS, timed on a shape's first call."""
     rows = _rows(x, weight, "small_batch_linear")
     n = weight.shape[0]
     if bias is not None and bias.shape != (n,):
@@ -350,7 +401,7 @@ def small_batch_linear(
 def small_batch_qkv(
     x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
-    block_n: int = 32, block_k: int = 256, num_warps: int = 4, splits: int | None = None,
+    block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None,
 ) -> torch.Tensor:
     """``torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)``
@@ -375,7 +426,7 @@ def small_batch_qkv(
 
 def small_batch_gated_up(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-    block_n: int = 32, block_k: int = 256, num_warps: int = 4, splits: int | None = None,
+    block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None,
 ) -> torch.Tensor:
     """``silu(x gate^T) * (x up^T)``, the first half of a gated (SwiGLU) MLP, for x (..., K) of at
