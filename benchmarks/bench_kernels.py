@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -456,6 +457,49 @@ def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
                 rec.run("gemv", shape, f"mambaify {label} ({how}; best {config})", lambda ms=ms: ms, **tbs(nbytes))
         weights.clear()  # the copies go before the next shape's are made
         torch.cuda.empty_cache()
+    bench_grouped_qkv(rec, m, torch, bench_graph)
+
+
+def bench_grouped_qkv(rec: Recorder, m: int, torch, bench_graph) -> None:
+    """An 8B attention layer's q, k and v (4096, 1024 and 1024 rows of 4096): three split-K
+    launches against one grouped launch (ops.small_batch_qkv), each at the default configuration
+    and tuned, over weight copies beyond the L2."""
+    from mambaify.ops.triton import gemv
+
+    bf16, k = torch.bfloat16, 4096
+    sizes = (4096, 1024, 1024)
+    nbytes = sum(sizes) * k * 2
+    copies = max(1, -(-L2_BEATING_BYTES // nbytes))
+    torch.manual_seed(0)
+    groups = [[torch.randn(n, k, device=DEVICE, dtype=bf16) * k ** -0.5 for n in sizes] for _ in range(copies)]
+    x = torch.randn(m, k, device=DEVICE, dtype=bf16)
+    shape = f"m{m} q4096 k1024 v1024 k{k}"
+    expected = torch.cat([x.float() @ w.float().t() for w in groups[0]], -1)
+    got = gemv.small_batch_qkv(x, *groups[0]).float()
+    err = ((got - expected).norm() / expected.norm()).item()
+    if not err < 1e-2:
+        raise AssertionError(f"grouped q, k, v {shape}: rel. error {err:.2e}")
+
+    def timed(call):
+        def run():
+            for mats in groups:
+                call(mats)
+        return lambda: bench_graph(run) / copies
+
+    tbs = {"TB_per_s": lambda ms: nbytes / (ms * 1e-3) / 1e12}
+    rec.run("gemv", shape, "mambaify split-K, three launches (default config)",
+            timed(lambda mats: [gemv.small_batch_linear(x, w) for w in mats]), **tbs)
+    rec.run("gemv", shape, "mambaify split-K, q+k+v in one launch (default config)",
+            timed(lambda mats: gemv.small_batch_qkv(x, *mats)), **tbs)
+    with_tuning = os.environ.get("MAMBAIFY_GEMV_TUNE")
+    os.environ["MAMBAIFY_GEMV_TUNE"] = "1"  # each launch's configuration timed on its first call
+    try:
+        rec.run("gemv", shape, "mambaify split-K, q+k+v in one launch (tuned)",
+                timed(lambda mats: gemv.small_batch_qkv(x, *mats)), **tbs)
+    finally:
+        os.environ.pop("MAMBAIFY_GEMV_TUNE") if with_tuning is None else os.environ.update(MAMBAIFY_GEMV_TUNE=with_tuning)
+    groups.clear()
+    torch.cuda.empty_cache()
 
 
 def verify_markdown(rows: list[dict]) -> str:
