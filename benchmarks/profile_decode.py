@@ -131,23 +131,34 @@ def profiled_step(model, args, device) -> tuple[dict, list, int]:
             tokens = engine.decode(tokens).argmax(-1)
         if cuda:
             torch.cuda.synchronize(device)
+    by_kind, kernels, launches = kernel_table(prof, args.steps, cuda)
+    top = [{"name": k["name"], "kind": k["kind"], "ms_per_step": k["ms_per_call"], "calls_per_step": k["calls_per_call"]}
+           for k in kernels[:15]]
+    return by_kind, top, launches
+
+
+def kernel_table(prof, calls: int, cuda: bool) -> tuple[dict, list, int]:
+    """From a profile of ``calls`` calls: device time per call by kind (ms), every kernel
+    (costliest first: its ms and launches per call, us per launch), kernels launched per call.
+    On the CPU the profiler sees aten ops instead: their self time, so that an op calling others
+    does not count twice."""
     by_kind, kernels, launches = defaultdict(float), [], 0
     for event in prof.key_averages():
         if cuda:
             us = event.self_device_time_total
             if event.device_type != torch.autograd.DeviceType.CUDA or us <= 0:
                 continue
-        else:  # CPU: the self time of aten ops, so that an op calling others does not count twice
+        else:
             us = event.self_cpu_time_total
             if not event.key.startswith("aten::") or us <= 0:
                 continue
-        ms = us / 1e3 / args.steps
+        ms = us / 1e3 / calls
         by_kind[kind_of(event.key)] += ms
-        kernels.append({"name": event.key[:120], "kind": kind_of(event.key), "ms_per_step": ms,
-                        "calls_per_step": event.count / args.steps})
+        kernels.append({"name": event.key[:120], "kind": kind_of(event.key), "ms_per_call": ms,
+                        "calls_per_call": event.count / calls, "us_each": us / event.count})
         launches += event.count
-    kernels.sort(key=lambda k: -k["ms_per_step"])
-    return dict(by_kind), kernels[:15], round(launches / args.steps)
+    kernels.sort(key=lambda k: -k["ms_per_call"])
+    return dict(by_kind), kernels, round(launches / calls)
 
 
 MATMUL_KINDS = ("matmul", "inductor-matmul")

@@ -28,7 +28,6 @@ import argparse
 import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ from mambaify.generate.engine import COMPILE_MODES, Engine
 from mambaify.generate.sampling import SamplingParams
 from mambaify.generate.speculative_engine import SpeculativeEngine
 
-from profile_decode import kind_of  # beside this script in benchmarks/
+from profile_decode import kernel_table  # beside this script in benchmarks/
 from round_timing import smollm2_shaped
 
 TOP_KERNELS = 20
@@ -66,28 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     return p
-
-
-def kernel_table(prof, calls: int, cuda: bool) -> tuple[dict, list, int]:
-    """Device time per call by kind (ms), every kernel (costliest first), kernels per call. On
-    the CPU the profiler sees aten ops instead (their self time), as in profile_decode.py."""
-    by_kind, kernels, launches = defaultdict(float), [], 0
-    for event in prof.key_averages():
-        if cuda:
-            us = event.self_device_time_total
-            if event.device_type != torch.autograd.DeviceType.CUDA or us <= 0:
-                continue
-        else:
-            us = event.self_cpu_time_total
-            if not event.key.startswith("aten::") or us <= 0:
-                continue
-        ms = us / 1e3 / calls
-        by_kind[kind_of(event.key)] += ms
-        kernels.append({"name": event.key[:120], "kind": kind_of(event.key), "ms_per_call": ms,
-                        "calls_per_call": event.count / calls, "us_each": us / event.count})
-        launches += event.count
-    kernels.sort(key=lambda k: -k["ms_per_call"])
-    return dict(by_kind), kernels, round(launches / calls)
 
 
 def profiled(fn, calls: int, device: torch.device) -> tuple[dict, list, int]:
