@@ -208,10 +208,9 @@ class AttentionRunner:
         )
         self.apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
         # q, k and v in one split-K GEMV launch where the linear layers go through it and the three
-        # weights can be read as one (contiguous, one dtype); otherwise one call each.
-        weights = [p.weight for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
-        self.grouped_qkv = linear is few_row_linear and all(
-            w.is_contiguous() and w.dtype == weights[0].dtype and w.shape[1] == weights[0].shape[1] for w in weights)
+        # weights can be read as one; otherwise one call each.
+        self.grouped_qkv = linear is few_row_linear and ops.qkv_read_as_one(
+            *(p.weight for p in (attention.q_proj, attention.k_proj, attention.v_proj)))
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers:
         shape = (batch, self.num_kv_heads, slots, self.head_dim)
@@ -706,10 +705,9 @@ def _patch_config(module, **values):
 
 
 def _pdl_options(inductor_config) -> dict:
-    """Inductor's programmatic dependent launch where MAMBAIFY_PDL=1 asks for it
-    (:func:`mambaify.ops.pdl_requested`), the GPU has it (Hopper on) and this torch offers it."""
-    wanted = ops.pdl_requested() and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-    return {"triton.enable_pdl": True} if wanted and hasattr(inductor_config.triton, "enable_pdl") else {}
+    """Inductor's programmatic dependent launch where it is on (:func:`mambaify.ops.pdl_enabled`)
+    and this torch offers it."""
+    return {"triton.enable_pdl": True} if ops.pdl_enabled() and hasattr(inductor_config.triton, "enable_pdl") else {}
 
 
 def compile_step(step: Callable[[], torch.Tensor], mode: str = "default") -> Callable[[], torch.Tensor]:

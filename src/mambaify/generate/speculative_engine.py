@@ -227,9 +227,8 @@ class RowContext:
     mask: torch.Tensor | None
     key_slots: torch.Tensor
     rotary: tuple[torch.Tensor, torch.Tensor] | None
-    rows: torch.Tensor  # (b,) 0..b-1 and
-    heads: torch.Tensor  # (H,) 0..H-1 for the most K/V heads of any layer: the caches' indices
-
+    rows: torch.Tensor
+    heads: torch.Tensor  # as many as the layer with the most K/V heads has
 
     def attention_mask(self, sliding_window: int | None) -> torch.Tensor:
         if sliding_window is None:

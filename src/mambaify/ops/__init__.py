@@ -141,6 +141,21 @@ def pdl_requested() -> bool:
     return os.environ.get("MAMBAIFY_PDL", "0") == "1"
 
 
+def pdl_enabled(device: torch.device | None = None) -> bool:
+    """Whether kernels on ``device`` (None: the current CUDA device) launch as programmatic
+    dependent launches: asked for (:func:`pdl_requested`) and a GPU that has it (Hopper on)."""
+    if not pdl_requested() or (device is not None and device.type != "cuda") or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def qkv_read_as_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`small_batch_qkv`'s kernel can read three projection weights as one matrix:
+    each a contiguous (N, K) matrix, of one K and one dtype."""
+    return all(w.dim() == 2 and w.shape[1] == q.shape[1] and w.dtype == q.dtype and w.stride() == (w.shape[1], 1)
+               for w in (q, k, v))
+
+
 def ssd_step_inplace(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -594,7 +609,9 @@ __all__ = [
     "conv_verify",
     "conv_verify_inplace",
     "gated_rmsnorm",
+    "pdl_enabled",
     "pdl_requested",
+    "qkv_read_as_one",
     "reference",
     "register_backend",
     "segsum",

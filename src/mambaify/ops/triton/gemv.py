@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .. import qkv_read_as_one
 from .pdl import launch_options, wait_for_inputs
 
 MAX_ROWS = 16  # more rows than this is a matrix product: F.linear (cuBLAS) is the right call
@@ -410,8 +411,7 @@ def small_batch_qkv(
     they were one matrix, without copying them into one. More rows go to ``F.linear``."""
     rows = _rows(x, q, "small_batch_qkv")
     mats = (q, k, v)
-    if any(w.dim() != 2 or w.shape[1] != q.shape[1] or w.dtype != q.dtype or w.stride() != (w.shape[1], 1)
-           for w in mats):
+    if not qkv_read_as_one(*mats):
         raise ValueError("small_batch_qkv: q, k and v must be contiguous (N, K) matrices of one K and dtype, got "
                          + ", ".join(f"{tuple(w.shape)} {w.dtype} strides {w.stride()}" for w in mats))
     biases = (q_bias, k_bias, v_bias)

@@ -12,26 +12,17 @@ inductor's kernels follow through its ``triton.enable_pdl`` (the engines' compil
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .. import pdl_requested
-
-
-@functools.cache
-def _has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+from .. import pdl_enabled
 
 
 def launch_options(device: torch.device) -> dict:
-    """A kernel's PDL arguments: the ``PDL`` constexpr, and Triton's ``launch_pdl`` when on (asked
-    for, on a GPU that has it)."""
-    on = pdl_requested() and device.type == "cuda" and _has_pdl(device.index if device.index is not None
-                                                                 else torch.cuda.current_device())
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    """A kernel's PDL arguments: the ``PDL`` constexpr, and Triton's ``launch_pdl`` when on
+    (:func:`mambaify.ops.pdl_enabled`)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
 
 
 @triton.jit
