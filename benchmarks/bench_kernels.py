@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -491,13 +490,10 @@ def bench_grouped_qkv(rec: Recorder, m: int, torch, bench_graph) -> None:
             timed(lambda mats: [gemv.small_batch_linear(x, w) for w in mats]), **tbs)
     rec.run("gemv", shape, "mambaify split-K, q+k+v in one launch (default config)",
             timed(lambda mats: gemv.small_batch_qkv(x, *mats)), **tbs)
-    with_tuning = os.environ.get("MAMBAIFY_GEMV_TUNE")
-    os.environ["MAMBAIFY_GEMV_TUNE"] = "1"  # each launch's configuration timed on its first call
-    try:
-        rec.run("gemv", shape, "mambaify split-K, q+k+v in one launch (tuned)",
-                timed(lambda mats: gemv.small_batch_qkv(x, *mats)), **tbs)
-    finally:
-        os.environ.pop("MAMBAIFY_GEMV_TUNE") if with_tuning is None else os.environ.update(MAMBAIFY_GEMV_TUNE=with_tuning)
+    # The configuration MAMBAIFY_GEMV_TUNE=1 would pick for this call, timed here once.
+    tuned = dict(zip(("block_n", "block_k", "num_warps"), gemv._tuned(x, tuple(groups[0]), None, None, None, None)))
+    rec.run("gemv", shape, f"mambaify split-K, q+k+v in one launch (tuned: {tuned})",
+            timed(lambda mats: gemv.small_batch_qkv(x, *mats, **tuned)), **tbs)
     groups.clear()
     torch.cuda.empty_cache()
 
