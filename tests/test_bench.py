@@ -3,6 +3,7 @@ byte count against a hand computation, and points that do not fit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -301,3 +302,48 @@ def test_round_profile_lists_each_calls_kernels(tmp_path, monkeypatch):
     verify_ops = {k["name"] for k in results["calls"][2]["eager"]["kernels"]}
     assert "aten::index_put_" in verify_ops and "aten::scatter_" not in verify_ops
     assert "verify round (3 tokens), eager: costliest kernels" in (out / "profile_rounds.md").read_text()
+
+
+def test_transformers_prefill_is_chunked_where_one_pass_would_not_fit(monkeypatch):
+    """generate()'s point at a batch and context whose one-pass prefill is over the limit runs
+    transformers' chunked prefill, with the largest power-of-two chunk that fits, and is timed."""
+    teacher = bench.build_teacher("tiny", CPU, torch.float32)
+    spec = bench.PointSpec("tiny", "teacher", 1.0, 2, 64)
+    whole = bench.estimate_memory(teacher, 2, 64, NEW_TOKENS, torch.float32, 2, engine_mask=False)
+    at_16 = bench.estimate_memory(teacher, 2, 64, NEW_TOKENS, torch.float32, 2, engine_mask=False, prefill_width=16)
+    at_32 = bench.estimate_memory(teacher, 2, 64, NEW_TOKENS, torch.float32, 2, engine_mask=False, prefill_width=32)
+    assert at_16["total"] < at_32["total"] < whole["total"]
+    limit_gib = (at_16["total"] + at_32["total"]) / 2 / bench.GIB  # 32-token chunks do not fit, 16 do
+    chunks = []
+    real_generate = bench.hf_generate
+
+    def spy(*args, **kwargs):
+        chunks.append(args[5] if len(args) > 5 else kwargs.get("prefill_chunk"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "hf_generate", spy)
+    clock = bench.Clock(CPU)
+    options = bench.BenchOptions(out="unused", repeats=1, new_tokens=NEW_TOKENS, memory_limit_gib=limit_gib)
+    point = bench.bench_hf_point(teacher, spec, options, CPU, torch.float32, clock, None)
+    assert point["status"] == "ok" and point["prefill_chunk"] == 16 and point["decode_tok_s"] > 0
+    assert set(chunks) == {16}
+    assert point["estimated_memory_gib"] == pytest.approx(at_16["total"] / bench.GIB)
+
+    # Asked for: 0 never chunks (and the point is then skipped for memory); a size is taken as is.
+    never = bench.bench_hf_point(teacher, spec, dataclasses.replace(options, hf_prefill_chunk=0), CPU,
+                                 torch.float32, clock, None)
+    assert never["status"] == "skipped" and "needs about" in never["reason"] and never["prefill_chunk"] is None
+    chunks.clear()
+    fixed = bench.bench_hf_point(teacher, spec, dataclasses.replace(options, hf_prefill_chunk=8, memory_limit_gib=None),
+                                 CPU, torch.float32, clock, None)
+    assert fixed["status"] == "ok" and fixed["prefill_chunk"] == 8 and set(chunks) == {8}
+    with pytest.raises(ValueError, match="--hf-prefill-chunk"):
+        bench.BenchOptions(out="unused", hf_prefill_chunk=-1)
+
+
+def test_chunked_prefill_generates_the_tokens_of_one_pass():
+    teacher = bench.build_teacher("tiny", CPU, torch.float32)
+    prompt = bench.random_ids(2, 40, teacher.config.vocab_size, 0, CPU)
+    whole = bench.hf_generate(teacher, prompt, 6, 48, compile_=False)
+    chunked = bench.hf_generate(teacher, prompt, 6, 48, compile_=False, prefill_chunk=16)
+    assert torch.equal(whole, chunked)

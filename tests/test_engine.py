@@ -836,6 +836,25 @@ def test_small_batch_linear_refuses_an_mlp_it_cannot_rebuild():
         Engine(model, max_batch_size=1, max_length=8, small_batch_linear=True)
 
 
+def test_small_batch_linear_auto_takes_the_gemv_on_cuda_for_gated_mlps_only(monkeypatch):
+    from mambaify.generate.engine import resolve_small_batch_linear
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    llama = tiny_teacher("llama")
+    hybrid = convert(tiny_teacher("llama"), attention=0.5)
+    assert Engine(llama, max_batch_size=1, max_length=8).small_batch_linear is False  # the CPU: the modules'
+    assert not resolve_small_batch_linear("auto", llama, cpu)
+    monkeypatch.setattr(ops, "gpu_kernels_available", lambda device: device.type == "cuda")
+    assert resolve_small_batch_linear("auto", llama, cuda) and resolve_small_batch_linear("auto", hybrid, cuda)
+    assert not resolve_small_batch_linear(False, llama, cuda) and resolve_small_batch_linear(True, llama, cpu)
+    llama.model.layers[1].mlp = torch.nn.Linear(4, 4)  # one layer it cannot rebuild: auto keeps the modules'
+    assert not resolve_small_batch_linear("auto", llama, cuda)
+    with pytest.raises(ValueError, match="small_batch_linear must be True, False or 'auto', got 'yes'"):
+        resolve_small_batch_linear("yes", llama, cuda)
+    monkeypatch.setattr(ops, "gpu_kernels_available", lambda device: False)  # no Triton on this GPU
+    assert not resolve_small_batch_linear("auto", hybrid, cuda)
+
+
 def test_small_batch_linear_ops_are_opaque_under_compile():
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(2, 1, 12, generator=g), torch.randn(20, 12, generator=g), torch.randn(20, generator=g)

@@ -69,8 +69,10 @@ from torch import nn
 from .convert import attention_layers_for, convert
 from .fileio import write_json_atomic
 from .generate.clock import Clock
+from . import ops
 from .generate.engine import (
-    COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, prefill_width, use_split_k_attention,
+    COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, prefill_width, resolve_small_batch_linear,
+    use_split_k_attention,
 )
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
@@ -108,7 +110,11 @@ class BenchOptions:
     seed: int = 0
     compile: bool = False  # the engine's decode step through torch.compile (off: comparable to earlier runs)
     compile_mode: str = "default"  # inductor's mode with compile (COMPILE_MODES)
-    small_batch_linear: bool = False  # the engine's linear layers through the split-K GEMV (Engine(small_batch_linear=))
+    # the engine's linear layers through the split-K GEMV: Engine(small_batch_linear=), "auto" as the engine
+    small_batch_linear: bool | str = "auto"
+    # generate()'s prefill in chunks of this many tokens (transformers' prefill_chunk_size): None
+    # picks the largest power of two that fits where the whole prompt in one pass would not; 0 never chunks
+    hf_prefill_chunk: int | None = None
 
     def __post_init__(self):
         unknown = [f for f in self.families if f not in (*FAMILIES, "tiny")]
@@ -119,6 +125,10 @@ class BenchOptions:
             raise ValueError(f"--attention fractions must be in [0, 1], got {bad}")
         if min(self.batches + self.contexts + self.hf_batches + [self.new_tokens, self.repeats], default=1) < 1:
             raise ValueError("batch sizes, contexts, --new-tokens and --repeats must be at least 1")
+        if self.hf_prefill_chunk is not None and self.hf_prefill_chunk < 0:
+            raise ValueError(f"--hf-prefill-chunk must be 0 (never chunk) or a number of tokens, got {self.hf_prefill_chunk}")
+        if self.small_batch_linear not in (True, False, "auto"):
+            raise ValueError(f"small_batch_linear must be True, False or 'auto', got {self.small_batch_linear!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if set(self.paths) - {"engine", "hf"}:
@@ -363,12 +373,14 @@ def prefill_scratch_bytes(model: nn.Module, shapes: Sequence[LayerShape], rows: 
 
 
 def estimate_memory(model: nn.Module, batch: int, context: int, new_tokens: int, dtype: torch.dtype,
-                    prefill_rows: int = 1, engine_mask: bool = True) -> dict[str, int]:
-    """Bytes a point needs at least: weights, its caches (C + N slots), and a prefill of ``prefill_rows`` rows."""
+                    prefill_rows: int = 1, engine_mask: bool = True, prefill_width: int | None = None) -> dict[str, int]:
+    """Bytes a point needs at least: weights, its caches (C + N slots), and a prefill of
+    ``prefill_rows`` rows of ``prefill_width`` tokens (default: the whole context) at a time."""
     shapes = layer_shapes(model)
     weights = weight_bytes(model)
     cache = kv_cache_bytes(shapes, batch, context + new_tokens, dtype) + mamba_state_bytes(shapes, batch, dtype)
-    scratch = prefill_scratch_bytes(model, shapes, prefill_rows, context, dtype, engine_mask)
+    width = context if prefill_width is None else min(prefill_width, context)
+    scratch = prefill_scratch_bytes(model, shapes, prefill_rows, width, dtype, engine_mask)
     return {"weights": weights, "cache": cache, "prefill_scratch": scratch, "total": weights + cache + scratch}
 
 
@@ -477,8 +489,12 @@ def new_engine_point(spec: PointSpec, model: nn.Module | None, options: BenchOpt
                      dtype: torch.dtype, bandwidth: float | None) -> dict:
     """:func:`new_point` for an engine point run with ``options`` on ``device``."""
     slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
-    return new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile,
-                     "split-K" if options.small_batch_linear else None)
+    if model is not None:
+        split_k = resolve_small_batch_linear(options.small_batch_linear, model, device)
+    else:  # a point skipped before its model was built: what "auto" would pick for the family
+        split_k = options.small_batch_linear is True or (
+            options.small_batch_linear == "auto" and ops.gpu_kernels_available(device))
+    return new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, "split-K" if split_k else None)
 
 
 def skip(point: dict, reason: str) -> dict:
@@ -678,15 +694,42 @@ def time_decode(engine: Engine, first_tokens: torch.Tensor, context: int, steps:
 
 
 def hf_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, max_cache_len: int,
-                compile_: bool) -> torch.Tensor:
+                compile_: bool, prefill_chunk: int | None = None) -> torch.Tensor:
     """Greedy generate() of exactly ``new_tokens`` tokens into a static cache of a fixed length
     (a length that changes would recompile). On CUDA, transformers compiles the decoding forward
-    itself when the cache is static (inductor, "reduce-overhead": CUDA graphs); the prefill stays eager."""
+    itself when the cache is static (inductor, "reduce-overhead": CUDA graphs); the prefill stays
+    eager unless ``prefill_chunk`` splits it (transformers' own chunked prefill)."""
+    chunking = {} if prefill_chunk is None else {"prefill_chunk_size": prefill_chunk}
     return model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False, cache_implementation="static", max_cache_len=max_cache_len,
-        disable_compile=not compile_, pad_token_id=0,
+        disable_compile=not compile_, pad_token_id=0, **chunking,
     )
+
+
+def hf_prefill_chunk(model: nn.Module, spec: PointSpec, options: BenchOptions, dtype: torch.dtype,
+                     limit: int | None) -> tuple[int | None, dict[str, int]]:
+    """The chunk generate()'s prefill runs in (None: the whole prompt in one pass) and the memory
+    estimate with it. A long prompt of a large batch in one pass needs tens of GiB of activations
+    (batch 64 x 8k at the 8B shape: about 66 GiB beside the cache), which transformers avoids with
+    its chunked prefill; the decode step, the point's measure, is the same either way."""
+    steps = options.new_tokens
+
+    def estimate(chunk: int) -> dict[str, int]:
+        return estimate_memory(model, spec.batch, spec.context, steps, dtype, spec.batch, engine_mask=False,
+                               prefill_width=chunk)
+
+    whole = estimate(spec.context)
+    if options.hf_prefill_chunk is not None:
+        if options.hf_prefill_chunk == 0 or options.hf_prefill_chunk >= spec.context:
+            return None, whole
+        return options.hf_prefill_chunk, estimate(options.hf_prefill_chunk)
+    if limit is None or whole["total"] <= limit:
+        return None, whole
+    chunk = 1 << (spec.context - 1).bit_length() - 1  # the largest power of two below the context
+    while chunk > 16 and estimate(chunk)["total"] > limit:
+        chunk //= 2
+    return chunk, estimate(chunk)
 
 
 def bench_hf_point(model: nn.Module, spec: PointSpec, options: BenchOptions, device: torch.device,
@@ -694,9 +737,10 @@ def bench_hf_point(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
     steps = options.new_tokens
     slots = spec.context + steps
     point = new_point(spec, model, "hf", dtype, slots, bandwidth, compiled=device.type == "cuda")
-    estimate = estimate_memory(model, spec.batch, spec.context, steps, dtype, spec.batch, engine_mask=False)
-    point["estimated_memory_gib"] = estimate["total"] / GIB
     limit = memory_limit_bytes(options, device)
+    chunk, estimate = hf_prefill_chunk(model, spec, options, dtype, limit)
+    point["estimated_memory_gib"] = estimate["total"] / GIB
+    point["prefill_chunk"] = chunk
     if limit is not None and estimate["total"] > limit:
         return skip(point, f"needs about {estimate['total'] / GIB:.1f} GiB > {limit / GIB:.1f} GiB")
     # A static cache sized by an earlier, longer call would be reused (transformers keeps its
@@ -708,7 +752,7 @@ def bench_hf_point(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
     compile_ = device.type == "cuda"
     reason = None
     try:
-        point.update(measure_hf(model, prompt, steps, slots, options.repeats, clock, compile_))
+        point.update(measure_hf(model, prompt, steps, slots, options.repeats, clock, compile_, chunk))
     except PointSkipped as skipped:
         reason = str(skipped)
     free_memory()
@@ -721,7 +765,7 @@ def bench_hf_point(model: nn.Module, spec: PointSpec, options: BenchOptions, dev
 
 
 def measure_hf(model: nn.Module, prompt: torch.Tensor, steps: int, slots: int, repeats: int, clock: Clock,
-               compile_: bool) -> dict:
+               compile_: bool, prefill_chunk: int | None = None) -> dict:
     """Time to first token = generate(1 token); decode = generate(1 + steps) minus that, medians.
     The warm-up (compilation and graph recording included) is timed apart."""
     batch, context = prompt.shape
@@ -729,8 +773,8 @@ def measure_hf(model: nn.Module, prompt: torch.Tensor, steps: int, slots: int, r
 
     def warm_up() -> float:
         start = clock.mark()
-        hf_generate(model, prompt, 1 + steps, slots, compile_)
-        hf_generate(model, prompt, 1, slots, compile_)
+        hf_generate(model, prompt, 1 + steps, slots, compile_, prefill_chunk)
+        hf_generate(model, prompt, 1, slots, compile_, prefill_chunk)
         return clock.seconds(start, clock.mark())
 
     error = None
@@ -753,7 +797,7 @@ def measure_hf(model: nn.Module, prompt: torch.Tensor, steps: int, slots: int, r
         times = []
         for _ in range(repeats):
             start = clock.mark()
-            hf_generate(model, prompt, new_tokens, slots, compile_)
+            hf_generate(model, prompt, new_tokens, slots, compile_, prefill_chunk)
             times.append(clock.seconds(start, clock.mark()))
         return times
 
@@ -1017,8 +1061,6 @@ def _plot_panel(ax, points: list[dict], key: str, log: bool) -> None:
 def describe_run(options: BenchOptions, device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    from . import ops
-
     cpu = f"CPU ({platform.processor() or platform.machine()})"
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
@@ -1181,7 +1223,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         time_budget_s=args.time_budget_s, device=args.device, dtype=args.dtype, teacher=args.teacher, seed=args.seed,
         compile=args.compile,
         compile_mode=args.compile_mode,
-        small_batch_linear=args.small_batch_linear,
+        small_batch_linear={"auto": "auto", "split-k": True, "modules": False}[
+            "split-k" if args.small_batch_linear else args.linear],
+        hf_prefill_chunk=args.hf_prefill_chunk,
     )
 
 

@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine (teacher and hybrids) and/or hf (transformers' generate)")
     p.add_argument("--hf-batch", default="1,64", help="batch sizes of the transformers reference ('none': skip it)")
     p.add_argument("--hf-context", default="", help="contexts of the transformers reference (default: the smallest)")
+    p.add_argument("--hf-prefill-chunk", type=int, default=None,
+                   help="run generate()'s prefill in chunks of this many tokens (transformers' prefill_chunk_size; "
+                        "0: never). Default: one pass where it fits the memory, else the largest power of two that does")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="skip points estimated to need more (default: the GPU's memory)")
     p.add_argument("--time-budget-s", type=float, default=None,
@@ -340,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
                    help="inductor's mode with --compile: max-autotune-no-cudagraphs times Triton templates against "
                         "cuBLAS for each matmul shape (minutes per model) and keeps the fastest")
-    p.add_argument("--small-batch-linear", action="store_true",
-                   help="run the engine's linear layers through mambaify's split-K Triton GEMV (CUDA, at most 16 "
-                        "rows) instead of the modules' own; points are labelled '... split-K linear'")
+    p.add_argument("--linear", choices=["auto", "split-k", "modules"], default="auto",
+                   help="the engine's linear layers: split-k through mambaify's split-K Triton GEMV (CUDA, at most "
+                        "16 rows; points labelled '... split-K linear'), modules through the modules' own forward "
+                        "(cuBLAS), auto as the engine picks by default (split-k on CUDA)")
+    p.add_argument("--small-batch-linear", action="store_true", help="the same as --linear split-k")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="measure nothing: merge these bench.json files and write the report into --out")
     p.set_defaults(func=cmd_bench)

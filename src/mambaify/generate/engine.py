@@ -311,6 +311,26 @@ class MambaRunner:
         return self.linear(m.out_proj, m.norm(y.reshape(b, 1, m.d_inner), z))
 
 
+def missing_gated_mlp_parts(mlp: nn.Module) -> list[str]:
+    """What ``mlp`` lacks of the Llama family's gated MLP, which the split-K path runs itself."""
+    return [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(mlp, n)]
+
+
+def resolve_small_batch_linear(setting: bool | Literal["auto"], model: nn.Module, device: torch.device) -> bool:
+    """Whether an engine runs its linear layers through the split-K GEMV. "auto" (the engines'
+    default): on CUDA where mambaify's Triton kernels import and every layer has the Llama
+    family's gated MLP. On the H200 it was as fast as cuBLAS or faster at every point measured
+    (BENCHMARKS.md, sessions 8-11: the 8B step 5-7% faster at batch 1 and equal at batch 8;
+    SmolLM2's compiled engine 16% faster at batch 1, its speculative rounds 20%)."""
+    if setting not in (True, False, "auto"):
+        raise ValueError(f"small_batch_linear must be True, False or 'auto', got {setting!r}")
+    if setting != "auto":
+        return setting
+    if not ops.gpu_kernels_available(device):
+        return False
+    return not any(missing_gated_mlp_parts(layer.mlp) for layer in model.model.layers)
+
+
 class DecoderLayerRunner:
     """A decoder layer (the hybrid's or the teacher's): norm, token mixer, residual, norm, MLP, residual.
 
@@ -329,7 +349,7 @@ class DecoderLayerRunner:
         self.swiglu = False
         if linear is not module_linear:
             mlp = layer.mlp
-            missing = [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(mlp, n)]
+            missing = missing_gated_mlp_parts(mlp)
             if missing:
                 raise ValueError(
                     f"small_batch_linear needs the Llama family's gated MLP; {type(mlp).__name__} has no "
@@ -962,7 +982,9 @@ class Engine(GenerationFrontend):
     compile_mode: the inductor mode, one of :data:`COMPILE_MODES`.
     small_batch_linear: run every linear layer through :func:`mambaify.ops.small_batch_linear`
     (on CUDA the split-K Triton GEMV for requests of at most 16 rows) instead of the modules' own
-    forward; off by default until it measures faster (``benchmarks/bench_kernels.py --only gemv``).
+    forward. "auto" (the default) does on CUDA for the Llama family's gated MLPs
+    (:func:`resolve_small_batch_linear`); True insists, False keeps the modules' forward.
+    The attribute holds the resolved choice.
     stop_check_lag (attribute): how many steps :meth:`generate` may run past the step where the
     last row stopped, so that the host never waits for the step in flight (:class:`StopWatch`;
     :data:`STOP_CHECK_LAG` on CUDA, 0 on the CPU). Streams check every step.
@@ -983,7 +1005,7 @@ class Engine(GenerationFrontend):
         use_cuda_graph: bool | Literal["auto"] = "auto",
         compile: bool | Literal["auto"] = False,
         compile_mode: str = "default",
-        small_batch_linear: bool = False,
+        small_batch_linear: bool | Literal["auto"] = "auto",
         prefill_pad_slots: int | None = None,
     ):
         if max_batch_size < 1 or max_length < 2:
@@ -999,7 +1021,7 @@ class Engine(GenerationFrontend):
         self.max_length = max_length
         self.pad_slots = pad_slots_for(self.device, use_cuda_graph, prefill_pad_slots)
 
-        self.small_batch_linear = small_batch_linear
+        self.small_batch_linear = small_batch_linear = resolve_small_batch_linear(small_batch_linear, model, self.device)
         self.stack = DecodingStack(model, num_slots=max_length + self.pad_slots,
                                    linear=few_row_linear if small_batch_linear else module_linear)
         self.cache = self.stack.allocate(max_batch_size, self.dtype, self.device)
@@ -1273,6 +1295,7 @@ __all__ = [
     "MambaRunner",
     "StaticCache",
     "check_compile_options",
+    "resolve_small_batch_linear",
     "compile_step",
     "engine_if_served",
     "generate",

@@ -112,6 +112,7 @@ from .engine import (
     compile_steps,
     fast_path_enabled,
     few_row_linear,
+    resolve_small_batch_linear,
     grouped_query_attention,
     left_pad,
     module_linear,
@@ -760,9 +761,9 @@ class SpeculativeEngine(GenerationFrontend):
     the eager rounds, with a warning and ``compile_error`` set, where compilation fails; False
     (the default) never compiles. ``compile_seconds`` adds up the time spent compiling;
     :meth:`is_compiled` says whether a setting's rounds run compiled.
-    small_batch_linear: as for the Engine: both models' linear layers through
-    :func:`mambaify.ops.small_batch_linear` (a verify call at batch b has b * (K + 1) rows, a
-    draft step b or 2b).
+    small_batch_linear: as for the Engine ("auto", the default: on CUDA for the Llama family's
+    gated MLPs): both models' linear layers through :func:`mambaify.ops.small_batch_linear` (a
+    verify call at batch b has b * (K + 1) rows, a draft step b or 2b).
     prefill_pad_slots: as for the Engine (both models' caches hold that many more slots).
 
     The text helpers (generate_text, stream_text, chat, stream_chat) work as the Engine's.
@@ -786,7 +787,7 @@ class SpeculativeEngine(GenerationFrontend):
         compile: bool | Literal["auto"] = False,
         compile_mode: str = "default",
         draft_vocab: Sequence[int] | torch.Tensor | None = None,
-        small_batch_linear: bool = False,
+        small_batch_linear: bool | Literal["auto"] = "auto",
         prefill_pad_slots: int | None = None,
     ):
         if max_batch_size < 1 or max_length < 2:
@@ -814,7 +815,9 @@ class SpeculativeEngine(GenerationFrontend):
         # pad_slots more take a short prompt's padding up to a graphed prefill width.
         self.pad_slots = pad_slots_for(self.device, use_cuda_graph, prefill_pad_slots)
         slots = max_length + self.pad_slots + self.k_max + 1
-        self.small_batch_linear = small_batch_linear
+        self.small_batch_linear = small_batch_linear = (
+            resolve_small_batch_linear(small_batch_linear, target, self.device)
+            and resolve_small_batch_linear(small_batch_linear, draft, self.device))
         linear = few_row_linear if small_batch_linear else module_linear
         self.target_stack = SpeculativeStack(target, slots, self.k_max + 1, linear)
         self.draft_stack = SpeculativeStack(draft, slots, self.k_max + 1, linear)

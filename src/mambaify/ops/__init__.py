@@ -124,13 +124,20 @@ def ssd_scan(
 
 def _gpu_kernels(t: torch.Tensor):
     """mambaify.ops.triton for a CUDA tensor where Triton imports, else None."""
-    if t.device.type != "cuda":
-        return None
+    return _gpu_kernels_import() if t.device.type == "cuda" else None
+
+
+def _gpu_kernels_import():
     try:
         from . import triton as kernels
     except ImportError:
         return None
     return kernels
+
+
+def gpu_kernels_available(device: torch.device) -> bool:
+    """Whether mambaify's Triton kernels serve tensors on ``device`` (CUDA, Triton importable)."""
+    return device.type == "cuda" and _gpu_kernels_import() is not None
 
 
 def pdl_requested() -> bool:
@@ -296,7 +303,7 @@ def _(y, z, weight, eps):
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; on CUDA, for at most 16 rows, the split-K Triton GEMV
     (:func:`mambaify.ops.triton.gemv.small_batch_linear`). Inference only (no backward): the
-    engine's decode step uses it when asked (``Engine(small_batch_linear=True)``)."""
+    engines' decode steps and rounds use it on CUDA by default (``Engine(small_batch_linear="auto")``)."""
     if torch.compiler.is_compiling():
         return torch.ops.mambaify.small_batch_linear(x, weight, bias)
     return _small_batch_linear(x, weight, bias)
@@ -609,6 +616,7 @@ __all__ = [
     "conv_verify",
     "conv_verify_inplace",
     "gated_rmsnorm",
+    "gpu_kernels_available",
     "pdl_enabled",
     "pdl_requested",
     "qkv_read_as_one",

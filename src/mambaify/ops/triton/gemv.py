@@ -16,9 +16,9 @@ multiply each weight tile with all of them at once through ``tl.dot``, padded to
 weight is still read once (session 8's batch-8 step, with a reduction per row over each tile,
 ran at 26% of its roofline).
 :func:`small_batch_gated_up` computes a gated MLP's silu(x W_gate^T) * (x W_up^T) in one pass
-over both matrices, so the MLP's activation costs no kernel of its own. Both are candidates,
-timed by ``benchmarks/bench_kernels.py --only gemv`` against cuBLAS and inductor and used by the
-engine only when asked (``Engine(small_batch_linear=True)``).
+over both matrices, so the MLP's activation costs no kernel of its own. Timed by
+``benchmarks/bench_kernels.py --only gemv`` against cuBLAS and inductor; the engines use them on
+CUDA by default (``Engine(small_batch_linear="auto")``, faster or equal at every point measured).
 """
 
 from __future__ import annotations
