@@ -408,6 +408,10 @@ def test_verify_kernel_warps_hold_the_prefetched_tiles():
     assert verify._num_warps(4, 64, 8, True) == 1
     assert verify._num_warps(4, 128, 16, True) == 2 and verify._num_warps(16, 128, 16, True) == 4
     assert verify._num_warps(4, 64, 8, False) == 4
+    # Prefetched only where one warp holds the tiles: at batch 1 it was faster on the H200, at the
+    # 8B shape's batch 8 (n = 128, 64 columns a program: four warps) slower.
+    assert verify._prefetch_pays(4, 64, 8) and verify._prefetch_pays(4, 128, 8)
+    assert not verify._prefetch_pays(4, 128, 64) and not verify._prefetch_pays(16, 128, 16)
     saved = os.environ.get("MAMBAIFY_VERIFY_PREFETCH")
     try:
         os.environ["MAMBAIFY_VERIFY_PREFETCH"] = "0"

@@ -289,7 +289,8 @@ _TUNED: dict[tuple, tuple[int, int, int]] = {}
 
 def tune_default() -> bool:
     """Whether a call without an explicit configuration times TUNE_CONFIGS on its first use of a
-    shape and keeps the fastest (MAMBAIFY_GEMV_TUNE=1; off by default until the H200 times it)."""
+    shape and keeps the fastest (MAMBAIFY_GEMV_TUNE=1; off by default: on the H200 the
+    0% hybrid's 8B step took 4.94 ms with it against 4.99 without, within run-to-run noise)."""
     return os.environ.get("MAMBAIFY_GEMV_TUNE", "0") == "1"
 
 

@@ -91,8 +91,9 @@ def _ssd_verify_kernel(
     (BLOCK_T >= T >= t rows) are loaded in one go before the loops, which take each token's row
     from registers; else each step loads its token's inputs, a global-memory latency on every
     step of the chain (session 3: 7.5 us for K = 3 on the 8B shape, against 3.3 us for one
-    decode step). Session 10 built PREFETCH without a GPU to time it: MAMBAIFY_VERIFY_PREFETCH=0
-    keeps the per-step loads, and bench_kernels.py --only verify times both.
+    decode step). The launcher prefetches where the tiles fit one warp (:func:`_prefetch_pays`,
+    measured in session 11); MAMBAIFY_VERIFY_PREFETCH=0 keeps the per-step loads everywhere, and
+    bench_kernels.py --only verify times both.
     """
     wait_for_inputs(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -219,14 +220,26 @@ def prefetch_default() -> bool:
     return os.environ.get("MAMBAIFY_VERIFY_PREFETCH", "1") != "0"
 
 
+def _tile_values(block_t: int, block_n: int, block_p: int) -> int:
+    """float32 values a program holds prefetched: its state tile and every token's input tiles."""
+    return block_n * block_p + block_t * (3 * block_n + 2 * block_p)
+
+
 def _num_warps(block_t: int, block_n: int, block_p: int, prefetch: bool) -> int:
     """Prefetched, the fewest warps that hold the state tile and the input tiles in about 96
     float32 registers a thread: with one warp, taking a token's row from a tile is warp
     shuffles, with more a shared-memory round trip and barriers at every step. Else Triton's 4."""
     if not prefetch:
         return 4
-    values = block_n * block_p + block_t * (3 * block_n + 2 * block_p)
-    return next((w for w in (1, 2, 4) if values <= 96 * 32 * w), 8)
+    return next((w for w in (1, 2, 4) if _tile_values(block_t, block_n, block_p) <= 96 * 32 * w), 8)
+
+
+def _prefetch_pays(block_t: int, block_n: int, block_p: int) -> bool:
+    """Where the prefetched tiles fit one warp. Measured on the H200 (session 11, K = 3): one warp,
+    prefetched, beat per-step loads at batch 1 (8B shape 6.9 against 8.3 us, SmolLM2's 4.1
+    against 5.7 us); at the 8B shape's batch 8 (64 columns a program, four warps) it lost, 33.8
+    against 21.7 us."""
+    return _tile_values(block_t, block_n, block_p) <= 96 * 32
 
 
 def _launch(
@@ -235,9 +248,10 @@ def _launch(
 ):
     b, h, n, p = checkpoint.shape
     T, t = (states if store_states else x_cache).shape[1], x.shape[1]
-    prefetch = prefetch_default() if prefetch is None else prefetch
     block_p = block_p or _block_p(b * h, p, checkpoint.device)
     block_t, block_n = triton.next_power_of_2(max(T, t)), triton.next_power_of_2(n)
+    if prefetch is None:
+        prefetch = prefetch_default() and _prefetch_pays(block_t, block_n, block_p)
     p_blocks = triton.cdiv(p, block_p)
     shared = p_blocks > 1 and not store_states
     tickets = _tickets(checkpoint.device, b * h) if shared else counts
@@ -304,7 +318,8 @@ def ssd_verify_inplace(
     if None; nothing is allocated when it is given, so the call can be captured in a CUDA graph
     after one warm-up call). ``check_counts_values``: see :func:`reference.check_counts`.
     ``block_p`` overrides the p columns per program (tests use it to split heads); ``prefetch``
-    the kernel's loads (see :func:`_ssd_verify_kernel`; None: :func:`prefetch_default`).
+    the kernel's loads (see :func:`_ssd_verify_kernel`; None: :func:`prefetch_default` where
+    :func:`_prefetch_pays`).
     """
     T, t = check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
     check_counts(counts, T, check_counts_values)
