@@ -931,7 +931,8 @@ def markdown(doc: dict) -> str:
         "",
         "TTFT marked ~ is extrapolated from a pass over fewer rows (the batch would need several such passes); "
         "(graph): the prefill replayed from a CUDA graph, as generate() runs a prompt batch of at most "
-        f"{PREFILL_GRAPH_TOKENS} tokens. "
+        f"{PREFILL_GRAPH_TOKENS} tokens; (chunks of N): generate()'s prefill in chunks of N tokens "
+        "(transformers' prefill_chunk_size), where one pass would not fit the memory. "
         "Engine = mambaify's Engine (static cache, CUDA-graph decode on CUDA); engine (compiled) = the same "
         "with its decode step compiled by torch.compile before the capture (--compile); hf = transformers' "
         "generate, static cache, torch.compile'd decode on CUDA. Setup = graph capture incl. compilation "
@@ -960,7 +961,8 @@ def _family_table(rows: list[dict]) -> list[str]:
             cells += [
                 _fmt(p.get("prefill_tok_s"), ",.0f"),
                 ("~" if p.get("ttft_extrapolated") else "") + f"{p['ttft_ms']:,.1f}"
-                + (" (graph)" if p.get("prefill_graphed") else ""),
+                + (" (graph)" if p.get("prefill_graphed") else "")
+                + (f" (chunks of {p['prefill_chunk']:,})" if p.get("prefill_chunk") else ""),
                 f"{p['decode_tok_s']:,.0f}",
                 _fmt(p.get("decode_vs_teacher"), ".2f"),
                 f"{p['decode_step_ms']:.2f}",
