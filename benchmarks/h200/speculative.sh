@@ -12,6 +12,8 @@
 # TAG and BENCH_ARGS (environment): a variant of the benchmarks (see bench below).
 # TRAIN_ARGS (environment): added to both trainings, e.g. TRAIN_ARGS=--compile (compiled steps).
 # ROUND_TIMING=1 / EAGER=0 / E2E_DRAFT_VOCAB / COMPILED_LIMIT_S (environment): see the benchmarks below.
+# DRAFT_SPLIT=1 (environment): a draft budget longer than one call (e.g. DRAFT_S 700) trains until
+# this call's deadline, and the next call (machine still warm) resumes it where it stopped.
 # TRAIN_ONLY=1 (environment): train the hybrid and the draft, skip the benchmarks (for a call that
 # runs the GPU tests beside the training on one GPU: timings would be disturbed, training only slowed).
 # DRAFT and DRAFT_ARGS (environment): a second draft, trained with DRAFT_ARGS added, against the
@@ -31,8 +33,15 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $out/NAM
   local name=$1 limit=$2; shift 2
   local start=$(date +%s)
   if (( start + limit > deadline )); then
-    echo "$name: needs up to $limit s, $(( deadline - start )) s left in this call: run the script again"
-    return
+    # A resumable training (DRAFT_SPLIT=1) runs until the deadline instead: interrupted there, it
+    # keeps its last checkpoint (every 100 steps) and the next call resumes it.
+    if [ "${SPLITTABLE:-0}" = 1 ] && (( deadline - start >= 120 )); then
+      echo "$name: needs up to $limit s, runs the $(( deadline - start )) s left; the next call resumes it"
+      limit=$(( deadline - start ))
+    else
+      echo "$name: needs up to $limit s, $(( deadline - start )) s left in this call: run the script again"
+      return
+    fi
   fi
   run_logged "$out/$name.log" "$limit" 6 "$@"
 }
@@ -58,7 +67,7 @@ if [ ! -f "$runs/$draft/model/config.json" ]; then
   # memorised the defaults' 0.14 M tokens, session 5's passed 8 times over 2.2 M.
   # The limit covers the target's labels and the evaluations around the training (about 130 s
   # on the H200 in session 5, when 120 s more cut the run; it resumed in the next call).
-  step "$draft" $(( draft_s + 150 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
+  SPLITTABLE=${DRAFT_SPLIT:-0} step "$draft" $(( draft_s + 150 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
     --draft-from smollm2-135m-instruct --out "$runs/$draft" --time-budget-s "$draft_s" --tokens 200000000 \
     --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 24000 --label-tokens 128 \
     --label-batch-size 1024 --eval-texts 256 --eval-chats 64 --no-progress $TRAIN_ARGS $DRAFT_ARGS
