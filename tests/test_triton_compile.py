@@ -9,6 +9,8 @@ bfloat16 activations, float32 states and partial sums, int64 counts and slots.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -58,20 +60,20 @@ def compile_for_hopper(kernel, constexprs: dict, num_warps: int = 4, types: dict
 
 
 CASES = {
-    "ssd_step": (decode._ssd_step_kernel, dict(HAS_D=True, BLOCK_N=128, BLOCK_P=32)),
+    "ssd_step": (decode._ssd_step_kernel, dict(HAS_D=True, DT_SOFTPLUS=True, BLOCK_N=128, BLOCK_P=32)),
     "conv_step": (decode._conv_step_kernel,
                   dict(K=4, BLOCK_K=4, BLOCK_D=256, HAS_BIAS=True, APPLY_SILU=True, ACC=tl.float32)),
     "gated_rmsnorm_fwd": (norm._gated_rmsnorm_fwd_kernel, dict(BLOCK_N=4096, ACC=tl.float32)),
     "gated_rmsnorm_bwd": (norm._gated_rmsnorm_bwd_kernel, dict(BLOCK_N=4096, ACC=tl.float32)),
     "ssd_verify": (verify._ssd_verify_kernel,
-                   dict(HAS_D=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=True, BLOCK_T=16, BLOCK_N=128,
-                        BLOCK_P=32)),
+                   dict(HAS_D=True, DT_SOFTPLUS=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=True, BLOCK_T=16,
+                        BLOCK_N=128, BLOCK_P=32)),
     "ssd_verify_per_step_loads": (verify._ssd_verify_kernel,
-                                  dict(HAS_D=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=False, BLOCK_T=16,
-                                       BLOCK_N=128, BLOCK_P=32)),
+                                  dict(HAS_D=True, DT_SOFTPLUS=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=False,
+                                       BLOCK_T=16, BLOCK_N=128, BLOCK_P=32)),
     "ssd_verify_store_states": (verify._ssd_verify_kernel,
-                                dict(HAS_D=True, STORE_STATES=True, SHARED_BH=False, PREFETCH=True, BLOCK_T=16,
-                                     BLOCK_N=128, BLOCK_P=32)),
+                                dict(HAS_D=True, DT_SOFTPLUS=False, STORE_STATES=True, SHARED_BH=False, PREFETCH=True,
+                                     BLOCK_T=16, BLOCK_N=128, BLOCK_P=32)),
     "conv_verify": (verify._conv_verify_kernel,
                     dict(K=4, BLOCK_T=8, BLOCK_H=4, BLOCK_C=128, HAS_BIAS=True, APPLY_SILU=True, ACC=tl.float32)),
     # Decode at the 8B shape: a group of 4 query heads x 1 token, padded to a 16-row tile.
@@ -157,13 +159,34 @@ def test_gemv_compiles_for_hopper(name):
 
 
 def _loop_bodies(ptx: str) -> list[list[str]]:
-    """The PTX lines of each loop (from LLVM's loop-header comment to the branch back to it)."""
-    lines, bodies = ptx.splitlines(), []
-    for i, line in enumerate(lines):
-        if "Loop Header" in line:
-            label = line.split(":")[0].strip()
-            ends = [k for k in range(i + 1, len(lines)) if "bra" in lines[k] and f"{label};" in lines[k]]
-            bodies.append(lines[i: ends[-1] + 1])
+    """The PTX lines of each loop: the basic blocks that LLVM's loop header reaches and that reach
+    it back (a rotated loop may put its latch before its header)."""
+    lines = ptx.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"\s*\$L__BB\d+_\d+:", line)]
+    blocks = {lines[i].split(":")[0].strip(): (i, end) for i, end in zip(starts, starts[1:] + [len(lines)])}
+    order = list(blocks)
+    edges = {}
+    for k, (label, (i, end)) in enumerate(blocks.items()):
+        body = lines[i:end]
+        targets = {t for line in body for t in re.findall(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)}
+        if not any(re.search(r"^\s*(bra\.uni|ret;)", line) for line in body) and k + 1 < len(order):
+            targets.add(order[k + 1])  # falls through
+        edges[label] = targets
+
+    def reach(start: str, step) -> set[str]:
+        seen, todo = {start}, [start]
+        while todo:
+            for nxt in step(todo.pop()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    bodies = []
+    for label, (i, _) in blocks.items():
+        if "Loop Header" in lines[i]:
+            loop = reach(label, lambda b: edges[b]) & reach(label, lambda b: [a for a in edges if b in edges[a]])
+            bodies.append([line for b in order if b in loop for line in lines[slice(*blocks[b])]])
     return bodies
 
 
@@ -172,8 +195,8 @@ def test_verify_kernel_loops_load_from_registers_when_prefetched(prefetch):
     """The fused verify kernel at SmolLM2's hybrid shape (n = 64, 8 columns, K = 3), one warp as
     it launches there: prefetched, its two sequential loops (replay, new tokens) issue no global
     load; with per-step loads, each does."""
-    constexprs = dict(HAS_D=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=prefetch, BLOCK_T=4, BLOCK_N=64,
-                      BLOCK_P=8, PDL=False)
+    constexprs = dict(HAS_D=True, DT_SOFTPLUS=True, STORE_STATES=False, SHARED_BH=True, PREFETCH=prefetch,
+                      BLOCK_T=4, BLOCK_N=64, BLOCK_P=8, PDL=False)
     ptx = compile_for_hopper(verify._ssd_verify_kernel, constexprs, num_warps=1).asm["ptx"]
     loops = _loop_bodies(ptx)
     assert len(loops) == 2

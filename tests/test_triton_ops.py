@@ -321,6 +321,46 @@ def test_ssd_step_kernel(kernels, device, dtype, with_D):
     assert rel_err(y2, y64) < TOL[dtype] and rel_err(new_state, s64) < state_tol
 
 
+def grouped_step_inputs(b, groups, rep, n, p, dtype, device="cpu", seed=0):
+    """A step whose x and B come per group of ``rep`` heads and whose dt is the raw projection
+    (the engine's Mamba decode step), and the same step spelled out per head, dt softplus-ed."""
+    g = torch.Generator().manual_seed(seed)
+    h = groups * rep
+    i = step_inputs(b, h, n, p, dtype, device, seed)
+    i.x, i.B = randn(b, groups, p, g=g, dtype=dtype, device=device), randn(b, groups, n, g=g, dtype=dtype, device=device)
+    i.dt, i.dt_bias = randn(b, h, g=g, dtype=dtype, device=device), randn(h, g=g, dtype=dtype, device=device)
+    i.dt[0, 0] = 30.0  # above softplus's threshold: taken as is
+    ref = as64(i)
+    ref.x, ref.B = ref.x.repeat_interleave(rep, dim=1), ref.B.repeat_interleave(rep, dim=1)
+    ref.dt = F.softplus(ref.dt + ref.dt_bias)
+    return i, ref
+
+
+def test_ssd_step_inplace_torch_path_reads_head_groups_and_raw_dt():
+    i, ref = grouped_step_inputs(2, 3, 4, 5, 6, torch.float64)
+    state = i.state.clone()
+    y = ops.ssd_step_inplace(state, i.x, i.dt, i.A, i.B, i.C, i.D, dt_bias=i.dt_bias)
+    y64, s64 = ops.ssd_step(ref.state, ref.x, ref.dt, ref.A, ref.B, ref.C, ref.D)
+    assert y.shape == (2, 12, 6) and torch.allclose(y, y64, rtol=1e-12) and torch.allclose(state, s64, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+def test_ssd_step_kernel_reads_head_groups_and_raw_dt(kernels, device, dtype):
+    """x and B per group of heads (read where each head's group is, not repeated), dt raw with
+    the softplus of dt + dt_bias in the kernel, over two steps; equal to the float64 reference
+    spelled out per head."""
+    i, ref = grouped_step_inputs(3, 2, 3, 7, 37, dtype, device, seed=5)
+    state, state64 = i.state.clone(), ref.state
+    state_tol = 1e-12 if dtype == torch.float64 else 1e-5
+    out = torch.empty(3, 6, 37, dtype=dtype, device=device)
+    for _ in range(2):
+        y = kernels.ssd_step_inplace(state, i.x, i.dt, i.A, i.B, i.C, i.D, out=out, dt_bias=i.dt_bias)
+        y64, state64 = ops.ssd_step(state64, ref.x, ref.dt, ref.A, ref.B, ref.C, ref.D)
+        assert y is out and rel_err(y, y64) < TOL[dtype] and rel_err(state, state64) < state_tol
+    with pytest.raises(ValueError, match="groups of heads that divide h"):
+        kernels.ssd_step_inplace(state, i.x[:, :1].expand(3, 4, 37), i.dt, i.A, i.B, i.C)
+
+
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)
 def test_ssd_step_kernel_writes_in_place(kernels, device, dtype):
     i = step_inputs(2, 3, 16, 8, dtype, device, seed=3)

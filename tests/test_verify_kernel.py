@@ -442,6 +442,58 @@ def test_ssd_verify_kernel_without_D_into_out(kernels, device, dtype):
         kernels.ssd_verify_inplace(ckpt, *caches, counts + 3, new.x, new.dt, params.A, new.B, new.C)
 
 
+def grouped_call(dtype, device, seed):
+    """A verify call as the engine makes it: x and B per group of 3 heads (2 groups, 6 heads),
+    dt the raw projection with a bias; and the same call spelled out per head, dt softplus-ed in
+    dt's dtype (as the kernel takes it, and caches it)."""
+    g = torch.Generator().manual_seed(seed)
+    b, t, groups, rep, n, p, T = 3, 3, 2, 3, 5, 7, 4
+    h = groups * rep
+    params = layer_params(h, n, p, b, dtype, device, g)
+    cached = new_tokens(b, T, h, n, p, dtype, device, g)
+    caches = [cached.x.contiguous(), cached.dt.clone(), cached.B.contiguous()]
+    grouped = SimpleNamespace(
+        x=randn(b, t, groups, p, g=g, dtype=dtype, device=device), B=randn(b, t, groups, n, g=g, dtype=dtype, device=device),
+        C=randn(b, t, h, n, g=g, dtype=dtype, device=device), dt=randn(b, t, h, g=g, dtype=dtype, device=device),
+        dt_bias=randn(h, g=g, dtype=dtype, device=device))
+    grouped.dt[1, 0, 2] = 25.0  # above softplus's threshold
+    spelled = SimpleNamespace(
+        x=grouped.x.repeat_interleave(rep, dim=2), B=grouped.B.repeat_interleave(rep, dim=2), C=grouped.C,
+        dt=F.softplus(grouped.dt + grouped.dt_bias))
+    return params, caches, grouped, spelled, torch.tensor([2, 4, 0], device=device)
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "per-step-loads"])
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+def test_ssd_verify_kernel_reads_head_groups_and_raw_dt(kernels, device, dtype, prefetch):
+    params, caches, grouped, spelled, counts = grouped_call(dtype, device, seed=12)
+    y_ref, folded = ops.ssd_verify(*map(cpu64, (params.S0, *caches)), counts.cpu(),
+                                   *map(cpu64, (spelled.x, spelled.dt, params.A, spelled.B, spelled.C, params.D)))
+    ckpt = params.S0.clone()
+    y = kernels.ssd_verify_inplace(ckpt, *caches, counts, grouped.x, grouped.dt, params.A, grouped.B, grouped.C,
+                                   params.D, dt_bias=grouped.dt_bias, prefetch=prefetch)
+    assert y.shape == spelled.x.shape and rel_err(y, y_ref) < Y_TOL[dtype] and rel_err(ckpt, folded) < STATE_TOL[dtype]
+    # The caches hold what the next call replays: every head's x and B, and the dt it used.
+    t = grouped.x.shape[1]
+    assert torch.equal(caches[0][:, :t], spelled.x) and torch.equal(caches[2][:, :t], spelled.B)
+    assert rel_err(caches[1][:, :t], spelled.dt) < Y_TOL[dtype]
+
+
+def test_ssd_verify_torch_path_reads_head_groups_and_raw_dt():
+    params, caches, grouped, spelled, counts = grouped_call(torch.float64, "cpu", seed=12)
+    expected_caches = [c.clone() for c in caches]
+    ckpt, expected_ckpt = params.S0.clone(), params.S0.clone()
+    y = ops.ssd_verify_inplace(ckpt, *caches, counts, grouped.x, grouped.dt, params.A, grouped.B, grouped.C, params.D,
+                               dt_bias=grouped.dt_bias)
+    y_ref = ops.ssd_verify_inplace(expected_ckpt, *expected_caches, counts, spelled.x, spelled.dt, params.A,
+                                   spelled.B, spelled.C, params.D)
+    assert torch.equal(y, y_ref) and torch.equal(ckpt, expected_ckpt)
+    assert all(torch.equal(a, e) for a, e in zip(caches, expected_caches))
+    with pytest.raises(ValueError, match="x .* \\(expected"):
+        ops.ssd_verify_inplace(ckpt, *caches, counts, grouped.x[:, :, :1].expand(3, 3, 4, 7), grouped.dt, params.A,
+                               grouped.B, grouped.C)
+
+
 CONV_SHAPES = [(4, False), (4, True), (2, False), (1, False)]  # (d_conv, silu)
 CONV_CASES = [
     pytest.param(*case.values, K, silu, marks=case.marks, id=f"{case.id}-K{K}{'-silu' if silu else ''}")

@@ -305,9 +305,11 @@ class MambaRunner:
         b = hidden.shape[0]
         z, xBC, dt = m.split_projection(self.linear(m.in_proj, hidden))
         xBC = ops.conv_step_inplace(state.conv_state, xBC[:, 0], m.conv1d.weight[:, 0], m.conv1d.bias)  # SiLU-ed
-        x, B, C = m.split_heads(xBC[:, None])
-        dt = F.softplus(dt[:, 0] + m.dt_bias)
-        y = ops.ssd_step_inplace(state.ssm_state, x[:, 0], dt, self.A, B[:, 0], C[:, 0], m.D)
+        # x and B stay per kv head and dt raw: the step reads each head's group and applies the
+        # softplus itself, so no kernel copies them out to every head first.
+        x, B, C = xBC.split([m.d_x, m.d_b, m.d_c], dim=-1)
+        x, B, C = x.view(b, -1, m.head_dim), B.view(b, -1, m.d_state), C.view(b, -1, m.d_state)
+        y = ops.ssd_step_inplace(state.ssm_state, x, dt[:, 0], self.A, B, C, m.D, dt_bias=m.dt_bias)
         return self.linear(m.out_proj, m.norm(y.reshape(b, 1, m.d_inner), z))
 
 

@@ -287,11 +287,15 @@ def mamba_verify(
     z, xBC, dt = mixer.split_projection(linear(mixer.in_proj, hidden))
     conv = ops.conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, silu=True,
                                    check_counts_values=False)
-    x, B, C, dt = _mamba_inputs(mixer, conv, dt)
     if buf.states is None:
+        # x and B per kv head and dt raw, as in the engine's decode step: the kernel reads each
+        # head's group and applies the softplus, and no kernel copies them out per head first.
+        x, B, C = conv.split([mixer.d_x, mixer.d_b, mixer.d_c], dim=-1)
+        x, B, C = (v.view(b, t, -1, size) for v, size in ((x, mixer.head_dim), (B, mixer.d_state), (C, mixer.d_state)))
         y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D,
-                                   check_counts_values=False)
+                                   check_counts_values=False, dt_bias=mixer.dt_bias)
     else:
+        x, B, C, dt = _mamba_inputs(mixer, conv, dt)
         y = ops.ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D,
                                         check_counts_values=False)
     return linear(mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z))

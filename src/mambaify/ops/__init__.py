@@ -13,6 +13,7 @@ import os
 from typing import Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .reference import (
@@ -173,22 +174,31 @@ def ssd_step_inplace(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`ssd_step` updating ``state`` (b,h,n,p) in place; y (b,h,p) goes to ``out`` if given.
-    On CUDA one fused kernel that allocates nothing when ``out`` is given (CUDA-graph safe)."""
+    On CUDA one fused kernel that allocates nothing when ``out`` is given (CUDA-graph safe).
+    x and B (and C) may hold groups of heads that divide h (head i reads group i // (h // g), as
+    ``repeat_interleave`` would spread them); with ``dt_bias`` (h), dt is the raw projection and
+    the step takes softplus(dt + dt_bias), computed as PyTorch does in dt's dtype."""
     if torch.compiler.is_compiling():
-        out = torch.empty_like(x) if out is None else out
-        torch.ops.mambaify.ssd_step_inplace(state, x, dt, A, B, C, D, out)
+        out = x.new_empty(state.shape[0], state.shape[1], state.shape[3]) if out is None else out
+        torch.ops.mambaify.ssd_step_inplace(state, x, dt, A, B, C, D, out, dt_bias)
         return out
-    return _ssd_step_inplace(state, x, dt, A, B, C, D, out)
+    return _ssd_step_inplace(state, x, dt, A, B, C, D, out, dt_bias)
 
 
-def _ssd_step_inplace(state, x, dt, A, B, C, D=None, out=None):
+def _ssd_step_inplace(state, x, dt, A, B, C, D=None, out=None, dt_bias=None):
     kernels = _gpu_kernels(state)
     if kernels is not None:
-        return kernels.ssd_step_inplace(state, x, dt, A, B, C, D, out)
+        return kernels.ssd_step_inplace(state, x, dt, A, B, C, D, out, dt_bias)
+    heads = state.shape[1]  # groups of heads spread to every head, as the kernel reads them
+    x, B, C = (t.repeat_interleave(heads // t.shape[1], dim=1) if 0 < t.shape[1] < heads else t for t in (x, B, C))
+    if dt_bias is not None:
+        dt = F.softplus(dt + dt_bias.to(dt.dtype))
     y, new_state = ssd_step(state, x, dt, A, B, C, D)
     state.copy_(new_state)
+    y = y.to(x.dtype)
     return y if out is None else out.copy_(y)
 
 
@@ -265,12 +275,13 @@ def _ssd_step_op(
     C: torch.Tensor,
     D: torch.Tensor | None,
     out: torch.Tensor,
+    dt_bias: torch.Tensor | None = None,
 ) -> None:
-    _ssd_step_inplace(state, x, dt, A, B, C, D, out)
+    _ssd_step_inplace(state, x, dt, A, B, C, D, out, dt_bias)
 
 
 @_ssd_step_op.register_fake
-def _(state, x, dt, A, B, C, D, out) -> None:
+def _(state, x, dt, A, B, C, D, out, dt_bias=None) -> None:
     return None
 
 
@@ -404,11 +415,16 @@ def ssd_verify_inplace(
     out: torch.Tensor | None = None,
     *,
     check_counts_values: bool | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`ssd_verify` in place: fold the first counts[b] cached tokens into ``checkpoint``
     (b,h,n,p), run the new tokens x (b,t,h,p), dt (b,t,h), B, C (b,t,h,n) from there, then
     store x, dt, B into positions 0..t-1 of x_cache (b,T,h,p), dt_cache (b,T,h), B_cache
     (b,T,h,n) (T >= t). Returns y (b,t,h,p), in ``out`` if given.
+
+    As for :func:`ssd_step_inplace`, x, B and C may hold groups of heads that divide h (the
+    caches still hold every head), and with ``dt_bias`` (h) dt is the raw projection: the call
+    takes softplus(dt + dt_bias) in dt's dtype, and caches that.
 
     On CUDA one fused kernel that writes no per-token state and allocates nothing when ``out``
     is given (CUDA-graph safe after a warm-up call). counts (b,) must lie in [0, T]; it is
@@ -416,26 +432,30 @@ def ssd_verify_inplace(
     :func:`reference.check_counts`).
     """
     if torch.compiler.is_compiling():
-        out = torch.empty_like(x) if out is None else out
+        out = x.new_empty(*x.shape[:2], checkpoint.shape[1], x.shape[3]) if out is None else out
         torch.ops.mambaify.ssd_verify_inplace(
-            checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values
+            checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values, dt_bias
         )
         return out
     return _ssd_verify_inplace(
-        checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values
+        checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values, dt_bias
     )
 
 
 def _ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D=None, out=None,
-                        check_counts_values=None):
+                        check_counts_values=None, dt_bias=None):
     kernels = _gpu_kernels(checkpoint)
     if kernels is not None:
         return kernels.ssd_verify_inplace(
             checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out,
-            check_counts_values=check_counts_values,
+            check_counts_values=check_counts_values, dt_bias=dt_bias,
         )
     T, t = check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
     check_counts(counts, T, check_counts_values)
+    heads = checkpoint.shape[1]  # groups of heads spread to every head, as the kernel reads them
+    x, B, C = (v.repeat_interleave(heads // v.shape[2], dim=2) if v.shape[2] < heads else v for v in (x, B, C))
+    if dt_bias is not None:
+        dt = F.softplus(dt + dt_bias.to(dt.dtype))
     folded = ssd_fold(checkpoint, x_cache, dt_cache, B_cache, counts, A)
     y, _ = ssd_sequential(x, dt, A, B, C, D, initial_state=folded)
     checkpoint.copy_(folded)
@@ -558,12 +578,14 @@ def _ssd_verify_op(
     D: torch.Tensor | None,
     out: torch.Tensor,
     check_counts_values: bool | None,
+    dt_bias: torch.Tensor | None = None,
 ) -> None:
-    _ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values)
+    _ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values,
+                        dt_bias)
 
 
 @_ssd_verify_op.register_fake
-def _(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values) -> None:
+def _(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A, B, C, D, out, check_counts_values, dt_bias=None) -> None:
     # Shapes are known while tracing: a mismatch fails the compile with the eager call's message.
     check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
 

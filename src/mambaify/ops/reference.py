@@ -237,15 +237,20 @@ def check_verify_shapes(
         )
     b, h, n, p = checkpoint.shape
     T, t = x_cache.shape[1], x.shape[1]
+
+    def heads(v: torch.Tensor) -> int:  # x, B and C may come per group of heads (a divisor of h)
+        g = v.shape[2] if v.dim() == 4 else h
+        return g if 0 < g <= h and h % g == 0 else h
+
     expected = {
         "x_cache": (x_cache, (b, T, h, p)),
         "dt_cache": (dt_cache, (b, T, h)),
         "B_cache": (B_cache, (b, T, h, n)),
         "counts": (counts, (b,)),
-        "x": (x, (b, t, h, p)),
+        "x": (x, (b, t, heads(x), p)),
         "dt": (dt, (b, t, h)),
-        "B": (B, (b, t, h, n)),
-        "C": (C, (b, t, h, n)),
+        "B": (B, (b, t, heads(B), n)),
+        "C": (C, (b, t, heads(C), n)),
     }
     wrong = [f"{k} {tuple(v.shape)} (expected {s})" for k, (v, s) in expected.items() if tuple(v.shape) != s]
     if wrong:

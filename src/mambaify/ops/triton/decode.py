@@ -33,9 +33,19 @@ def _acc_dtype(t: torch.Tensor) -> tl.dtype:
 
 
 @triton.jit
+def softplus_in_dtype(dt, bias, ACC: tl.constexpr):
+    """softplus(dt + bias) as PyTorch computes it in dt's dtype: the sum rounded to that dtype,
+    the softplus (linear above 20) in ACC, rounded back. The decode kernels then take the same
+    dt as the modules' forward (and the verify kernel caches exactly the dt it used)."""
+    dtype = dt.dtype
+    v = (dt.to(ACC) + bias.to(ACC)).to(dtype).to(ACC)
+    return tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))).to(dtype)
+
+
+@triton.jit
 def _ssd_step_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
-    H, N, P,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, dt_bias_ptr,
+    H, N, P, X_REP, B_REP, C_REP,
     s_sb, s_sh, s_sn, s_sp,
     x_sb, x_sh, x_sp,
     dt_sb, dt_sh,
@@ -43,6 +53,7 @@ def _ssd_step_kernel(
     C_sb, C_sh, C_sn,
     y_sb, y_sh, y_sp,
     HAS_D: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
     PDL: tl.constexpr,
@@ -53,7 +64,11 @@ def _ssd_step_kernel(
         y[b,h]  = S[b,h]^T C[b,h] + D[h] * x[b,h]
 
     computed in the state's dtype (float32 in the cache). The columns of S are independent, so
-    splitting p over programs needs no communication.
+    splitting p over programs needs no communication. x, B and C may be given per group of
+    heads (X_REP, B_REP, C_REP heads to a group, as repeat_interleave would spread them), and
+    with DT_SOFTPLUS dt is the raw projection: dt = softplus(dt + dt_bias[h]) here. Both spare
+    the decode step the kernels that would otherwise copy x and B out to every head and apply
+    the softplus (three of a Mamba layer's small kernels in session 10's profile).
     """
     wait_for_inputs(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -67,11 +82,14 @@ def _ssd_step_kernel(
     mask_n = offs_n < N
     mask_p = offs_p < P
 
-    dt = tl.load(dt_ptr + b * dt_sb + h * dt_sh).to(acc)
+    dt = tl.load(dt_ptr + b * dt_sb + h * dt_sh)
+    if DT_SOFTPLUS:
+        dt = softplus_in_dtype(dt, tl.load(dt_bias_ptr + h), acc)
+    dt = dt.to(acc)
     a = tl.load(A_ptr + h).to(acc)
-    x = tl.load(x_ptr + b * x_sb + h * x_sh + offs_p * x_sp, mask=mask_p, other=0.0).to(acc)
-    Bv = tl.load(B_ptr + b * B_sb + h * B_sh + offs_n * B_sn, mask=mask_n, other=0.0).to(acc)
-    Cv = tl.load(C_ptr + b * C_sb + h * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
+    x = tl.load(x_ptr + b * x_sb + (h // X_REP) * x_sh + offs_p * x_sp, mask=mask_p, other=0.0).to(acc)
+    Bv = tl.load(B_ptr + b * B_sb + (h // B_REP) * B_sh + offs_n * B_sn, mask=mask_n, other=0.0).to(acc)
+    Cv = tl.load(C_ptr + b * C_sb + (h // C_REP) * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
 
     s_ptrs = state_ptr + b * s_sb + h * s_sh + offs_n[:, None] * s_sn + offs_p[None, :] * s_sp
     mask = mask_n[:, None] & mask_p[None, :]
@@ -103,25 +121,24 @@ def ssd_step_inplace(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of the SSD recurrence, updating ``state`` (b,h,n,p) in place.
 
-    x (b,h,p), dt (b,h) (already softplus-ed), A (h), B and C (b,h,n), D (h) or None.
+    x (b,g,p), dt (b,h), A (h), B (b,g,n) and C (b,g',n), D (h) or None, where g and g' divide h:
+    head i reads group i // (h // g) (x and B from the kv heads without repeating them). dt is
+    already softplus-ed, or with ``dt_bias`` (h) the raw projection (softplus(dt + dt_bias)).
     Writes y (b,h,p) into ``out`` (allocated in x's dtype if None) and returns it.
     """
     b, h, n, p = state.shape
-    if x.shape != (b, h, p) or dt.shape != (b, h) or B.shape != (b, h, n) or C.shape != (b, h, n):
-        raise ValueError(
-            f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
-            f"dt {tuple(dt.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
-        )
+    reps = group_sizes(state, x, dt, B, C)
     if out is None:
-        out = torch.empty_like(x)
+        out = x.new_empty(b, h, p)
     block_p = _block_p(b * h, p, state.device)
     grid = (b * h, triton.cdiv(p, block_p))
     _ssd_step_kernel[grid](
-        state, x, dt, A, B, C, D if D is not None else A, out,
-        h, n, p,
+        state, x, dt, A, B, C, D if D is not None else A, out, dt_bias if dt_bias is not None else A,
+        h, n, p, *reps,
         *state.stride(),
         *x.stride(),
         *dt.stride(),
@@ -129,11 +146,29 @@ def ssd_step_inplace(
         *C.stride(),
         *out.stride(),
         HAS_D=D is not None,
+        DT_SOFTPLUS=dt_bias is not None,
         BLOCK_N=triton.next_power_of_2(n),
         BLOCK_P=block_p,
         **launch_options(state.device),
     )
     return out
+
+
+def group_sizes(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor,
+                C: torch.Tensor) -> tuple[int, int, int]:
+    """Heads per group of x, B and C for a step over ``state`` (b,h,n,p); a clear error where
+    the shapes disagree."""
+    b, h, n, p = state.shape
+    ok = (x.dim() == 3 and x.shape[0] == b and x.shape[2] == p and dt.shape == (b, h)
+          and B.dim() == 3 and B.shape[0] == b and B.shape[2] == n and C.dim() == 3 and C.shape[0] == b
+          and C.shape[2] == n and all(t.shape[1] >= 1 and h % t.shape[1] == 0 for t in (x, B, C)))
+    if not ok:
+        raise ValueError(
+            f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
+            f"dt {tuple(dt.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)} (x, B and C take h heads, or "
+            "groups of heads that divide h)"
+        )
+    return h // x.shape[1], h // B.shape[1], h // C.shape[1]
 
 
 def ssd_step(

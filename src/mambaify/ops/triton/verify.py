@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ..reference import check_counts, check_verify_shapes
-from .decode import _acc_dtype, _block_p, _num_sms
+from .decode import _acc_dtype, _block_p, _num_sms, softplus_in_dtype
 from .pdl import launch_options, wait_for_inputs
 
 # --------------------------------------------------------------------------- SSD verify
@@ -54,8 +54,8 @@ def _entry(vector, offs_t, i):
 def _ssd_verify_kernel(
     ckpt_ptr, xc_ptr, dtc_ptr, Bc_ptr, counts_ptr,
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
-    states_ptr, tickets_ptr,
-    T, t, H, N, P,
+    states_ptr, tickets_ptr, dt_bias_ptr,
+    T, t, H, N, P, X_REP, B_REP, C_REP,
     s_sb, s_sh, s_sn, s_sp,
     xc_sb, xc_st, xc_sh, xc_sp,
     dtc_sb, dtc_st, dtc_sh,
@@ -68,6 +68,7 @@ def _ssd_verify_kernel(
     y_sb, y_st, y_sh, y_sp,
     st_sb, st_st, st_sh, st_sn, st_sp,
     HAS_D: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr,
     STORE_STATES: tl.constexpr,
     SHARED_BH: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -94,13 +95,20 @@ def _ssd_verify_kernel(
     decode step). The launcher prefetches where the tiles fit one warp (:func:`_prefetch_pays`,
     measured in session 11); MAMBAIFY_VERIFY_PREFETCH=0 keeps the per-step loads everywhere, and
     bench_kernels.py --only verify times both.
+    As in the decode step (:func:`~mambaify.ops.triton.decode._ssd_step_kernel`), the new x, B
+    and C may come per group of heads (X_REP, B_REP, C_REP heads to a group) and, with
+    DT_SOFTPLUS, dt raw (softplus(dt + dt_bias[h]) here, in dt's dtype, and cached as such).
     """
     wait_for_inputs(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    hx, hb, hc = h // X_REP, h // B_REP, h // C_REP  # the heads' groups in x, B and C
     acc = ckpt_ptr.dtype.element_ty
+    dt_bias = 0.0
+    if DT_SOFTPLUS:
+        dt_bias = tl.load(dt_bias_ptr + h)
 
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
@@ -120,9 +128,11 @@ def _ssd_verify_kernel(
     new_p = new[:, None] & mask_p[None, :]
     new_n = new[:, None] & mask_n[None, :]
     dt_raw = tl.load(dt_ptr + b * dt_sb + offs_t * dt_st + h * dt_sh, mask=new, other=0.0)
-    x_raw = tl.load(x_ptr + b * x_sb + offs_t[:, None] * x_st + h * x_sh + offs_p[None, :] * x_sp, mask=new_p, other=0.0)
-    B_raw = tl.load(B_ptr + b * B_sb + offs_t[:, None] * B_st + h * B_sh + offs_n[None, :] * B_sn, mask=new_n, other=0.0)
-    C_new = tl.load(C_ptr + b * C_sb + offs_t[:, None] * C_st + h * C_sh + offs_n[None, :] * C_sn, mask=new_n,
+    if DT_SOFTPLUS:
+        dt_raw = softplus_in_dtype(dt_raw, dt_bias, acc)
+    x_raw = tl.load(x_ptr + b * x_sb + offs_t[:, None] * x_st + hx * x_sh + offs_p[None, :] * x_sp, mask=new_p, other=0.0)
+    B_raw = tl.load(B_ptr + b * B_sb + offs_t[:, None] * B_st + hb * B_sh + offs_n[None, :] * B_sn, mask=new_n, other=0.0)
+    C_new = tl.load(C_ptr + b * C_sb + offs_t[:, None] * C_st + hc * C_sh + offs_n[None, :] * C_sn, mask=new_n,
                     other=0.0).to(acc)
     dt_new, x_new, B_new = dt_raw.to(acc), x_raw.to(acc), B_raw.to(acc)
 
@@ -174,10 +184,13 @@ def _ssd_verify_kernel(
             dti, xi = _entry(dt_new, offs_t, i), _row(x_new, offs_t, i)
             Bi, Ci = _row(B_new, offs_t, i), _row(C_new, offs_t, i)
         else:
-            dti = tl.load(dt_ptr + b * dt_sb + i * dt_st + h * dt_sh).to(acc)
-            xi = tl.load(x_ptr + b * x_sb + i * x_st + h * x_sh + offs_p * x_sp, mask=mask_p, other=0.0).to(acc)
-            Bi = tl.load(B_ptr + b * B_sb + i * B_st + h * B_sh + offs_n * B_sn, mask=mask_n, other=0.0).to(acc)
-            Ci = tl.load(C_ptr + b * C_sb + i * C_st + h * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
+            dti = tl.load(dt_ptr + b * dt_sb + i * dt_st + h * dt_sh)
+            if DT_SOFTPLUS:
+                dti = softplus_in_dtype(dti, dt_bias, acc)
+            dti = dti.to(acc)
+            xi = tl.load(x_ptr + b * x_sb + i * x_st + hx * x_sh + offs_p * x_sp, mask=mask_p, other=0.0).to(acc)
+            Bi = tl.load(B_ptr + b * B_sb + i * B_st + hb * B_sh + offs_n * B_sn, mask=mask_n, other=0.0).to(acc)
+            Ci = tl.load(C_ptr + b * C_sb + i * C_st + hc * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
         S = tl.exp(dti * a) * S + Bi[:, None] * (dti * xi)[None, :]
         y = tl.sum(S * Ci[:, None], axis=0) + D * xi
         tl.store(y_ptr + b * y_sb + i * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
@@ -244,9 +257,10 @@ def _prefetch_pays(block_t: int, block_n: int, block_p: int) -> bool:
 
 def _launch(
     checkpoint, x_cache, dt_cache, B_cache, states, counts, x, dt, A, B, C, D, out, block_p, store_states,
-    prefetch=None,
+    prefetch=None, dt_bias=None,
 ):
     b, h, n, p = checkpoint.shape
+    reps = (h // x.shape[2], h // B.shape[2], h // C.shape[2])  # heads per group (shapes checked by the callers)
     T, t = (states if store_states else x_cache).shape[1], x.shape[1]
     block_p = block_p or _block_p(b * h, p, checkpoint.device)
     block_t, block_n = triton.next_power_of_2(max(T, t)), triton.next_power_of_2(n)
@@ -267,8 +281,8 @@ def _launch(
     _ssd_verify_kernel[(b * h, p_blocks)](
         checkpoint, *caches, counts,
         x, dt, A, B, C, D if D is not None else A, out,
-        states_arg, tickets,
-        T, t, h, n, p,
+        states_arg, tickets, dt_bias if dt_bias is not None else A,
+        T, t, h, n, p, *reps,
         *checkpoint.stride(),
         *cache_strides,
         counts.stride(0),
@@ -279,6 +293,7 @@ def _launch(
         *out.stride(),
         *states_strides,
         HAS_D=D is not None,
+        DT_SOFTPLUS=dt_bias is not None,
         STORE_STATES=store_states,
         SHARED_BH=shared,
         PREFETCH=prefetch,
@@ -308,6 +323,7 @@ def ssd_verify_inplace(
     check_counts_values: bool | None = None,
     block_p: int | None = None,
     prefetch: bool | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`mambaify.ops.reference.ssd_verify` in one launch, in place.
 
@@ -319,14 +335,15 @@ def ssd_verify_inplace(
     after one warm-up call). ``check_counts_values``: see :func:`reference.check_counts`.
     ``block_p`` overrides the p columns per program (tests use it to split heads); ``prefetch``
     the kernel's loads (see :func:`_ssd_verify_kernel`; None: :func:`prefetch_default` where
-    :func:`_prefetch_pays`).
+    :func:`_prefetch_pays`). x, B and C may hold groups of heads, and ``dt_bias`` makes dt the
+    raw projection (see :func:`mambaify.ops.ssd_verify_inplace`).
     """
     T, t = check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
     check_counts(counts, T, check_counts_values)
     if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = x.new_empty(x.shape[0], t, checkpoint.shape[1], x.shape[3])
     return _launch(checkpoint, x_cache, dt_cache, B_cache, None, counts, x, dt, A, B, C, D, out, block_p, False,
-                   prefetch)
+                   prefetch, dt_bias)
 
 
 def ssd_verify_store_states(
