@@ -71,8 +71,8 @@ from .fileio import write_json_atomic
 from .generate.clock import Clock
 from . import ops
 from .generate.engine import (
-    COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, prefill_width, resolve_small_batch_linear,
-    use_split_k_attention,
+    COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, check_small_batch_linear, prefill_width,
+    resolve_small_batch_linear, use_split_k_attention,
 )
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
@@ -127,8 +127,7 @@ class BenchOptions:
             raise ValueError("batch sizes, contexts, --new-tokens and --repeats must be at least 1")
         if self.hf_prefill_chunk is not None and self.hf_prefill_chunk < 0:
             raise ValueError(f"--hf-prefill-chunk must be 0 (never chunk) or a number of tokens, got {self.hf_prefill_chunk}")
-        if self.small_batch_linear not in (True, False, "auto"):
-            raise ValueError(f"small_batch_linear must be True, False or 'auto', got {self.small_batch_linear!r}")
+        check_small_batch_linear(self.small_batch_linear)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if set(self.paths) - {"engine", "hf"}:
@@ -489,11 +488,7 @@ def new_engine_point(spec: PointSpec, model: nn.Module | None, options: BenchOpt
                      dtype: torch.dtype, bandwidth: float | None) -> dict:
     """:func:`new_point` for an engine point run with ``options`` on ``device``."""
     slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
-    if model is not None:
-        split_k = resolve_small_batch_linear(options.small_batch_linear, model, device)
-    else:  # a point skipped before its model was built: what "auto" would pick for the family
-        split_k = options.small_batch_linear is True or (
-            options.small_batch_linear == "auto" and ops.gpu_kernels_available(device))
+    split_k = resolve_small_batch_linear(options.small_batch_linear, model, device)
     return new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, "split-K" if split_k else None)
 
 

@@ -307,8 +307,7 @@ class MambaRunner:
         xBC = ops.conv_step_inplace(state.conv_state, xBC[:, 0], m.conv1d.weight[:, 0], m.conv1d.bias)  # SiLU-ed
         # x and B stay per kv head and dt raw: the step reads each head's group and applies the
         # softplus itself, so no kernel copies them out to every head first.
-        x, B, C = xBC.split([m.d_x, m.d_b, m.d_c], dim=-1)
-        x, B, C = x.view(b, -1, m.head_dim), B.view(b, -1, m.d_state), C.view(b, -1, m.d_state)
+        x, B, C = m.split_groups(xBC)
         y = ops.ssd_step_inplace(state.ssm_state, x, dt[:, 0], self.A, B, C, m.D, dt_bias=m.dt_bias)
         return self.linear(m.out_proj, m.norm(y.reshape(b, 1, m.d_inner), z))
 
@@ -318,19 +317,24 @@ def missing_gated_mlp_parts(mlp: nn.Module) -> list[str]:
     return [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(mlp, n)]
 
 
-def resolve_small_batch_linear(setting: bool | Literal["auto"], model: nn.Module, device: torch.device) -> bool:
-    """Whether an engine runs its linear layers through the split-K GEMV. "auto" (the engines'
-    default): on CUDA where mambaify's Triton kernels import and every layer has the Llama
-    family's gated MLP. On the H200 it was as fast as cuBLAS or faster at every point measured
-    (BENCHMARKS.md, sessions 8-11: the 8B step 5-7% faster at batch 1 and equal at batch 8;
-    SmolLM2's compiled engine 16% faster at batch 1, its speculative rounds 20%)."""
+def check_small_batch_linear(setting) -> None:
     if setting not in (True, False, "auto"):
         raise ValueError(f"small_batch_linear must be True, False or 'auto', got {setting!r}")
+
+
+def resolve_small_batch_linear(setting: bool | Literal["auto"], model: nn.Module | None, device: torch.device) -> bool:
+    """Whether an engine runs its linear layers through the split-K GEMV. "auto" (the engines'
+    default): on CUDA where mambaify's Triton kernels import and every layer of ``model`` (None:
+    not built yet, not checked) has the Llama family's gated MLP. On the H200 it was as fast as
+    cuBLAS or faster at every point measured (BENCHMARKS.md, sessions 8-11: the 8B step 5-7%
+    faster at batch 1 and equal at batch 8; SmolLM2's compiled engine 16% faster at batch 1, its
+    speculative rounds 20%)."""
+    check_small_batch_linear(setting)
     if setting != "auto":
         return setting
     if not ops.gpu_kernels_available(device):
         return False
-    return not any(missing_gated_mlp_parts(layer.mlp) for layer in model.model.layers)
+    return model is None or not any(missing_gated_mlp_parts(layer.mlp) for layer in model.model.layers)
 
 
 class DecoderLayerRunner:
@@ -1297,6 +1301,7 @@ __all__ = [
     "MambaRunner",
     "StaticCache",
     "check_compile_options",
+    "check_small_batch_linear",
     "resolve_small_batch_linear",
     "compile_step",
     "engine_if_served",

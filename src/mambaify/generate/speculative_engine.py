@@ -290,8 +290,7 @@ def mamba_verify(
     if buf.states is None:
         # x and B per kv head and dt raw, as in the engine's decode step: the kernel reads each
         # head's group and applies the softplus, and no kernel copies them out per head first.
-        x, B, C = conv.split([mixer.d_x, mixer.d_b, mixer.d_c], dim=-1)
-        x, B, C = (v.view(b, t, -1, size) for v, size in ((x, mixer.head_dim), (B, mixer.d_state), (C, mixer.d_state)))
+        x, B, C = mixer.split_groups(conv)
         y = ops.ssd_verify_inplace(buf.checkpoint, buf.x, buf.dt, buf.B, counts, x, dt, mixer.A, B, C, mixer.D,
                                    check_counts_values=False, dt_bias=mixer.dt_bias)
     else:

@@ -154,15 +154,19 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = projected.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         return z, xBC, dt
 
+    def split_groups(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split conv output (..., conv_dim) into x (..., xb heads, head_dim), B (..., xb heads,
+        d_state) and C (..., heads, d_state): views, x and B still per kv head (the decode
+        kernels read each head's group where it lies)."""
+        x, B, C = xBC.split([self.d_x, self.d_b, self.d_c], dim=-1)
+        return (x.unflatten(-1, (self.num_xb_heads, self.head_dim)), B.unflatten(-1, (self.num_xb_heads, self.d_state)),
+                C.unflatten(-1, (self.num_heads, self.d_state)))
+
     def split_heads(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split conv output into per-head x, B, C, repeating x and B from the kv heads."""
-        b, t, _ = xBC.shape
-        x, B, C = xBC.split([self.d_x, self.d_b, self.d_c], dim=-1)
+        x, B, C = self.split_groups(xBC)
         rep = self.num_heads // self.num_xb_heads
-        x = x.reshape(b, t, self.num_xb_heads, self.head_dim).repeat_interleave(rep, dim=2)
-        B = B.reshape(b, t, self.num_xb_heads, self.d_state).repeat_interleave(rep, dim=2)
-        C = C.reshape(b, t, self.num_heads, self.d_state)
-        return x, B, C
+        return x.repeat_interleave(rep, dim=-2), B.repeat_interleave(rep, dim=-2), C
 
     def forward(
         self,

@@ -188,14 +188,21 @@ def ssd_step_inplace(
     return _ssd_step_inplace(state, x, dt, A, B, C, D, out, dt_bias)
 
 
+def _per_head(heads: int, x, B, C, dt, dt_bias):
+    """The PyTorch paths' inputs as the kernels read them: x, B and C given per group of heads
+    (dimension -2) spread to every head, and with ``dt_bias`` dt as softplus(dt + dt_bias) in
+    dt's dtype."""
+    x, B, C = (v.repeat_interleave(heads // v.shape[-2], dim=-2) if 0 < v.shape[-2] < heads else v for v in (x, B, C))
+    if dt_bias is not None:
+        dt = F.softplus(dt + dt_bias.to(dt.dtype))
+    return x, B, C, dt
+
+
 def _ssd_step_inplace(state, x, dt, A, B, C, D=None, out=None, dt_bias=None):
     kernels = _gpu_kernels(state)
     if kernels is not None:
         return kernels.ssd_step_inplace(state, x, dt, A, B, C, D, out, dt_bias)
-    heads = state.shape[1]  # groups of heads spread to every head, as the kernel reads them
-    x, B, C = (t.repeat_interleave(heads // t.shape[1], dim=1) if 0 < t.shape[1] < heads else t for t in (x, B, C))
-    if dt_bias is not None:
-        dt = F.softplus(dt + dt_bias.to(dt.dtype))
+    x, B, C, dt = _per_head(state.shape[1], x, B, C, dt, dt_bias)
     y, new_state = ssd_step(state, x, dt, A, B, C, D)
     state.copy_(new_state)
     y = y.to(x.dtype)
@@ -452,10 +459,7 @@ def _ssd_verify_inplace(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, A
         )
     T, t = check_verify_shapes(checkpoint, x_cache, dt_cache, B_cache, counts, x, dt, B, C)
     check_counts(counts, T, check_counts_values)
-    heads = checkpoint.shape[1]  # groups of heads spread to every head, as the kernel reads them
-    x, B, C = (v.repeat_interleave(heads // v.shape[2], dim=2) if v.shape[2] < heads else v for v in (x, B, C))
-    if dt_bias is not None:
-        dt = F.softplus(dt + dt_bias.to(dt.dtype))
+    x, B, C, dt = _per_head(checkpoint.shape[1], x, B, C, dt, dt_bias)
     folded = ssd_fold(checkpoint, x_cache, dt_cache, B_cache, counts, A)
     y, _ = ssd_sequential(x, dt, A, B, C, D, initial_state=folded)
     checkpoint.copy_(folded)
