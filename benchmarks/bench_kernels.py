@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["scan", "decode", "verify", "gemv"],
                    help="run one group only (gemv runs only when asked for)")
     p.add_argument("--gemv-batch", type=_int_list, default=[1, 8], help="GEMV rows (default 1,8)")
+    p.add_argument("--gemv-configs", type=_gemv_configs, default=None,
+                   help="GEMV block sizes to try, BN,BK,WARPS;... (default: 12 of them, BN 16/32/64, "
+                        "BK 256/512, 4/8 warps)")
     p.add_argument("--verify-batch", type=_int_list, default=[1, 8], help="verify batch sizes (default 1,8)")
     p.add_argument("--verify-k", type=_int_list, default=list(range(2, 9)), help="draft lengths K (default 2..8)")
     p.add_argument("--verify-shape", type=_int_list, default=[VERIFY_SHAPE[c] for c in "hpn"],
@@ -96,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _gemv_configs(text: str) -> list[tuple[int, int, int]]:
+    try:
+        configs = [tuple(int(v) for v in part.split(",")) for part in text.split(";") if part]
+    except ValueError:
+        configs = []
+    if not configs or any(len(c) != 3 for c in configs):
+        raise argparse.ArgumentTypeError(f"--gemv-configs {text!r}: expected BN,BK,WARPS;... e.g. 32,256,4;64,256,4")
+    return configs
 
 
 class Recorder:
@@ -432,25 +445,25 @@ def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
         for label, nbytes, kernel, reference in kinds:
             expected = reference(weights[0], weights[-1])
             best = {}  # per variant (planned splits in one launch or two, no split): (ms, config)
-            for bn, bk, warps in GEMV_CONFIGS:
+            for bn, bk, warps in args.gemv_configs or GEMV_CONFIGS:
                 # The planned split-K (its sums added in the same launch, or by a second kernel),
                 # and none (no partial sums to add) where the plan splits.
-                planned = plan(n, k, torch.device(DEVICE), bn, bk)[1]
+                planned = plan(n, k, torch.device(DEVICE), bn, bk, dot=m > 1)[1]
                 variants = [(None, True), (None, False), (1, True)] if planned > 1 else [(None, True)]
                 for splits, one_launch in variants:
                     def ours(x_, w_, u_, bn=bn, bk=bk, warps=warps, splits=splits, one_launch=one_launch):
                         return kernel(x_, w_, u_, block_n=bn, block_k=bk, num_warps=warps, splits=splits,
                                       one_launch=one_launch)
-                    got = ours(x, weights[0], weights[-1]).float()
-                    err = ((got - expected).norm() / expected.norm()).item()
-                    if not err < 1e-2:
-                        raise AssertionError(f"{label} {shape} bn{bn} bk{bk} w{warps}: rel. error {err:.2e}")
                     try:
+                        got = ours(x, weights[0], weights[-1]).float()
                         ms = timed(ours)()
                     except Exception as e:  # a config the machine refuses (registers, shared memory)
                         print(f"gemv {label} {shape} bn{bn} bk{bk} w{warps}: {type(e).__name__}: {e}".splitlines()[0],
                               flush=True)
                         continue
+                    err = ((got - expected).norm() / expected.norm()).item()
+                    if not err < 1e-2:
+                        raise AssertionError(f"{label} {shape} bn{bn} bk{bk} w{warps}: rel. error {err:.2e}")
                     how = "no split" if splits == 1 else "planned splits, " + ("1 launch" if one_launch else "2 launches")
                     if how not in best or ms < best[how][0]:
                         best[how] = (ms, f"bn{bn} bk{bk} w{warps}")

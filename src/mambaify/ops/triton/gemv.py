@@ -237,11 +237,19 @@ def _sum_splits_kernel(
     tl.store(out_ptr + m * o_sm + offs_n * o_sn, result.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-def plan(n: int, k: int, device: torch.device, block_n: int = 32, block_k: int = 256) -> tuple[int, int]:
+def plan(n: int, k: int, device: torch.device, block_n: int = 32, block_k: int = 256,
+         dot: bool = False) -> tuple[int, int]:
     """(programs along N, reduction splits of whole K blocks): about four programs per
     multiprocessor, a split never shorter than two K blocks. The partial sums cost little: at the
-    8B shape's smallest matrix (1024 x 4096, 8 MB) eight splits write and read 64 KB of them."""
+    8B shape's smallest matrix (1024 x 4096, 8 MB) eight splits write and read 64 KB of them.
+    ``dot`` (several rows through tl.dot): no split once the n blocks alone give every
+    multiprocessor a program. Measured on the H200 at 4 rows (a verify call's K + 1 tokens;
+    session 12): unsplit, in_proj, gate+up and q+k+v took 8-16% less time than split as for one
+    row, while the matrices of fewer n blocks than multiprocessors (k/v, o, down) kept gaining
+    from the split."""
     programs_n = triton.cdiv(n, block_n)
+    if dot and programs_n >= _num_sms(device):
+        return programs_n, 1
     splits = max(1, min(triton.cdiv(4 * _num_sms(device), programs_n), k // (2 * block_k)))
     return programs_n, _whole_blocks(k, splits, block_k)[1]
 
@@ -337,13 +345,13 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     weight = mats[0]
     n = sum(w.shape[0] for w in mats)
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    planned = plan(n, k, rows.device, block_n, block_k)[1]
-    programs_n = sum(triton.cdiv(w.shape[0], block_n) for w in mats)  # each matrix from a block of its own
-    k_per_split, splits = _whole_blocks(k, splits or planned, block_k)
-    gated, parts = up is not None, 2 if up is not None else 1
     # tl.dot takes tiles of at least 16 in every dimension; float32 inputs keep full precision
     # ("ieee", not tf32), half-precision ones multiply exactly anyway (the precision is ignored).
     use_dot = m > 1 and block_n >= 16 and block_k >= 16
+    planned = plan(n, k, rows.device, block_n, block_k, dot=use_dot)[1]
+    programs_n = sum(triton.cdiv(w.shape[0], block_n) for w in mats)  # each matrix from a block of its own
+    k_per_split, splits = _whole_blocks(k, splits or planned, block_k)
+    gated, parts = up is not None, 2 if up is not None else 1
     block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     # One split writes the result itself; several write float32 partial sums, added up by the
