@@ -788,6 +788,39 @@ def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing
     assert qkv == [tuple(layer.self_attn.q_proj.weight.shape) for layer in attention]
 
 
+def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_on_the_cpu(model):
+    """fold_norms: every RMSNorm of the decode step goes into the GEMV after it and every residual
+    add into the GEMV before it. On the CPU the op computes both as the modules do, so tokens and
+    logits are the same bits, and no norm module runs in a decode step."""
+    prompts = random_prompts(6, 3, 9)
+    options = dict(max_new_tokens=10, stop_token_ids=[])
+    plain = Engine(model, max_batch_size=3, max_length=32)
+    folded = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=True)
+    assert folded.stack.folded_norm is not None and all(r.folded_norms for r in folded.stack.layers)
+    assert torch.equal(folded.generate(prompts, **options), plain.generate(prompts, **options))
+    ids, mask = left_padded(prompts)
+    plain.prefill(ids, mask)
+    folded.prefill(ids, mask)
+    norm_type = type(model.model.norm)
+    ran: list[str] = []
+    hooks = [m.register_forward_hook(lambda module, args, out, name=name: ran.append(name))
+             for name, m in model.named_modules() if type(m) is norm_type]
+    token = torch.tensor([5, 6, 7])
+    try:
+        got = folded.decode(token)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == [] and torch.equal(got, plain.decode(token))
+    # Nothing folds without the split-K GEMV, or into a norm of another kind.
+    assert Engine(model, max_batch_size=1, max_length=8, fold_norms=True).stack.folded_norm is None
+    from mambaify.generate.engine import foldable_norm
+
+    assert foldable_norm(torch.nn.LayerNorm(8)) is None
+    weight, eps = foldable_norm(model.model.norm)
+    assert weight is model.model.norm.weight and eps == model.config.rms_norm_eps
+
+
 def test_small_batch_linear_keeps_q_k_v_apart_when_they_cannot_be_read_as_one(monkeypatch):
     """q, k and v go through one grouped call only where the three weights can be read as one
     matrix (contiguous, one dtype); a transposed-storage k_proj gets a call of its own, with the
@@ -868,6 +901,29 @@ def test_small_batch_linear_ops_are_opaque_under_compile():
     F = torch.nn.functional
     assert torch.equal(compiled_gated(x, w, up), F.silu(F.linear(x, w)) * F.linear(x, up))
     assert {"mambaify.small_batch_linear", "mambaify.small_batch_gated_up"} <= set(seen)
+    # With the RMSNorm before and the residual after folded in.
+    norm_w, res = torch.randn(12, generator=g), torch.randn(2, 1, 20, generator=g)
+    torch.library.opcheck(torch.ops.mambaify.small_batch_linear.default, (x, w, b, norm_w, 1e-5, res))
+    torch.library.opcheck(torch.ops.mambaify.small_batch_gated_up.default, (x, w, up, norm_w, 1e-5))
+    torch.library.opcheck(torch.ops.mambaify.small_batch_qkv.default, (x, w, up, up, b, None, None, norm_w, 1e-5))
+    fused = torch.compile(ops.small_batch_linear, backend=recording_backend(seen), fullgraph=True)
+    assert torch.equal(fused(x, w, b, norm_w, 1e-5, res), res + F.linear(ops.rms_norm(x, norm_w, 1e-5), w, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", [0.5, 0.0, 1.0], ids=["hybrid-50", "mamba2", "llama"])
+def test_cuda_fold_norms_decodes_the_same_tokens(attention):
+    """The RMSNorms and residual adds inside the GEMVs, in a CUDA graph: the same greedy tokens
+    as the split-K GEMV with the norms as modules (float32: the folded scale rounds differently,
+    far below a token's margin)."""
+    model = (tiny_teacher("llama") if attention == 1.0 else perturbed_hybrid(attention)).cuda()
+    prompts = random_prompts(7, 2, 12)
+    options = dict(max_new_tokens=24, stop_token_ids=[])
+    folded = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=True)
+    plain = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=False)
+    assert folded.stack.folded_norm is not None
+    assert torch.equal(folded.generate(prompts, **options), plain.generate(prompts, **options))
 
 
 @pytest.mark.gpu

@@ -175,6 +175,31 @@ def test_small_batch_linear_rounds_give_the_same_tokens(targets, drafts, target_
     assert {(4, 4), (4, 2), (4, 1)} <= set(calls)
 
 
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+@pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
+def test_fold_norms_rounds_give_the_same_tokens_and_run_no_norm_module(targets, drafts, target_name, draft_name):
+    """fold_norms: the verify calls' and draft steps' RMSNorms inside the projections after them,
+    their residual adds inside the projections before (on the CPU computed as the modules do, so
+    the same tokens exactly); no decoder-layer or final norm module runs in a round."""
+    target, draft = targets[target_name], drafts[draft_name]
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids, mask, 12)
+    engine = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=40, small_batch_linear=True,
+                               fold_norms=True)
+    for stack in (engine.target_stack, engine.draft_stack):
+        assert stack.folded_norm is not None and all(r.folded_norms for r in stack.layers)
+    ran = []
+    norms = [m for model in (target, draft) for m in model.modules() if type(m) is type(model.model.norm)]
+    hooks = [m.register_forward_hook(lambda *_: ran.append(1)) for m in norms]
+    try:
+        tokens = engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(tokens, expected)
+    assert len(ran) == len(norms)  # each model's prefill runs its norms once; the rounds none
+
+
 @pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
 def test_split_k_attention_path_gives_the_same_tokens(targets, drafts, draft_name, monkeypatch):
     """The CUDA branch of attention (ops.decode_attention fed slots and pad lengths, no mask),
@@ -1119,6 +1144,22 @@ def test_cuda_small_batch_linear_rounds_equal_plain_greedy(targets, drafts, targ
     for k in (1, 4, "auto"):
         tokens = engine.generate(ids.cuda(), mask.cuda(), max_new_tokens=16, stop_token_ids=[], k=k)
         assert torch.equal(tokens, expected), f"k={k}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+def test_cuda_fold_norms_rounds_equal_plain_greedy(targets, drafts, target_name):
+    """The norms and residual adds folded into the GEMVs of every verify call and draft step, in
+    CUDA graphs: plain greedy decoding's tokens (float32)."""
+    target = copy.deepcopy(targets[target_name]).cuda()
+    draft = copy.deepcopy(drafts["transformer"]).cuda()
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids.cuda(), mask.cuda(), 16).cpu()
+    engine = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=48, small_batch_linear=True,
+                               fold_norms=True)
+    assert engine.target_stack.folded_norm is not None
+    assert torch.equal(engine.generate(ids.cuda(), mask.cuda(), max_new_tokens=16, stop_token_ids=[]), expected)
 
 
 @pytest.mark.gpu

@@ -87,7 +87,8 @@ CASES = {
 }
 # The split-K GEMV: one row on the CUDA cores and 16 through tl.dot, its splits' float32 partial
 # sums added in its own launch (the last split, after an atomic count) or by the sum kernel.
-GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32", PDL=False, GROUPED=False)
+GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32", PDL=False, GROUPED=False, NORM=False,
+            RESIDUAL=False)
 GEMV_PARTIALS = {"out_ptr": "*fp32"}
 GEMV_CASES = {
     "gemv_one_row_split_one_launch": (gemv._gemv_kernel, dict(
@@ -98,8 +99,11 @@ GEMV_CASES = {
         GEMV, BLOCK_M=16, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=False), GEMV_PARTIALS),
     "gemv_dot_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False), None),
-    "gemv_sum_splits": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False, PDL=False),
-                        {"part_ptr": "*fp32"}),
+    "gemv_sum_splits": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False, NORM=False,
+                                                        RESIDUAL=False, PDL=False), {"part_ptr": "*fp32"}),
+    "gemv_sum_splits_norm_residual": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=False, HAS_BIAS=True, NORM=True,
+                                                                      RESIDUAL=True, PDL=False),
+                                      {"part_ptr": "*fp32", "ssq_ptr": "*fp32"}),
     # As a programmatic dependent launch (MAMBAIFY_PDL=1 on Hopper): one row, and gate+up through tl.dot.
     "gemv_one_row_pdl": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True, PDL=True),
@@ -113,6 +117,17 @@ GEMV_CASES = {
         PDL=True), None),
     "gemv_dot_gated_pdl": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=True, FINAL=True, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=False, PDL=True), None),
+    # The RMSNorm folded in (x * g on load, the rows' squares summed, the scale where the sums
+    # meet) and the residual added: one row split, rows through tl.dot gated, one split.
+    "gemv_norm_residual_one_row_split": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True, NORM=True,
+        RESIDUAL=True), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    "gemv_norm_dot_gated_split": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=True, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=True, NORM=True),
+        dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    "gemv_norm_residual_final": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False, NORM=True,
+        RESIDUAL=True), None),
 }
 
 

@@ -221,6 +221,65 @@ def test_small_batch_qkv_kernel(kernels, device, dtype, m, sizes, k, block_k, sp
         kernels.small_batch_qkv(x, mats[0], mats[1].t().contiguous().t(), mats[2])
 
 
+def rms64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x, weight = x.double().cpu(), weight.double().cpu()
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("m,n,k,block_k,splits,one_launch", [
+    (1, 37, 1000, 16, None, True),   # one row, split as planned: the scale where the splits' sums meet
+    (1, 37, 1000, 16, 3, False),     # ... added by the second kernel
+    (3, 90, 1000, 16, None, True),   # several rows through tl.dot, split
+    (3, 50, 640, 64, 3, False),
+    (5, 33, 70, 256, 1, True),       # one split: the kernel scales its own sums
+])
+def test_small_batch_linear_folds_the_rmsnorm_before_and_the_residual_after(kernels, device, dtype, m, n, k,
+                                                                             block_k, splits, one_launch):
+    """``rms_norm(x) @ W^T + b + residual`` in one launch, equal to the float64 reference; the
+    RMSNorm's input ``x`` is large (a residual stream's scale), so an unapplied scale shows."""
+    g = torch.Generator().manual_seed(m * 100 + n + k)
+    x = randn(m, k, g=g, dtype=dtype, device=device, scale=30.0)
+    norm_w = randn(k, g=g, dtype=dtype, device=device)
+    w = randn(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    b = randn(n, g=g, dtype=dtype, device=device)
+    res = randn(m, n, g=g, dtype=dtype, device=device)
+    out = kernels.small_batch_linear(x, w, b, block_k=block_k, splits=splits, one_launch=one_launch,
+                                     norm_weight=norm_w, norm_eps=1e-5, residual=res)
+    ref = F.linear(rms64(x, norm_w, 1e-5), w.double().cpu(), b.double().cpu()) + res.double().cpu()
+    assert out.shape == (m, n) and out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+    # Gate and up, and q/k/v, fold their layer's norm the same way.
+    up = randn(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    gated = kernels.small_batch_gated_up(x, w, up, block_k=block_k, splits=splits, one_launch=one_launch,
+                                         norm_weight=norm_w, norm_eps=1e-5)
+    normed = rms64(x, norm_w, 1e-5)
+    assert rel_err(gated, F.silu(F.linear(normed, w.double().cpu())) * F.linear(normed, up.double().cpu())) < TOL[dtype]
+    qkv = kernels.small_batch_qkv(x, w, up, up, block_k=block_k, splits=splits, one_launch=one_launch,
+                                  norm_weight=norm_w, norm_eps=1e-5)
+    expected = torch.cat([F.linear(normed, t.double().cpu()) for t in (w, up, up)], -1)
+    assert rel_err(qkv, expected) < TOL[dtype]
+    counters = kernels.gemv._COUNTERS.get(torch.device(device))
+    assert counters is None or not counters.any()
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
+def test_small_batch_linear_fused_operands_past_16_rows_and_bad_shapes(kernels, device, dtype):
+    """More rows than the kernel takes: the same result through PyTorch, the norm as the Llama
+    family computes it; a norm weight or residual of the wrong size is refused by name."""
+    g = torch.Generator().manual_seed(3)
+    x = randn(2, 10, 64, g=g, dtype=dtype, device=device)  # 20 rows
+    norm_w, w = randn(64, g=g, dtype=dtype, device=device), randn(24, 64, g=g, dtype=dtype, device=device)
+    res = randn(2, 10, 24, g=g, dtype=dtype, device=device)
+    got = kernels.small_batch_linear(x, w, norm_weight=norm_w, norm_eps=1e-6, residual=res)
+    assert torch.equal(got, res + F.linear(ops.rms_norm(x, norm_w, 1e-6), w))
+    assert torch.equal(kernels.small_batch_gated_up(x, w, w, norm_weight=norm_w, norm_eps=1e-6),
+                       F.silu(F.linear(ops.rms_norm(x, norm_w, 1e-6), w)) * F.linear(ops.rms_norm(x, norm_w, 1e-6), w))
+    with pytest.raises(ValueError, match="norm_weight"):
+        kernels.small_batch_linear(x, w, norm_weight=norm_w[:-1])
+    with pytest.raises(ValueError, match="residual"):
+        kernels.small_batch_linear(x[0, :2], w, residual=res[0])
+
+
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
 def test_small_batch_linear_split_sums_switch_and_counter_limit(kernels, device, dtype, monkeypatch):
     """MAMBAIFY_GEMV_ONE_LAUNCH=0 sends the split sums to their own kernel (the same bits); more n

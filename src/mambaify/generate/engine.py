@@ -188,6 +188,37 @@ def few_row_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return ops.small_batch_linear(x, layer.weight, layer.bias)
 
 
+# An RMSNorm the GEMV folds into the projection after it: (weight, eps).
+FoldedNorm = tuple[torch.Tensor, float]
+
+
+def fold_norms_default() -> bool:
+    """Whether the engines fold each layer's RMSNorms into the split-K GEMVs that follow them and
+    the residual adds into the GEMVs before (MAMBAIFY_FOLD_NORMS=1; off until timed on the H200:
+    it removes the two add + norm kernels per layer that inductor makes of them)."""
+    return os.environ.get("MAMBAIFY_FOLD_NORMS", "0") == "1"
+
+
+def foldable_norm(norm: nn.Module) -> FoldedNorm | None:
+    """(weight, eps) of a Llama-family RMSNorm (:func:`mambaify.ops.rms_norm`), asked of the module
+    itself on a probe: None for any other norm, which then runs as a module."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    probe = torch.linspace(-3.0, 5.0, 2 * weight.shape[0], device=weight.device).reshape(2, -1).to(weight.dtype)
+    with torch.no_grad():
+        return (weight, eps) if torch.equal(norm(probe), ops.rms_norm(probe, weight, eps)) else None
+
+
+def fused_linear(layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``[residual +] layer([rms_norm](x))`` through the split-K GEMV, the norm and the residual
+    add inside its launch on CUDA (:func:`mambaify.ops.small_batch_linear`)."""
+    weight, eps = norm if norm is not None else (None, 1e-6)
+    return ops.small_batch_linear(x, layer.weight, layer.bias, weight, eps, residual)
+
+
 # ---------------------------------------------------------------------------------------------
 # Token mixers against the static cache
 
@@ -217,29 +248,41 @@ class AttentionRunner:
         # Zeros, not empty: masked slots still enter the matmuls, and a NaN there would survive the mask.
         return KVBuffers(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, hidden: torch.Tensor, norm: FoldedNorm | None = None) -> tuple[torch.Tensor, ...]:
         """Queries, keys and values (b, heads, t, head_dim) of hidden (b, t, d). Through the
         split-K GEMV (``linear`` is :func:`few_row_linear`) the three projections are one launch
-        (:func:`mambaify.ops.small_batch_qkv`, ``grouped_qkv``); otherwise each goes through ``linear``."""
+        (:func:`mambaify.ops.small_batch_qkv`, ``grouped_qkv``); otherwise each goes through ``linear``.
+        ``norm``: hidden is the layer's input before its RMSNorm, folded into the projections."""
         attn = self.attention
         b, t, _ = hidden.shape
         heads = (b, t, -1, self.head_dim)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        norm_args = norm if norm is not None else (None, 1e-6)
         if self.grouped_qkv:
-            qkv = ops.small_batch_qkv(hidden, *(p.weight for p in projections), *(p.bias for p in projections))
+            qkv = ops.small_batch_qkv(hidden, *(p.weight for p in projections), *(p.bias for p in projections),
+                                      *norm_args)
             q_end = attn.q_proj.out_features
             k_end = q_end + attn.k_proj.out_features
             outputs = (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])
+        elif norm is not None:
+            outputs = tuple(fused_linear(p, hidden, norm) for p in projections)
         else:
             outputs = tuple(self.linear(p, hidden) for p in projections)
         query, key, value = (o.view(heads).transpose(1, 2) for o in outputs)
         return query, key, value
 
-    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, kv: KVBuffers) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, kv: KVBuffers, norm: FoldedNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention's output for hidden (b, t, d); with ``norm`` hidden is the layer's input
+        before its RMSNorm, and with ``residual`` the output comes with it added (both folded into
+        the GEMVs, for :meth:`DecoderLayerRunner.decode`)."""
         attn = self.attention
         b, t, _ = hidden.shape
-        linear = self.linear
-        query, key, value = self.project(hidden)
+
+        def linear(layer, x):
+            return self.linear(layer, x) if residual is None else fused_linear(layer, x, residual=residual)
+
+        query, key, value = self.project(hidden, norm)
         query, key = self.apply_rotary(query, key, *ctx.rotary)
         kv.keys.index_copy_(2, ctx.query_slots, key)
         kv.values.index_copy_(2, ctx.query_slots, value)
@@ -299,17 +342,22 @@ class MambaRunner:
         state.ssm_state.copy_(fresh.ssm_state)
         return out
 
-    def decode(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaBuffers) -> torch.Tensor:
-        # Mamba2Mixer.forward for one token, the state read and written in place (fused kernels on CUDA).
+    def decode(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaBuffers, norm: FoldedNorm | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Mamba2Mixer.forward for one token, the state read and written in place (fused kernels
+        on CUDA); ``norm`` and ``residual`` folded into in_proj and out_proj as in
+        :meth:`AttentionRunner.forward`."""
         m = self.mixer
         b = hidden.shape[0]
-        z, xBC, dt = m.split_projection(self.linear(m.in_proj, hidden))
+        projected = self.linear(m.in_proj, hidden) if norm is None else fused_linear(m.in_proj, hidden, norm)
+        z, xBC, dt = m.split_projection(projected)
         xBC = ops.conv_step_inplace(state.conv_state, xBC[:, 0], m.conv1d.weight[:, 0], m.conv1d.bias)  # SiLU-ed
         # x and B stay per kv head and dt raw: the step reads each head's group and applies the
         # softplus itself, so no kernel copies them out to every head first.
         x, B, C = m.split_groups(xBC)
         y = ops.ssd_step_inplace(state.ssm_state, x, dt[:, 0], self.A, B, C, m.D, dt_bias=m.dt_bias)
-        return self.linear(m.out_proj, m.norm(y.reshape(b, 1, m.d_inner), z))
+        gated = m.norm(y.reshape(b, 1, m.d_inner), z)
+        return self.linear(m.out_proj, gated) if residual is None else fused_linear(m.out_proj, gated, residual=residual)
 
 
 def missing_gated_mlp_parts(mlp: nn.Module) -> list[str]:
@@ -342,9 +390,14 @@ class DecoderLayerRunner:
 
     With a ``linear`` other than the modules' own, the MLP is run here from its gate, up and down
     projections (the gated MLP of the Llama family: down(act(gate(x)) * up(x))), gate and up as
-    one :func:`mambaify.ops.small_batch_gated_up` call where the activation is SiLU."""
+    one :func:`mambaify.ops.small_batch_gated_up` call where the activation is SiLU.
 
-    def __init__(self, layer: nn.Module, linear: LinearCall = module_linear):
+    ``fold_norms`` (with the split-K GEMV, both norms the Llama family's RMSNorm): the decode
+    step runs no norm or residual add of its own. Each norm is folded into the projections after
+    it (q/k/v or in_proj; gate and up), each residual add into the projection before it (o_proj or
+    out_proj; down), so a layer's only kernels outside the mixer are its GEMVs."""
+
+    def __init__(self, layer: nn.Module, linear: LinearCall = module_linear, fold_norms: bool = False):
         self.layer = layer
         self.linear = linear
         mamba = getattr(layer, "mamba", None)
@@ -365,6 +418,11 @@ class DecoderLayerRunner:
             probe = torch.linspace(-8.0, 8.0, 65)
             self.swiglu = (mlp.gate_proj.bias is None and mlp.up_proj.bias is None
                            and torch.equal(mlp.act_fn(probe), F.silu(probe)))
+        self.folded_norms: tuple[FoldedNorm, FoldedNorm] | None = None
+        if fold_norms and linear is few_row_linear:
+            norms = (foldable_norm(layer.input_layernorm), foldable_norm(layer.post_attention_layernorm))
+            if None not in norms:
+                self.folded_norms = norms
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers | MambaBuffers:
         return self.mixer.allocate(batch, slots, dtype, device)
@@ -373,21 +431,34 @@ class DecoderLayerRunner:
         return self._run(self.mixer.prefill, hidden, ctx, buffers)
 
     def decode(self, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
-        return self._run(self.mixer.decode, hidden, ctx, buffers)
+        if self.folded_norms is None:
+            return self._run(self.mixer.decode, hidden, ctx, buffers)
+        before_mixer, before_mlp = self.folded_norms
+        hidden = self.mixer.decode(hidden, ctx, buffers, norm=before_mixer, residual=hidden)
+        return self.mlp(hidden, norm=before_mlp, residual=hidden)
 
     def _run(self, mix: Callable, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
         layer = self.layer
         hidden = hidden + mix(layer.input_layernorm(hidden), ctx, buffers)
         return hidden + self.mlp(layer.post_attention_layernorm(hidden))
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's MLP, its projections through ``linear``."""
+    def mlp(self, x: torch.Tensor, norm: FoldedNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's MLP, its projections through ``linear``; with ``norm`` x is the input of the
+        layer's post-attention RMSNorm and with ``residual`` the result comes with it added, both
+        folded into the GEMVs (``fold_norms``)."""
         mlp, linear = self.layer.mlp, self.linear
-        if linear is module_linear:
-            return mlp(x)
-        if self.swiglu:  # gate and up read in one pass, SiLU applied as their sums finish
-            return linear(mlp.down_proj, ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight))
-        return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+        if norm is None and residual is None:
+            if linear is module_linear:
+                return mlp(x)
+            if self.swiglu:  # gate and up read in one pass, SiLU applied as their sums finish
+                return linear(mlp.down_proj, ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+            return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+        if self.swiglu:
+            weight, eps = norm if norm is not None else (None, 1e-6)
+            hidden = ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight, weight, eps)
+        else:
+            hidden = mlp.act_fn(fused_linear(mlp.gate_proj, x, norm)) * fused_linear(mlp.up_proj, x, norm)
+        return fused_linear(mlp.down_proj, hidden, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,12 +475,15 @@ class DecodingStack:
     without attention layers, or for a RoPE that depends on the positions seen (dynamic, long).
     """
 
-    def __init__(self, model: nn.Module, num_slots: int, linear: LinearCall = module_linear):
+    def __init__(self, model: nn.Module, num_slots: int, linear: LinearCall = module_linear,
+                 fold_norms: bool = False):
         base = model.model
         self.embed_tokens, self.norm, self.rotary_emb = base.embed_tokens, base.norm, base.rotary_emb
         self.lm_head = model.lm_head
         self.linear = linear
-        self.layers = [DecoderLayerRunner(layer, linear) for layer in base.layers]
+        self.layers = [DecoderLayerRunner(layer, linear, fold_norms) for layer in base.layers]
+        # The final norm folded into the LM head's GEMV, where the layers' norms are.
+        self.folded_norm = foldable_norm(self.norm) if fold_norms and linear is few_row_linear else None
         self.has_attention = any(isinstance(r.mixer, AttentionRunner) for r in self.layers)
         self.num_slots = num_slots
         self.slot_range = torch.arange(num_slots, device=self.lm_head.weight.device)
@@ -473,6 +547,8 @@ class DecodingStack:
         ctx = self.context(hidden, slot, self.num_slots, cache.pad_lengths, split_k=split_k)
         for runner, buffers in zip(self.layers, cache.layers):
             hidden = runner.decode(hidden, ctx, buffers)
+        if self.folded_norm is not None:
+            return fused_linear(self.lm_head, hidden, self.folded_norm)[:, 0]
         return self.linear(self.lm_head, self.norm(hidden))[:, 0]
 
 
@@ -991,6 +1067,9 @@ class Engine(GenerationFrontend):
     forward. "auto" (the default) does on CUDA for the Llama family's gated MLPs
     (:func:`resolve_small_batch_linear`); True insists, False keeps the modules' forward.
     The attribute holds the resolved choice.
+    fold_norms: with the split-K GEMV, fold every RMSNorm of the decode step into the GEMV after
+    it and every residual add into the GEMV before it (:class:`DecoderLayerRunner`); None (the
+    default): :func:`fold_norms_default`, the MAMBAIFY_FOLD_NORMS switch (off until timed).
     stop_check_lag (attribute): how many steps :meth:`generate` may run past the step where the
     last row stopped, so that the host never waits for the step in flight (:class:`StopWatch`;
     :data:`STOP_CHECK_LAG` on CUDA, 0 on the CPU). Streams check every step.
@@ -1013,6 +1092,7 @@ class Engine(GenerationFrontend):
         compile_mode: str = "default",
         small_batch_linear: bool | Literal["auto"] = "auto",
         prefill_pad_slots: int | None = None,
+        fold_norms: bool | None = None,
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
@@ -1029,7 +1109,8 @@ class Engine(GenerationFrontend):
 
         self.small_batch_linear = small_batch_linear = resolve_small_batch_linear(small_batch_linear, model, self.device)
         self.stack = DecodingStack(model, num_slots=max_length + self.pad_slots,
-                                   linear=few_row_linear if small_batch_linear else module_linear)
+                                   linear=few_row_linear if small_batch_linear else module_linear,
+                                   fold_norms=fold_norms_default() if fold_norms is None else fold_norms)
         self.cache = self.stack.allocate(max_batch_size, self.dtype, self.device)
         self.inputs = DecodeInputs(
             token_ids=torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device),

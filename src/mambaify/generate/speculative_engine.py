@@ -98,6 +98,7 @@ from .clock import Clock
 from .engine import (
     AttentionRunner,
     DecodingStack,
+    FoldedNorm,
     GenerationFrontend,
     KVBuffers,
     LinearCall,
@@ -112,6 +113,8 @@ from .engine import (
     compile_steps,
     fast_path_enabled,
     few_row_linear,
+    fold_norms_default,
+    fused_linear,
     resolve_small_batch_linear,
     grouped_query_attention,
     left_pad,
@@ -239,11 +242,13 @@ class RowContext:
         return self.mask & in_window
 
 
-def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, kv: KVBuffers) -> torch.Tensor:
-    """``AttentionRunner.forward`` with each row writing its keys/values at its own slots."""
-    attn, linear = runner.attention, runner.linear
+def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, kv: KVBuffers,
+                norm: FoldedNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``AttentionRunner.forward`` with each row writing its keys/values at its own slots (``norm``
+    and ``residual`` folded into the GEMVs as there)."""
+    attn = runner.attention
     b, t, _ = hidden.shape
-    query, key, value = runner.project(hidden)
+    query, key, value = runner.project(hidden, norm)
     query, key = runner.apply_rotary(query, key, *ctx.rotary)
     # index_put_, not scatter_: torch.compile turns a scatter_ into a cache buffer (the whole of
     # it) copied out, scattered and copied back, two extra kernels that grow with the context,
@@ -260,7 +265,15 @@ def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, 
         out = grouped_query_attention(
             query, kv.keys, kv.values, ctx.attention_mask(runner.sliding_window), attn.scaling
         )
-    return linear(attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
+    return _out_projection(runner.linear, attn.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual)
+
+
+def _in_projection(linear: LinearCall, layer: nn.Linear, hidden: torch.Tensor, norm: FoldedNorm | None):
+    return linear(layer, hidden) if norm is None else fused_linear(layer, hidden, norm)
+
+
+def _out_projection(linear: LinearCall, layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None):
+    return linear(layer, x) if residual is None else fused_linear(layer, x, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,17 +287,18 @@ def _mamba_inputs(mixer: Mamba2Mixer, activated: torch.Tensor, dt: torch.Tensor)
 
 def mamba_verify(
     mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor,
-    linear: LinearCall = module_linear,
+    linear: LinearCall = module_linear, norm: FoldedNorm | None = None, residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Mamba layer over t tokens (b,t,d) from the checkpoint after folding counts[b] tokens
     (the fused kernels, or the naive store-every-state call when ``buf.states`` is allocated);
-    ``linear`` runs in_proj and out_proj (see :class:`~mambaify.generate.engine.DecodingStack`).
+    ``linear`` runs in_proj and out_proj (see :class:`~mambaify.generate.engine.DecodingStack`);
+    ``norm`` and ``residual``: folded into them (``fold_norms``).
 
     The counts are the engine's own commits (0..K+1, within the caches by construction), so the
     kernels do not check them: a check reads them back, a device-to-host wait per kernel that
     only a CUDA graph's capture skips (uncaptured rounds paid four per Mamba layer)."""
     b, t, _ = hidden.shape
-    z, xBC, dt = mixer.split_projection(linear(mixer.in_proj, hidden))
+    z, xBC, dt = mixer.split_projection(_in_projection(linear, mixer.in_proj, hidden, norm))
     conv = ops.conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, silu=True,
                                    check_counts_values=False)
     if buf.states is None:
@@ -297,12 +311,13 @@ def mamba_verify(
         x, B, C, dt = _mamba_inputs(mixer, conv, dt)
         y = ops.ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D,
                                         check_counts_values=False)
-    return linear(mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z))
+    return _out_projection(linear, mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z), residual)
 
 
 def mamba_draft_step(
     mixer: Mamba2Mixer, hidden: torch.Tensor, buf: MambaVerifyBuffers, counts: torch.Tensor, step: int,
-    prev_real: torch.Tensor, linear: LinearCall = module_linear,
+    prev_real: torch.Tensor, linear: LinearCall = module_linear, norm: FoldedNorm | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step ``step`` of a draft round: "a verify call done one token at a time", the first two.
 
@@ -313,10 +328,10 @@ def mamba_draft_step(
     window, dt = 0. Steps 1..K-1 take one token (b,1,d), advance only the running state and
     conv, and cache their token's inputs at position ``step + 1`` and its raw conv input in the
     window, so that the next round's fold sees the layout of a verify call over all K + 1 tokens.
-    ``linear`` runs in_proj and out_proj.
+    ``linear`` runs in_proj and out_proj, ``norm`` and ``residual`` folded into them.
     """
     b, t, _ = hidden.shape
-    z, xBC, dt = mixer.split_projection(linear(mixer.in_proj, hidden))
+    z, xBC, dt = mixer.split_projection(_in_projection(linear, mixer.in_proj, hidden, norm))
     weight, bias = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
     d_conv = mixer.d_conv
     if step == 0:
@@ -340,7 +355,7 @@ def mamba_draft_step(
         buf.x[:, position].copy_(x[:, 0])
         buf.dt[:, position].copy_(dt[:, 0])
         buf.B[:, position].copy_(B[:, 0])
-    return linear(mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z))
+    return _out_projection(linear, mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z), residual)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +367,9 @@ class SpeculativeStack(DecodingStack):
     :class:`SpeculativeCache`: a prefill, a verify call over t <= max_tokens tokens per row, and
     a draft step of one token per row. num_slots bounds the committed tokens plus one call's."""
 
-    def __init__(self, model: nn.Module, num_slots: int, max_tokens: int, linear: LinearCall = module_linear):
-        super().__init__(model, num_slots, linear)
+    def __init__(self, model: nn.Module, num_slots: int, max_tokens: int, linear: LinearCall = module_linear,
+                 fold_norms: bool = False):
+        super().__init__(model, num_slots, linear, fold_norms)
         self.max_tokens = max_tokens
         self.vocab_size = model.lm_head.weight.shape[0]
         self.token_range = torch.arange(max_tokens, device=self.slot_range.device)
@@ -414,13 +430,27 @@ class SpeculativeStack(DecodingStack):
         ctx = self.row_context(hidden, slots, cache.pad_lengths)
         for runner, buffers in zip(self.layers, cache.layers):
             layer = runner.layer
+            if runner.folded_norms is not None:  # norms and residual adds inside the GEMVs
+                before_mixer, before_mlp = runner.folded_norms
+                if isinstance(runner.mixer, AttentionRunner):
+                    hidden = attend_rows(runner.mixer, hidden, ctx, buffers, before_mixer, hidden)
+                else:
+                    hidden = mamba(runner.mixer.mixer, hidden, buffers, before_mixer, hidden)
+                hidden = runner.mlp(hidden, norm=before_mlp, residual=hidden)
+                continue
             normed = layer.input_layernorm(hidden)
             if isinstance(runner.mixer, AttentionRunner):
                 hidden = hidden + attend_rows(runner.mixer, normed, ctx, buffers)
             else:
                 hidden = hidden + mamba(runner.mixer.mixer, normed, buffers)
             hidden = hidden + runner.mlp(layer.post_attention_layernorm(hidden))
-        return self.norm(hidden)
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over the final norm of ``hidden`` (the norm folded into its GEMV with ``fold_norms``)."""
+        if self.folded_norm is not None:
+            return fused_linear(self.lm_head, hidden, self.folded_norm)
+        return self.linear(self.lm_head, self.norm(hidden))
 
     def verify(self, token_ids: torch.Tensor, cache: SpeculativeCache) -> torch.Tensor:
         """token_ids (b,t) at each row's next t slots -> logits (b,t,V). Commit afterwards by
@@ -428,10 +458,10 @@ class SpeculativeStack(DecodingStack):
         if token_ids.shape[1] > self.max_tokens:
             raise ValueError(f"a verify call takes at most {self.max_tokens} tokens, got {token_ids.shape[1]}")
 
-        def mamba(mixer, normed, buffers):
-            return mamba_verify(mixer, normed, buffers, cache.counts, self.linear)
+        def mamba(mixer, hidden, buffers, norm=None, residual=None):
+            return mamba_verify(mixer, hidden, buffers, cache.counts, self.linear, norm, residual)
 
-        return self.linear(self.lm_head, self._run(token_ids, 0, cache, mamba))
+        return self._logits(self._run(token_ids, 0, cache, mamba))
 
     def draft_step(self, token_ids: torch.Tensor, step: int, cache: SpeculativeCache,
                    prev_real: torch.Tensor) -> torch.Tensor:
@@ -443,11 +473,11 @@ class SpeculativeStack(DecodingStack):
         if token_ids.shape[1] != (2 if step == 0 else 1):
             raise ValueError(f"draft step {step} takes {2 if step == 0 else 1} token(s) per row, got {token_ids.shape[1]}")
 
-        def mamba(mixer, normed, buffers):
-            return mamba_draft_step(mixer, normed, buffers, cache.counts, step, prev_real, self.linear)
+        def mamba(mixer, hidden, buffers, norm=None, residual=None):
+            return mamba_draft_step(mixer, hidden, buffers, cache.counts, step, prev_real, self.linear, norm, residual)
 
         hidden = self._run(token_ids, 0 if step == 0 else step + 1, cache, mamba)
-        return self.linear(self.lm_head, hidden[:, -1])
+        return self._logits(hidden[:, -1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,6 +798,7 @@ class SpeculativeEngine(GenerationFrontend):
     gated MLPs): both models' linear layers through :func:`mambaify.ops.small_batch_linear` (a
     verify call at batch b has b * (K + 1) rows, a draft step b or 2b).
     prefill_pad_slots: as for the Engine (both models' caches hold that many more slots).
+    fold_norms: as for the Engine, for both models' verify calls and draft steps.
 
     The text helpers (generate_text, stream_text, chat, stream_chat) work as the Engine's.
     After each request, ``stats`` holds its :class:`SpeculativeStats`.
@@ -792,6 +823,7 @@ class SpeculativeEngine(GenerationFrontend):
         draft_vocab: Sequence[int] | torch.Tensor | None = None,
         small_batch_linear: bool | Literal["auto"] = "auto",
         prefill_pad_slots: int | None = None,
+        fold_norms: bool | None = None,
     ):
         if max_batch_size < 1 or max_length < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size} and {max_length}")
@@ -822,8 +854,9 @@ class SpeculativeEngine(GenerationFrontend):
             resolve_small_batch_linear(small_batch_linear, target, self.device)
             and resolve_small_batch_linear(small_batch_linear, draft, self.device))
         linear = few_row_linear if small_batch_linear else module_linear
-        self.target_stack = SpeculativeStack(target, slots, self.k_max + 1, linear)
-        self.draft_stack = SpeculativeStack(draft, slots, self.k_max + 1, linear)
+        fold = fold_norms_default() if fold_norms is None else fold_norms
+        self.target_stack = SpeculativeStack(target, slots, self.k_max + 1, linear, fold)
+        self.draft_stack = SpeculativeStack(draft, slots, self.k_max + 1, linear, fold)
         self.vocab_size = self.target_stack.vocab_size
         self.draft_vocab = self._cut_draft_head(draft, draft_vocab)
         target_dtype, draft_dtype = target.lm_head.weight.dtype, draft.lm_head.weight.dtype

@@ -21,6 +21,7 @@ from .reference import (
     check_counts,
     check_verify_shapes,
     conv_verify,
+    rms_norm,
     segsum,
     ssd_chunked,
     ssd_fold,
@@ -319,88 +320,113 @@ def _(y, z, weight, eps):
     return y.new_empty(y.shape, dtype=torch.promote_types(weight.dtype, y.dtype))
 
 
-def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on CUDA, for at most 16 rows, the split-K Triton GEMV
-    (:func:`mambaify.ops.triton.gemv.small_batch_linear`). Inference only (no backward): the
-    engines' decode steps and rounds use it on CUDA by default (``Engine(small_batch_linear="auto")``)."""
+# The small-batch linear layers below take two optional fused operands: ``norm_weight`` /
+# ``norm_eps``, an RMSNorm of the Llama family (reference.rms_norm) applied to x first, and
+# ``residual``, added to the result. On CUDA the GEMV folds both into its launch (the norm's
+# scale factors out of the product); elsewhere PyTorch computes them as the modules would.
+
+
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``[residual +] F.linear([rms_norm](x), weight, bias)``; on CUDA, for at most 16 rows, the
+    split-K Triton GEMV (:func:`mambaify.ops.triton.gemv.small_batch_linear`). Inference only
+    (no backward): the engines' decode steps and rounds use it on CUDA by default
+    (``Engine(small_batch_linear="auto")``)."""
     if torch.compiler.is_compiling():
-        return torch.ops.mambaify.small_batch_linear(x, weight, bias)
-    return _small_batch_linear(x, weight, bias)
+        return torch.ops.mambaify.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual)
+    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual)
 
 
-def _small_batch_linear(x, weight, bias=None):
+def _normed(x, norm_weight, norm_eps):
+    return x if norm_weight is None else rms_norm(x, norm_weight, norm_eps)
+
+
+def _small_batch_linear(x, weight, bias=None, norm_weight=None, norm_eps=1e-6, residual=None):
     kernels = _gpu_kernels(x)
     if kernels is not None:
-        return kernels.small_batch_linear(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
+        return kernels.small_batch_linear(x, weight, bias, norm_weight=norm_weight, norm_eps=norm_eps,
+                                          residual=residual)
+    out = torch.nn.functional.linear(_normed(x, norm_weight, norm_eps), weight, bias)
+    return out if residual is None else residual + out
 
 
-def small_batch_gated_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(F.linear(x, gate)) * F.linear(x, up)``, a SwiGLU MLP's first half; on CUDA, for at
-    most 16 rows, one pass of the split-K GEMV over both matrices with the gate applied as the
-    sums finish (:func:`mambaify.ops.triton.gemv.small_batch_gated_up`). Inference only."""
+def small_batch_gated_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                         norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
+    """``silu(F.linear(x, gate)) * F.linear(x, up)`` of ``[rms_norm](x)``, a SwiGLU MLP's first
+    half; on CUDA, for at most 16 rows, one pass of the split-K GEMV over both matrices with the
+    gate applied as the sums finish (:func:`mambaify.ops.triton.gemv.small_batch_gated_up`).
+    Inference only."""
     if torch.compiler.is_compiling():
-        return torch.ops.mambaify.small_batch_gated_up(x, gate, up)
-    return _small_batch_gated_up(x, gate, up)
+        return torch.ops.mambaify.small_batch_gated_up(x, gate, up, norm_weight, norm_eps)
+    return _small_batch_gated_up(x, gate, up, norm_weight, norm_eps)
 
 
-def _small_batch_gated_up(x, gate, up):
+def _small_batch_gated_up(x, gate, up, norm_weight=None, norm_eps=1e-6):
     kernels = _gpu_kernels(x)
     if kernels is not None:
-        return kernels.small_batch_gated_up(x, gate, up)
+        return kernels.small_batch_gated_up(x, gate, up, norm_weight=norm_weight, norm_eps=norm_eps)
+    x = _normed(x, norm_weight, norm_eps)
     return torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
 
 
 def small_batch_qkv(
     x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """An attention layer's three projections side by side, ``cat([F.linear(x, q, q_bias),
-    F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)``; on CUDA, for at most 16 rows, one
-    launch of the split-K GEMV over the three matrices (:func:`mambaify.ops.triton.gemv.small_batch_qkv`).
-    Inference only."""
+    F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)`` of ``[rms_norm](x)``; on CUDA, for at
+    most 16 rows, one launch of the split-K GEMV over the three matrices
+    (:func:`mambaify.ops.triton.gemv.small_batch_qkv`). Inference only."""
     if torch.compiler.is_compiling():
-        return torch.ops.mambaify.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias)
-    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias)
+        return torch.ops.mambaify.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps)
+    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps)
 
 
-def _small_batch_qkv(x, q, k, v, q_bias=None, k_bias=None, v_bias=None):
+def _small_batch_qkv(x, q, k, v, q_bias=None, k_bias=None, v_bias=None, norm_weight=None, norm_eps=1e-6):
     kernels = _gpu_kernels(x)
     if kernels is not None:
-        return kernels.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias)
+        return kernels.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight=norm_weight,
+                                       norm_eps=norm_eps)
     F = torch.nn.functional
+    x = _normed(x, norm_weight, norm_eps)
     return torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)
 
 
 @torch.library.custom_op("mambaify::small_batch_qkv", mutates_args=())
 def _small_batch_qkv_op(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         q_bias: torch.Tensor | None, k_bias: torch.Tensor | None,
-                        v_bias: torch.Tensor | None) -> torch.Tensor:
-    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias)
+                        v_bias: torch.Tensor | None, norm_weight: torch.Tensor | None = None,
+                        norm_eps: float = 1e-6) -> torch.Tensor:
+    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps)
 
 
 @_small_batch_qkv_op.register_fake
-def _(x, q, k, v, q_bias, k_bias, v_bias):
+def _(x, q, k, v, q_bias, k_bias, v_bias, norm_weight=None, norm_eps=1e-6):
     return x.new_empty((*x.shape[:-1], q.shape[0] + k.shape[0] + v.shape[0]))
 
 
 @torch.library.custom_op("mambaify::small_batch_gated_up", mutates_args=())
-def _small_batch_gated_up_op(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _small_batch_gated_up(x, gate, up)
+def _small_batch_gated_up_op(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                             norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
+    return _small_batch_gated_up(x, gate, up, norm_weight, norm_eps)
 
 
 @_small_batch_gated_up_op.register_fake
-def _(x, gate, up):
+def _(x, gate, up, norm_weight=None, norm_eps=1e-6):
     return x.new_empty((*x.shape[:-1], gate.shape[0]))
 
 
 @torch.library.custom_op("mambaify::small_batch_linear", mutates_args=())
-def _small_batch_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _small_batch_linear(x, weight, bias)
+def _small_batch_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
+    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual)
 
 
 @_small_batch_linear_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, norm_weight=None, norm_eps=1e-6, residual=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -649,6 +675,7 @@ __all__ = [
     "qkv_read_as_one",
     "reference",
     "register_backend",
+    "rms_norm",
     "segsum",
     "select_backend",
     "small_batch_gated_up",

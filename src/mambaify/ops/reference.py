@@ -180,6 +180,14 @@ def ssd_step(
     return y[:, 0], new_state
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Llama family's RMSNorm (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm): x scaled by
+    rsqrt(mean(x^2) + eps) in float32, rounded back to x's dtype, times the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -33,6 +33,7 @@ import triton.language as tl
 import triton.testing
 
 from .. import qkv_read_as_one
+from ..reference import rms_norm
 from .pdl import launch_options, wait_for_inputs
 
 MAX_ROWS = 16  # more rows than this is a matrix product: F.linear (cuBLAS) is the right call
@@ -59,15 +60,24 @@ def _weight_tiles(w_ptr, w2_ptr, offs_n, mask_n, k, k_end, w_sn, w_sk, BLOCK_K: 
 
 
 @triton.jit
-def _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k, k_end, x_sm, x_sk,
+def _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, offs_m, M, k, k_end, x_sm, x_sk,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr,
-                USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The sums plus every row's products with the weight tiles at column k."""
+                USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr):
+    """The sums plus every row's products with the weight tiles at column k. NORM: x is the
+    RMSNorm's input; its tiles are multiplied by the norm's weight g as they load, and ``ssq``
+    (per row) gathers their squares for the norm's scale, applied when the sums are complete."""
     offs_k = k + tl.arange(0, BLOCK_K)
     mask_k = offs_k < k_end
+    g = tl.zeros((BLOCK_K,), dtype=ACC)  # read only with NORM
+    if NORM:
+        g = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(ACC)
     if USE_DOT:
         x_mask = (offs_m < M)[:, None] & mask_k[None, :]  # padding rows (past M) load zeros
         xs = tl.load(x_ptr + offs_m[:, None] * x_sm + offs_k[None, :] * x_sk, mask=x_mask, other=0.0)
+        if NORM:
+            xf = xs.to(ACC)
+            ssq += tl.sum(xf * xf, axis=1)
+            xs = (xf * g[None, :]).to(xs.dtype)
         acc += tl.dot(xs, tl.trans(w), input_precision=DOT_PRECISION, out_dtype=ACC)
         if GATED:
             acc2 += tl.dot(xs, tl.trans(w2), input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -76,10 +86,13 @@ def _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k, k_end, x_sm, x_sk,
         for m in tl.static_range(BLOCK_M):
             in_rows = (offs_k * 0 + m) < M  # padding rows (past M) load zeros
             x = tl.load(x_ptr + m * x_sm + offs_k * x_sk, mask=mask_k & in_rows, other=0.0).to(ACC)
+            if NORM:
+                ssq += tl.where(offs_m == m, tl.sum(x * x), 0.0)
+                x = x * g
             acc += tl.where(offs_m[:, None] == m, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
             if GATED:
                 acc2 += tl.where(offs_m[:, None] == m, tl.sum(w2 * x[None, :], axis=1)[None, :], 0.0)
-    return acc, acc2
+    return acc, acc2, ssq
 
 
 @triton.jit
@@ -106,9 +119,9 @@ def _group_block(w_ptr, wb_ptr, wc_ptr, pid_n, N_A, N_B, N, BLOCK_N: tl.constexp
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, wb_ptr, wc_ptr,
-    M, N, K, k_per_split, S, N_A, N_B,
-    x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn, f_sm, f_sn,
+    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, wb_ptr, wc_ptr, g_ptr, ssq_ptr, res_ptr,
+    M, N, K, k_per_split, S, N_A, N_B, eps,
+    x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn, f_sm, f_sn, q_ss, q_sp, r_sm, r_sn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -120,6 +133,8 @@ def _gemv_kernel(
     DOT_PRECISION: tl.constexpr,
     LAST_SPLIT_SUMS: tl.constexpr,
     GROUPED: tl.constexpr,
+    NORM: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
@@ -138,6 +153,14 @@ def _gemv_kernel(
     GROUPED: three matrices over the same rows in one launch (an attention layer's q, k and v
     projections: one launch instead of three), w the first (N_A rows), wb the second (N_B),
     wc the third (the rest of N); their outputs side by side, bias (if any) over all N.
+    NORM: x is the input of an RMSNorm with weight ``g_ptr`` (the Llama family's, eps ``eps``)
+    that the layer would apply first: the result is that of the normalized rows. Each row's
+    scale r = rsqrt(mean(x^2) + eps) factors out of its products, W (r x * g) = r W (x * g), so
+    the tiles are multiplied by g as they load, their squares summed on the way (per split into
+    ``ssq_ptr``, (S, n blocks, M) float32, with several splits), and r applied where the split
+    sums are added: no pass over x before the weights stream, and no norm kernel of its own.
+    RESIDUAL: ``res_ptr`` (M, N) is added to the result (the residual add after an output
+    projection), so the next layer's input comes out of this launch.
     PDL (launched as a programmatic dependent launch, Hopper on): the program reads its first
     weight tiles, which no kernel writes, before it waits for the kernel ahead of it (whose
     output may be x), so the weights start streaming while that kernel finishes; then it lets
@@ -156,27 +179,32 @@ def _gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    ssq = tl.zeros((BLOCK_M,), dtype=ACC)
     k_first = k_start
     if PDL:
         w, w2 = _weight_tiles(w_base, w2_ptr, offs_w, mask_n, k_start, k_end, w_sn, w_sk, BLOCK_K, GATED)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-        acc, acc2 = _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k_start, k_end, x_sm, x_sk,
-                                BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION)
+        acc, acc2, ssq = _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, offs_m, M, k_start, k_end, x_sm, x_sk,
+                                     BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION, NORM)
         k_first = k_start + BLOCK_K
     for k in range(k_first, k_end, BLOCK_K):
         w, w2 = _weight_tiles(w_base, w2_ptr, offs_w, mask_n, k, k_end, w_sn, w_sk, BLOCK_K, GATED)
-        acc, acc2 = _accumulate(acc, acc2, w, w2, x_ptr, offs_m, M, k, k_end, x_sm, x_sk,
-                                BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION)
+        acc, acc2, ssq = _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, offs_m, M, k, k_end, x_sm, x_sk,
+                                     BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION, NORM)
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     ptrs = out_ptr + pid_k * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
+    res = res_ptr + offs_m[:, None] * r_sm + offs_n[None, :] * r_sn
     if FINAL:
-        tl.store(ptrs, _finish(acc, acc2, bias_ptr, offs_n, mask_n, GATED, HAS_BIAS).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, res, mask, GATED, HAS_BIAS, NORM,
+                         RESIDUAL)
+        tl.store(ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(ptrs, acc, mask=mask)
         if GATED:
             tl.store(ptrs + o_sp, acc2, mask=mask)
+        if NORM:
+            tl.store(ssq_ptr + pid_k * q_ss + pid_n * q_sp + offs_m, ssq, mask=offs_m < M)
         if LAST_SPLIT_SUMS:
             # Every thread's partial sums are stored before the count (barrier); the count's
             # acquire-release order and reads past L1 (.cg) let the last split see the others'.
@@ -185,7 +213,10 @@ def _gemv_kernel(
             if done == S - 1:
                 first = out_ptr + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
                 acc, acc2 = _split_sums(first, mask, S, o_ss, o_sp, GATED, ".cg")
-                result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, GATED, HAS_BIAS)
+                if NORM:
+                    ssq = _ssq_sums(ssq_ptr + pid_n * q_sp + offs_m, offs_m < M, S, q_ss, ".cg")
+                result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, res, mask, GATED, HAS_BIAS,
+                                 NORM, RESIDUAL)
                 final = final_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn
                 tl.store(final, result.to(final_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(count_ptr + pid_n, 0)
@@ -207,33 +238,59 @@ def _split_sums(first, mask, S, p_ss, p_sp, GATED: tl.constexpr, CACHE: tl.const
 
 
 @triton.jit
-def _finish(acc, acc2, bias_ptr, offs_n, mask_n, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The layer's output from its sums: bias added, or with GATED silu(gate sums) * up sums."""
+def _ssq_sums(first, mask, S, q_ss, CACHE: tl.constexpr):
+    """The rows' sums of squares over the whole reduction: the S splits' parts in split order."""
+    ssq = tl.load(first, mask=mask, other=0.0, cache_modifier=CACHE)
+    for s in range(1, S):
+        ssq += tl.load(first + s * q_ss, mask=mask, other=0.0, cache_modifier=CACHE)
+    return ssq
+
+
+@triton.jit
+def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, res, mask,
+            GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """The layer's output from its complete sums: with NORM scaled by each row's
+    rsqrt(ssq / K + eps) (``ssq``: (rows, 1) for (rows, n) sums, a scalar for one row's), then
+    bias added, or with GATED silu(gate sums) * up sums; with RESIDUAL the residual at
+    ``res`` added."""
+    if NORM:
+        scale = tl.rsqrt(ssq / K + eps)
+        acc = acc * scale
+        acc2 = acc2 * scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc2
+    if RESIDUAL:
+        acc += tl.load(res, mask=mask, other=0.0).to(acc.dtype)
     return acc
 
 
 @triton.jit
 def _sum_splits_kernel(
-    part_ptr, bias_ptr, out_ptr,
-    S, M, N,
-    p_ss, p_sp, p_sm, p_sn, o_sm, o_sn,
+    part_ptr, bias_ptr, out_ptr, ssq_ptr, res_ptr,
+    S, M, N, K, eps,
+    p_ss, p_sp, p_sm, p_sn, o_sm, o_sn, q_ss, r_sm, r_sn,
     BLOCK_N: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (row m, n block): out[m, n] = sum_s part[s, 0, m, n] (+ bias[n]), or with GATED
-    silu(sum_s part[s, 0]) * sum_s part[s, 1], in the output dtype."""
+    silu(sum_s part[s, 0]) * sum_s part[s, 1], in the output dtype; NORM and RESIDUAL as in
+    :func:`_gemv_kernel` (the row's sums of squares read from the first n block's)."""
     wait_for_inputs(PDL)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc, acc2 = _split_sums(part_ptr + m * p_sm + offs_n * p_sn, mask_n, S, p_ss, p_sp, GATED, "")
-    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, GATED, HAS_BIAS)
+    ssq = 0.0
+    if NORM:
+        ssq = _ssq_sums(ssq_ptr + m, True, S, q_ss, "")
+    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, res_ptr + m * r_sm + offs_n * r_sn, mask_n,
+                     GATED, HAS_BIAS, NORM, RESIDUAL)
     tl.store(out_ptr + m * o_sm + offs_n * o_sn, result.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -332,9 +389,12 @@ def _tuned(rows, mats, up, bias, splits, one_launch) -> tuple[int, int, int]:
 
 def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...], up: torch.Tensor | None,
             bias: torch.Tensor | None, block_n: int | None, block_k: int | None, num_warps: int | None,
-            splits: int | None, one_launch: bool | None) -> torch.Tensor:
+            splits: int | None, one_launch: bool | None, norm_weight: torch.Tensor | None = None,
+            norm_eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel over one weight, or a group of three (same K and strides; outputs side by side).
-    A configuration left None: DEFAULT_CONFIG's, or the tuned one (:func:`tune_default`)."""
+    A configuration left None: DEFAULT_CONFIG's, or the tuned one (:func:`tune_default`).
+    ``norm_weight``/``norm_eps``: the rows are an RMSNorm's input (see NORM); ``residual``
+    (m, n): added to the result."""
     m, k = rows.shape
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
@@ -359,23 +419,32 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     part = out[None, None] if splits == 1 else torch.empty(splits, parts, m, n, dtype=acc_dtype, device=rows.device)
     last_sums = (one_launch_default() if one_launch is None else one_launch) and splits > 1
     counters = _split_counters(rows.device, programs_n) if last_sums else out
+    norm = norm_weight is not None
+    # Each split's sums of squares of each row, per n block (every n block's last split adds its
+    # own, in split order), where the norm's scale waits for several splits.
+    ssq = torch.empty(splits, programs_n, m, dtype=acc_dtype, device=rows.device) if norm and splits > 1 else part
+    res = residual if residual is not None else out
     pdl = launch_options(rows.device)
     wb, wc = mats[1:] if grouped else (weight, weight)
     _gemv_kernel[(programs_n, splits)](
         rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters, wb, wc,
-        m, n, k, k_per_split, splits, mats[0].shape[0], mats[1].shape[0] if grouped else 0,
-        *rows.stride(), *weight.stride(), *part.stride(), *out.stride(),
+        norm_weight if norm else weight, ssq, res,
+        m, n, k, k_per_split, splits, mats[0].shape[0], mats[1].shape[0] if grouped else 0, float(norm_eps),
+        *rows.stride(), *weight.stride(), *part.stride(), *out.stride(), ssq.stride(0), ssq.stride(1),
+        *res.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
-        LAST_SPLIT_SUMS=last_sums, GROUPED=grouped, num_warps=num_warps, **pdl,
+        LAST_SPLIT_SUMS=last_sums, GROUPED=grouped, NORM=norm, RESIDUAL=residual is not None,
+        num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
         sum_block = 256
         _sum_splits_kernel[(m, triton.cdiv(n, sum_block))](
-            part, bias if bias is not None else weight, out,
-            splits, m, n, *part.stride(), *out.stride(),
-            BLOCK_N=sum_block, GATED=gated, HAS_BIAS=bias is not None, **pdl,
+            part, bias if bias is not None else weight, out, ssq, res,
+            splits, m, n, k, float(norm_eps), *part.stride(), *out.stride(), ssq.stride(0), *res.stride(),
+            BLOCK_N=sum_block, GATED=gated, HAS_BIAS=bias is not None, NORM=norm, RESIDUAL=residual is not None,
+            **pdl,
         )
     return out
 
@@ -387,10 +456,32 @@ def _rows(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(-1, k)
 
 
+def _check_fused(x: torch.Tensor, n: int, norm_weight: torch.Tensor | None, residual: torch.Tensor | None,
+                 name: str) -> torch.Tensor | None:
+    """The residual as (rows, n), after checking both fused operands against x and the output."""
+    if norm_weight is not None and norm_weight.shape != (x.shape[-1],):
+        raise ValueError(f"{name}: norm_weight {tuple(norm_weight.shape)} for x of {x.shape[-1]} features")
+    if residual is None:
+        return None
+    if residual.shape != (*x.shape[:-1], n):
+        raise ValueError(f"{name}: residual {tuple(residual.shape)}, expected the output's {(*x.shape[:-1], n)}")
+    return residual.reshape(-1, n)
+
+
+def _normed(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float) -> torch.Tensor:
+    """The PyTorch path's input (more rows than the kernel takes): the norm applied first."""
+    return x if norm_weight is None else rms_norm(x, norm_weight, norm_eps)
+
+
+def _plus(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return out if residual is None else residual + out
+
+
 def small_batch_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
-    one_launch: bool | None = None,
+    one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
     bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
@@ -398,26 +489,32 @@ def small_batch_linear(
     ``one_launch``: the last split to finish adds the splits' sums (else a second kernel does;
     the same bits either way); None: :func:`one_launch_default`. ``block_n``, ``block_k``,
     ``num_warps``: the launch configuration; all None: DEFAULT_CONFIG, or with
-    MAMBAIFY_GEMV_TUNE=1 on a GPU the fastest of TUNE_CONFIGS, timed on a shape's first call."""
+    MAMBAIFY_GEMV_TUNE=1 on a GPU the fastest of TUNE_CONFIGS, timed on a shape's first call.
+    ``norm_weight``, ``norm_eps``: x is the input of the Llama family's RMSNorm with this
+    weight, applied first (:func:`mambaify.ops.reference.rms_norm`; in the kernel folded into
+    the product, see NORM); ``residual`` (x's leading dims, N): added to the result."""
     rows = _rows(x, weight, "small_batch_linear")
     n = weight.shape[0]
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"small_batch_linear: bias {tuple(bias.shape)} for a weight of {n} rows")
+    res = _check_fused(x, n, norm_weight, residual, "small_batch_linear")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return torch.nn.functional.linear(x, weight, bias)
-    return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch).reshape(*x.shape[:-1], n)
+        return _plus(torch.nn.functional.linear(_normed(x, norm_weight, norm_eps), weight, bias), residual)
+    return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight, norm_eps,
+                   res).reshape(*x.shape[:-1], n)
 
 
 def small_batch_qkv(
     x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
-    one_launch: bool | None = None,
+    one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """``torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)``
     in one launch, for x (..., K) of at most MAX_ROWS rows and q, k, v (N_q, K), (N_k, K), (N_v, K)
     alike in dtype and layout: an attention layer's three projections, read in one pass as if
-    they were one matrix, without copying them into one. More rows go to ``F.linear``."""
+    they were one matrix, without copying them into one. More rows go to ``F.linear``.
+    ``norm_weight``, ``norm_eps``: as for :func:`small_batch_linear` (the layer's input norm)."""
     rows = _rows(x, q, "small_batch_qkv")
     mats = (q, k, v)
     if not qkv_read_as_one(*mats):
@@ -425,26 +522,33 @@ def small_batch_qkv(
                          + ", ".join(f"{tuple(w.shape)} {w.dtype} strides {w.stride()}" for w in mats))
     biases = (q_bias, k_bias, v_bias)
     n = sum(w.shape[0] for w in mats)
+    _check_fused(x, n, norm_weight, None, "small_batch_qkv")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return torch.cat([torch.nn.functional.linear(x, w, b) for w, b in zip(mats, biases)], -1)
+        normed = _normed(x, norm_weight, norm_eps)
+        return torch.cat([torch.nn.functional.linear(normed, w, b) for w, b in zip(mats, biases)], -1)
     bias = None
     if any(b is not None for b in biases):  # one bias over the three outputs (absent ones as zeros)
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, mats)])
-    return _launch(rows, mats, None, bias, block_n, block_k, num_warps, splits, one_launch).reshape(*x.shape[:-1], n)
+    return _launch(rows, mats, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight,
+                   norm_eps).reshape(*x.shape[:-1], n)
 
 
 def small_batch_gated_up(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
-    one_launch: bool | None = None,
+    one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """``silu(x gate^T) * (x up^T)``, the first half of a gated (SwiGLU) MLP, for x (..., K) of at
     most MAX_ROWS rows and gate, up (N, K): both matrices read in one pass, the activation applied
-    as the sums finish. More rows go to PyTorch. ``one_launch``: as for :func:`small_batch_linear`."""
+    as the sums finish. More rows go to PyTorch. ``one_launch``, ``norm_weight``, ``norm_eps``: as
+    for :func:`small_batch_linear` (the norm: the layer's post-attention norm)."""
     rows = _rows(x, gate, "small_batch_gated_up")
     if up.shape != gate.shape:
         raise ValueError(f"small_batch_gated_up: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     n = gate.shape[0]
+    _check_fused(x, n, norm_weight, None, "small_batch_gated_up")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
-    return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits, one_launch).reshape(*x.shape[:-1], n)
+        F, normed = torch.nn.functional, _normed(x, norm_weight, norm_eps)
+        return F.silu(F.linear(normed, gate)) * F.linear(normed, up)
+    return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits, one_launch, norm_weight,
+                   norm_eps).reshape(*x.shape[:-1], n)
