@@ -801,10 +801,10 @@ def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_o
     ids, mask = left_padded(prompts)
     plain.prefill(ids, mask)
     folded.prefill(ids, mask)
-    norm_type = type(model.model.norm)
+    norm_types = (type(model.model.norm), GatedRMSNorm)  # the layers' and final norms, Mamba2's gated one
     ran: list[str] = []
     hooks = [m.register_forward_hook(lambda module, args, out, name=name: ran.append(name))
-             for name, m in model.named_modules() if type(m) is norm_type]
+             for name, m in model.named_modules() if type(m) in norm_types]
     token = torch.tensor([5, 6, 7])
     try:
         got = folded.decode(token)
@@ -906,6 +906,7 @@ def test_small_batch_linear_ops_are_opaque_under_compile():
     torch.library.opcheck(torch.ops.mambaify.small_batch_linear.default, (x, w, b, norm_w, 1e-5, res))
     torch.library.opcheck(torch.ops.mambaify.small_batch_gated_up.default, (x, w, up, norm_w, 1e-5))
     torch.library.opcheck(torch.ops.mambaify.small_batch_qkv.default, (x, w, up, up, b, None, None, norm_w, 1e-5))
+    torch.library.opcheck(torch.ops.mambaify.small_batch_linear.default, (x, w, b, norm_w, 1e-5, res, x.flip(-1)))
     fused = torch.compile(ops.small_batch_linear, backend=recording_backend(seen), fullgraph=True)
     assert torch.equal(fused(x, w, b, norm_w, 1e-5, res), res + F.linear(ops.rms_norm(x, norm_w, 1e-5), w, b))
 

@@ -25,6 +25,7 @@ from mambaify.cli import main as cli_main
 from mambaify.generate import engine as engine_module
 from mambaify.generate import speculative_engine as spec
 from mambaify.generate.engine import Engine
+from mambaify.models.modeling import GatedRMSNorm
 from mambaify.ops.attention import decode_attention_op
 from mambaify.ops.reference import slide_conv_window, ssd_fold
 from mambaify.generate.speculative_engine import (
@@ -189,7 +190,8 @@ def test_fold_norms_rounds_give_the_same_tokens_and_run_no_norm_module(targets, 
     for stack in (engine.target_stack, engine.draft_stack):
         assert stack.folded_norm is not None and all(r.folded_norms for r in stack.layers)
     ran = []
-    norms = [m for model in (target, draft) for m in model.modules() if type(m) is type(model.model.norm)]
+    norms = [m for model in (target, draft) for m in model.modules()
+             if type(m) in (type(model.model.norm), GatedRMSNorm)]
     hooks = [m.register_forward_hook(lambda *_: ran.append(1)) for m in norms]
     try:
         tokens = engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[])

@@ -88,7 +88,7 @@ CASES = {
 # The split-K GEMV: one row on the CUDA cores and 16 through tl.dot, its splits' float32 partial
 # sums added in its own launch (the last split, after an atomic count) or by the sum kernel.
 GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32", PDL=False, GROUPED=False, NORM=False,
-            RESIDUAL=False)
+            RESIDUAL=False, GATE=False)
 GEMV_PARTIALS = {"out_ptr": "*fp32"}
 GEMV_CASES = {
     "gemv_one_row_split_one_launch": (gemv._gemv_kernel, dict(
@@ -125,6 +125,10 @@ GEMV_CASES = {
     "gemv_norm_dot_gated_split": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=True, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=True, NORM=True),
         dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    # Mamba2's gated RMSNorm (of x * silu(z)) folded into out_proj, the residual added.
+    "gemv_gated_norm_residual_one_row_split": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True, NORM=True,
+        RESIDUAL=True, GATE=True), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
     "gemv_norm_residual_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False, NORM=True,
         RESIDUAL=True), None),

@@ -262,6 +262,28 @@ def test_small_batch_linear_folds_the_rmsnorm_before_and_the_residual_after(kern
     assert counters is None or not counters.any()
 
 
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("m,splits,one_launch", [(1, None, True), (1, 3, False), (3, None, True), (4, 1, True)])
+def test_small_batch_linear_folds_mamba2s_gated_rmsnorm(kernels, device, dtype, m, splits, one_launch):
+    """out_proj(gated_rmsnorm(y, z)) + residual in one launch (z a strided view, as the mixer's
+    in_proj output gives it), equal to the float64 reference."""
+    g = torch.Generator().manual_seed(m + 7)
+    k, n = 600, 70
+    y = randn(m, k, g=g, dtype=dtype, device=device, scale=4.0)
+    z = randn(m, k + 5, g=g, dtype=dtype, device=device)[:, 3 : 3 + k]
+    norm_w = randn(k, g=g, dtype=dtype, device=device)
+    w = randn(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    res = randn(m, n, g=g, dtype=dtype, device=device)
+    out = kernels.small_batch_linear(y, w, block_k=32, splits=splits, one_launch=one_launch, norm_weight=norm_w,
+                                     norm_eps=1e-5, residual=res, gate=z)
+    y64, z64 = y.double().cpu(), z.double().cpu()
+    h = y64 * F.silu(z64)
+    normed = norm_w.double().cpu() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert rel_err(out, F.linear(normed, w.double().cpu()) + res.double().cpu()) < TOL[dtype]
+    with pytest.raises(ValueError, match="gate"):
+        kernels.small_batch_linear(y, w, gate=z)  # a gate without the norm it gates
+
+
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
 def test_small_batch_linear_fused_operands_past_16_rows_and_bad_shapes(kernels, device, dtype):
     """More rows than the kernel takes: the same result through PyTorch, the norm as the Llama

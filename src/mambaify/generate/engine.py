@@ -212,11 +212,23 @@ def foldable_norm(norm: nn.Module) -> FoldedNorm | None:
 
 
 def fused_linear(layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``[residual +] layer([rms_norm](x))`` through the split-K GEMV, the norm and the residual
-    add inside its launch on CUDA (:func:`mambaify.ops.small_batch_linear`)."""
+    add inside its launch on CUDA (:func:`mambaify.ops.small_batch_linear`); with ``gate`` the
+    norm is Mamba2's gated RMSNorm of x * silu(gate)."""
     weight, eps = norm if norm is not None else (None, 1e-6)
-    return ops.small_batch_linear(x, layer.weight, layer.bias, weight, eps, residual)
+    return ops.small_batch_linear(x, layer.weight, layer.bias, weight, eps, residual, gate)
+
+
+def mamba_out_projection(mixer: Mamba2Mixer, y: torch.Tensor, z: torch.Tensor, linear: LinearCall,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """out_proj(norm(y, z)) of a Mamba layer, y and z (b, t, d_inner). With ``residual`` (the
+    engines' fold_norms) the gated RMSNorm is folded into out_proj's GEMV, as the layers' RMSNorms
+    are into theirs, and the residual added there; otherwise the norm runs as its module."""
+    if residual is None:
+        return linear(mixer.out_proj, mixer.norm(y, z))
+    norm = mixer.norm
+    return fused_linear(mixer.out_proj, y, (norm.weight, norm.variance_epsilon), residual, gate=z)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,8 +368,7 @@ class MambaRunner:
         # softplus itself, so no kernel copies them out to every head first.
         x, B, C = m.split_groups(xBC)
         y = ops.ssd_step_inplace(state.ssm_state, x, dt[:, 0], self.A, B, C, m.D, dt_bias=m.dt_bias)
-        gated = m.norm(y.reshape(b, 1, m.d_inner), z)
-        return self.linear(m.out_proj, gated) if residual is None else fused_linear(m.out_proj, gated, residual=residual)
+        return mamba_out_projection(m, y.reshape(b, 1, m.d_inner), z, self.linear, residual)
 
 
 def missing_gated_mlp_parts(mlp: nn.Module) -> list[str]:

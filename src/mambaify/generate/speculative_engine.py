@@ -115,6 +115,7 @@ from .engine import (
     few_row_linear,
     fold_norms_default,
     fused_linear,
+    mamba_out_projection,
     resolve_small_batch_linear,
     grouped_query_attention,
     left_pad,
@@ -311,7 +312,7 @@ def mamba_verify(
         x, B, C, dt = _mamba_inputs(mixer, conv, dt)
         y = ops.ssd_verify_store_states(buf.checkpoint, buf.states, counts, x, dt, mixer.A, B, C, mixer.D,
                                         check_counts_values=False)
-    return _out_projection(linear, mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z), residual)
+    return mamba_out_projection(mixer, y.reshape(b, t, mixer.d_inner), z, linear, residual)
 
 
 def mamba_draft_step(
@@ -355,7 +356,7 @@ def mamba_draft_step(
         buf.x[:, position].copy_(x[:, 0])
         buf.dt[:, position].copy_(dt[:, 0])
         buf.B[:, position].copy_(B[:, 0])
-    return _out_projection(linear, mixer.out_proj, mixer.norm(y.reshape(b, t, mixer.d_inner), z), residual)
+    return mamba_out_projection(mixer, y.reshape(b, t, mixer.d_inner), z, linear, residual)
 
 
 # ---------------------------------------------------------------------------------------------

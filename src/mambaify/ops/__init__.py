@@ -245,7 +245,7 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
         # step): the PyTorch form, which inductor fuses, backward included.
         if not _needs_grad(y, z, weight):
             return torch.ops.mambaify.gated_rmsnorm(y, z, weight, eps)
-        return _gated_rmsnorm_torch(y, z, weight, eps)
+        return reference.gated_rms_norm(y, z, weight, eps)
     return _gated_rmsnorm(y, z, weight, eps)
 
 
@@ -253,14 +253,7 @@ def _gated_rmsnorm(y, z, weight, eps=1e-6):
     kernels = _gpu_kernels(y)
     if kernels is not None:
         return kernels.gated_rmsnorm(y, z, weight, eps)
-    return _gated_rmsnorm_torch(y, z, weight, eps)
-
-
-def _gated_rmsnorm_torch(y, z, weight, eps=1e-6):
-    compute = torch.promote_types(y.dtype, torch.float32)
-    h = y.to(compute) * torch.nn.functional.silu(z.to(compute))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(y.dtype)
+    return reference.gated_rms_norm(y, z, weight, eps)
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -321,33 +314,36 @@ def _(y, z, weight, eps):
 
 
 # The small-batch linear layers below take two optional fused operands: ``norm_weight`` /
-# ``norm_eps``, an RMSNorm of the Llama family (reference.rms_norm) applied to x first, and
+# ``norm_eps``, an RMSNorm of the Llama family (reference.rms_norm) applied to x first (with
+# ``gate``, Mamba2's gated RMSNorm of x * silu(gate) instead, reference.gated_rms_norm), and
 # ``residual``, added to the result. On CUDA the GEMV folds both into its launch (the norm's
 # scale factors out of the product); elsewhere PyTorch computes them as the modules would.
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-                       residual: torch.Tensor | None = None) -> torch.Tensor:
+                       residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``[residual +] F.linear([rms_norm](x), weight, bias)``; on CUDA, for at most 16 rows, the
     split-K Triton GEMV (:func:`mambaify.ops.triton.gemv.small_batch_linear`). Inference only
     (no backward): the engines' decode steps and rounds use it on CUDA by default
     (``Engine(small_batch_linear="auto")``)."""
     if torch.compiler.is_compiling():
-        return torch.ops.mambaify.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual)
-    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual)
+        return torch.ops.mambaify.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate)
+    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate)
 
 
-def _normed(x, norm_weight, norm_eps):
-    return x if norm_weight is None else rms_norm(x, norm_weight, norm_eps)
+def _normed(x, norm_weight, norm_eps, gate=None):
+    if norm_weight is None:
+        return x
+    return rms_norm(x, norm_weight, norm_eps) if gate is None else reference.gated_rms_norm(x, gate, norm_weight, norm_eps)
 
 
-def _small_batch_linear(x, weight, bias=None, norm_weight=None, norm_eps=1e-6, residual=None):
+def _small_batch_linear(x, weight, bias=None, norm_weight=None, norm_eps=1e-6, residual=None, gate=None):
     kernels = _gpu_kernels(x)
     if kernels is not None:
         return kernels.small_batch_linear(x, weight, bias, norm_weight=norm_weight, norm_eps=norm_eps,
-                                          residual=residual)
-    out = torch.nn.functional.linear(_normed(x, norm_weight, norm_eps), weight, bias)
+                                          residual=residual, gate=gate)
+    out = torch.nn.functional.linear(_normed(x, norm_weight, norm_eps, gate), weight, bias)
     return out if residual is None else residual + out
 
 
@@ -421,12 +417,12 @@ def _(x, gate, up, norm_weight=None, norm_eps=1e-6):
 @torch.library.custom_op("mambaify::small_batch_linear", mutates_args=())
 def _small_batch_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-                           residual: torch.Tensor | None = None) -> torch.Tensor:
-    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual)
+                           residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate)
 
 
 @_small_batch_linear_op.register_fake
-def _(x, weight, bias, norm_weight=None, norm_eps=1e-6, residual=None):
+def _(x, weight, bias, norm_weight=None, norm_eps=1e-6, residual=None, gate=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -188,6 +188,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mamba2's gated RMSNorm over the last dim: weight * RMSNorm(y * silu(z)), computed in float32
+    (float64 for float64 inputs), rounded back to y's dtype before the weight."""
+    compute = torch.promote_types(y.dtype, torch.float32)
+    h = y.to(compute) * F.silu(z.to(compute))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(y.dtype)
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,

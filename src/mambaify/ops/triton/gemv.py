@@ -33,7 +33,7 @@ import triton.language as tl
 import triton.testing
 
 from .. import qkv_read_as_one
-from ..reference import rms_norm
+from ..reference import gated_rms_norm, rms_norm
 from .pdl import launch_options, wait_for_inputs
 
 MAX_ROWS = 16  # more rows than this is a matrix product: F.linear (cuBLAS) is the right call
@@ -60,12 +60,13 @@ def _weight_tiles(w_ptr, w2_ptr, offs_n, mask_n, k, k_end, w_sn, w_sk, BLOCK_K: 
 
 
 @triton.jit
-def _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, offs_m, M, k, k_end, x_sm, x_sk,
+def _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, z_ptr, offs_m, M, k, k_end, x_sm, x_sk, z_sm, z_sk,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr,
-                USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr):
+                USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr):
     """The sums plus every row's products with the weight tiles at column k. NORM: x is the
     RMSNorm's input; its tiles are multiplied by the norm's weight g as they load, and ``ssq``
-    (per row) gathers their squares for the norm's scale, applied when the sums are complete."""
+    (per row) gathers their squares for the norm's scale, applied when the sums are complete.
+    GATE (with NORM): the norm's input is x * silu(z), Mamba2's gated RMSNorm."""
     offs_k = k + tl.arange(0, BLOCK_K)
     mask_k = offs_k < k_end
     g = tl.zeros((BLOCK_K,), dtype=ACC)  # read only with NORM
@@ -76,6 +77,9 @@ def _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, offs_m, M, k, k_end, x_sm, 
         xs = tl.load(x_ptr + offs_m[:, None] * x_sm + offs_k[None, :] * x_sk, mask=x_mask, other=0.0)
         if NORM:
             xf = xs.to(ACC)
+            if GATE:
+                zf = tl.load(z_ptr + offs_m[:, None] * z_sm + offs_k[None, :] * z_sk, mask=x_mask, other=0.0).to(ACC)
+                xf = xf * zf * tl.sigmoid(zf)
             ssq += tl.sum(xf * xf, axis=1)
             xs = (xf * g[None, :]).to(xs.dtype)
         acc += tl.dot(xs, tl.trans(w), input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -87,6 +91,9 @@ def _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, offs_m, M, k, k_end, x_sm, 
             in_rows = (offs_k * 0 + m) < M  # padding rows (past M) load zeros
             x = tl.load(x_ptr + m * x_sm + offs_k * x_sk, mask=mask_k & in_rows, other=0.0).to(ACC)
             if NORM:
+                if GATE:
+                    z = tl.load(z_ptr + m * z_sm + offs_k * z_sk, mask=mask_k & in_rows, other=0.0).to(ACC)
+                    x = x * z * tl.sigmoid(z)
                 ssq += tl.where(offs_m == m, tl.sum(x * x), 0.0)
                 x = x * g
             acc += tl.where(offs_m[:, None] == m, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
@@ -119,9 +126,9 @@ def _group_block(w_ptr, wb_ptr, wc_ptr, pid_n, N_A, N_B, N, BLOCK_N: tl.constexp
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, wb_ptr, wc_ptr, g_ptr, ssq_ptr, res_ptr,
+    x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, wb_ptr, wc_ptr, g_ptr, ssq_ptr, res_ptr, z_ptr,
     M, N, K, k_per_split, S, N_A, N_B, eps,
-    x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn, f_sm, f_sn, q_ss, q_sp, r_sm, r_sn,
+    x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn, f_sm, f_sn, q_ss, q_sp, r_sm, r_sn, z_sm, z_sk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -135,6 +142,7 @@ def _gemv_kernel(
     GROUPED: tl.constexpr,
     NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    GATE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
@@ -159,6 +167,8 @@ def _gemv_kernel(
     the tiles are multiplied by g as they load, their squares summed on the way (per split into
     ``ssq_ptr``, (S, n blocks, M) float32, with several splits), and r applied where the split
     sums are added: no pass over x before the weights stream, and no norm kernel of its own.
+    GATE (with NORM): the norm is Mamba2's gated RMSNorm over the whole row, of x * silu(z), z
+    at ``z_ptr`` (M, K) (the mixer's out_proj after its norm).
     RESIDUAL: ``res_ptr`` (M, N) is added to the result (the residual add after an output
     projection), so the next layer's input comes out of this launch.
     PDL (launched as a programmatic dependent launch, Hopper on): the program reads its first
@@ -185,13 +195,14 @@ def _gemv_kernel(
         w, w2 = _weight_tiles(w_base, w2_ptr, offs_w, mask_n, k_start, k_end, w_sn, w_sk, BLOCK_K, GATED)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-        acc, acc2, ssq = _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, offs_m, M, k_start, k_end, x_sm, x_sk,
-                                     BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION, NORM)
+        acc, acc2, ssq = _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, z_ptr, offs_m, M, k_start, k_end, x_sm,
+                                     x_sk, z_sm, z_sk, BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION, NORM,
+                                     GATE)
         k_first = k_start + BLOCK_K
     for k in range(k_first, k_end, BLOCK_K):
         w, w2 = _weight_tiles(w_base, w2_ptr, offs_w, mask_n, k, k_end, w_sn, w_sk, BLOCK_K, GATED)
-        acc, acc2, ssq = _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, offs_m, M, k, k_end, x_sm, x_sk,
-                                     BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION, NORM)
+        acc, acc2, ssq = _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, z_ptr, offs_m, M, k, k_end, x_sm, x_sk,
+                                     z_sm, z_sk, BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION, NORM, GATE)
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     ptrs = out_ptr + pid_k * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
     res = res_ptr + offs_m[:, None] * r_sm + offs_n[None, :] * r_sn
@@ -390,11 +401,12 @@ def _tuned(rows, mats, up, bias, splits, one_launch) -> tuple[int, int, int]:
 def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...], up: torch.Tensor | None,
             bias: torch.Tensor | None, block_n: int | None, block_k: int | None, num_warps: int | None,
             splits: int | None, one_launch: bool | None, norm_weight: torch.Tensor | None = None,
-            norm_eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+            norm_eps: float = 0.0, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+            ) -> torch.Tensor:
     """The kernel over one weight, or a group of three (same K and strides; outputs side by side).
     A configuration left None: DEFAULT_CONFIG's, or the tuned one (:func:`tune_default`).
     ``norm_weight``/``norm_eps``: the rows are an RMSNorm's input (see NORM); ``residual``
-    (m, n): added to the result."""
+    (m, n): added to the result; ``gate`` (m, k): the norm is gated by it (see GATE)."""
     m, k = rows.shape
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
@@ -424,19 +436,20 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     # own, in split order), where the norm's scale waits for several splits.
     ssq = torch.empty(splits, programs_n, m, dtype=acc_dtype, device=rows.device) if norm and splits > 1 else part
     res = residual if residual is not None else out
+    z = gate if gate is not None else rows
     pdl = launch_options(rows.device)
     wb, wc = mats[1:] if grouped else (weight, weight)
     _gemv_kernel[(programs_n, splits)](
         rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters, wb, wc,
-        norm_weight if norm else weight, ssq, res,
+        norm_weight if norm else weight, ssq, res, z,
         m, n, k, k_per_split, splits, mats[0].shape[0], mats[1].shape[0] if grouped else 0, float(norm_eps),
         *rows.stride(), *weight.stride(), *part.stride(), *out.stride(), ssq.stride(0), ssq.stride(1),
-        *res.stride(),
+        *res.stride(), *z.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
         LAST_SPLIT_SUMS=last_sums, GROUPED=grouped, NORM=norm, RESIDUAL=residual is not None,
-        num_warps=num_warps, **pdl,
+        GATE=norm and gate is not None, num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
         sum_block = 256
@@ -468,9 +481,12 @@ def _check_fused(x: torch.Tensor, n: int, norm_weight: torch.Tensor | None, resi
     return residual.reshape(-1, n)
 
 
-def _normed(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float) -> torch.Tensor:
+def _normed(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float,
+            gate: torch.Tensor | None = None) -> torch.Tensor:
     """The PyTorch path's input (more rows than the kernel takes): the norm applied first."""
-    return x if norm_weight is None else rms_norm(x, norm_weight, norm_eps)
+    if norm_weight is None:
+        return x
+    return rms_norm(x, norm_weight, norm_eps) if gate is None else gated_rms_norm(x, gate, norm_weight, norm_eps)
 
 
 def _plus(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -481,7 +497,7 @@ def small_batch_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-    residual: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
     bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
@@ -492,16 +508,21 @@ def small_batch_linear(
     MAMBAIFY_GEMV_TUNE=1 on a GPU the fastest of TUNE_CONFIGS, timed on a shape's first call.
     ``norm_weight``, ``norm_eps``: x is the input of the Llama family's RMSNorm with this
     weight, applied first (:func:`mambaify.ops.reference.rms_norm`; in the kernel folded into
-    the product, see NORM); ``residual`` (x's leading dims, N): added to the result."""
+    the product, see NORM); ``residual`` (x's leading dims, N): added to the result. ``gate``
+    (x's shape, with ``norm_weight``): the norm is Mamba2's gated RMSNorm of x * silu(gate) over
+    the whole row (:func:`mambaify.ops.gated_rmsnorm`)."""
     rows = _rows(x, weight, "small_batch_linear")
     n = weight.shape[0]
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"small_batch_linear: bias {tuple(bias.shape)} for a weight of {n} rows")
     res = _check_fused(x, n, norm_weight, residual, "small_batch_linear")
+    if gate is not None and (norm_weight is None or gate.shape != x.shape):
+        raise ValueError(f"small_batch_linear: a gate {tuple(gate.shape)} needs norm_weight and x's shape "
+                         f"{tuple(x.shape)}")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return _plus(torch.nn.functional.linear(_normed(x, norm_weight, norm_eps), weight, bias), residual)
+        return _plus(torch.nn.functional.linear(_normed(x, norm_weight, norm_eps, gate), weight, bias), residual)
     return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight, norm_eps,
-                   res).reshape(*x.shape[:-1], n)
+                   res, None if gate is None else gate.reshape(-1, gate.shape[-1])).reshape(*x.shape[:-1], n)
 
 
 def small_batch_qkv(
