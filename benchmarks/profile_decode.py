@@ -43,7 +43,7 @@ from mambaify.bench import (
     resolve_device,
     resolve_dtype,
 )
-from mambaify.generate.engine import COMPILE_MODES, Engine
+from mambaify.generate.engine import COMPILE_MODES, Engine, fold_norms_default
 
 # First match wins: inductor's fused kernels (--compile) by their prefix, then Mamba and attention
 # kernels before the generic names their kernels contain.
@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch "
               f"{torch.__version__}; {dtype}; family {args.family}; {args.steps} profiled eager steps"
               f"{'; compiled step' if args.compile else ''}"
-              f"{'; linear layers through the split-K GEMV' if args.small_batch_linear else ''}. Kernel times are device time (CPU time of "
+              f"{'; linear layers through the split-K GEMV' if args.small_batch_linear else ''}"
+              f"{', norms folded into them (MAMBAIFY_FOLD_NORMS=1)' if fold_norms_default() else ''}. Kernel times are "
+              "device time (CPU time of "
               "aten ops on the CPU), per step; the graphed step is the CUDA-graph replay `mambaify bench` times.")
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "header": header, "models": [],
                "bandwidth_tb_per_s": bandwidth / 1e12 if bandwidth else None}

@@ -993,6 +993,13 @@ def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
     assert doc["meta"]["options"]["small_batch_linear"] is True
     assert [p["decode_linear"] for p in doc["points"]] == ["split-K", "split-K"]
     assert "| hybrid-0% | engine (split-K linear) | 1 | 16 |" in (tmp_path / "gemv" / "bench.md").read_text()
+    # MAMBAIFY_FOLD_NORMS=1 (the engines' norms folded into the GEMVs) is a variant of its own.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MAMBAIFY_FOLD_NORMS", "1")
+        assert cli_main(["bench", "--small-batch-linear", *argv, str(tmp_path / "folded")]) == 0
+    folded = json.loads((tmp_path / "folded" / "bench.json").read_text())
+    assert [p["decode_linear"] for p in folded["points"]] == ["split-K + norms"] * 2
+    assert "| hybrid-0% | engine (split-K linear, norms folded) | 1 | 16 |" in (tmp_path / "folded" / "bench.md").read_text()
     merged = bench.render_from_json([tmp_path / "gemv" / "bench.json", tmp_path / "plain" / "bench.json"],
                                     tmp_path / "all")
     # Each hybrid is compared with the teacher run the same way.

@@ -71,8 +71,8 @@ from .fileio import write_json_atomic
 from .generate.clock import Clock
 from . import ops
 from .generate.engine import (
-    COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, check_small_batch_linear, prefill_width,
-    resolve_small_batch_linear, use_split_k_attention,
+    COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, check_small_batch_linear,
+    fold_norms_default, prefill_width, resolve_small_batch_linear, use_split_k_attention,
 )
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
@@ -460,7 +460,8 @@ def new_point(spec: PointSpec, model: nn.Module | None, path: str, dtype: torch.
     point that was never reached). ``slots``: the K/V slots a decode step reads per row (a mean
     over the steps). ``compiled``: the engine's step through torch.compile (as asked until
     measured). ``decode_linear``: "split-K" where the engine ran its linear layers through
-    ``ops.small_batch_linear``, else None."""
+    ``ops.small_batch_linear`` ("split-K + norms" with the norms folded into them, fold_norms),
+    else None."""
     point = {
         "family": spec.family, "model": spec.label, "attention": spec.fraction, "path": path,
         "compiled": compiled, "decode_linear": decode_linear,
@@ -489,7 +490,9 @@ def new_engine_point(spec: PointSpec, model: nn.Module | None, options: BenchOpt
     """:func:`new_point` for an engine point run with ``options`` on ``device``."""
     slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
     split_k = resolve_small_batch_linear(options.small_batch_linear, model, device)
-    return new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, "split-K" if split_k else None)
+    # MAMBAIFY_FOLD_NORMS=1: the engine folds the Llama family's norms into the split-K GEMVs.
+    linear = ("split-K + norms" if fold_norms_default() else "split-K") if split_k else None
+    return new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, linear)
 
 
 def skip(point: dict, reason: str) -> dict:
@@ -873,7 +876,9 @@ def engine_variant(p: dict) -> tuple[str | None, str | None]:
 def _compiled_suffix(p: dict) -> str:
     mode, linear = engine_variant(p)
     parts = ([] if mode is None else ["compiled"] if mode == "default" else ["compiled", mode])
-    parts += [f"{linear} linear"] if linear else []
+    if linear:
+        kernel, _, folded = linear.partition(" + ")
+        parts += [f"{kernel} linear"] + (["norms folded"] if folded else [])
     return f" ({', '.join(parts)})" if parts else ""
 
 
