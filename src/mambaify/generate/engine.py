@@ -291,8 +291,8 @@ class AttentionRunner:
         attn = self.attention
         b, t, _ = hidden.shape
 
-        def linear(layer, x):
-            return self.linear(layer, x) if residual is None else fused_linear(layer, x, residual=residual)
+        def o_proj(x):
+            return self.linear(attn.o_proj, x) if residual is None else fused_linear(attn.o_proj, x, residual=residual)
 
         query, key, value = self.project(hidden, norm)
         query, key = self.apply_rotary(query, key, *ctx.rotary)
@@ -304,7 +304,7 @@ class AttentionRunner:
             out = decode_attention_op(
                 query, kv.keys, kv.values, ctx.pad_lengths, ctx.query_slots, attn.scaling, self.sliding_window
             )
-            return linear(attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
+            return o_proj(out.transpose(1, 2).reshape(b, t, -1))
         readable = ctx.key_slots.shape[0]
         out = grouped_query_attention(
             query,
@@ -313,7 +313,7 @@ class AttentionRunner:
             ctx.attention_bias(self.sliding_window, query.dtype),
             attn.scaling,
         )
-        return linear(attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
+        return o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     prefill = decode = forward
 
