@@ -1015,5 +1015,10 @@ def test_compiled_small_batch_linear_equals_eager():
     compiled = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True)
     eager = Engine(model, max_batch_size=2, max_length=32)
     options = dict(max_new_tokens=8, stop_token_ids=[])
-    assert torch.equal(compiled.generate(prompts, **options), eager.generate(prompts, **options))
+    expected = eager.generate(prompts, **options)
+    assert torch.equal(compiled.generate(prompts, **options), expected)
     assert compiled.is_compiled(2) and compiled.compile_error is None
+    # The norms folded into the GEMVs (the ops' extra operands) compile too.
+    folded = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True, fold_norms=True)
+    assert torch.equal(folded.generate(prompts, **options), expected)
+    assert folded.is_compiled(2) and folded.compile_error is None

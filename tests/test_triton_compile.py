@@ -129,6 +129,9 @@ GEMV_CASES = {
     "gemv_gated_norm_residual_one_row_split": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True, NORM=True,
         RESIDUAL=True, GATE=True), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    "gemv_norm_residual_one_row_pdl": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True, NORM=True,
+        RESIDUAL=True, PDL=True), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
     "gemv_norm_residual_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False, NORM=True,
         RESIDUAL=True), None),
