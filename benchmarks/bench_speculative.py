@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from mambaify.generate.clock import Clock  # noqa: E402
-from mambaify.generate.engine import fold_norms_default  # noqa: E402
+from mambaify.generate.engine import fold_norms_default, fused_conv_step_default  # noqa: E402
 
 DEFAULT_BUILTIN_PROMPTS = [
     # Used only when the offline Wikipedia data cannot be loaded (no network, no cache).
@@ -679,6 +679,8 @@ def _round_ms(point: dict) -> str:
 
 def render(data: dict, out: Path) -> None:
     folded = "; norms folded into the split-K GEMVs (MAMBAIFY_FOLD_NORMS=1)" if data["meta"].get("fold_norms") else ""
+    if data["meta"].get("fused_conv_step"):
+        folded += "; the plain engine's conv step inside its SSD step (MAMBAIFY_FUSED_CONV_STEP=1)"
     lines = ["# Speculative decoding benchmark", "", f"Device: {data['meta'].get('device_name')}, "
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}{folded}.", ""]
     if data["end_to_end"]:
@@ -820,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=str(device), dtype=str(dtype), torch=torch.__version__,
                 python=platform.python_version(), compile=args.compile,
                 small_batch_linear=args.small_batch_linear, fold_norms=fold_norms_default(),
+                fused_conv_step=fused_conv_step_default(),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
     if args.context is None:
         args.context = 32 if args.tiny else 512

@@ -43,7 +43,7 @@ from mambaify.bench import (
     resolve_device,
     resolve_dtype,
 )
-from mambaify.generate.engine import COMPILE_MODES, Engine, fold_norms_default
+from mambaify.generate.engine import COMPILE_MODES, Engine, fold_norms_default, fused_conv_step_default
 
 # First match wins: inductor's fused kernels (--compile) by their prefix, then Mamba and attention
 # kernels before the generic names their kernels contain.
@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.__version__}; {dtype}; family {args.family}; {args.steps} profiled eager steps"
               f"{'; compiled step' if args.compile else ''}"
               f"{'; linear layers through the split-K GEMV' if args.small_batch_linear else ''}"
-              f"{', norms folded into them (MAMBAIFY_FOLD_NORMS=1)' if fold_norms_default() else ''}. Kernel times are "
+              f"{', norms folded into them (MAMBAIFY_FOLD_NORMS=1)' if fold_norms_default() else ''}"
+              f"{'; conv step inside the SSD step (MAMBAIFY_FUSED_CONV_STEP=1)' if fused_conv_step_default() else ''}"
+              ". Kernel times are "
               "device time (CPU time of "
               "aten ops on the CPU), per step; the graphed step is the CUDA-graph replay `mambaify bench` times.")
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "header": header, "models": [],

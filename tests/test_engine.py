@@ -821,6 +821,23 @@ def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_o
     assert weight is model.model.norm.weight and eps == model.config.rms_norm_eps
 
 
+def test_fused_conv_step_decodes_the_same_tokens_on_the_cpu(model, monkeypatch):
+    """MAMBAIFY_FUSED_CONV_STEP=1: each Mamba layer's conv step inside its SSD step (on the CPU
+    the same two computations, so the same bits), the window double-buffered by slot parity,
+    over prompts whose padded widths are odd and even."""
+    monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
+    fused = Engine(model, max_batch_size=3, max_length=40)
+    monkeypatch.delenv("MAMBAIFY_FUSED_CONV_STEP")
+    plain = Engine(model, max_batch_size=3, max_length=40)
+    mamba = [r.mixer for r in fused.stack.layers if isinstance(r.mixer, engine_module.MambaRunner)]
+    assert all(m.fused_conv for m in mamba) and not any(
+        r.mixer.fused_conv for r in plain.stack.layers if isinstance(r.mixer, engine_module.MambaRunner))
+    options = dict(max_new_tokens=12, stop_token_ids=[])
+    for width in (9, 10):
+        prompts = random_prompts(8 + width, 3, width)
+        assert torch.equal(fused.generate(prompts, **options), plain.generate(prompts, **options)), width
+
+
 def test_small_batch_linear_keeps_q_k_v_apart_when_they_cannot_be_read_as_one(monkeypatch):
     """q, k and v go through one grouped call only where the three weights can be read as one
     matrix (contiguous, one dtype); a transposed-storage k_proj gets a call of its own, with the
@@ -913,6 +930,21 @@ def test_small_batch_linear_ops_are_opaque_under_compile():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", [0.5, 0.0], ids=["hybrid-50", "mamba2"])
+def test_cuda_fused_conv_step_decodes_the_same_tokens(attention, monkeypatch):
+    """The conv step inside the SSD step's kernel, in a CUDA graph, with the norms folded too:
+    the same greedy tokens as the two kernels apart (float32)."""
+    model = perturbed_hybrid(attention).cuda()
+    prompts = random_prompts(7, 2, 12)
+    options = dict(max_new_tokens=24, stop_token_ids=[])
+    plain = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True)
+    monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
+    fused = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=True)
+    assert torch.equal(fused.generate(prompts, **options), plain.generate(prompts, **options))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("attention", [0.5, 0.0, 1.0], ids=["hybrid-50", "mamba2", "llama"])
 def test_cuda_fold_norms_decodes_the_same_tokens(attention):
     """The RMSNorms and residual adds inside the GEMVs, in a CUDA graph: the same greedy tokens
@@ -1000,6 +1032,10 @@ def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
     folded = json.loads((tmp_path / "folded" / "bench.json").read_text())
     assert [p["decode_linear"] for p in folded["points"]] == ["split-K + norms"] * 2
     assert "| hybrid-0% | engine (split-K linear, norms folded) | 1 | 16 |" in (tmp_path / "folded" / "bench.md").read_text()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
+        assert cli_main(["bench", *argv, str(tmp_path / "fused")]) == 0
+    assert "| hybrid-0% | engine (conv in SSD step) | 1 | 16 |" in (tmp_path / "fused" / "bench.md").read_text()
     merged = bench.render_from_json([tmp_path / "gemv" / "bench.json", tmp_path / "plain" / "bench.json"],
                                     tmp_path / "all")
     # Each hybrid is compared with the teacher run the same way.

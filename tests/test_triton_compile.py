@@ -25,7 +25,7 @@ from mambaify.ops.triton import decode, decode_attention, gemv, norm, verify  # 
 HOPPER = GPUTarget("cuda", 90, 32)
 F32_POINTERS = {"state_ptr", "ckpt_ptr", "states_ptr", "A_ptr", "D_ptr", "rstd_ptr", "dw_ptr",
                 "o_part_ptr", "lse_part_ptr"}
-INT_POINTERS = {"counts_ptr", "start_ptr", "slots_ptr", "visited_ptr"}
+INT_POINTERS = {"counts_ptr", "start_ptr", "slots_ptr", "visited_ptr", "slot_ptr"}
 FLOAT_SCALARS = {"eps", "scale_log2e"}
 
 
@@ -61,6 +61,8 @@ def compile_for_hopper(kernel, constexprs: dict, num_warps: int = 4, types: dict
 
 CASES = {
     "ssd_step": (decode._ssd_step_kernel, dict(HAS_D=True, DT_SOFTPLUS=True, BLOCK_N=128, BLOCK_P=32)),
+    "conv_ssd_step": (decode._conv_ssd_step_kernel,
+                      dict(KC=4, HAS_CB=True, HAS_D=True, DT_SOFTPLUS=True, BLOCK_N=128, BLOCK_P=16)),
     "conv_step": (decode._conv_step_kernel,
                   dict(K=4, BLOCK_K=4, BLOCK_D=256, HAS_BIAS=True, APPLY_SILU=True, ACC=tl.float32)),
     "gated_rmsnorm_fwd": (norm._gated_rmsnorm_fwd_kernel, dict(BLOCK_N=4096, ACC=tl.float32)),

@@ -462,6 +462,82 @@ def test_ssd_step_kernel_reads_head_groups_and_raw_dt(kernels, device, dtype):
         kernels.ssd_step_inplace(state, i.x[:, :1].expand(3, 4, 37), i.dt, i.A, i.B, i.C)
 
 
+def conv_ssd_inputs(b, groups, h, n, p, K, dtype, device="cpu", seed=0):
+    """A Mamba2 decode token as in_proj gives it: raw xBC (x per group, B per group, C per
+    head), dt raw with its bias, the conv's weight and bias, the SSM state and a conv window."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    gx, gb, gc = groups
+    d = gx * p + (gb + gc) * n
+    return SimpleNamespace(
+        state=randn(b, h, n, p, g=g, dtype=wide, device=device),
+        window=randn(b, d, K - 1, g=g, dtype=dtype, device=device),
+        xBC=[randn(b, d + 3, g=g, dtype=dtype, device=device)[:, 1 : d + 1] for _ in range(3)],  # strided, 3 tokens
+        conv_weight=randn(d, K, g=g, dtype=dtype, device=device, scale=0.5),
+        conv_bias=randn(d, g=g, dtype=dtype, device=device),
+        dt=[randn(b, h, g=g, dtype=dtype, device=device) for _ in range(3)],
+        dt_bias=randn(h, g=g, dtype=dtype, device=device),
+        A=(-torch.rand(h, generator=g, dtype=torch.float64) * 2 - 0.1).to(device, wide),
+        D=randn(h, g=g, dtype=dtype, device=device),
+    )
+
+
+def unfused_conv_ssd_steps(i, groups, first_slot):
+    """The reference: float64, the conv step then the SSD step, three tokens from ``first_slot``;
+    per token its y and the window (in the buffer the fused step leaves it in)."""
+    state, window = i.state.double().cpu().clone(), i.window.double().cpu().clone()
+    (gx, gb, gc), (n, p) = groups, state.shape[2:]
+    out = []
+    for t in range(3):
+        act = ops.conv_step_inplace(window, i.xBC[t].double().cpu(), i.conv_weight.double().cpu(),
+                                    i.conv_bias.double().cpu())
+        x, B, C = act.split([gx * p, gb * n, gc * n], dim=-1)
+        y = ops.ssd_step_inplace(state, x.unflatten(-1, (gx, p)), i.dt[t].double().cpu(), i.A.double().cpu(),
+                                 B.unflatten(-1, (gb, n)), C.unflatten(-1, (gc, n)), i.D.double().cpu(),
+                                 dt_bias=i.dt_bias.double().cpu())
+        out.append((y, window.clone(), (first_slot + t + 1) % 2))
+    return out, state
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("first_slot", [5, 8])
+def test_conv_ssd_step_kernel_equals_the_conv_step_then_the_ssd_step(kernels, device, dtype, first_slot):
+    """The conv and SSD steps in one launch over three tokens, x and B per group of 3 heads, C per
+    head, p split into blocks: each token's y, the state, and the window left in the buffer the
+    next token reads, equal to the float64 reference of the two steps apart."""
+    groups, (b, h, n, p, K) = (2, 2, 6), (3, 6, 7, 37, 4)
+    i = conv_ssd_inputs(b, groups, h, n, p, K, dtype, device, seed=first_slot)
+    expected, state64 = unfused_conv_ssd_steps(i, groups, first_slot)
+    windows = torch.zeros(2, *i.window.shape, dtype=dtype, device=device)
+    windows[first_slot % 2] = i.window
+    state, out = i.state.clone(), torch.empty(b, h, p, dtype=dtype, device=device)
+    for t, (y64, window64, written) in enumerate(expected):
+        slot = torch.tensor([first_slot + t], device=device)
+        y = kernels.conv_ssd_step_inplace(state, windows, slot, i.xBC[t], i.conv_weight, i.conv_bias, groups,
+                                          i.dt[t], i.A, i.D, i.dt_bias, out=out)
+        assert y is out and rel_err(y, y64) < TOL[dtype], f"token {t}"
+        # The window moves over bit for bit (the raw inputs, copied).
+        assert torch.equal(windows[written].double().cpu(), window64), f"token {t}"
+    assert rel_err(state, state64) < TOL[dtype]
+    with pytest.raises(ValueError, match="conv_ssd_step shapes"):
+        kernels.conv_ssd_step_inplace(state, windows[:, :, :-1], slot, i.xBC[0], i.conv_weight, i.conv_bias, groups,
+                                      i.dt[0], i.A)
+
+
+def test_conv_ssd_step_torch_path_is_the_two_steps():
+    groups, (b, h, n, p, K) = (3, 1, 6), (2, 6, 5, 4, 4)
+    i = conv_ssd_inputs(b, groups, h, n, p, K, torch.float64, seed=2)
+    expected, state64 = unfused_conv_ssd_steps(i, groups, 3)
+    windows = torch.zeros(2, *i.window.shape, dtype=torch.float64)
+    windows[1] = i.window
+    state = i.state.clone()
+    for t, (y64, window64, written) in enumerate(expected):
+        y = ops.conv_ssd_step_inplace(state, windows, torch.tensor([3 + t]), i.xBC[t], i.conv_weight, i.conv_bias,
+                                      groups, i.dt[t], i.A, i.D, i.dt_bias)
+        assert torch.equal(y, y64) and torch.equal(windows[written], window64)
+    assert torch.equal(state, state64)
+
+
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)
 def test_ssd_step_kernel_writes_in_place(kernels, device, dtype):
     i = step_inputs(2, 3, 16, 8, dtype, device, seed=3)

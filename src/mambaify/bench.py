@@ -72,7 +72,7 @@ from .generate.clock import Clock
 from . import ops
 from .generate.engine import (
     COMPILE_MODES, PREFILL_GRAPH_TOKENS, CompileError, Engine, StaticCache, check_small_batch_linear,
-    fold_norms_default, prefill_width, resolve_small_batch_linear, use_split_k_attention,
+    fold_norms_default, fused_conv_step_default, prefill_width, resolve_small_batch_linear, use_split_k_attention,
 )
 from .models.modeling import HybridForCausalLM, Mamba2Mixer
 
@@ -492,7 +492,10 @@ def new_engine_point(spec: PointSpec, model: nn.Module | None, options: BenchOpt
     split_k = resolve_small_batch_linear(options.small_batch_linear, model, device)
     # MAMBAIFY_FOLD_NORMS=1: the engine folds the Llama family's norms into the split-K GEMVs.
     linear = ("split-K + norms" if fold_norms_default() else "split-K") if split_k else None
-    return new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, linear)
+    point = new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, linear)
+    if fused_conv_step_default():  # MAMBAIFY_FUSED_CONV_STEP=1: the conv step inside the SSD step's kernel
+        point["fused_conv_step"] = True
+    return point
 
 
 def skip(point: dict, reason: str) -> dict:
@@ -828,7 +831,7 @@ def add_ratios(points: list[dict]) -> None:
         if p["path"] == "engine":
             base = teacher.get((*key, engine_variant(p)))
         else:
-            base = teacher.get((*key, (None, None)), teacher.get((*key, ("default", None))))
+            base = teacher.get((*key, (None, None, False)), teacher.get((*key, ("default", None, False))))
         ok = p["status"] == "ok" and base is not None
         if p["path"] == "engine":
             p["decode_vs_teacher"] = p["decode_tok_s"] / base if ok else None
@@ -867,18 +870,19 @@ def compile_key(p: dict) -> str | None:
     return (p.get("compile_mode") or "default") if p.get("compiled") else None
 
 
-def engine_variant(p: dict) -> tuple[str | None, str | None]:
-    """What makes engine points comparable: the compile mode (None: uncompiled) and the linear
-    layers' kernel (None: the modules' own)."""
-    return compile_key(p), p.get("decode_linear")
+def engine_variant(p: dict) -> tuple[str | None, str | None, bool]:
+    """What makes engine points comparable: the compile mode (None: uncompiled), the linear
+    layers' kernel (None: the modules' own) and whether the conv step ran inside the SSD step."""
+    return compile_key(p), p.get("decode_linear"), bool(p.get("fused_conv_step"))
 
 
 def _compiled_suffix(p: dict) -> str:
-    mode, linear = engine_variant(p)
+    mode, linear, fused_conv = engine_variant(p)
     parts = ([] if mode is None else ["compiled"] if mode == "default" else ["compiled", mode])
     if linear:
         kernel, _, folded = linear.partition(" + ")
         parts += [f"{kernel} linear"] + (["norms folded"] if folded else [])
+    parts += ["conv in SSD step"] if fused_conv else []
     return f" ({', '.join(parts)})" if parts else ""
 
 

@@ -73,13 +73,17 @@ class KVBuffers:
 class MambaBuffers:
     """State of one Mamba layer: the last d_conv - 1 conv inputs (batch, conv_dim, d_conv - 1) and
     the SSM state (batch, heads, d_state, head_dim) in the scan's compute dtype (float32, or
-    float64 for a float64 model)."""
+    float64 for a float64 model). With the conv step inside the SSD step's kernel,
+    ``conv_windows`` (2, batch, conv_dim, d_conv - 1) holds the conv inputs instead, for the token
+    at slot s in buffer s % 2 (:func:`mambaify.ops.conv_ssd_step_inplace`)."""
 
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
+    conv_windows: torch.Tensor | None = None
 
     def rows(self, n: int) -> MambaBuffers:
-        return MambaBuffers(self.conv_state[:n], self.ssm_state[:n])
+        windows = self.conv_windows[:, :n] if self.conv_windows is not None else None
+        return MambaBuffers(self.conv_state[:n], self.ssm_state[:n], windows)
 
 
 @dataclass
@@ -190,6 +194,13 @@ def few_row_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 # An RMSNorm the GEMV folds into the projection after it: (weight, eps).
 FoldedNorm = tuple[torch.Tensor, float]
+
+
+def fused_conv_step_default() -> bool:
+    """Whether the engine's Mamba decode step runs its conv step inside the SSD step's kernel
+    (MAMBAIFY_FUSED_CONV_STEP=1; off until timed on the H200: one launch fewer per Mamba layer
+    and token, the conv window double-buffered)."""
+    return os.environ.get("MAMBAIFY_FUSED_CONV_STEP", "0") == "1"
 
 
 def fold_norms_default() -> bool:
@@ -329,20 +340,26 @@ class MambaRunner:
     a request always decodes with the mixer's current parameters.
     """
 
-    def __init__(self, mixer: Mamba2Mixer, linear: LinearCall = module_linear):
+    def __init__(self, mixer: Mamba2Mixer, linear: LinearCall = module_linear, fused_conv: bool | None = None):
         self.mixer = mixer
         self.linear = linear
+        # The conv step inside the SSD step's kernel (one launch instead of two per layer and token).
+        self.fused_conv = (fused_conv_step_default() if fused_conv is None else fused_conv) and mixer.d_conv > 1
         with torch.no_grad():
             self.A = mixer.A.clone()
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> MambaBuffers:
         m = self.mixer  # the state has one size whatever the number of slots
+        windows = (torch.zeros(2, batch, m.conv_dim, m.d_conv - 1, dtype=dtype, device=device)
+                   if self.fused_conv else None)
         return MambaBuffers(
-            conv_state=torch.zeros(batch, m.conv_dim, m.d_conv - 1, dtype=dtype, device=device),
+            conv_state=windows[0] if windows is not None else torch.zeros(batch, m.conv_dim, m.d_conv - 1, dtype=dtype,
+                                                                            device=device),
             ssm_state=torch.zeros(
                 batch, m.num_heads, m.d_state, m.head_dim,
                 dtype=torch.promote_types(dtype, torch.float32), device=device,
             ),
+            conv_windows=windows,
         )
 
     def prefill(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaBuffers) -> torch.Tensor:
@@ -350,7 +367,11 @@ class MambaRunner:
         with torch.no_grad():
             self.A.copy_(self.mixer.A)
         out = self.mixer(hidden, ctx.padding_mask, None, fresh)
-        state.conv_state.copy_(fresh.conv_state)
+        if state.conv_windows is not None:  # the first decoded token reads the buffer of its slot's parity
+            first_decode_slot = ctx.query_slots[-1:] + 1
+            state.conv_windows.index_copy_(0, first_decode_slot % 2, fresh.conv_state[None].to(state.conv_windows.dtype))
+        else:
+            state.conv_state.copy_(fresh.conv_state)
         state.ssm_state.copy_(fresh.ssm_state)
         return out
 
@@ -363,6 +384,12 @@ class MambaRunner:
         b = hidden.shape[0]
         projected = self.linear(m.in_proj, hidden) if norm is None else fused_linear(m.in_proj, hidden, norm)
         z, xBC, dt = m.split_projection(projected)
+        if state.conv_windows is not None:
+            groups = (m.num_xb_heads, m.num_xb_heads, m.num_heads)  # x, B, C (see Mamba2Mixer.split_groups)
+            y = ops.conv_ssd_step_inplace(state.ssm_state, state.conv_windows, ctx.query_slots, xBC[:, 0],
+                                          m.conv1d.weight[:, 0], m.conv1d.bias, groups, dt[:, 0], self.A, m.D,
+                                          m.dt_bias)
+            return mamba_out_projection(m, y.reshape(b, 1, m.d_inner), z, self.linear, residual)
         xBC = ops.conv_step_inplace(state.conv_state, xBC[:, 0], m.conv1d.weight[:, 0], m.conv1d.bias)  # SiLU-ed
         # x and B stay per kv head and dt raw: the step reads each head's group and applies the
         # softplus itself, so no kernel copies them out to every head first.

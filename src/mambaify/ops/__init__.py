@@ -227,14 +227,65 @@ def conv_step_inplace(
     return _conv_step_inplace(conv_state, x, weight, bias, silu, out)
 
 
+def _conv_step(window, x, weight, bias, silu):
+    """The PyTorch conv step: (output (b, d), the shifted window (b, d, K-1))."""
+    y, new_window = causal_conv1d(x[:, None], weight, bias, window)
+    return (torch.nn.functional.silu(y[:, 0]) if silu else y[:, 0]), new_window
+
+
 def _conv_step_inplace(conv_state, x, weight, bias=None, silu=True, out=None):
     kernels = _gpu_kernels(conv_state)
     if kernels is not None:
         return kernels.conv_step_inplace(conv_state, x, weight, bias, silu, out)
-    y, new_state = causal_conv1d(x[:, None], weight, bias, conv_state)
-    y = torch.nn.functional.silu(y[:, 0]) if silu else y[:, 0]
+    y, new_state = _conv_step(conv_state, x, weight, bias, silu)
     conv_state.copy_(new_state)
     return y if out is None else out.copy_(y)
+
+
+def conv_ssd_step_inplace(
+    state: torch.Tensor,
+    windows: torch.Tensor,
+    slot: torch.Tensor,
+    xBC: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    groups: tuple[int, int, int],
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A Mamba2 decode token's conv step and SSD step together (one kernel on CUDA):
+    :func:`conv_step_inplace` of the raw conv input xBC (b, d) with SiLU, split into x (gx groups
+    of p), B (gb groups of n) and C (gc groups of n), then :func:`ssd_step_inplace` on ``state``
+    (b, h, n, p) with dt (b, h) raw when ``dt_bias`` is given. ``groups`` = (gx, gb, gc), each
+    dividing h. The conv window is double-buffered: ``windows`` (2, b, d, K-1) holds it in
+    buffer ``slot % 2`` (slot: a one-element tensor, the token's cache slot) and the step leaves
+    the shifted window in the other buffer, which is what lets one kernel's programs share the
+    channels they read. y (b, h, p) goes to ``out`` if given."""
+    groups = tuple(int(g) for g in groups)
+    if torch.compiler.is_compiling():
+        out = xBC.new_empty(state.shape[0], state.shape[1], state.shape[3]) if out is None else out
+        torch.ops.mambaify.conv_ssd_step_inplace(state, windows, slot, xBC, conv_weight, conv_bias, list(groups), dt,
+                                                 A, D, dt_bias, out)
+        return out
+    return _conv_ssd_step_inplace(state, windows, slot, xBC, conv_weight, conv_bias, groups, dt, A, D, dt_bias, out)
+
+
+def _conv_ssd_step_inplace(state, windows, slot, xBC, conv_weight, conv_bias, groups, dt, A, D=None, dt_bias=None,
+                           out=None):
+    kernels = _gpu_kernels(state)
+    if kernels is not None:
+        return kernels.conv_ssd_step_inplace(state, windows, slot, xBC, conv_weight, conv_bias, groups, dt, A, D,
+                                             dt_bias, out)
+    parity = slot.reshape(1) % 2
+    activated, window = _conv_step(windows.index_select(0, parity)[0], xBC, conv_weight, conv_bias, silu=True)
+    windows.index_copy_(0, 1 - parity, window[None])
+    (gx, gb, gc), n, p = groups, state.shape[2], state.shape[3]
+    x, B, C = activated.split([gx * p, gb * n, gc * n], dim=-1)
+    return _ssd_step_inplace(state, x.unflatten(-1, (gx, p)), dt, A, B.unflatten(-1, (gb, n)),
+                             C.unflatten(-1, (gc, n)), D, out, dt_bias)
 
 
 def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -283,6 +334,29 @@ def _ssd_step_op(
 
 @_ssd_step_op.register_fake
 def _(state, x, dt, A, B, C, D, out, dt_bias=None) -> None:
+    return None
+
+
+@torch.library.custom_op("mambaify::conv_ssd_step_inplace", mutates_args=("state", "windows", "out"))
+def _conv_ssd_step_op(
+    state: torch.Tensor,
+    windows: torch.Tensor,
+    slot: torch.Tensor,
+    xBC: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    groups: list[int],
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    _conv_ssd_step_inplace(state, windows, slot, xBC, conv_weight, conv_bias, tuple(groups), dt, A, D, dt_bias, out)
+
+
+@_conv_ssd_step_op.register_fake
+def _(state, windows, slot, xBC, conv_weight, conv_bias, groups, dt, A, D, dt_bias, out) -> None:
     return None
 
 
@@ -661,6 +735,7 @@ __all__ = [
     "SSDScan",
     "available_backends",
     "causal_conv1d",
+    "conv_ssd_step_inplace",
     "conv_step_inplace",
     "conv_verify",
     "conv_verify_inplace",

@@ -16,7 +16,7 @@ import torch
 import triton  # noqa: F401  (the ImportError that says "no GPU kernels here")
 
 from .. import register_backend
-from .decode import conv_step_inplace, ssd_step, ssd_step_inplace
+from .decode import conv_ssd_step_inplace, conv_step_inplace, ssd_step, ssd_step_inplace
 from .gemv import small_batch_gated_up, small_batch_linear, small_batch_qkv
 from .norm import gated_rmsnorm
 from .verify import conv_verify_inplace, ssd_verify_inplace, ssd_verify_store_states
@@ -42,6 +42,7 @@ FLA_AVAILABLE = _register_fla()
 
 __all__ = [
     "FLA_AVAILABLE",
+    "conv_ssd_step_inplace",
     "conv_step_inplace",
     "conv_verify_inplace",
     "gated_rmsnorm",

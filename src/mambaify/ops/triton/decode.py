@@ -91,16 +91,24 @@ def _ssd_step_kernel(
     Bv = tl.load(B_ptr + b * B_sb + (h // B_REP) * B_sh + offs_n * B_sn, mask=mask_n, other=0.0).to(acc)
     Cv = tl.load(C_ptr + b * C_sb + (h // C_REP) * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
 
-    s_ptrs = state_ptr + b * s_sb + h * s_sh + offs_n[:, None] * s_sn + offs_p[None, :] * s_sp
+    _ssd_update(state_ptr + b * s_sb + h * s_sh, x, dt, a, Bv, Cv, D_ptr + h, y_ptr + b * y_sb + h * y_sh,
+                offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp, HAS_D)
+
+
+@triton.jit
+def _ssd_update(state, x, dt, a, Bv, Cv, D_at, y_at, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp,
+                HAS_D: tl.constexpr):
+    """One head's recurrence step over its (n, p block) of state, in place, and its y: the body
+    both step kernels share (x, dt, a, B and C already in the state's dtype)."""
+    s_ptrs = state + offs_n[:, None] * s_sn + offs_p[None, :] * s_sp
     mask = mask_n[:, None] & mask_p[None, :]
     S = tl.load(s_ptrs, mask=mask, other=0.0)
     S = tl.exp(dt * a) * S + Bv[:, None] * (dt * x)[None, :]
     tl.store(s_ptrs, S, mask=mask)
-
     y = tl.sum(S * Cv[:, None], axis=0)
     if HAS_D:
-        y += tl.load(D_ptr + h).to(acc) * x
-    tl.store(y_ptr + b * y_sb + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+        y += tl.load(D_at).to(y.dtype) * x
+    tl.store(y_at + offs_p * y_sp, y.to(y_at.dtype.element_ty), mask=mask_p)
 
 
 def _block_p(programs_per_block: int, p: int, device: torch.device) -> int:
@@ -284,5 +292,139 @@ def conv_step_inplace(
         APPLY_SILU=silu,
         ACC=_acc_dtype(x),
         **launch_options(x.device),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- conv + SSD step in one
+
+
+@triton.jit
+def _conv_channels(ch, mask, write, b, read_q, write_q, xbc_ptr, win_ptr, cw_ptr, cb_ptr,
+                   xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk,
+                   KC: tl.constexpr, HAS_CB: tl.constexpr, ACC: tl.constexpr):
+    """silu(causal conv) of channels ``ch`` of row b for this token: the window's KC - 1 earlier
+    inputs from buffer ``read_q``, the new one from xBC. Where ``write`` (one program per channel),
+    the shifted window goes to buffer ``write_q``: the other buffer, which no program reads in this
+    step, so the programs that share a channel (a group's heads, a head's p blocks) never race.
+    The result is rounded to xBC's dtype, as the conv step's output is."""
+    new = tl.load(xbc_ptr + b * xbc_sb + ch * xbc_sd, mask=mask, other=0.0)
+    acc = new.to(ACC) * tl.load(cw_ptr + ch * cw_sd + (KC - 1) * cw_sk, mask=mask, other=0.0).to(ACC)
+    read = win_ptr + read_q * w_sq + b * w_sb + ch * w_sd
+    written = win_ptr + write_q * w_sq + b * w_sb + ch * w_sd
+    write_mask = mask & (tl.zeros_like(ch) + write.to(tl.int32) != 0)
+    for j in tl.static_range(KC - 1):
+        old = tl.load(read + j * w_sk, mask=mask, other=0.0)
+        acc += old.to(ACC) * tl.load(cw_ptr + ch * cw_sd + j * cw_sk, mask=mask, other=0.0).to(ACC)
+        if j > 0:
+            tl.store(written + (j - 1) * w_sk, old, mask=write_mask)
+    tl.store(written + (KC - 2) * w_sk, new.to(win_ptr.dtype.element_ty), mask=write_mask)
+    if HAS_CB:
+        acc += tl.load(cb_ptr + ch, mask=mask, other=0.0).to(ACC)
+    return (acc * tl.sigmoid(acc)).to(new.dtype)
+
+
+@triton.jit
+def _conv_ssd_step_kernel(
+    state_ptr, xbc_ptr, win_ptr, cw_ptr, cb_ptr, slot_ptr, dt_ptr, A_ptr, D_ptr, y_ptr, dt_bias_ptr,
+    H, N, P, X_REP, B_REP, C_REP, B_OFF, C_OFF,
+    s_sb, s_sh, s_sn, s_sp,
+    xbc_sb, xbc_sd,
+    w_sq, w_sb, w_sd, w_sk,
+    cw_sd, cw_sk,
+    dt_sb, dt_sh,
+    y_sb, y_sh, y_sp,
+    KC: tl.constexpr,
+    HAS_CB: tl.constexpr,
+    HAS_D: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The conv step and the SSD step of a Mamba2 layer in one launch. Program (b, h, p block):
+    the conv (SiLU-ed) of the x channels of its p block and of the B and C channels of its head's
+    groups, from xBC (the raw in_proj slice: x (groups of X_REP heads), then B at B_OFF, C at
+    C_OFF) and the conv window, then :func:`_ssd_update` as in :func:`_ssd_step_kernel`. The
+    window lives in two buffers (2, b, channels, KC - 1): the token at slot s reads buffer s % 2
+    and leaves the shifted window in the other, each channel written by one program (x by its
+    group's first head, B and C by that head's first p block)."""
+    wait_for_inputs(PDL)
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    acc = state_ptr.dtype.element_ty
+    read_q = tl.load(slot_ptr) % 2
+    write_q = 1 - read_q
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_n = offs_n < N
+    mask_p = offs_p < P
+    first_p = pid_p == 0
+    x = _conv_channels((h // X_REP) * P + offs_p, mask_p, h % X_REP == 0, b, read_q, write_q, xbc_ptr, win_ptr,
+                       cw_ptr, cb_ptr, xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk, KC, HAS_CB, acc)
+    Bv = _conv_channels(B_OFF + (h // B_REP) * N + offs_n, mask_n, (h % B_REP == 0) & first_p, b, read_q, write_q,
+                        xbc_ptr, win_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk, KC,
+                        HAS_CB, acc)
+    Cv = _conv_channels(C_OFF + (h // C_REP) * N + offs_n, mask_n, (h % C_REP == 0) & first_p, b, read_q, write_q,
+                        xbc_ptr, win_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk, KC,
+                        HAS_CB, acc)
+
+    dt = tl.load(dt_ptr + b * dt_sb + h * dt_sh)
+    if DT_SOFTPLUS:
+        dt = softplus_in_dtype(dt, tl.load(dt_bias_ptr + h), acc)
+    _ssd_update(state_ptr + b * s_sb + h * s_sh, x.to(acc), dt.to(acc), tl.load(A_ptr + h).to(acc), Bv.to(acc),
+                Cv.to(acc), D_ptr + h, y_ptr + b * y_sb + h * y_sh, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp,
+                HAS_D)
+
+
+def conv_ssd_step_inplace(
+    state: torch.Tensor,
+    windows: torch.Tensor,
+    slot: torch.Tensor,
+    xBC: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    groups: tuple[int, int, int],
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The conv step and the SSD step of one decode token in one launch (see
+    :func:`mambaify.ops.conv_ssd_step_inplace` for the arguments); returns y (b, h, p)."""
+    b, h, n, p = state.shape
+    gx, gb, gc = groups
+    d = xBC.shape[-1]
+    K = conv_weight.shape[-1]
+    if (xBC.shape != (b, d) or d != gx * p + (gb + gc) * n or windows.shape != (2, b, d, K - 1) or K < 2
+            or conv_weight.shape != (d, K) or dt.shape != (b, h) or any(h % g for g in groups) or slot.numel() != 1):
+        raise ValueError(
+            f"conv_ssd_step shapes disagree: state {tuple(state.shape)}, windows {tuple(windows.shape)}, "
+            f"xBC {tuple(xBC.shape)}, conv_weight {tuple(conv_weight.shape)}, groups {groups}, dt {tuple(dt.shape)}"
+        )
+    if out is None:
+        out = xBC.new_empty(b, h, p)
+    block_p = _block_p(b * h, p, state.device)
+    _conv_ssd_step_kernel[(b * h, triton.cdiv(p, block_p))](
+        state, xBC, windows, conv_weight, conv_bias if conv_bias is not None else conv_weight, slot, dt, A,
+        D if D is not None else A, out, dt_bias if dt_bias is not None else A,
+        h, n, p, h // gx, h // gb, h // gc, gx * p, gx * p + gb * n,
+        *state.stride(),
+        *xBC.stride(),
+        *windows.stride(),
+        *conv_weight.stride(),
+        *dt.stride(),
+        *out.stride(),
+        KC=K,
+        HAS_CB=conv_bias is not None,
+        HAS_D=D is not None,
+        DT_SOFTPLUS=dt_bias is not None,
+        BLOCK_N=triton.next_power_of_2(n),
+        BLOCK_P=block_p,
+        **launch_options(state.device),
     )
     return out
