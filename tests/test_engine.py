@@ -1045,7 +1045,7 @@ def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
         plain_hybrid["decode_tok_s"] / plain_teacher["decode_tok_s"])
 
 
-def test_compiled_small_batch_linear_equals_eager():
+def test_compiled_small_batch_linear_equals_eager(monkeypatch):
     model = perturbed_hybrid(0.5, num_hidden_layers=2)
     prompts = random_prompts(7, 3)
     compiled = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True)
@@ -1058,3 +1058,8 @@ def test_compiled_small_batch_linear_equals_eager():
     folded = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True, fold_norms=True)
     assert torch.equal(folded.generate(prompts, **options), expected)
     assert folded.is_compiled(2) and folded.compile_error is None
+    # And the conv step inside the SSD step's op (MAMBAIFY_FUSED_CONV_STEP=1).
+    monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
+    fused = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True, fold_norms=True)
+    assert torch.equal(fused.generate(prompts, **options), expected)
+    assert fused.is_compiled(2) and fused.compile_error is None

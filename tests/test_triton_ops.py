@@ -536,6 +536,10 @@ def test_conv_ssd_step_torch_path_is_the_two_steps():
                                       groups, i.dt[t], i.A, i.D, i.dt_bias)
         assert torch.equal(y, y64) and torch.equal(windows[written], window64)
     assert torch.equal(state, state64)
+    # The op the compiled decode step calls: its schema, fake tensor and mutations check out.
+    torch.library.opcheck(torch.ops.mambaify.conv_ssd_step_inplace.default, (
+        state, windows, torch.tensor([6]), i.xBC[0], i.conv_weight, i.conv_bias, list(groups), i.dt[0], i.A, i.D,
+        i.dt_bias, torch.empty(b, h, p, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)
