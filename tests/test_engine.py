@@ -1031,7 +1031,8 @@ def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
         assert cli_main(["bench", "--small-batch-linear", *argv, str(tmp_path / "folded")]) == 0
     folded = json.loads((tmp_path / "folded" / "bench.json").read_text())
     assert [p["decode_linear"] for p in folded["points"]] == ["split-K + norms"] * 2
-    assert "| hybrid-0% | engine (split-K linear, norms folded) | 1 | 16 |" in (tmp_path / "folded" / "bench.md").read_text()
+    folded_md = (tmp_path / "folded" / "bench.md").read_text()
+    assert "| hybrid-0% | engine (split-K linear, norms folded) | 1 | 16 |" in folded_md
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
         assert cli_main(["bench", *argv, str(tmp_path / "fused")]) == 0

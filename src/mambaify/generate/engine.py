@@ -231,6 +231,16 @@ def fused_linear(layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None = No
     return ops.small_batch_linear(x, layer.weight, layer.bias, weight, eps, residual, gate)
 
 
+def normed_linear(linear: LinearCall, layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None) -> torch.Tensor:
+    """An input projection: ``linear(layer, x)``, or with ``norm`` the layer's RMSNorm folded in."""
+    return linear(layer, x) if norm is None else fused_linear(layer, x, norm)
+
+
+def linear_plus(linear: LinearCall, layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """An output projection: ``linear(layer, x)``, or with ``residual`` the residual add folded in."""
+    return linear(layer, x) if residual is None else fused_linear(layer, x, residual=residual)
+
+
 def mamba_out_projection(mixer: Mamba2Mixer, y: torch.Tensor, z: torch.Tensor, linear: LinearCall,
                          residual: torch.Tensor | None = None) -> torch.Tensor:
     """out_proj(norm(y, z)) of a Mamba layer, y and z (b, t, d_inner). With ``residual`` (the
@@ -287,10 +297,8 @@ class AttentionRunner:
             q_end = attn.q_proj.out_features
             k_end = q_end + attn.k_proj.out_features
             outputs = (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])
-        elif norm is not None:
-            outputs = tuple(fused_linear(p, hidden, norm) for p in projections)
         else:
-            outputs = tuple(self.linear(p, hidden) for p in projections)
+            outputs = tuple(normed_linear(self.linear, p, hidden, norm) for p in projections)
         query, key, value = (o.view(heads).transpose(1, 2) for o in outputs)
         return query, key, value
 
@@ -301,10 +309,6 @@ class AttentionRunner:
         the GEMVs, for :meth:`DecoderLayerRunner.decode`)."""
         attn = self.attention
         b, t, _ = hidden.shape
-
-        def o_proj(x):
-            return self.linear(attn.o_proj, x) if residual is None else fused_linear(attn.o_proj, x, residual=residual)
-
         query, key, value = self.project(hidden, norm)
         query, key = self.apply_rotary(query, key, *ctx.rotary)
         kv.keys.index_copy_(2, ctx.query_slots, key)
@@ -315,7 +319,7 @@ class AttentionRunner:
             out = decode_attention_op(
                 query, kv.keys, kv.values, ctx.pad_lengths, ctx.query_slots, attn.scaling, self.sliding_window
             )
-            return o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            return linear_plus(self.linear, attn.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual)
         readable = ctx.key_slots.shape[0]
         out = grouped_query_attention(
             query,
@@ -324,7 +328,7 @@ class AttentionRunner:
             ctx.attention_bias(self.sliding_window, query.dtype),
             attn.scaling,
         )
-        return o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return linear_plus(self.linear, attn.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual)
 
     prefill = decode = forward
 
@@ -369,7 +373,8 @@ class MambaRunner:
         out = self.mixer(hidden, ctx.padding_mask, None, fresh)
         if state.conv_windows is not None:  # the first decoded token reads the buffer of its slot's parity
             first_decode_slot = ctx.query_slots[-1:] + 1
-            state.conv_windows.index_copy_(0, first_decode_slot % 2, fresh.conv_state[None].to(state.conv_windows.dtype))
+            window = fresh.conv_state[None].to(state.conv_windows.dtype)
+            state.conv_windows.index_copy_(0, first_decode_slot % 2, window)
         else:
             state.conv_state.copy_(fresh.conv_state)
         state.ssm_state.copy_(fresh.ssm_state)
@@ -382,8 +387,7 @@ class MambaRunner:
         :meth:`AttentionRunner.forward`."""
         m = self.mixer
         b = hidden.shape[0]
-        projected = self.linear(m.in_proj, hidden) if norm is None else fused_linear(m.in_proj, hidden, norm)
-        z, xBC, dt = m.split_projection(projected)
+        z, xBC, dt = m.split_projection(normed_linear(self.linear, m.in_proj, hidden, norm))
         if state.conv_windows is not None:
             groups = (m.num_xb_heads, m.num_xb_heads, m.num_heads)  # x, B, C (see Mamba2Mixer.split_groups)
             y = ops.conv_ssd_step_inplace(state.ssm_state, state.conv_windows, ctx.query_slots, xBC[:, 0],
@@ -480,7 +484,8 @@ class DecoderLayerRunner:
         hidden = hidden + mix(layer.input_layernorm(hidden), ctx, buffers)
         return hidden + self.mlp(layer.post_attention_layernorm(hidden))
 
-    def mlp(self, x: torch.Tensor, norm: FoldedNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, norm: FoldedNorm | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's MLP, its projections through ``linear``; with ``norm`` x is the input of the
         layer's post-attention RMSNorm and with ``residual`` the result comes with it added, both
         folded into the GEMVs (``fold_norms``)."""
@@ -495,8 +500,8 @@ class DecoderLayerRunner:
             weight, eps = norm if norm is not None else (None, 1e-6)
             hidden = ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight, weight, eps)
         else:
-            hidden = mlp.act_fn(fused_linear(mlp.gate_proj, x, norm)) * fused_linear(mlp.up_proj, x, norm)
-        return fused_linear(mlp.down_proj, hidden, residual=residual)
+            hidden = mlp.act_fn(normed_linear(linear, mlp.gate_proj, x, norm)) * normed_linear(linear, mlp.up_proj, x, norm)
+        return linear_plus(linear, mlp.down_proj, hidden, residual)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,7 +115,9 @@ from .engine import (
     few_row_linear,
     fold_norms_default,
     fused_linear,
+    linear_plus,
     mamba_out_projection,
+    normed_linear,
     resolve_small_batch_linear,
     grouped_query_attention,
     left_pad,
@@ -266,15 +268,7 @@ def attend_rows(runner: AttentionRunner, hidden: torch.Tensor, ctx: RowContext, 
         out = grouped_query_attention(
             query, kv.keys, kv.values, ctx.attention_mask(runner.sliding_window), attn.scaling
         )
-    return _out_projection(runner.linear, attn.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual)
-
-
-def _in_projection(linear: LinearCall, layer: nn.Linear, hidden: torch.Tensor, norm: FoldedNorm | None):
-    return linear(layer, hidden) if norm is None else fused_linear(layer, hidden, norm)
-
-
-def _out_projection(linear: LinearCall, layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None):
-    return linear(layer, x) if residual is None else fused_linear(layer, x, residual=residual)
+    return linear_plus(runner.linear, attn.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +293,7 @@ def mamba_verify(
     kernels do not check them: a check reads them back, a device-to-host wait per kernel that
     only a CUDA graph's capture skips (uncaptured rounds paid four per Mamba layer)."""
     b, t, _ = hidden.shape
-    z, xBC, dt = mixer.split_projection(_in_projection(linear, mixer.in_proj, hidden, norm))
+    z, xBC, dt = mixer.split_projection(normed_linear(linear, mixer.in_proj, hidden, norm))
     conv = ops.conv_verify_inplace(buf.window, counts, xBC, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, silu=True,
                                    check_counts_values=False)
     if buf.states is None:
@@ -332,7 +326,7 @@ def mamba_draft_step(
     ``linear`` runs in_proj and out_proj, ``norm`` and ``residual`` folded into them.
     """
     b, t, _ = hidden.shape
-    z, xBC, dt = mixer.split_projection(_in_projection(linear, mixer.in_proj, hidden, norm))
+    z, xBC, dt = mixer.split_projection(normed_linear(linear, mixer.in_proj, hidden, norm))
     weight, bias = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
     d_conv = mixer.d_conv
     if step == 0:

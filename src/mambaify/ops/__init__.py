@@ -409,7 +409,9 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def _normed(x, norm_weight, norm_eps, gate=None):
     if norm_weight is None:
         return x
-    return rms_norm(x, norm_weight, norm_eps) if gate is None else reference.gated_rms_norm(x, gate, norm_weight, norm_eps)
+    if gate is None:
+        return rms_norm(x, norm_weight, norm_eps)
+    return reference.gated_rms_norm(x, gate, norm_weight, norm_eps)
 
 
 def _small_batch_linear(x, weight, bias=None, norm_weight=None, norm_eps=1e-6, residual=None, gate=None):
