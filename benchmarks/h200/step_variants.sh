@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the H200, one call (< 10 min): the 8B shape's batch-1 decode step with each decode fusion
+# switch, side by side, after the GPU tests of those paths. Variants (compiled, split-K GEMV, 1k
+# context, teacher and 0% hybrid): "plain" as the defaults are, "folded" with
+# MAMBAIFY_FOLD_NORMS=1, "folded-conv" with MAMBAIFY_FUSED_CONV_STEP=1 as well. Each part has its
+# own time limit; everything goes to $OUT/steps.tgz.
+# Usage (from the repo root): bash benchmarks/h200/step_variants.sh [TESTS_S] [BENCH_S_EACH]
+source benchmarks/h200/env.sh
+set +e
+tests_s=${1:-150}
+bench_s=${2:-120}
+out="$OUT/steps"
+mkdir -p "$out"
+start=$(date +%s)
+# SIGINT, so that pytest still prints what it has seen when the time runs out.
+timeout -s INT -k 20 "$tests_s" python3 -m pytest -q -m gpu -p no:cacheprovider -n 4 --timeout 100 -rA \
+  tests/test_triton_ops.py tests/test_engine.py tests/test_speculative_engine.py \
+  -k "fold or gated_rmsnorm or fused_operands or conv_ssd or fused_conv" > "$out/gpu-tests.log" 2>&1
+echo "gpu tests: exit $? after $(( $(date +%s) - start )) s"
+grep -E "passed|failed" "$out/gpu-tests.log" | tail -2
+grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -10
+for variant in plain folded folded-conv; do
+  case $variant in
+    plain) switches=() ;;
+    folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
+    folded-conv) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=1) ;;
+  esac
+  env "${switches[@]}" timeout -s INT -k 10 "$bench_s" python3 -m mambaify.cli bench --compile --linear split-k \
+    --families llama8b --attention 1,0 --batch 1 --context 1024 --paths engine --repeats 3 \
+    --out "$out/$variant" > "$out/$variant.log" 2>&1
+  echo "$variant: exit $? after $(( $(date +%s) - start )) s"
+  grep -E "llama8b .* b=1 ctx=1024" "$out/$variant.log" | tail -2
+done
+bash benchmarks/h200/pack.sh steps
