@@ -406,21 +406,12 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate)
 
 
-def _normed(x, norm_weight, norm_eps, gate=None):
-    if norm_weight is None:
-        return x
-    if gate is None:
-        return rms_norm(x, norm_weight, norm_eps)
-    return reference.gated_rms_norm(x, gate, norm_weight, norm_eps)
-
-
 def _small_batch_linear(x, weight, bias=None, norm_weight=None, norm_eps=1e-6, residual=None, gate=None):
     kernels = _gpu_kernels(x)
     if kernels is not None:
         return kernels.small_batch_linear(x, weight, bias, norm_weight=norm_weight, norm_eps=norm_eps,
                                           residual=residual, gate=gate)
-    out = torch.nn.functional.linear(_normed(x, norm_weight, norm_eps, gate), weight, bias)
-    return out if residual is None else residual + out
+    return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate)
 
 
 def small_batch_gated_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
@@ -438,8 +429,7 @@ def _small_batch_gated_up(x, gate, up, norm_weight=None, norm_eps=1e-6):
     kernels = _gpu_kernels(x)
     if kernels is not None:
         return kernels.small_batch_gated_up(x, gate, up, norm_weight=norm_weight, norm_eps=norm_eps)
-    x = _normed(x, norm_weight, norm_eps)
-    return torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
+    return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps)
 
 
 def small_batch_qkv(
@@ -461,9 +451,7 @@ def _small_batch_qkv(x, q, k, v, q_bias=None, k_bias=None, v_bias=None, norm_wei
     if kernels is not None:
         return kernels.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight=norm_weight,
                                        norm_eps=norm_eps)
-    F = torch.nn.functional
-    x = _normed(x, norm_weight, norm_eps)
-    return torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)
+    return reference.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps)
 
 
 @torch.library.custom_op("mambaify::small_batch_qkv", mutates_args=())

@@ -197,6 +197,38 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     return weight * h.to(y.dtype)
 
 
+def pre_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x through the norm a small-batch linear layer folds in: none (``weight`` None), the
+    Llama family's :func:`rms_norm`, or with ``gate`` Mamba2's :func:`gated_rms_norm`."""
+    if weight is None:
+        return x
+    return rms_norm(x, weight, eps) if gate is None else gated_rms_norm(x, gate, weight, eps)
+
+
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                       residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The PyTorch form of ``mambaify.ops.small_batch_linear``: [residual +] F.linear(pre_norm(x))."""
+    out = F.linear(pre_norm(x, norm_weight, norm_eps, gate), weight, bias)
+    return out if residual is None else residual + out
+
+
+def small_batch_gated_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                         norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
+    """The PyTorch form of ``mambaify.ops.small_batch_gated_up``: silu(x gate^T) * (x up^T) of pre_norm(x)."""
+    x = pre_norm(x, norm_weight, norm_eps)
+    return F.silu(F.linear(x, gate)) * F.linear(x, up)
+
+
+def small_batch_qkv(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
+                    v_bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                    norm_eps: float = 1e-6) -> torch.Tensor:
+    """The PyTorch form of ``mambaify.ops.small_batch_qkv``: q, k and v of pre_norm(x), side by side."""
+    x = pre_norm(x, norm_weight, norm_eps)
+    return torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,

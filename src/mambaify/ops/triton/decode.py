@@ -75,31 +75,33 @@ def _ssd_step_kernel(
     pid_p = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    acc = state_ptr.dtype.element_ty
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_n = offs_n < N
     mask_p = offs_p < P
 
-    dt = tl.load(dt_ptr + b * dt_sb + h * dt_sh)
-    if DT_SOFTPLUS:
-        dt = softplus_in_dtype(dt, tl.load(dt_bias_ptr + h), acc)
-    dt = dt.to(acc)
-    a = tl.load(A_ptr + h).to(acc)
-    x = tl.load(x_ptr + b * x_sb + (h // X_REP) * x_sh + offs_p * x_sp, mask=mask_p, other=0.0).to(acc)
-    Bv = tl.load(B_ptr + b * B_sb + (h // B_REP) * B_sh + offs_n * B_sn, mask=mask_n, other=0.0).to(acc)
-    Cv = tl.load(C_ptr + b * C_sb + (h // C_REP) * C_sh + offs_n * C_sn, mask=mask_n, other=0.0).to(acc)
-
-    _ssd_update(state_ptr + b * s_sb + h * s_sh, x, dt, a, Bv, Cv, D_ptr + h, y_ptr + b * y_sb + h * y_sh,
-                offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp, HAS_D)
+    x = tl.load(x_ptr + b * x_sb + (h // X_REP) * x_sh + offs_p * x_sp, mask=mask_p, other=0.0)
+    Bv = tl.load(B_ptr + b * B_sb + (h // B_REP) * B_sh + offs_n * B_sn, mask=mask_n, other=0.0)
+    Cv = tl.load(C_ptr + b * C_sb + (h // C_REP) * C_sh + offs_n * C_sn, mask=mask_n, other=0.0)
+    _ssd_update(state_ptr + b * s_sb + h * s_sh, x, Bv, Cv, dt_ptr + b * dt_sb + h * dt_sh, dt_bias_ptr + h, A_ptr + h,
+                D_ptr + h, y_ptr + b * y_sb + h * y_sh, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp, HAS_D,
+                DT_SOFTPLUS)
 
 
 @triton.jit
-def _ssd_update(state, x, dt, a, Bv, Cv, D_at, y_at, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp,
-                HAS_D: tl.constexpr):
+def _ssd_update(state, x, Bv, Cv, dt_at, dt_bias_at, A_at, D_at, y_at, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp,
+                y_sp, HAS_D: tl.constexpr, DT_SOFTPLUS: tl.constexpr):
     """One head's recurrence step over its (n, p block) of state, in place, and its y: the body
-    both step kernels share (x, dt, a, B and C already in the state's dtype)."""
+    both step kernels share, given the head's x (its p block), B and C. dt, A and D are read
+    here, dt through the softplus with DT_SOFTPLUS; all of it computed in the state's dtype."""
+    acc = state.dtype.element_ty
+    dt = tl.load(dt_at)
+    if DT_SOFTPLUS:
+        dt = softplus_in_dtype(dt, tl.load(dt_bias_at), acc)
+    dt = dt.to(acc)
+    a = tl.load(A_at).to(acc)
+    x, Bv, Cv = x.to(acc), Bv.to(acc), Cv.to(acc)
     s_ptrs = state + offs_n[:, None] * s_sn + offs_p[None, :] * s_sp
     mask = mask_n[:, None] & mask_p[None, :]
     S = tl.load(s_ptrs, mask=mask, other=0.0)
@@ -372,12 +374,9 @@ def _conv_ssd_step_kernel(
                         xbc_ptr, win_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk, KC,
                         HAS_CB, acc)
 
-    dt = tl.load(dt_ptr + b * dt_sb + h * dt_sh)
-    if DT_SOFTPLUS:
-        dt = softplus_in_dtype(dt, tl.load(dt_bias_ptr + h), acc)
-    _ssd_update(state_ptr + b * s_sb + h * s_sh, x.to(acc), dt.to(acc), tl.load(A_ptr + h).to(acc), Bv.to(acc),
-                Cv.to(acc), D_ptr + h, y_ptr + b * y_sb + h * y_sh, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp,
-                HAS_D)
+    _ssd_update(state_ptr + b * s_sb + h * s_sh, x, Bv, Cv, dt_ptr + b * dt_sb + h * dt_sh, dt_bias_ptr + h, A_ptr + h,
+                D_ptr + h, y_ptr + b * y_sb + h * y_sh, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp, HAS_D,
+                DT_SOFTPLUS)
 
 
 def conv_ssd_step_inplace(

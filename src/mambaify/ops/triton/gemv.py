@@ -33,7 +33,7 @@ import triton.language as tl
 import triton.testing
 
 from .. import qkv_read_as_one
-from ..reference import gated_rms_norm, rms_norm
+from .. import reference
 from .pdl import launch_options, wait_for_inputs
 
 MAX_ROWS = 16  # more rows than this is a matrix product: F.linear (cuBLAS) is the right call
@@ -481,16 +481,6 @@ def _check_fused(x: torch.Tensor, n: int, norm_weight: torch.Tensor | None, resi
     return residual.reshape(-1, n)
 
 
-def _normed(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float,
-            gate: torch.Tensor | None = None) -> torch.Tensor:
-    """The PyTorch path's input (more rows than the kernel takes): the norm applied first."""
-    if norm_weight is None:
-        return x
-    return rms_norm(x, norm_weight, norm_eps) if gate is None else gated_rms_norm(x, gate, norm_weight, norm_eps)
-
-
-def _plus(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    return out if residual is None else residual + out
 
 
 def small_batch_linear(
@@ -520,7 +510,7 @@ def small_batch_linear(
         raise ValueError(f"small_batch_linear: a gate {tuple(gate.shape)} needs norm_weight and x's shape "
                          f"{tuple(x.shape)}")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return _plus(torch.nn.functional.linear(_normed(x, norm_weight, norm_eps, gate), weight, bias), residual)
+        return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate)
     return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight, norm_eps,
                    res, None if gate is None else gate.reshape(-1, gate.shape[-1])).reshape(*x.shape[:-1], n)
 
@@ -545,8 +535,7 @@ def small_batch_qkv(
     n = sum(w.shape[0] for w in mats)
     _check_fused(x, n, norm_weight, None, "small_batch_qkv")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        normed = _normed(x, norm_weight, norm_eps)
-        return torch.cat([torch.nn.functional.linear(normed, w, b) for w, b in zip(mats, biases)], -1)
+        return reference.small_batch_qkv(x, *mats, *biases, norm_weight, norm_eps)
     bias = None
     if any(b is not None for b in biases):  # one bias over the three outputs (absent ones as zeros)
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, mats)])
@@ -569,7 +558,6 @@ def small_batch_gated_up(
     n = gate.shape[0]
     _check_fused(x, n, norm_weight, None, "small_batch_gated_up")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        F, normed = torch.nn.functional, _normed(x, norm_weight, norm_eps)
-        return F.silu(F.linear(normed, gate)) * F.linear(normed, up)
+        return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps)
     return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits, one_launch, norm_weight,
                    norm_eps).reshape(*x.shape[:-1], n)
