@@ -24,7 +24,10 @@ F.linear, skipped with --no-compile) and mambaify's split-K Triton kernel (the b
 sizes, with its planned splits and with none, named in the row; for gate_proj also gate and up
 read in one pass with the SiLU gate applied, small_batch_gated_up), in CUDA graphs, each call on
 another copy of the weight (together beyond the 60 MB L2, as a model's layers are); "TB/s" is
-the bytes of the matrices read over the time.
+the bytes of the matrices read over the time. GEMV with fused operands (``--only gemv-fused``):
+the matrices that the engines' fold_norms gives an RMSNorm, Mamba2's gated norm or the residual
+add, folded into the split-K GEMV against the norm and add as kernels of their own, at a few
+launch configurations (``--gemv-configs``).
 
 Times are medians of triton.testing.do_bench / do_bench_cudagraph, in milliseconds. A case
 that fails (compile error, out of memory, a kernel refusing the machine) is recorded with its
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"decode shape b,h,p,n (repeatable; default {' and '.join(DEFAULT_DECODE)})")
     p.add_argument("--kv-heads", type=int, default=8, help="x/B heads for the conv width (default 8)")
     p.add_argument("--d-conv", type=int, default=4)
-    p.add_argument("--only", choices=["scan", "decode", "verify", "gemv"],
+    p.add_argument("--only", choices=["scan", "decode", "verify", "gemv", "gemv-fused"],
                    help="run one group only (gemv runs only when asked for)")
     p.add_argument("--gemv-batch", type=_int_list, default=[1, 8], help="GEMV rows (default 1,8)")
     p.add_argument("--gemv-configs", type=_gemv_configs, default=None,
@@ -513,6 +516,78 @@ def bench_grouped_qkv(rec: Recorder, m: int, torch, bench_graph) -> None:
     torch.cuda.empty_cache()
 
 
+# (name, N, K, fused operands): the 8B step's matrices that fold_norms gives a norm ("norm"),
+# Mamba2's gated norm ("gate") or the residual add ("residual").
+FUSED_GEMV_SHAPES = [
+    ("q+k+v as one", 6144, 4096, "norm"),
+    ("mamba in_proj", 8480, 4096, "norm"),
+    ("gate+up as one", 28672, 4096, "norm"),
+    ("o_proj", 4096, 4096, "residual"),
+    ("down_proj", 4096, 14336, "residual"),
+    ("mamba out_proj", 4096, 4096, "gate,residual"),
+]
+FUSED_GEMV_CONFIGS = [(32, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8)]
+
+
+def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
+    """The split-K GEMV with fold_norms' fused operands against the same GEMV after the norm or
+    before the residual add as their own kernels (inductor's, as the compiled step runs them),
+    each at a few launch configurations, over weight copies beyond the L2. Time per call,
+    normalization included; at several rows (a verify call) every n block's programs redo the
+    norm's work on x, which this measures."""
+    from mambaify.ops import reference
+    from mambaify.ops.triton.gemv import small_batch_linear
+
+    bf16 = torch.bfloat16
+    norm = torch.compile(reference.rms_norm, dynamic=False)
+    gated_norm = torch.compile(reference.gated_rms_norm, dynamic=False)
+    add = torch.compile(torch.add, dynamic=False)
+    for name, n, k, fused in FUSED_GEMV_SHAPES:
+        copies = max(1, -(-L2_BEATING_BYTES // (n * k * 2)))
+        torch.manual_seed(0)
+        weights = [torch.randn(n, k, device=DEVICE, dtype=bf16) * k ** -0.5 for _ in range(copies)]
+        x = torch.randn(m, k, device=DEVICE, dtype=bf16)
+        g = 1 + 0.1 * torch.randn(k, device=DEVICE, dtype=bf16)
+        z = torch.randn(m, k, device=DEVICE, dtype=bf16) if "gate" in fused else None
+        res = torch.randn(m, n, device=DEVICE, dtype=bf16) if "residual" in fused else None
+        norm_weight = g if fused != "residual" else None
+        shape = f"m{m} n{n} k{k} ({name}: {fused})"
+
+        def unfused(w, **config):
+            rows = x
+            if z is not None:
+                rows = gated_norm(x, z, g, 1e-5)
+            elif norm_weight is not None:
+                rows = norm(x, g, 1e-5)
+            out = small_batch_linear(rows, w, **config)
+            return add(out, res) if res is not None else out
+
+        def folded(w, **config):
+            return small_batch_linear(x, w, norm_weight=norm_weight, norm_eps=1e-5, residual=res, gate=z, **config)
+
+        expected = unfused(weights[0]).float()
+        for label, call in (("separate kernels", unfused), ("folded", folded)):
+            for bn, bk, warps in args.gemv_configs or FUSED_GEMV_CONFIGS:
+                config = dict(block_n=bn, block_k=bk, num_warps=warps)
+                try:
+                    got = call(weights[0], **config).float()
+                except Exception as e:  # a config the machine refuses
+                    print(f"gemv-fused {label} {shape} bn{bn} bk{bk} w{warps}: {type(e).__name__}: {e}".splitlines()[0],
+                          flush=True)
+                    continue
+                err = ((got - expected).norm() / expected.norm()).item()
+                if not err < 2e-2:
+                    raise AssertionError(f"gemv-fused {label} {shape} bn{bn} bk{bk} w{warps}: rel. error {err:.2e}")
+
+                def run(call=call, config=config):
+                    for w in weights:
+                        call(w, **config)
+                rec.run("gemv-fused", shape, f"{label} (bn{bn} bk{bk} w{warps})", lambda run=run: bench_graph(run) / copies,
+                        TB_per_s=lambda ms: n * k * 2 / (ms * 1e-3) / 1e12)
+        weights.clear()
+        torch.cuda.empty_cache()
+
+
 def verify_markdown(rows: list[dict]) -> str:
     """The verify rows again, with the cost of a call in plain decode steps."""
     rows = [r for r in rows if r["group"].startswith("verify") and "ms" in r]
@@ -618,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "gemv":
         for m in args.gemv_batch:
             bench_gemv(rec, m, args, torch, bench_graph)
+    if args.only == "gemv-fused":
+        for m in args.gemv_batch:
+            bench_gemv_fused(rec, m, args, torch, bench_graph)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": rec.rows}, indent=2))

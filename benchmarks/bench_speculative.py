@@ -678,9 +678,9 @@ def _round_ms(point: dict) -> str:
 
 
 def render(data: dict, out: Path) -> None:
-    folded = "; norms folded into the split-K GEMVs (MAMBAIFY_FOLD_NORMS=1)" if data["meta"].get("fold_norms") else ""
+    folded = "; norms folded into the split-K GEMVs" if data["meta"].get("fold_norms") else ""
     if data["meta"].get("fused_conv_step"):
-        folded += "; the plain engine's conv step inside its SSD step (MAMBAIFY_FUSED_CONV_STEP=1)"
+        folded += "; the plain engine's conv step inside its SSD step"
     lines = ["# Speculative decoding benchmark", "", f"Device: {data['meta'].get('device_name')}, "
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}{folded}.", ""]
     if data["end_to_end"]:

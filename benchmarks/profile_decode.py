@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.__version__}; {dtype}; family {args.family}; {args.steps} profiled eager steps"
               f"{'; compiled step' if args.compile else ''}"
               f"{'; linear layers through the split-K GEMV' if args.small_batch_linear else ''}"
-              f"{', norms folded into them (MAMBAIFY_FOLD_NORMS=1)' if fold_norms_default() else ''}"
-              f"{'; conv step inside the SSD step (MAMBAIFY_FUSED_CONV_STEP=1)' if fused_conv_step_default() else ''}"
+              f"{', norms folded into them' if fold_norms_default() else ''}"
+              f"{'; conv step inside the SSD step' if fused_conv_step_default() else ''}"
               ". Kernel times are "
               "device time (CPU time of "
               "aten ops on the CPU), per step; the graphed step is the CUDA-graph replay `mambaify bench` times.")

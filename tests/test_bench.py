@@ -13,6 +13,7 @@ import torch
 from mambaify import bench
 from mambaify.cli import main as cli_main
 from mambaify.convert import convert
+from mambaify.generate import engine as engine_module
 from mambaify.generate.engine import Engine
 from tests.conftest import tiny_teacher
 
@@ -79,7 +80,9 @@ def test_tiny_grid_end_to_end_writes_json_markdown_and_plots(run):
     assert hf[0]["engine_vs_hf"] == pytest.approx(teacher["decode_tok_s"] / hf[0]["decode_tok_s"])
 
     table = (out / "bench.md").read_text()
-    assert "## tiny" in table and "| hybrid-50% | engine | 2 | 16 |" in table and "Decode speed-up" in table
+    # The hybrids' engine points name the fused conv step (the default); the teacher has no conv.
+    assert "## tiny" in table and "| hybrid-50% | engine (conv in SSD step) | 2 | 16 |" in table
+    assert "| teacher | engine | 1 | 16 |" in table and "Decode speed-up" in table
     for name in ("decode.png", "roofline.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -128,9 +131,11 @@ def test_roofline_bytes_equal_a_hand_computation():
     # The same formulas size the memory estimate: they match what the engine allocates.
     engine = Engine(model, max_batch_size=batch, max_length=slots)
     allocated = sum(getattr(layer, f).nbytes for layer in engine.cache.layers for f in layer.__dataclass_fields__
-                    if getattr(layer, f) is not None)  # (conv_windows: only with MAMBAIFY_FUSED_CONV_STEP=1)
+                    if getattr(layer, f) is not None)  # (two conv windows with the fused conv step, the default)
+    conv_copies = 2 if engine_module.fused_conv_step_default() else 1
     assert allocated == bench.kv_cache_bytes(shapes, batch, slots, torch.float32) + bench.mamba_state_bytes(
-        shapes, batch, torch.float32)
+        shapes, batch, torch.float32, conv_copies)
+    assert bench.estimate_memory(model, batch, slots - 4, 4, torch.float32)["cache"] == allocated
 
 
 def test_prefill_halves_its_rows_until_they_fit_and_skips_when_one_row_does_not(monkeypatch):

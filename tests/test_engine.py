@@ -3,6 +3,8 @@ hybrids at 50% and 0% attention and the Llama teacher itself (100%)."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import io
 import json
 
@@ -15,7 +17,7 @@ from mambaify.cli import main as cli_main
 from mambaify.generate import engine as engine_module
 from mambaify.generate.engine import Engine
 from mambaify.generate.sampling import SamplingParams, keep_top_k, keep_top_p
-from mambaify.models.modeling import GatedRMSNorm
+from mambaify.models.modeling import GatedRMSNorm, Mamba2Mixer
 from mambaify.ops.attention import decode_attention, decode_attention_op
 from tests._tiny_data import tiny_llama, tiny_tokenizer
 from tests.conftest import recording_backend, run_compiled_and_eager, tiny_teacher
@@ -768,7 +770,7 @@ def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing
     monkeypatch.setattr(ops, "small_batch_gated_up",
                         lambda x, g, u: gated.append(tuple(g.shape)) or real_gated(x, g, u))
     monkeypatch.setattr(ops, "small_batch_qkv", lambda x, *wb: qkv.append(tuple(wb[0].shape)) or real_qkv(x, *wb))
-    fast = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True)
+    fast = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=False)
     assert torch.equal(fast.generate(prompts, **options), expected)
     ids, mask = left_padded(prompts)
     plain.prefill(ids, mask)
@@ -788,30 +790,60 @@ def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing
     assert qkv == [tuple(layer.self_attn.q_proj.weight.shape) for layer in attention]
 
 
+@contextlib.contextmanager
+def spy_on_gemv_norms():
+    """The row counts of the small-batch linear calls given a norm to fold, while in the block."""
+    seen: set[int] = set()
+    originals = {name: getattr(ops, name) for name in ("small_batch_linear", "small_batch_qkv", "small_batch_gated_up")}
+
+    def spy(original):
+        def call(x, *args, **kwargs):
+            params = inspect.signature(original).bind(x, *args, **kwargs).arguments
+            if params.get("norm_weight") is not None:
+                seen.add(x.numel() // x.shape[-1])
+            return original(x, *args, **kwargs)
+        return call
+
+    for name, original in originals.items():
+        setattr(ops, name, spy(original))
+    try:
+        yield seen
+    finally:
+        for name, original in originals.items():
+            setattr(ops, name, original)
+
+
 def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_on_the_cpu(model):
-    """fold_norms: every RMSNorm of the decode step goes into the GEMV after it and every residual
-    add into the GEMV before it. On the CPU the op computes both as the modules do, so tokens and
-    logits are the same bits, and no norm module runs in a decode step."""
+    """fold_norms: every residual add of the decode step goes into the GEMV before it, and at one
+    row every RMSNorm into the GEMV after it (at several, where the GEMV folds a norm badly, the
+    norm runs first: ops.folds_norm). On the CPU the op computes both as the modules do, so tokens
+    and logits are the same bits; at batch 1 no norm module runs in a decode step."""
     prompts = random_prompts(6, 3, 9)
     options = dict(max_new_tokens=10, stop_token_ids=[])
     plain = Engine(model, max_batch_size=3, max_length=32)
     folded = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=True)
     assert folded.stack.folded_norm is not None and all(r.folded_norms for r in folded.stack.layers)
     assert torch.equal(folded.generate(prompts, **options), plain.generate(prompts, **options))
-    ids, mask = left_padded(prompts)
-    plain.prefill(ids, mask)
-    folded.prefill(ids, mask)
     norm_types = (type(model.model.norm), GatedRMSNorm)  # the layers' and final norms, Mamba2's gated one
-    ran: list[str] = []
-    hooks = [m.register_forward_hook(lambda module, args, out, name=name: ran.append(name))
-             for name, m in model.named_modules() if type(m) in norm_types]
-    token = torch.tensor([5, 6, 7])
-    try:
-        got = folded.decode(token)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert ran == [] and torch.equal(got, plain.decode(token))
+    for rows in (1, 3):
+        ids, mask = left_padded(prompts[:rows])
+        plain.prefill(ids, mask)
+        folded.prefill(ids, mask)
+        ran: list[str] = []
+        hooks = [m.register_forward_hook(lambda module, args, out, name=name: ran.append(name))
+                 for name, m in model.named_modules() if type(m) in norm_types]
+        token = torch.tensor([5, 6, 7][:rows])
+        try:
+            with spy_on_gemv_norms() as normed_rows:
+                got = folded.decode(token)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert torch.equal(got, plain.decode(token))
+        mamba_norms = [f"{name}.norm" for name, m in model.named_modules() if isinstance(m, Mamba2Mixer)]
+        # One row: every norm in a GEMV, none as a module. Three: none in a GEMV, the layers'
+        # norms as functions and the Mamba layers' gated norms as their modules.
+        assert (ran, normed_rows) == (([], {1}) if rows == 1 else (mamba_norms, set()))
     # Nothing folds without the split-K GEMV, or into a norm of another kind.
     assert Engine(model, max_batch_size=1, max_length=8, fold_norms=True).stack.folded_norm is None
     from mambaify.generate.engine import foldable_norm
@@ -822,12 +854,12 @@ def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_o
 
 
 def test_fused_conv_step_decodes_the_same_tokens_on_the_cpu(model, monkeypatch):
-    """MAMBAIFY_FUSED_CONV_STEP=1: each Mamba layer's conv step inside its SSD step (on the CPU
-    the same two computations, so the same bits), the window double-buffered by slot parity,
-    over prompts whose padded widths are odd and even."""
-    monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
+    """The default: each Mamba layer's conv step inside its SSD step (on the CPU the same two
+    computations, so the same bits as with MAMBAIFY_FUSED_CONV_STEP=0), the window
+    double-buffered by slot parity, over prompts whose padded widths are odd and even."""
+    monkeypatch.delenv("MAMBAIFY_FUSED_CONV_STEP", raising=False)
     fused = Engine(model, max_batch_size=3, max_length=40)
-    monkeypatch.delenv("MAMBAIFY_FUSED_CONV_STEP")
+    monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "0")
     plain = Engine(model, max_batch_size=3, max_length=40)
     mamba = [r.mixer for r in fused.stack.layers if isinstance(r.mixer, engine_module.MambaRunner)]
     assert all(m.fused_conv for m in mamba) and not any(
@@ -937,7 +969,8 @@ def test_cuda_fused_conv_step_decodes_the_same_tokens(attention, monkeypatch):
     model = perturbed_hybrid(attention).cuda()
     prompts = random_prompts(7, 2, 12)
     options = dict(max_new_tokens=24, stop_token_ids=[])
-    plain = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True)
+    monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "0")
+    plain = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=False)
     monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
     fused = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=True)
     assert torch.equal(fused.generate(prompts, **options), plain.generate(prompts, **options))
@@ -1019,22 +1052,24 @@ def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
 
     argv = ["--families", "tiny", "--attention", "1,0", "--batch", "1", "--context", "16", "--new-tokens", "2",
             "--repeats", "1", "--hf-batch", "none", "--device", "cpu", "--out"]
-    assert cli_main(["bench", "--small-batch-linear", *argv, str(tmp_path / "gemv")]) == 0
-    assert cli_main(["bench", *argv, str(tmp_path / "plain")]) == 0
-    doc = json.loads((tmp_path / "gemv" / "bench.json").read_text())
-    assert doc["meta"]["options"]["small_batch_linear"] is True
-    assert [p["decode_linear"] for p in doc["points"]] == ["split-K", "split-K"]
-    assert "| hybrid-0% | engine (split-K linear) | 1 | 16 |" in (tmp_path / "gemv" / "bench.md").read_text()
-    # MAMBAIFY_FOLD_NORMS=1 (the engines' norms folded into the GEMVs) is a variant of its own.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MAMBAIFY_FOLD_NORMS", "1")
+    with pytest.MonkeyPatch.context() as env:  # the decode fusions off: each a variant of its own below
+        env.setenv("MAMBAIFY_FOLD_NORMS", "0")
+        env.setenv("MAMBAIFY_FUSED_CONV_STEP", "0")
+        assert cli_main(["bench", "--small-batch-linear", *argv, str(tmp_path / "gemv")]) == 0
+        assert cli_main(["bench", *argv, str(tmp_path / "plain")]) == 0
+        doc = json.loads((tmp_path / "gemv" / "bench.json").read_text())
+        assert doc["meta"]["options"]["small_batch_linear"] is True
+        assert [p["decode_linear"] for p in doc["points"]] == ["split-K", "split-K"]
+        assert "| hybrid-0% | engine (split-K linear) | 1 | 16 |" in (tmp_path / "gemv" / "bench.md").read_text()
+        # The engines' norms folded into the GEMVs (the default; 0 turns it off).
+        env.delenv("MAMBAIFY_FOLD_NORMS")
         assert cli_main(["bench", "--small-batch-linear", *argv, str(tmp_path / "folded")]) == 0
-    folded = json.loads((tmp_path / "folded" / "bench.json").read_text())
-    assert [p["decode_linear"] for p in folded["points"]] == ["split-K + norms"] * 2
-    folded_md = (tmp_path / "folded" / "bench.md").read_text()
-    assert "| hybrid-0% | engine (split-K linear, norms folded) | 1 | 16 |" in folded_md
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
+        folded = json.loads((tmp_path / "folded" / "bench.json").read_text())
+        assert [p["decode_linear"] for p in folded["points"]] == ["split-K + norms"] * 2
+        folded_md = (tmp_path / "folded" / "bench.md").read_text()
+        assert "| hybrid-0% | engine (split-K linear, norms folded) | 1 | 16 |" in folded_md
+        # The conv step inside the SSD step (the default too).
+        env.delenv("MAMBAIFY_FUSED_CONV_STEP")
         assert cli_main(["bench", *argv, str(tmp_path / "fused")]) == 0
     assert "| hybrid-0% | engine (conv in SSD step) | 1 | 16 |" in (tmp_path / "fused" / "bench.md").read_text()
     merged = bench.render_from_json([tmp_path / "gemv" / "bench.json", tmp_path / "plain" / "bench.json"],
@@ -1049,7 +1084,8 @@ def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
 def test_compiled_small_batch_linear_equals_eager(monkeypatch):
     model = perturbed_hybrid(0.5, num_hidden_layers=2)
     prompts = random_prompts(7, 3)
-    compiled = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True)
+    monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "0")
+    compiled = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True, fold_norms=False)
     eager = Engine(model, max_batch_size=2, max_length=32)
     options = dict(max_new_tokens=8, stop_token_ids=[])
     expected = eager.generate(prompts, **options)
@@ -1059,7 +1095,7 @@ def test_compiled_small_batch_linear_equals_eager(monkeypatch):
     folded = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True, fold_norms=True)
     assert torch.equal(folded.generate(prompts, **options), expected)
     assert folded.is_compiled(2) and folded.compile_error is None
-    # And the conv step inside the SSD step's op (MAMBAIFY_FUSED_CONV_STEP=1).
+    # And the conv step inside the SSD step's op.
     monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", "1")
     fused = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True, fold_norms=True)
     assert torch.equal(fused.generate(prompts, **options), expected)

@@ -169,7 +169,8 @@ def test_small_batch_linear_rounds_give_the_same_tokens(targets, drafts, target_
     real, real_gated = ops.small_batch_linear, ops.small_batch_gated_up
     monkeypatch.setattr(ops, "small_batch_linear", lambda x, w, b=None: calls.append(x.shape[:-1]) or real(x, w, b))
     monkeypatch.setattr(ops, "small_batch_gated_up", lambda x, g, u: calls.append(x.shape[:-1]) or real_gated(x, g, u))
-    engine = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=40, small_batch_linear=True)
+    engine = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=40, small_batch_linear=True,
+                               fold_norms=False)
     assert engine.small_batch_linear
     assert torch.equal(engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[]), expected)
     # Verify calls (4 rows x K + 1 = 4 tokens) and draft steps (4 rows x 2, then 1 token) went through them.
@@ -179,27 +180,34 @@ def test_small_batch_linear_rounds_give_the_same_tokens(targets, drafts, target_
 @pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
 @pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
 def test_fold_norms_rounds_give_the_same_tokens_and_run_no_norm_module(targets, drafts, target_name, draft_name):
-    """fold_norms: the verify calls' and draft steps' RMSNorms inside the projections after them,
-    their residual adds inside the projections before (on the CPU computed as the modules do, so
-    the same tokens exactly); no decoder-layer or final norm module runs in a round."""
+    """fold_norms: the verify calls' and draft steps' residual adds inside the projections before
+    them, their RMSNorms inside the projections after them where a call has one row (the draft
+    steps at batch 1) and run first otherwise (ops.folds_norm); on the CPU computed as the modules
+    do, so the same tokens exactly. No decoder-layer or final norm module runs in a round, and at
+    batch 1 neither does a draft step's gated Mamba norm."""
     target, draft = targets[target_name], drafts[draft_name]
-    ids, mask = _prompts(4)
-    expected = plain_greedy(target, ids, mask, 12)
-    engine = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=40, small_batch_linear=True,
-                               fold_norms=True)
-    for stack in (engine.target_stack, engine.draft_stack):
-        assert stack.folded_norm is not None and all(r.folded_norms for r in stack.layers)
-    ran = []
-    norms = [m for model in (target, draft) for m in model.modules()
-             if type(m) in (type(model.model.norm), GatedRMSNorm)]
-    hooks = [m.register_forward_hook(lambda *_: ran.append(1)) for m in norms]
-    try:
-        tokens = engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert torch.equal(tokens, expected)
-    assert len(ran) == len(norms)  # each model's prefill runs its norms once; the rounds none
+    for batch in (4, 1):
+        ids, mask = _prompts(4)
+        ids, mask = ids[:batch], mask[:batch]
+        expected = plain_greedy(target, ids, mask, 12)
+        engine = SpeculativeEngine(target, draft, k=3, max_batch_size=batch, max_length=40, small_batch_linear=True,
+                                   fold_norms=True)
+        for stack in (engine.target_stack, engine.draft_stack):
+            assert stack.folded_norm is not None and all(r.folded_norms for r in stack.layers)
+        ran = {"layer": 0, "draft gated": 0}
+        norms = [m for model in (target, draft) for m in model.modules() if type(m) is type(model.model.norm)]
+        hooks = [m.register_forward_hook(lambda *_: ran.update(layer=ran["layer"] + 1)) for m in norms]
+        hooks += [m.register_forward_hook(lambda module, args, out: ran.update(
+                      {"draft gated": ran["draft gated"] + (args[0].numel() == args[0].shape[-1])}))
+                  for m in draft.modules() if type(m) is GatedRMSNorm]
+        try:
+            tokens = engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert torch.equal(tokens, expected)
+        # Each model's prefill runs its layer norms once, the rounds none; no one-row gated norm runs.
+        assert ran == {"layer": len(norms), "draft gated": 0}
 
 
 @pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])

@@ -134,6 +134,11 @@ GEMV_CASES = {
     "gemv_norm_residual_one_row_pdl": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True, NORM=True,
         RESIDUAL=True, PDL=True), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    # Several rows with K split (down_proj, o_proj in a verify call): SPLIT_DOT_CONFIG's K blocks
+    # of 128, the residual added where the splits' sums meet.
+    "gemv_dot_residual_split_k128": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, BLOCK_K=gemv.SPLIT_DOT_CONFIG[1], GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=True,
+        LAST_SPLIT_SUMS=True, RESIDUAL=True), GEMV_PARTIALS),
     "gemv_norm_residual_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False, NORM=True,
         RESIDUAL=True), None),

@@ -337,12 +337,15 @@ def kv_cache_bytes(shapes: Sequence[LayerShape], batch: int, slots: float, dtype
                      for s in shapes if isinstance(s, AttentionShape)))
 
 
-def mamba_state_bytes(shapes: Sequence[LayerShape], batch: int, dtype: torch.dtype) -> int:
-    """Conv state (conv_dim x (d_conv - 1), model dtype) and SSM state (heads x d_state x head_dim,
-    float32, as the engine keeps it) of every Mamba layer."""
+def mamba_state_bytes(shapes: Sequence[LayerShape], batch: int, dtype: torch.dtype, conv_copies: int = 1) -> int:
+    """Conv state (conv_dim x (d_conv - 1), model dtype; ``conv_copies`` of it: 2 where the engine
+    double-buffers the window for its fused conv step) and SSM state (heads x d_state x
+    head_dim, float32, as the engine keeps it) of every Mamba layer. A decode step reads one copy
+    and writes one whatever the number."""
     ssm_itemsize = torch.promote_types(dtype, torch.float32).itemsize
     return sum(
-        batch * (s.conv_dim * (s.d_conv - 1) * dtype.itemsize + s.heads * s.d_state * s.head_dim * ssm_itemsize)
+        batch * (conv_copies * s.conv_dim * (s.d_conv - 1) * dtype.itemsize
+                 + s.heads * s.d_state * s.head_dim * ssm_itemsize)
         for s in shapes if isinstance(s, MambaShape)
     )
 
@@ -377,7 +380,9 @@ def estimate_memory(model: nn.Module, batch: int, context: int, new_tokens: int,
     ``prefill_rows`` rows of ``prefill_width`` tokens (default: the whole context) at a time."""
     shapes = layer_shapes(model)
     weights = weight_bytes(model)
-    cache = kv_cache_bytes(shapes, batch, context + new_tokens, dtype) + mamba_state_bytes(shapes, batch, dtype)
+    conv_copies = 2 if fused_conv_step_default() else 1
+    cache = (kv_cache_bytes(shapes, batch, context + new_tokens, dtype)
+             + mamba_state_bytes(shapes, batch, dtype, conv_copies))
     width = context if prefill_width is None else min(prefill_width, context)
     scratch = prefill_scratch_bytes(model, shapes, prefill_rows, width, dtype, engine_mask)
     return {"weights": weights, "cache": cache, "prefill_scratch": scratch, "total": weights + cache + scratch}
@@ -490,10 +495,11 @@ def new_engine_point(spec: PointSpec, model: nn.Module | None, options: BenchOpt
     """:func:`new_point` for an engine point run with ``options`` on ``device``."""
     slots = engine_kv_slots_read(spec.context, options.new_tokens, device)
     split_k = resolve_small_batch_linear(options.small_batch_linear, model, device)
-    # MAMBAIFY_FOLD_NORMS=1: the engine folds the Llama family's norms into the split-K GEMVs.
+    # The engine folds the Llama family's norms into the split-K GEMVs (unless MAMBAIFY_FOLD_NORMS=0).
     linear = ("split-K + norms" if fold_norms_default() else "split-K") if split_k else None
     point = new_point(spec, model, "engine", dtype, slots, bandwidth, options.compile, linear)
-    if fused_conv_step_default():  # MAMBAIFY_FUSED_CONV_STEP=1: the conv step inside the SSD step's kernel
+    # The conv step inside the SSD step's kernel (unless MAMBAIFY_FUSED_CONV_STEP=0), where there is one.
+    if fused_conv_step_default() and model is not None and any(isinstance(s, MambaShape) for s in layer_shapes(model)):
         point["fused_conv_step"] = True
     return point
 
@@ -822,16 +828,17 @@ def add_ratios(points: list[dict]) -> None:
     """decode_vs_teacher: a hybrid's decode tokens/s over the teacher's (engine, compiled alike) at
     the same batch and context; on transformers' points, engine_vs_hf: the teacher's engine
     (uncompiled where both were run) over generate()."""
+    # The teacher has no Mamba layer: the conv-step switch does not change it.
     teacher = {
-        (p["family"], p["batch"], p["context"], engine_variant(p)): p["decode_tok_s"]
+        (p["family"], p["batch"], p["context"], engine_variant(p)[:2]): p["decode_tok_s"]
         for p in points if p["path"] == "engine" and p["attention"] == 1.0 and p["status"] == "ok"
     }
     for p in points:
         key = (p["family"], p["batch"], p["context"])
         if p["path"] == "engine":
-            base = teacher.get((*key, engine_variant(p)))
+            base = teacher.get((*key, engine_variant(p)[:2]))
         else:
-            base = teacher.get((*key, (None, None, False)), teacher.get((*key, ("default", None, False))))
+            base = teacher.get((*key, (None, None)), teacher.get((*key, ("default", None))))
         ok = p["status"] == "ok" and base is not None
         if p["path"] == "engine":
             p["decode_vs_teacher"] = p["decode_tok_s"] / base if ok else None

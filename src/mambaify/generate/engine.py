@@ -73,17 +73,19 @@ class KVBuffers:
 class MambaBuffers:
     """State of one Mamba layer: the last d_conv - 1 conv inputs (batch, conv_dim, d_conv - 1) and
     the SSM state (batch, heads, d_state, head_dim) in the scan's compute dtype (float32, or
-    float64 for a float64 model). With the conv step inside the SSD step's kernel,
+    float64 for a float64 model). With the conv step inside the SSD step's kernel (the default),
     ``conv_windows`` (2, batch, conv_dim, d_conv - 1) holds the conv inputs instead, for the token
-    at slot s in buffer s % 2 (:func:`mambaify.ops.conv_ssd_step_inplace`)."""
+    at slot s in buffer s % 2 (:func:`mambaify.ops.conv_ssd_step_inplace`), and ``conv_state`` is
+    None."""
 
-    conv_state: torch.Tensor
+    conv_state: torch.Tensor | None
     ssm_state: torch.Tensor
     conv_windows: torch.Tensor | None = None
 
     def rows(self, n: int) -> MambaBuffers:
         windows = self.conv_windows[:, :n] if self.conv_windows is not None else None
-        return MambaBuffers(self.conv_state[:n], self.ssm_state[:n], windows)
+        conv = self.conv_state[:n] if self.conv_state is not None else None
+        return MambaBuffers(conv, self.ssm_state[:n], windows)
 
 
 @dataclass
@@ -197,17 +199,20 @@ FoldedNorm = tuple[torch.Tensor, float]
 
 
 def fused_conv_step_default() -> bool:
-    """Whether the engine's Mamba decode step runs its conv step inside the SSD step's kernel
-    (MAMBAIFY_FUSED_CONV_STEP=1; off until timed on the H200: one launch fewer per Mamba layer
-    and token, the conv window double-buffered)."""
-    return os.environ.get("MAMBAIFY_FUSED_CONV_STEP", "0") == "1"
+    """Whether the engine's Mamba decode step runs its conv step inside the SSD step's kernel: one
+    launch fewer per Mamba layer and token, the conv window double-buffered. On unless
+    MAMBAIFY_FUSED_CONV_STEP=0: on the H200 (session 13, compiled, split-K, norms folded) it took
+    the 8B 0% hybrid's batch-1 step from 4.82 to 4.78 ms."""
+    return os.environ.get("MAMBAIFY_FUSED_CONV_STEP", "1") != "0"
 
 
 def fold_norms_default() -> bool:
     """Whether the engines fold each layer's RMSNorms into the split-K GEMVs that follow them and
-    the residual adds into the GEMVs before (MAMBAIFY_FOLD_NORMS=1; off until timed on the H200:
-    it removes the two add + norm kernels per layer that inductor makes of them)."""
-    return os.environ.get("MAMBAIFY_FOLD_NORMS", "0") == "1"
+    the residual adds into the GEMVs before, which removes the two add + norm kernels per layer
+    that inductor makes of them. On unless MAMBAIFY_FOLD_NORMS=0: on the H200 (session 13,
+    compiled, split-K, batch 1) it took the 8B teacher's step from 4.74 to 4.70 ms and the 0%
+    hybrid's from 4.86 to 4.82; the verify call (4 rows, where only the adds fold) stayed at 5.03."""
+    return os.environ.get("MAMBAIFY_FOLD_NORMS", "1") != "0"
 
 
 def foldable_norm(norm: nn.Module) -> FoldedNorm | None:
@@ -231,6 +236,15 @@ def fused_linear(layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None = No
     return ops.small_batch_linear(x, layer.weight, layer.bias, weight, eps, residual, gate)
 
 
+def norm_or_fold(x: torch.Tensor, norm: FoldedNorm | None) -> tuple[torch.Tensor, FoldedNorm | None]:
+    """(input, norm) for the GEMV after an RMSNorm that ``fold_norms`` would fold into it: x and
+    the norm where the GEMV folds it well (one row, :func:`mambaify.ops.folds_norm`), else the
+    normalized x and None, the norm a kernel of its own (inductor's, in a compiled step)."""
+    if norm is None or ops.folds_norm(x):
+        return x, norm
+    return ops.rms_norm(x, *norm), None
+
+
 def normed_linear(linear: LinearCall, layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None) -> torch.Tensor:
     """An input projection: ``linear(layer, x)``, or with ``norm`` the layer's RMSNorm folded in."""
     return linear(layer, x) if norm is None else fused_linear(layer, x, norm)
@@ -248,6 +262,8 @@ def mamba_out_projection(mixer: Mamba2Mixer, y: torch.Tensor, z: torch.Tensor, l
     are into theirs, and the residual added there; otherwise the norm runs as its module."""
     if residual is None:
         return linear(mixer.out_proj, mixer.norm(y, z))
+    if not ops.folds_norm(y):
+        return fused_linear(mixer.out_proj, mixer.norm(y, z), residual=residual)
     norm = mixer.norm
     return fused_linear(mixer.out_proj, y, (norm.weight, norm.variance_epsilon), residual, gate=z)
 
@@ -354,16 +370,15 @@ class MambaRunner:
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> MambaBuffers:
         m = self.mixer  # the state has one size whatever the number of slots
-        windows = (torch.zeros(2, batch, m.conv_dim, m.d_conv - 1, dtype=dtype, device=device)
-                   if self.fused_conv else None)
+        window = (2, batch) if self.fused_conv else (batch,)
+        conv = torch.zeros(*window, m.conv_dim, m.d_conv - 1, dtype=dtype, device=device)
         return MambaBuffers(
-            conv_state=windows[0] if windows is not None else torch.zeros(batch, m.conv_dim, m.d_conv - 1, dtype=dtype,
-                                                                            device=device),
+            conv_state=None if self.fused_conv else conv,
             ssm_state=torch.zeros(
                 batch, m.num_heads, m.d_state, m.head_dim,
                 dtype=torch.promote_types(dtype, torch.float32), device=device,
             ),
-            conv_windows=windows,
+            conv_windows=conv if self.fused_conv else None,
         )
 
     def prefill(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaBuffers) -> torch.Tensor:
@@ -475,9 +490,15 @@ class DecoderLayerRunner:
     def decode(self, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
         if self.folded_norms is None:
             return self._run(self.mixer.decode, hidden, ctx, buffers)
+        return self.run_folded(lambda x, norm, residual: self.mixer.decode(x, ctx, buffers, norm, residual), hidden)
+
+    def run_folded(self, mix: Callable, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer with ``fold_norms``: each residual add inside the GEMV before it and each norm
+        inside the GEMVs after it, or run first where they fold it badly (:func:`norm_or_fold`).
+        ``mix(x, norm, residual)``: the token mixer's output with the residual added."""
         before_mixer, before_mlp = self.folded_norms
-        hidden = self.mixer.decode(hidden, ctx, buffers, norm=before_mixer, residual=hidden)
-        return self.mlp(hidden, norm=before_mlp, residual=hidden)
+        hidden = mix(*norm_or_fold(hidden, before_mixer), hidden)
+        return self.mlp(*norm_or_fold(hidden, before_mlp), residual=hidden)
 
     def _run(self, mix: Callable, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
         layer = self.layer
@@ -591,7 +612,7 @@ class DecodingStack:
         for runner, buffers in zip(self.layers, cache.layers):
             hidden = runner.decode(hidden, ctx, buffers)
         if self.folded_norm is not None:
-            return fused_linear(self.lm_head, hidden, self.folded_norm)[:, 0]
+            return fused_linear(self.lm_head, *norm_or_fold(hidden, self.folded_norm))[:, 0]
         return self.linear(self.lm_head, self.norm(hidden))[:, 0]
 
 
@@ -1112,7 +1133,7 @@ class Engine(GenerationFrontend):
     The attribute holds the resolved choice.
     fold_norms: with the split-K GEMV, fold every RMSNorm of the decode step into the GEMV after
     it and every residual add into the GEMV before it (:class:`DecoderLayerRunner`); None (the
-    default): :func:`fold_norms_default`, the MAMBAIFY_FOLD_NORMS switch (off until timed).
+    default): :func:`fold_norms_default`, the MAMBAIFY_FOLD_NORMS switch (on unless set to 0).
     stop_check_lag (attribute): how many steps :meth:`generate` may run past the step where the
     last row stopped, so that the host never waits for the step in flight (:class:`StopWatch`;
     :data:`STOP_CHECK_LAG` on CUDA, 0 on the CPU). Streams check every step.

@@ -117,6 +117,7 @@ from .engine import (
     fused_linear,
     linear_plus,
     mamba_out_projection,
+    norm_or_fold,
     normed_linear,
     resolve_small_batch_linear,
     grouped_query_attention,
@@ -426,12 +427,13 @@ class SpeculativeStack(DecodingStack):
         for runner, buffers in zip(self.layers, cache.layers):
             layer = runner.layer
             if runner.folded_norms is not None:  # norms and residual adds inside the GEMVs
-                before_mixer, before_mlp = runner.folded_norms
                 if isinstance(runner.mixer, AttentionRunner):
-                    hidden = attend_rows(runner.mixer, hidden, ctx, buffers, before_mixer, hidden)
+                    def mix(x, norm, residual, runner=runner, buffers=buffers):
+                        return attend_rows(runner.mixer, x, ctx, buffers, norm, residual)
                 else:
-                    hidden = mamba(runner.mixer.mixer, hidden, buffers, before_mixer, hidden)
-                hidden = runner.mlp(hidden, norm=before_mlp, residual=hidden)
+                    def mix(x, norm, residual, runner=runner, buffers=buffers):
+                        return mamba(runner.mixer.mixer, x, buffers, norm, residual)
+                hidden = runner.run_folded(mix, hidden)
                 continue
             normed = layer.input_layernorm(hidden)
             if isinstance(runner.mixer, AttentionRunner):
@@ -444,7 +446,7 @@ class SpeculativeStack(DecodingStack):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over the final norm of ``hidden`` (the norm folded into its GEMV with ``fold_norms``)."""
         if self.folded_norm is not None:
-            return fused_linear(self.lm_head, hidden, self.folded_norm)
+            return fused_linear(self.lm_head, *norm_or_fold(hidden, self.folded_norm))
         return self.linear(self.lm_head, self.norm(hidden))
 
     def verify(self, token_ids: torch.Tensor, cache: SpeculativeCache) -> torch.Tensor:

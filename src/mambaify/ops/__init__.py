@@ -393,6 +393,21 @@ def _(y, z, weight, eps):
 # ``residual``, added to the result. On CUDA the GEMV folds both into its launch (the norm's
 # scale factors out of the product); elsewhere PyTorch computes them as the modules would.
 
+# The most rows for which callers should hand the GEMV a norm to fold in. The residual add folds
+# well at any row count, the norm only at one row: with several rows (tl.dot, padded to 16) every
+# n block's programs redo the norm's work on the whole padded x tile, in registers the dot already
+# fills. Measured on the H200 at 4 rows (a verify call; bench_kernels.py --only gemv-fused,
+# session 13): the norm folded made q+k+v 53 against 18 us with the norm as its own kernel,
+# gate+up 189 against 61, Mamba's out_proj with its gated norm 87 against 17; at one row, folded
+# was faster for every matrix (gate+up 61 against 69 us, q+k+v 16.7 against 17.7).
+FOLD_NORM_MAX_ROWS = 1
+
+
+def folds_norm(x: torch.Tensor) -> bool:
+    """Whether a norm over x (..., K) is best folded into the small-batch linear layer after it
+    (:data:`FOLD_NORM_MAX_ROWS`) rather than run as its own kernel first."""
+    return x.numel() <= FOLD_NORM_MAX_ROWS * x.shape[-1]
+
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
@@ -722,6 +737,7 @@ def _(window, counts, xBC, weight, bias, out, silu, check_counts_values) -> None
 
 
 __all__ = [
+    "FOLD_NORM_MAX_ROWS",
     "SSDScan",
     "available_backends",
     "causal_conv1d",
@@ -729,6 +745,7 @@ __all__ = [
     "conv_step_inplace",
     "conv_verify",
     "conv_verify_inplace",
+    "folds_norm",
     "gated_rmsnorm",
     "gpu_kernels_available",
     "pdl_enabled",

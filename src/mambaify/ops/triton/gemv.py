@@ -356,9 +356,23 @@ def one_launch_default() -> bool:
 
 
 DEFAULT_CONFIG = (32, 256, 4)  # (block_n, block_k, num_warps)
-# The configurations MAMBAIFY_GEMV_TUNE=1 times (those bench_kernels.py --only gemv compares;
-# session 8 found a different one fastest for each 8B matrix, none of them the default).
-TUNE_CONFIGS = [(bn, bk, w) for bn in (16, 32, 64) for bk in (256, 512) for w in (4, 8)]
+# Several rows (tl.dot) where the plan splits K: K blocks of 128. The dot's tiles at 256 fill
+# the registers (ptxas: 239-255 per thread, spilling with the fused operands), and on the H200
+# at 4 rows (bench_kernels.py --only gemv-fused, session 13) 128 took down_proj (4096 x 14336,
+# five splits) from 39.5 to 32.8 us and o_proj from 14.1 to 13.6, while the unsplit q+k+v and
+# in_proj were faster at 256 (18.0 against 20.7 us, 22.2 against 23.4).
+SPLIT_DOT_CONFIG = (32, 128, 4)
+# The configurations MAMBAIFY_GEMV_TUNE=1 times (bench_kernels.py --only gemv compares a like
+# set; session 8 found a different one fastest for each 8B matrix, none of them the default).
+TUNE_CONFIGS = [(bn, bk, w) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8)]
+
+
+def default_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
+    """The launch configuration of an (m rows, n x k weight) call that names none (untuned):
+    SPLIT_DOT_CONFIG for several rows where the plan splits K, else DEFAULT_CONFIG."""
+    if m > 1 and plan(n, k, device, *DEFAULT_CONFIG[:2], dot=True)[1] > 1:
+        return SPLIT_DOT_CONFIG
+    return DEFAULT_CONFIG
 # Per call shape (rows, matrices' rows, K, dtype, gated, device): the configuration timed fastest.
 _TUNED: dict[tuple, tuple[int, int, int]] = {}
 
@@ -394,7 +408,8 @@ def _tuned(rows, mats, up, bias, splits, one_launch) -> tuple[int, int, int]:
                 timings[config] = _time_config(config, run)
             except Exception:  # a configuration this GPU refuses (registers, shared memory)
                 continue
-        _TUNED[key] = min(timings, key=timings.get) if timings else DEFAULT_CONFIG
+        fallback = default_config(rows.shape[0], sum(w.shape[0] for w in mats), rows.shape[1], rows.device)
+        _TUNED[key] = min(timings, key=timings.get) if timings else fallback
     return _TUNED[key]
 
 
@@ -404,18 +419,18 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
             norm_eps: float = 0.0, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
             ) -> torch.Tensor:
     """The kernel over one weight, or a group of three (same K and strides; outputs side by side).
-    A configuration left None: DEFAULT_CONFIG's, or the tuned one (:func:`tune_default`).
+    A configuration left None: :func:`default_config`'s, or the tuned one (:func:`tune_default`).
     ``norm_weight``/``norm_eps``: the rows are an RMSNorm's input (see NORM); ``residual``
     (m, n): added to the result; ``gate`` (m, k): the norm is gated by it (see GATE)."""
     m, k = rows.shape
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
+    n = sum(w.shape[0] for w in mats)
     if block_n is None and block_k is None and num_warps is None and tune_default() and _can_time(rows.device):
         block_n, block_k, num_warps = _tuned(rows, mats, up, bias, splits, one_launch)
-    block_n, block_k, num_warps = (given or default for given, default in zip((block_n, block_k, num_warps),
-                                                                              DEFAULT_CONFIG))
+    block_n, block_k, num_warps = (given or default for given, default in zip(
+        (block_n, block_k, num_warps), default_config(m, n, k, rows.device)))
     weight = mats[0]
-    n = sum(w.shape[0] for w in mats)
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     # tl.dot takes tiles of at least 16 in every dimension; float32 inputs keep full precision
     # ("ieee", not tf32), half-precision ones multiply exactly anyway (the precision is ignored).
@@ -494,7 +509,7 @@ def small_batch_linear(
     dtype. More rows go to ``F.linear``. ``splits``: the reduction's splits (None: :func:`plan`).
     ``one_launch``: the last split to finish adds the splits' sums (else a second kernel does;
     the same bits either way); None: :func:`one_launch_default`. ``block_n``, ``block_k``,
-    ``num_warps``: the launch configuration; all None: DEFAULT_CONFIG, or with
+    ``num_warps``: the launch configuration; all None: :func:`default_config`, or with
     MAMBAIFY_GEMV_TUNE=1 on a GPU the fastest of TUNE_CONFIGS, timed on a shape's first call.
     ``norm_weight``, ``norm_eps``: x is the input of the Llama family's RMSNorm with this
     weight, applied first (:func:`mambaify.ops.reference.rms_norm`; in the kernel folded into

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On the H200, one call (< 10 min): issue 5's (b) on the 8B-shaped hybrid (50% attention, batch
+# 1, compiled, split-K GEMV, the draft head of 32768 rows) at the acceptance measured in (a), with
+# each decode switch that changes the verify call: "plain" as the defaults are, "folded" with
+# MAMBAIFY_FOLD_NORMS=1, "folded-tuned" with MAMBAIFY_GEMV_TUNE=1 as well (each GEMV shape's
+# fastest launch configuration, timed on its first call). Everything goes to $OUT/verify.tgz.
+# Usage (from the repo root): bash benchmarks/h200/verify_variants.sh [KS] [ACCEPTED] [BENCH_S_EACH]
+source benchmarks/h200/env.sh
+set +e
+ks=${1:-3,4}
+accepted=${2:-1.485}
+bench_s=${3:-180}
+out="$OUT/verify"
+mkdir -p "$out"
+start=$(date +%s)
+for variant in plain folded folded-tuned; do
+  case $variant in
+    plain) switches=() ;;
+    folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
+    folded-tuned) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_TUNE=1) ;;
+  esac
+  env "${switches[@]}" timeout -s INT -k 10 "$bench_s" python3 benchmarks/bench_speculative.py --out "$out/$variant" \
+    --shape llama8b --attention 0.5 --verify-batch 1 --verify-k "$ks" --draft-vocab 32768 --compile \
+    --accepted "$accepted" --accepted-k 3 --repeats 3 --small-batch-linear > "$out/$variant.log" 2>&1
+  echo "$variant: exit $? after $(( $(date +%s) - start )) s"
+  grep -E "^\[(verify_cost|speedup)\]" "$out/$variant.log" | sed -E 's/"(attention|batch|kernel|context|draft_vocab|compiled|accepted_at_k0|alpha)": [^,]*, //g'
+done
+bash benchmarks/h200/pack.sh verify
