@@ -518,13 +518,17 @@ def bench_grouped_qkv(rec: Recorder, m: int, torch, bench_graph) -> None:
 
 # (name, N, K, fused operands): the 8B step's matrices that fold_norms gives a norm ("norm"),
 # Mamba2's gated norm ("gate") or the residual add ("residual").
+# "gate+up": the engine's call, gate and up (14336 x 4096 each) read together with SiLU applied
+# (small_batch_gated_up); "gate+up as one": the two as one 28672-row matrix (no SiLU).
 FUSED_GEMV_SHAPES = [
     ("q+k+v as one", 6144, 4096, "norm"),
     ("mamba in_proj", 8480, 4096, "norm"),
+    ("gate+up", 14336, 4096, "norm,swiglu"),
     ("gate+up as one", 28672, 4096, "norm"),
     ("o_proj", 4096, 4096, "residual"),
     ("down_proj", 4096, 14336, "residual"),
     ("mamba out_proj", 4096, 4096, "gate,residual"),
+    ("lm_head", 128256, 4096, "norm"),
 ]
 FUSED_GEMV_CONFIGS = [(32, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8)]
 
@@ -536,21 +540,24 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
     normalization included; at several rows (a verify call) every n block's programs redo the
     norm's work on x, which this measures."""
     from mambaify.ops import reference
-    from mambaify.ops.triton.gemv import small_batch_linear
+    from mambaify.ops.triton.gemv import small_batch_gated_up, small_batch_linear
 
     bf16 = torch.bfloat16
     norm = torch.compile(reference.rms_norm, dynamic=False)
     gated_norm = torch.compile(reference.gated_rms_norm, dynamic=False)
     add = torch.compile(torch.add, dynamic=False)
     for name, n, k, fused in FUSED_GEMV_SHAPES:
-        copies = max(1, -(-L2_BEATING_BYTES // (n * k * 2)))
+        swiglu = "swiglu" in fused
+        matrices = 2 if swiglu else 1
+        copies = max(1, -(-L2_BEATING_BYTES // (matrices * n * k * 2)))
         torch.manual_seed(0)
-        weights = [torch.randn(n, k, device=DEVICE, dtype=bf16) * k ** -0.5 for _ in range(copies)]
+        weights = [tuple(torch.randn(n, k, device=DEVICE, dtype=bf16) * k ** -0.5 for _ in range(matrices))
+                   for _ in range(copies)]
         x = torch.randn(m, k, device=DEVICE, dtype=bf16)
         g = 1 + 0.1 * torch.randn(k, device=DEVICE, dtype=bf16)
-        z = torch.randn(m, k, device=DEVICE, dtype=bf16) if "gate" in fused else None
+        z = torch.randn(m, k, device=DEVICE, dtype=bf16) if "gate" in fused.split(",") else None
         res = torch.randn(m, n, device=DEVICE, dtype=bf16) if "residual" in fused else None
-        norm_weight = g if fused != "residual" else None
+        norm_weight = g if "norm" in fused or z is not None else None
         shape = f"m{m} n{n} k{k} ({name}: {fused})"
 
         def unfused(w, **config):
@@ -559,11 +566,13 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
                 rows = gated_norm(x, z, g, 1e-5)
             elif norm_weight is not None:
                 rows = norm(x, g, 1e-5)
-            out = small_batch_linear(rows, w, **config)
+            out = small_batch_gated_up(rows, *w, **config) if swiglu else small_batch_linear(rows, w[0], **config)
             return add(out, res) if res is not None else out
 
         def folded(w, **config):
-            return small_batch_linear(x, w, norm_weight=norm_weight, norm_eps=1e-5, residual=res, gate=z, **config)
+            if swiglu:
+                return small_batch_gated_up(x, *w, norm_weight=norm_weight, norm_eps=1e-5, **config)
+            return small_batch_linear(x, w[0], norm_weight=norm_weight, norm_eps=1e-5, residual=res, gate=z, **config)
 
         expected = unfused(weights[0]).float()
         for label, call in (("separate kernels", unfused), ("folded", folded)):
@@ -583,7 +592,7 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
                     for w in weights:
                         call(w, **config)
                 rec.run("gemv-fused", shape, f"{label} (bn{bn} bk{bk} w{warps})", lambda run=run: bench_graph(run) / copies,
-                        TB_per_s=lambda ms: n * k * 2 / (ms * 1e-3) / 1e12)
+                        TB_per_s=lambda ms: matrices * n * k * 2 / (ms * 1e-3) / 1e12)
         weights.clear()
         torch.cuda.empty_cache()
 

@@ -106,7 +106,7 @@ def started_engine(model, args, device, use_cuda_graph) -> tuple[Engine, torch.T
                     small_batch_linear=args.small_batch_linear)
     tokens = engine.prefill(random_ids(args.batch, args.context, model.config.vocab_size, 0, device))[:, -1].argmax(-1)
     for _ in range(4):
-        tokens = engine.decode(tokens).argmax(-1)
+        tokens = engine.decode_greedy(tokens)
     return engine, tokens
 
 
@@ -117,7 +117,7 @@ def graphed_step_ms(model, args, device, clock) -> float | None:
     engine, tokens = started_engine(model, args, device, use_cuda_graph=True)
     start = clock.mark()
     for _ in range(args.steps):
-        tokens = engine.decode(tokens).argmax(-1)
+        tokens = engine.decode_greedy(tokens)
     return 1e3 * clock.seconds(start, clock.mark()) / args.steps
 
 
@@ -128,7 +128,7 @@ def profiled_step(model, args, device) -> tuple[dict, list, int]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
-            tokens = engine.decode(tokens).argmax(-1)
+            tokens = engine.decode_greedy(tokens)
         if cuda:
             torch.cuda.synchronize(device)
     by_kind, kernels, launches = kernel_table(prof, args.steps, cuda)

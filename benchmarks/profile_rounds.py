@@ -100,7 +100,7 @@ def plain_step(target, args, prompt, use_cuda_graph: bool):
 
     def step():
         nonlocal tokens
-        tokens = engine.decode(tokens).argmax(-1)
+        tokens = engine.decode_greedy(tokens)
 
     for _ in range(2):
         step()

@@ -1081,6 +1081,31 @@ def test_bench_small_batch_linear_flag_labels_and_compares_alike(tmp_path):
         plain_hybrid["decode_tok_s"] / plain_teacher["decode_tok_s"])
 
 
+def test_compiled_decode_step_gives_its_greedy_tokens():
+    """Compiled, the decode step also returns each row's greedy token (the two-stage argmax of
+    greedy_tokens inside its graph, over a vocabulary of several chunks here): decode_greedy and
+    greedy generation use them, and they are the argmax of the logits. Uncompiled, the step
+    leaves the argmax to the caller."""
+    from mambaify.generate.sampling import ARGMAX_CHUNK
+
+    model = perturbed_hybrid(0.5, num_hidden_layers=2, vocab_size=5 * ARGMAX_CHUNK + 7)
+    prompts = random_prompts(9, 3, 7)
+    compiled = Engine(model, max_batch_size=3, max_length=32, compile=True)
+    eager = Engine(model, max_batch_size=3, max_length=32)
+    options = dict(max_new_tokens=6, stop_token_ids=[])
+    assert torch.equal(compiled.generate(prompts, **options), eager.generate(prompts, **options))
+    assert compiled.is_compiled(3)
+    ids, mask = left_padded(prompts)
+    compiled.prefill(ids, mask)
+    eager.prefill(ids, mask)
+    token = torch.tensor([5, 6, 7])
+    greedy = compiled.decode_greedy(token)
+    assert compiled._request.decoder.greedy is greedy  # the step's own output
+    logits = eager.decode(token)
+    assert eager._request.decoder.greedy is None
+    assert torch.equal(greedy, logits.argmax(-1))
+
+
 def test_compiled_small_batch_linear_equals_eager(monkeypatch):
     model = perturbed_hybrid(0.5, num_hidden_layers=2)
     prompts = random_prompts(7, 3)

@@ -139,6 +139,11 @@ GEMV_CASES = {
     "gemv_dot_residual_split_k128": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, BLOCK_K=gemv.SPLIT_DOT_CONFIG[1], GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=True,
         LAST_SPLIT_SUMS=True, RESIDUAL=True), GEMV_PARTIALS),
+    # Gate and up read together at one row, the norm folded in, K blocks of 128 (as
+    # MAMBAIFY_GEMV_TUNE=1 may pick).
+    "gemv_gated_norm_one_row_split_k128": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, BLOCK_K=128, GATED=True, FINAL=False, HAS_BIAS=False, USE_DOT=False,
+        LAST_SPLIT_SUMS=True, NORM=True), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
     "gemv_norm_residual_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False, NORM=True,
         RESIDUAL=True), None),

@@ -142,10 +142,10 @@ def test_gemv_plan_splits_one_row_finely_and_several_rows_only_where_n_blocks_ar
     assert gemv.plan(14336, 4096, cuda, dot=True) == (448, 1)
     assert gemv.plan(1024, 4096, cuda, dot=True) == gemv.plan(1024, 4096, cuda) == (32, 8)
     assert gemv.plan(4096, 14336, cuda, dot=True) == gemv.plan(4096, 14336, cuda) == (128, 5)
-    # The launch configuration: K blocks of 128 only for several rows with the K split (down, o).
+    # The launch configuration: K blocks of 128 for several rows with the K split (down, o), 256 otherwise.
     assert gemv.default_config(4, 4096, 14336, cuda) == gemv.default_config(4, 4096, 4096, cuda) == (32, 128, 4)
     assert gemv.default_config(4, 8480, 4096, cuda) == gemv.default_config(4, 14336, 4096, cuda) == (32, 256, 4)
-    assert gemv.default_config(1, 4096, 14336, cuda) == (32, 256, 4)
+    assert gemv.default_config(1, 4096, 14336, cuda) == gemv.default_config(1, 14336, 4096, cuda) == (32, 256, 4)
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the H200, one call (< 10 min): the 8B shape's batch-1 decode step with each decode fusion
 # switch, side by side, after the GPU tests of those paths. Variants (compiled, split-K GEMV, 1k
-# context, teacher and 0% hybrid): "plain" as the defaults are, "folded" with
-# MAMBAIFY_FOLD_NORMS=1, "folded-conv" with MAMBAIFY_FUSED_CONV_STEP=1 as well. Each part has its
+# context, teacher and 0% hybrid): "plain" with both switches off (session 12's step), "folded"
+# with the norms folded (MAMBAIFY_FOLD_NORMS), "folded-conv" with the conv step inside the SSD
+# step as well (MAMBAIFY_FUSED_CONV_STEP; both on by default since session 13). Each part has its
 # own time limit; everything goes to $OUT/steps.tgz.
 # Usage (from the repo root): bash benchmarks/h200/step_variants.sh [TESTS_S] [BENCH_S_EACH]
 source benchmarks/h200/env.sh
@@ -21,8 +22,8 @@ grep -E "passed|failed" "$out/gpu-tests.log" | tail -2
 grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -10
 for variant in plain folded folded-conv; do
   case $variant in
-    plain) switches=() ;;
-    folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
+    plain) switches=(MAMBAIFY_FOLD_NORMS=0 MAMBAIFY_FUSED_CONV_STEP=0) ;;
+    folded) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=0) ;;
     folded-conv) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=1) ;;
   esac
   env "${switches[@]}" timeout -s INT -k 10 "$bench_s" python3 -m mambaify.cli bench --compile --linear split-k \

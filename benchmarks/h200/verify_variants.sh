@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On the H200, one call (< 10 min): issue 5's (b) on the 8B-shaped hybrid (50% attention, batch
 # 1, compiled, split-K GEMV, the draft head of 32768 rows) at the acceptance measured in (a), with
-# each decode switch that changes the verify call: "plain" as the defaults are, "folded" with
-# MAMBAIFY_FOLD_NORMS=1, "folded-tuned" with MAMBAIFY_GEMV_TUNE=1 as well (each GEMV shape's
-# fastest launch configuration, timed on its first call). Everything goes to $OUT/verify.tgz.
+# each decode switch that changes the verify call: "plain" with the norms as kernels of their
+# own (MAMBAIFY_FOLD_NORMS=0), "folded" with them folded (the default since session 13: the
+# residual adds at every row count, the norms at one row), "folded-tuned" with MAMBAIFY_GEMV_TUNE=1
+# as well (each GEMV shape's fastest launch configuration, timed on its first call). Everything
+# goes to $OUT/verify.tgz.
 # Usage (from the repo root): bash benchmarks/h200/verify_variants.sh [KS] [ACCEPTED] [BENCH_S_EACH]
 source benchmarks/h200/env.sh
 set +e
@@ -15,7 +17,7 @@ mkdir -p "$out"
 start=$(date +%s)
 for variant in plain folded folded-tuned; do
   case $variant in
-    plain) switches=() ;;
+    plain) switches=(MAMBAIFY_FOLD_NORMS=0) ;;
     folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
     folded-tuned) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_TUNE=1) ;;
   esac

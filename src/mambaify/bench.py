@@ -25,7 +25,8 @@ How one engine point (batch B, context C, N new tokens) is measured:
   ``--repeats`` timed passes (fewer once they add up to ``--prefill-budget-s``), median taken.
   Time to first token = prefill + picking the first token (greedy), on those rows.
 * Decode: the prefilled rows are copied to the batch's other rows, the request continues at slot
-  C, and N greedy decode steps (graph replay + argmax) are timed ``--repeats`` times after a short
+  C, and N greedy decode steps (graph replay + argmax; compiled, the argmax is inside the step's
+  graph: ``Engine.decode_greedy``) are timed ``--repeats`` times after a short
   warm-up, rewinding to slot C before each run; median taken.
 * Timing uses CUDA events and synchronises at the end of each timed region (time.perf_counter on
   the CPU); peak memory is ``torch.cuda.max_memory_allocated`` after a reset at the point's start,
@@ -683,7 +684,7 @@ def time_decode(engine: Engine, first_tokens: torch.Tensor, context: int, steps:
     def run(n: int) -> None:
         tokens = first_tokens
         for _ in range(n):
-            tokens = engine.decode(tokens).argmax(-1)
+            tokens = engine.decode_greedy(tokens)
 
     rewind()
     run(min(steps, DECODE_WARMUP_STEPS))

@@ -356,11 +356,12 @@ def one_launch_default() -> bool:
 
 
 DEFAULT_CONFIG = (32, 256, 4)  # (block_n, block_k, num_warps)
-# Several rows (tl.dot) where the plan splits K: K blocks of 128. The dot's tiles at 256 fill
-# the registers (ptxas: 239-255 per thread, spilling with the fused operands), and on the H200
-# at 4 rows (bench_kernels.py --only gemv-fused, session 13) 128 took down_proj (4096 x 14336,
-# five splits) from 39.5 to 32.8 us and o_proj from 14.1 to 13.6, while the unsplit q+k+v and
-# in_proj were faster at 256 (18.0 against 20.7 us, 22.2 against 23.4).
+# Several rows (tl.dot) where the plan splits K: K blocks of 128. At 256 the dot's tiles fill the
+# registers (ptxas for sm_90: 239-255 per thread, spilling with fused operands). On the H200 at 4
+# rows (bench_kernels.py --only gemv-fused, session 13) 128 took down_proj (4096 x 14336, five
+# splits) from 39.5 to 32.8 us, o_proj from 14.1 to 13.6 and Mamba's out_proj from 17.0 to 16.4,
+# while the unsplit q+k+v and in_proj were faster at 256 (18.0 against 20.7 us, 22.2 against
+# 23.4), as was every matrix at one row.
 SPLIT_DOT_CONFIG = (32, 128, 4)
 # The configurations MAMBAIFY_GEMV_TUNE=1 times (bench_kernels.py --only gemv compares a like
 # set; session 8 found a different one fastest for each 8B matrix, none of them the default).
