@@ -7,7 +7,7 @@
 # MAMBAIFY_GEMV_TUNE=1 as well (each GEMV shape's fastest launch configuration, K blocks of 128
 # among them, timed on its first call). Each part has its own time limit; everything goes to
 # $OUT/steps.tgz.
-# Usage (from the repo root): bash benchmarks/h200/step_variants.sh [TESTS_S] [BENCH_S_EACH]
+# VARIANTS="..." runs only those. Usage (from the repo root): bash benchmarks/h200/step_variants.sh [TESTS_S] [BENCH_S_EACH]
 source benchmarks/h200/env.sh
 set +e
 tests_s=${1:-150}
@@ -23,7 +23,7 @@ timeout -s INT -k 20 "$tests_s" python3 -m pytest -q -m gpu -p no:cacheprovider 
 echo "gpu tests: exit $? after $(( $(date +%s) - start )) s"
 grep -E "passed|failed" "$out/gpu-tests.log" | tail -2
 grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -10
-for variant in plain folded folded-conv tuned; do
+for variant in ${VARIANTS:-plain folded folded-conv tuned}; do
   case $variant in
     plain) switches=(MAMBAIFY_FOLD_NORMS=0 MAMBAIFY_FUSED_CONV_STEP=0) ;;
     folded) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=0) ;;

@@ -6,7 +6,7 @@
 # residual adds at every row count, the norms at one row), "folded-tuned" with MAMBAIFY_GEMV_TUNE=1
 # as well (each GEMV shape's fastest launch configuration, timed on its first call). Everything
 # goes to $OUT/verify.tgz.
-# Usage (from the repo root): bash benchmarks/h200/verify_variants.sh [KS] [ACCEPTED] [BENCH_S_EACH]
+# VARIANTS="..." runs only those. Usage (from the repo root): bash benchmarks/h200/verify_variants.sh [KS] [ACCEPTED] [BENCH_S_EACH]
 source benchmarks/h200/env.sh
 set +e
 ks=${1:-3,4}
@@ -15,7 +15,7 @@ bench_s=${3:-180}
 out="$OUT/verify"
 mkdir -p "$out"
 start=$(date +%s)
-for variant in plain folded folded-tuned; do
+for variant in ${VARIANTS:-plain folded folded-tuned}; do
   case $variant in
     plain) switches=(MAMBAIFY_FOLD_NORMS=0) ;;
     folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
