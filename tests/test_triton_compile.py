@@ -62,7 +62,7 @@ def compile_for_hopper(kernel, constexprs: dict, num_warps: int = 4, types: dict
 CASES = {
     "ssd_step": (decode._ssd_step_kernel, dict(HAS_D=True, DT_SOFTPLUS=True, BLOCK_N=128, BLOCK_P=32)),
     "conv_ssd_step": (decode._conv_ssd_step_kernel,
-                      dict(KC=4, HAS_CB=True, HAS_D=True, DT_SOFTPLUS=True, BLOCK_N=128, BLOCK_P=16)),
+                      dict(KC=4, WIN=4, HAS_CB=True, HAS_D=True, DT_SOFTPLUS=True, BLOCK_N=128, BLOCK_P=16)),
     "conv_step": (decode._conv_step_kernel,
                   dict(K=4, BLOCK_K=4, BLOCK_D=256, HAS_BIAS=True, APPLY_SILU=True, ACC=tl.float32)),
     "gated_rmsnorm_fwd": (norm._gated_rmsnorm_fwd_kernel, dict(BLOCK_N=4096, ACC=tl.float32)),
@@ -169,6 +169,18 @@ def test_kernel_compiles_for_hopper(name, pdl):
     wait = ptx.index("griddepcontrol.wait")
     assert not any(op in ptx[:wait] for op in ("ld.global", "st.global", "atom."))
     assert ptx.index("griddepcontrol.launch_dependents") > wait
+
+
+def test_fused_conv_step_issues_every_load_before_its_first_store():
+    """The decode step's fused conv + SSD kernel reads the slot, the state, xBC, the conv
+    weights and the windows before it writes anything: a load after a store to memory the
+    compiler cannot tell apart waits for it, and the kernel once waited on global memory about
+    once per window tap and group."""
+    kernel, constexprs = CASES["conv_ssd_step"]
+    lines = compile_for_hopper(kernel, dict(constexprs, PDL=False)).asm["ptx"].splitlines()
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+    stores = [i for i, line in enumerate(lines) if "st.global" in line]
+    assert loads and stores and max(loads) < min(stores)
 
 
 @pytest.mark.parametrize("name", sorted(GEMV_CASES))

@@ -84,32 +84,44 @@ def _ssd_step_kernel(
     x = tl.load(x_ptr + b * x_sb + (h // X_REP) * x_sh + offs_p * x_sp, mask=mask_p, other=0.0)
     Bv = tl.load(B_ptr + b * B_sb + (h // B_REP) * B_sh + offs_n * B_sn, mask=mask_n, other=0.0)
     Cv = tl.load(C_ptr + b * C_sb + (h // C_REP) * C_sh + offs_n * C_sn, mask=mask_n, other=0.0)
-    _ssd_update(state_ptr + b * s_sb + h * s_sh, x, Bv, Cv, dt_ptr + b * dt_sb + h * dt_sh, dt_bias_ptr + h, A_ptr + h,
-                D_ptr + h, y_ptr + b * y_sb + h * y_sh, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp, HAS_D,
-                DT_SOFTPLUS)
+    S, s_ptrs, mask, dt, a, d = _ssd_loads(state_ptr + b * s_sb + h * s_sh, dt_ptr + b * dt_sb + h * dt_sh,
+                                           dt_bias_ptr + h, A_ptr + h, D_ptr + h, offs_n, offs_p, mask_n, mask_p,
+                                           s_sn, s_sp, HAS_D, DT_SOFTPLUS)
+    _ssd_apply(S, s_ptrs, mask, dt, a, d, x, Bv, Cv, y_ptr + b * y_sb + h * y_sh, offs_p, mask_p, y_sp, HAS_D)
 
 
 @triton.jit
-def _ssd_update(state, x, Bv, Cv, dt_at, dt_bias_at, A_at, D_at, y_at, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp,
-                y_sp, HAS_D: tl.constexpr, DT_SOFTPLUS: tl.constexpr):
-    """One head's recurrence step over its (n, p block) of state, in place, and its y: the body
-    both step kernels share, given the head's x (its p block), B and C. dt, A and D are read
-    here, dt through the softplus with DT_SOFTPLUS; all of it computed in the state's dtype."""
+def _ssd_loads(state, dt_at, dt_bias_at, A_at, D_at, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp,
+               HAS_D: tl.constexpr, DT_SOFTPLUS: tl.constexpr):
+    """What a head's recurrence step reads besides x, B and C, in the state's dtype: its (n, p
+    block) of state, dt (through the softplus with DT_SOFTPLUS), A and D (zero without HAS_D);
+    and the state's pointers and mask for the write-back. Apart from :func:`_ssd_apply` so that
+    a kernel can issue these loads before it waits on others."""
     acc = state.dtype.element_ty
+    s_ptrs = state + offs_n[:, None] * s_sn + offs_p[None, :] * s_sp
+    mask = mask_n[:, None] & mask_p[None, :]
+    S = tl.load(s_ptrs, mask=mask, other=0.0)
     dt = tl.load(dt_at)
     if DT_SOFTPLUS:
         dt = softplus_in_dtype(dt, tl.load(dt_bias_at), acc)
     dt = dt.to(acc)
     a = tl.load(A_at).to(acc)
-    x, Bv, Cv = x.to(acc), Bv.to(acc), Cv.to(acc)
-    s_ptrs = state + offs_n[:, None] * s_sn + offs_p[None, :] * s_sp
-    mask = mask_n[:, None] & mask_p[None, :]
-    S = tl.load(s_ptrs, mask=mask, other=0.0)
+    d = a * 0.0
+    if HAS_D:
+        d = tl.load(D_at).to(acc)
+    return S, s_ptrs, mask, dt, a, d
+
+
+@triton.jit
+def _ssd_apply(S, s_ptrs, mask, dt, a, d, x, Bv, Cv, y_at, offs_p, mask_p, y_sp, HAS_D: tl.constexpr):
+    """One head's recurrence step over its (n, p block) of state, written back in place, and its
+    y, from what :func:`_ssd_loads` read and the head's x (its p block), B and C."""
+    x, Bv, Cv = x.to(S.dtype), Bv.to(S.dtype), Cv.to(S.dtype)
     S = tl.exp(dt * a) * S + Bv[:, None] * (dt * x)[None, :]
     tl.store(s_ptrs, S, mask=mask)
     y = tl.sum(S * Cv[:, None], axis=0)
     if HAS_D:
-        y += tl.load(D_at).to(y.dtype) * x
+        y += d * x
     tl.store(y_at + offs_p * y_sp, y.to(y_at.dtype.element_ty), mask=mask_p)
 
 
@@ -302,27 +314,46 @@ def conv_step_inplace(
 
 
 @triton.jit
-def _conv_channels(ch, mask, write, b, read_q, write_q, xbc_ptr, win_ptr, cw_ptr, cb_ptr,
-                   xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk,
-                   KC: tl.constexpr, HAS_CB: tl.constexpr, ACC: tl.constexpr):
-    """silu(causal conv) of channels ``ch`` of row b for this token: the window's KC - 1 earlier
-    inputs from buffer ``read_q``, the new one from xBC. Where ``write`` (one program per channel),
-    the shifted window goes to buffer ``write_q``: the other buffer, which no program reads in this
-    step, so the programs that share a channel (a group's heads, a head's p blocks) never race.
-    The result is rounded to xBC's dtype, as the conv step's output is."""
+def _conv_inputs(ch, mask, b, xbc_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, cw_sd, cw_sk,
+                 KC: tl.constexpr, WIN: tl.constexpr, HAS_CB: tl.constexpr, ACC: tl.constexpr):
+    """What the conv step of channels ``ch`` of row b reads that no slot decides: the new input
+    (from xBC), the weights of the window's KC - 1 taps (channels x WIN, WIN a power of two
+    >= KC - 1), the new input's weight and the bias (zero without HAS_CB)."""
     new = tl.load(xbc_ptr + b * xbc_sb + ch * xbc_sd, mask=mask, other=0.0)
-    acc = new.to(ACC) * tl.load(cw_ptr + ch * cw_sd + (KC - 1) * cw_sk, mask=mask, other=0.0).to(ACC)
-    read = win_ptr + read_q * w_sq + b * w_sb + ch * w_sd
-    written = win_ptr + write_q * w_sq + b * w_sb + ch * w_sd
-    write_mask = mask & (tl.zeros_like(ch) + write.to(tl.int32) != 0)
-    for j in tl.static_range(KC - 1):
-        old = tl.load(read + j * w_sk, mask=mask, other=0.0)
-        acc += old.to(ACC) * tl.load(cw_ptr + ch * cw_sd + j * cw_sk, mask=mask, other=0.0).to(ACC)
-        if j > 0:
-            tl.store(written + (j - 1) * w_sk, old, mask=write_mask)
-    tl.store(written + (KC - 2) * w_sk, new.to(win_ptr.dtype.element_ty), mask=write_mask)
+    taps = tl.arange(0, WIN)
+    tap_mask = mask[:, None] & (taps < KC - 1)[None, :]
+    w_old = tl.load(cw_ptr + ch[:, None] * cw_sd + taps[None, :] * cw_sk, mask=tap_mask, other=0.0).to(ACC)
+    w_new = tl.load(cw_ptr + ch * cw_sd + (KC - 1) * cw_sk, mask=mask, other=0.0).to(ACC)
+    bias = w_new * 0.0
     if HAS_CB:
-        acc += tl.load(cb_ptr + ch, mask=mask, other=0.0).to(ACC)
+        bias = tl.load(cb_ptr + ch, mask=mask, other=0.0).to(ACC)
+    return new, w_old, w_new, bias
+
+
+@triton.jit
+def _conv_window(ch, mask, b, q, win_ptr, w_sq, w_sb, w_sd, w_sk, KC: tl.constexpr, WIN: tl.constexpr):
+    """The KC - 1 earlier inputs of channels ``ch`` of row b, from window buffer q (channels x WIN)."""
+    taps = tl.arange(0, WIN)
+    at = win_ptr + q * w_sq + b * w_sb + ch[:, None] * w_sd + taps[None, :] * w_sk
+    return tl.load(at, mask=mask[:, None] & (taps < KC - 1)[None, :], other=0.0)
+
+
+@triton.jit
+def _conv_finish(ch, mask, write, b, q, new, w_old, w_new, bias, old, win_ptr, w_sq, w_sb, w_sd, w_sk,
+                 KC: tl.constexpr, WIN: tl.constexpr, ACC: tl.constexpr):
+    """silu(causal conv) of channels ``ch`` from what :func:`_conv_inputs` and :func:`_conv_window`
+    read, rounded to xBC's dtype as the conv step's output is. Where ``write`` (one program per
+    channel), the shifted window goes to buffer q: the other buffer, which no program reads in
+    this step, so the programs that share a channel (a group's heads, a head's p blocks) never
+    race."""
+    acc = new.to(ACC) * w_new + tl.sum(old.to(ACC) * w_old, axis=1) + bias
+    taps = tl.arange(0, WIN)
+    written = win_ptr + q * w_sq + b * w_sb + ch * w_sd
+    write_mask = mask & (tl.zeros_like(ch) + write.to(tl.int32) != 0)
+    # Tap j moves to j - 1; the new input becomes the last.
+    shifted = write_mask[:, None] & (taps >= 1)[None, :] & (taps < KC - 1)[None, :]
+    tl.store(written[:, None] + (taps[None, :] - 1) * w_sk, old, mask=shifted)
+    tl.store(written + (KC - 2) * w_sk, new.to(win_ptr.dtype.element_ty), mask=write_mask)
     return (acc * tl.sigmoid(acc)).to(new.dtype)
 
 
@@ -337,6 +368,7 @@ def _conv_ssd_step_kernel(
     dt_sb, dt_sh,
     y_sb, y_sh, y_sp,
     KC: tl.constexpr,
+    WIN: tl.constexpr,
     HAS_CB: tl.constexpr,
     HAS_D: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr,
@@ -347,36 +379,51 @@ def _conv_ssd_step_kernel(
     """The conv step and the SSD step of a Mamba2 layer in one launch. Program (b, h, p block):
     the conv (SiLU-ed) of the x channels of its p block and of the B and C channels of its head's
     groups, from xBC (the raw in_proj slice: x (groups of X_REP heads), then B at B_OFF, C at
-    C_OFF) and the conv window, then :func:`_ssd_update` as in :func:`_ssd_step_kernel`. The
+    C_OFF) and the conv window, then the recurrence step as in :func:`_ssd_step_kernel`. The
     window lives in two buffers (2, b, channels, KC - 1): the token at slot s reads buffer s % 2
     and leaves the shifted window in the other, each channel written by one program (x by its
-    group's first head, B and C by that head's first p block)."""
+    group's first head, B and C by that head's first p block).
+    Every load is issued before the first store (the compiler keeps loads behind earlier stores
+    to memory it cannot tell apart), the slot's and the state's first: the program waits on
+    global memory about twice, not once per window tap and group."""
     wait_for_inputs(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     acc = state_ptr.dtype.element_ty
-    read_q = tl.load(slot_ptr) % 2
-    write_q = 1 - read_q
+    slot = tl.load(slot_ptr)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_n = offs_n < N
     mask_p = offs_p < P
     first_p = pid_p == 0
-    x = _conv_channels((h // X_REP) * P + offs_p, mask_p, h % X_REP == 0, b, read_q, write_q, xbc_ptr, win_ptr,
-                       cw_ptr, cb_ptr, xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk, KC, HAS_CB, acc)
-    Bv = _conv_channels(B_OFF + (h // B_REP) * N + offs_n, mask_n, (h % B_REP == 0) & first_p, b, read_q, write_q,
-                        xbc_ptr, win_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk, KC,
-                        HAS_CB, acc)
-    Cv = _conv_channels(C_OFF + (h // C_REP) * N + offs_n, mask_n, (h % C_REP == 0) & first_p, b, read_q, write_q,
-                        xbc_ptr, win_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, w_sq, w_sb, w_sd, w_sk, cw_sd, cw_sk, KC,
-                        HAS_CB, acc)
+    S, s_ptrs, mask, dt, a, d = _ssd_loads(state_ptr + b * s_sb + h * s_sh, dt_ptr + b * dt_sb + h * dt_sh,
+                                           dt_bias_ptr + h, A_ptr + h, D_ptr + h, offs_n, offs_p, mask_n, mask_p,
+                                           s_sn, s_sp, HAS_D, DT_SOFTPLUS)
+    ch_x = (h // X_REP) * P + offs_p
+    ch_b = B_OFF + (h // B_REP) * N + offs_n
+    ch_c = C_OFF + (h // C_REP) * N + offs_n
+    x_new, x_w, x_wn, x_bias = _conv_inputs(ch_x, mask_p, b, xbc_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, cw_sd, cw_sk,
+                                            KC, WIN, HAS_CB, acc)
+    b_new, b_w, b_wn, b_bias = _conv_inputs(ch_b, mask_n, b, xbc_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, cw_sd, cw_sk,
+                                            KC, WIN, HAS_CB, acc)
+    c_new, c_w, c_wn, c_bias = _conv_inputs(ch_c, mask_n, b, xbc_ptr, cw_ptr, cb_ptr, xbc_sb, xbc_sd, cw_sd, cw_sk,
+                                            KC, WIN, HAS_CB, acc)
+    read_q = slot % 2
+    write_q = 1 - read_q
+    x_old = _conv_window(ch_x, mask_p, b, read_q, win_ptr, w_sq, w_sb, w_sd, w_sk, KC, WIN)
+    b_old = _conv_window(ch_b, mask_n, b, read_q, win_ptr, w_sq, w_sb, w_sd, w_sk, KC, WIN)
+    c_old = _conv_window(ch_c, mask_n, b, read_q, win_ptr, w_sq, w_sb, w_sd, w_sk, KC, WIN)
 
-    _ssd_update(state_ptr + b * s_sb + h * s_sh, x, Bv, Cv, dt_ptr + b * dt_sb + h * dt_sh, dt_bias_ptr + h, A_ptr + h,
-                D_ptr + h, y_ptr + b * y_sb + h * y_sh, offs_n, offs_p, mask_n, mask_p, s_sn, s_sp, y_sp, HAS_D,
-                DT_SOFTPLUS)
+    x = _conv_finish(ch_x, mask_p, h % X_REP == 0, b, write_q, x_new, x_w, x_wn, x_bias, x_old, win_ptr, w_sq, w_sb,
+                     w_sd, w_sk, KC, WIN, acc)
+    Bv = _conv_finish(ch_b, mask_n, (h % B_REP == 0) & first_p, b, write_q, b_new, b_w, b_wn, b_bias, b_old, win_ptr,
+                      w_sq, w_sb, w_sd, w_sk, KC, WIN, acc)
+    Cv = _conv_finish(ch_c, mask_n, (h % C_REP == 0) & first_p, b, write_q, c_new, c_w, c_wn, c_bias, c_old, win_ptr,
+                      w_sq, w_sb, w_sd, w_sk, KC, WIN, acc)
+    _ssd_apply(S, s_ptrs, mask, dt, a, d, x, Bv, Cv, y_ptr + b * y_sb + h * y_sh, offs_p, mask_p, y_sp, HAS_D)
 
 
 def conv_ssd_step_inplace(
@@ -419,6 +466,7 @@ def conv_ssd_step_inplace(
         *dt.stride(),
         *out.stride(),
         KC=K,
+        WIN=triton.next_power_of_2(K - 1),
         HAS_CB=conv_bias is not None,
         HAS_D=D is not None,
         DT_SOFTPLUS=dt_bias is not None,
