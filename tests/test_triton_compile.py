@@ -173,9 +173,9 @@ def test_kernel_compiles_for_hopper(name, pdl):
 
 def test_fused_conv_step_issues_every_load_before_its_first_store():
     """The decode step's fused conv + SSD kernel reads the slot, the state, xBC, the conv
-    weights and the windows before it writes anything: a load after a store to memory the
-    compiler cannot tell apart waits for it, and the kernel once waited on global memory about
-    once per window tap and group."""
+    weights and the windows before it writes anything: a store holds the warp until its value
+    has arrived and later loads stay behind it, so the kernel once waited on global memory
+    about once per window tap and group."""
     kernel, constexprs = CASES["conv_ssd_step"]
     lines = compile_for_hopper(kernel, dict(constexprs, PDL=False)).asm["ptx"].splitlines()
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]

@@ -383,9 +383,11 @@ def _conv_ssd_step_kernel(
     window lives in two buffers (2, b, channels, KC - 1): the token at slot s reads buffer s % 2
     and leaves the shifted window in the other, each channel written by one program (x by its
     group's first head, B and C by that head's first p block).
-    Every load is issued before the first store (the compiler keeps loads behind earlier stores
-    to memory it cannot tell apart), the slot's and the state's first: the program waits on
-    global memory about twice, not once per window tap and group."""
+    Every load is issued before the first store, the slot's and the state's first. A warp issues
+    in order, a store holds it until the value it writes has arrived, and the compiler keeps
+    loads behind stores to memory it cannot tell apart: storing each window tap as it was read
+    made the program wait on global memory once per tap and group, where it now waits about
+    twice."""
     wait_for_inputs(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
