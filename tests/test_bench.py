@@ -138,6 +138,34 @@ def test_roofline_bytes_equal_a_hand_computation():
     assert bench.estimate_memory(model, batch, slots - 4, 4, torch.float32)["cache"] == allocated
 
 
+@pytest.mark.parametrize("fused_conv", ["1", "0"])
+def test_copy_rows_fills_the_other_rows_of_every_cache_buffer(monkeypatch, fused_conv):
+    """The benchmark prefills some rows and copies them to the batch's others: every buffer along
+    its batch dimension, the fused conv step's two windows (batch second) too."""
+    monkeypatch.setenv("MAMBAIFY_FUSED_CONV_STEP", fused_conv)
+    engine = Engine(convert(tiny_teacher("llama"), attention=0.5), max_batch_size=5, max_length=16)
+    layers = engine.cache.layers
+    kv = [layer for layer in layers if isinstance(layer, engine_module.KVBuffers)]
+    mamba = [layer for layer in layers if isinstance(layer, engine_module.MambaBuffers)]
+    assert kv and mamba and all((m.conv_windows is not None) == (fused_conv == "1") for m in mamba)
+
+    def by_row(layer):  # (batch-first views of) what each layer keeps per row
+        if isinstance(layer, engine_module.KVBuffers):
+            return [layer.keys, layer.values]
+        conv = layer.conv_windows.transpose(0, 1) if layer.conv_windows is not None else layer.conv_state
+        return [conv, layer.ssm_state]
+
+    torch.manual_seed(0)
+    for layer in layers:
+        for buffer in by_row(layer):
+            buffer[:2].normal_()
+    engine.cache.pad_lengths[:2] = torch.tensor([3, 1])
+    bench.copy_rows(engine.cache, 2, 5)
+    for buffer in [engine.cache.pad_lengths] + [b for layer in layers for b in by_row(layer)]:
+        for row in range(2, 5):
+            assert torch.equal(buffer[row], buffer[row % 2])
+
+
 def test_prefill_halves_its_rows_until_they_fit_and_skips_when_one_row_does_not(monkeypatch):
     model = convert(tiny_teacher("llama"), attention=0.5)
     engine = Engine(model, max_batch_size=4, max_length=24)

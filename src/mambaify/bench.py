@@ -662,7 +662,7 @@ def copy_rows(cache: StaticCache, rows: int, batch: int) -> None:
     """Fill rows [rows, batch) of every cache buffer with copies of rows [0, rows)."""
     buffers = [cache.pad_lengths]
     for layer in cache.layers:
-        buffers += [getattr(layer, field.name) for field in dataclasses.fields(layer)]
+        buffers += layer.by_row()
     for buffer in buffers:
         for start in range(rows, batch, rows):
             n = min(rows, batch - start)

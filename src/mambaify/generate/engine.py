@@ -68,6 +68,10 @@ class KVBuffers:
     def rows(self, n: int) -> KVBuffers:
         return KVBuffers(self.keys[:n], self.values[:n])
 
+    def by_row(self) -> list[torch.Tensor]:
+        """Every buffer, as a view with the batch first."""
+        return [self.keys, self.values]
+
 
 @dataclass
 class MambaBuffers:
@@ -86,6 +90,11 @@ class MambaBuffers:
         windows = self.conv_windows[:, :n] if self.conv_windows is not None else None
         conv = self.conv_state[:n] if self.conv_state is not None else None
         return MambaBuffers(conv, self.ssm_state[:n], windows)
+
+    def by_row(self) -> list[torch.Tensor]:
+        """Every buffer, as a view with the batch first (the windows' buffer index second)."""
+        conv = self.conv_windows.transpose(0, 1) if self.conv_windows is not None else self.conv_state
+        return [conv, self.ssm_state]
 
 
 @dataclass
