@@ -397,9 +397,10 @@ def _(y, z, weight, eps):
 # well at any row count, the norm only at one row: with several rows (tl.dot, padded to 16) every
 # n block's programs redo the norm's work on the whole padded x tile, in registers the dot already
 # fills. Measured on the H200 at 4 rows (a verify call; bench_kernels.py --only gemv-fused,
-# session 13): the norm folded made q+k+v 53 against 18 us with the norm as its own kernel,
-# gate+up 189 against 61, Mamba's out_proj with its gated norm 87 against 17; at one row, folded
-# was faster for every matrix (gate+up 61 against 69 us, q+k+v 16.7 against 17.7).
+# session 13, the same launch configuration): the norm folded made q+k+v 53 against 18 us with
+# the norm as its own kernel, gate and up as one matrix 189 against 61, Mamba's out_proj with its
+# gated norm 87 against 17; at one row, folded was faster for every matrix (gate and up as one
+# 61 against 69 us, q+k+v 16.7 against 17.7).
 FOLD_NORM_MAX_ROWS = 1
 
 
