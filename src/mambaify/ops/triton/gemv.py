@@ -361,7 +361,8 @@ DEFAULT_CONFIG = (32, 256, 4)  # (block_n, block_k, num_warps)
 # rows (bench_kernels.py --only gemv-fused, session 13) 128 took down_proj (4096 x 14336, five
 # splits) from 39.5 to 32.8 us, o_proj from 14.1 to 13.6 and Mamba's out_proj from 17.0 to 16.4,
 # while the unsplit q+k+v and in_proj were faster at 256 (18.0 against 20.7 us, 22.2 against
-# 23.4), as was every matrix at one row.
+# 23.4), as was every matrix at one row but gate and up timed as one 28672-row matrix (56.7 us
+# at 128 against 60.7): not yet timed as the engine calls them, read together.
 SPLIT_DOT_CONFIG = (32, 128, 4)
 # The configurations MAMBAIFY_GEMV_TUNE=1 times (bench_kernels.py --only gemv compares a like
 # set; session 8 found a different one fastest for each 8B matrix, none of them the default).
