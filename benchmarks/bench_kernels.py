@@ -412,6 +412,23 @@ GEMV_CONFIGS = [(bn, bk, w) for bn in (16, 32, 64) for bk in (256, 512) for w in
 L2_BEATING_BYTES = 512 * 2**20
 
 
+def refused_or(name: str, fn: Callable):
+    """``fn()``, or None where the GPU refuses the launch configuration (registers, shared
+    memory), said on stdout."""
+    try:
+        return fn()
+    except Exception as e:  # a config the machine refuses
+        print(f"{name}: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+        return None
+
+
+def check_close(name: str, got, expected, tol: float) -> None:
+    """An AssertionError where ``got`` is off ``expected`` by a relative error of ``tol`` or more."""
+    err = ((got.float() - expected).norm() / expected.norm()).item()
+    if not err < tol:
+        raise AssertionError(f"{name}: rel. error {err:.2e}")
+
+
 def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
     from mambaify.ops.triton.gemv import plan, small_batch_gated_up, small_batch_linear
 
@@ -457,16 +474,12 @@ def bench_gemv(rec: Recorder, m: int, args, torch, bench_graph) -> None:
                     def ours(x_, w_, u_, bn=bn, bk=bk, warps=warps, splits=splits, one_launch=one_launch):
                         return kernel(x_, w_, u_, block_n=bn, block_k=bk, num_warps=warps, splits=splits,
                                       one_launch=one_launch)
-                    try:
-                        got = ours(x, weights[0], weights[-1]).float()
-                        ms = timed(ours)()
-                    except Exception as e:  # a config the machine refuses (registers, shared memory)
-                        print(f"gemv {label} {shape} bn{bn} bk{bk} w{warps}: {type(e).__name__}: {e}".splitlines()[0],
-                              flush=True)
+                    name = f"gemv {label} {shape} bn{bn} bk{bk} w{warps}"
+                    result = refused_or(name, lambda: (ours(x, weights[0], weights[-1]), timed(ours)()))
+                    if result is None:
                         continue
-                    err = ((got - expected).norm() / expected.norm()).item()
-                    if not err < 1e-2:
-                        raise AssertionError(f"{label} {shape} bn{bn} bk{bk} w{warps}: rel. error {err:.2e}")
+                    got, ms = result
+                    check_close(name, got, expected, 1e-2)
                     how = "no split" if splits == 1 else "planned splits, " + ("1 launch" if one_launch else "2 launches")
                     if how not in best or ms < best[how][0]:
                         best[how] = (ms, f"bn{bn} bk{bk} w{warps}")
@@ -492,10 +505,7 @@ def bench_grouped_qkv(rec: Recorder, m: int, torch, bench_graph) -> None:
     x = torch.randn(m, k, device=DEVICE, dtype=bf16)
     shape = f"m{m} q4096 k1024 v1024 k{k}"
     expected = torch.cat([x.float() @ w.float().t() for w in groups[0]], -1)
-    got = gemv.small_batch_qkv(x, *groups[0]).float()
-    err = ((got - expected).norm() / expected.norm()).item()
-    if not err < 1e-2:
-        raise AssertionError(f"grouped q, k, v {shape}: rel. error {err:.2e}")
+    check_close(f"grouped q, k, v {shape}", gemv.small_batch_qkv(x, *groups[0]), expected, 1e-2)
 
     def timed(call):
         def run():
@@ -578,15 +588,11 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
         for label, call in (("separate kernels", unfused), ("folded", folded)):
             for bn, bk, warps in args.gemv_configs or FUSED_GEMV_CONFIGS:
                 config = dict(block_n=bn, block_k=bk, num_warps=warps)
-                try:
-                    got = call(weights[0], **config).float()
-                except Exception as e:  # a config the machine refuses
-                    print(f"gemv-fused {label} {shape} bn{bn} bk{bk} w{warps}: {type(e).__name__}: {e}".splitlines()[0],
-                          flush=True)
+                name = f"gemv-fused {label} {shape} bn{bn} bk{bk} w{warps}"
+                got = refused_or(name, lambda: call(weights[0], **config))
+                if got is None:
                     continue
-                err = ((got - expected).norm() / expected.norm()).item()
-                if not err < 2e-2:
-                    raise AssertionError(f"gemv-fused {label} {shape} bn{bn} bk{bk} w{warps}: rel. error {err:.2e}")
+                check_close(name, got, expected, 2e-2)
 
                 def run(call=call, config=config):
                     for w in weights:
