@@ -27,7 +27,9 @@ another copy of the weight (together beyond the 60 MB L2, as a model's layers ar
 the bytes of the matrices read over the time. GEMV with fused operands (``--only gemv-fused``):
 the matrices that the engines' fold_norms gives an RMSNorm, Mamba2's gated norm or the residual
 add, folded into the split-K GEMV against the norm and add as kernels of their own, at a few
-launch configurations (``--gemv-configs``).
+launch configurations (``--gemv-configs``). GEMV chain (``--only gemv-chain``): the 8B 0% hybrid's
+GEMVs as its step calls them, several layers back to back in one graph, launched one after
+another and as programmatic dependent launches (MAMBAIFY_PDL=1).
 
 Times are medians of triton.testing.do_bench / do_bench_cudagraph, in milliseconds. A case
 that fails (compile error, out of memory, a kernel refusing the machine) is recorded with its
@@ -85,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"decode shape b,h,p,n (repeatable; default {' and '.join(DEFAULT_DECODE)})")
     p.add_argument("--kv-heads", type=int, default=8, help="x/B heads for the conv width (default 8)")
     p.add_argument("--d-conv", type=int, default=4)
-    p.add_argument("--only", choices=["scan", "decode", "verify", "gemv", "gemv-fused"],
-                   help="run one group only (gemv runs only when asked for)")
+    p.add_argument("--only", choices=["scan", "decode", "verify", "gemv", "gemv-fused", "gemv-chain"],
+                   help="run one group only (the gemv groups run only when asked for)")
     p.add_argument("--gemv-batch", type=_int_list, default=[1, 8], help="GEMV rows (default 1,8)")
     p.add_argument("--gemv-configs", type=_gemv_configs, default=None,
                    help="GEMV block sizes to try, BN,BK,WARPS;... (default: 12 of them, BN 16/32/64, "
@@ -603,6 +605,74 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
         torch.cuda.empty_cache()
 
 
+# The 8B 0% hybrid's Mamba layer at batch 1 as its compiled step calls the split-K GEMV (norms
+# folded, residual adds inside): in_proj (8480 x 4096, its input norm), out_proj (4096 x 4096,
+# Mamba2's gated norm, the residual), gate+up (2 x 14336 x 4096, the MLP's norm, SiLU) and down
+# (4096 x 14336, the residual). CHAIN_LAYERS copies, each with weights of its own (1.9 GB).
+CHAIN_LAYERS = 8
+CHAIN_MATRICES = {"in_proj": (8480, 4096), "out_proj": (4096, 4096), "gate": (14336, 4096), "up": (14336, 4096),
+                  "down": (4096, 14336)}
+
+
+def bench_gemv_chain(rec: Recorder, torch, bench_graph) -> None:
+    """CHAIN_LAYERS layers' GEMVs back to back in one CUDA graph, each call's input made from
+    the one before's output as in the step (the SSD step left out: out_proj reads a slice of
+    in_proj's output as y and another as z), at the default configurations, launched one after
+    another and as programmatic dependent launches (MAMBAIFY_PDL=1: each GEMV reads its first
+    weight tiles while the one ahead finishes). Per layer: time, the weights' TB/s. Against the
+    kernels timed one by one (``--only gemv-fused``), the difference is what the boundaries
+    between kernels cost, which PDL is meant to hide."""
+    import os
+
+    from mambaify import ops
+    from mambaify.ops.triton.gemv import small_batch_gated_up, small_batch_linear
+
+    bf16, width = torch.bfloat16, CHAIN_MATRICES["out_proj"][0]
+    torch.manual_seed(0)
+    layers = [{name: torch.randn(n, k, device=DEVICE, dtype=bf16) * k ** -0.5 for name, (n, k) in CHAIN_MATRICES.items()}
+              for _ in range(CHAIN_LAYERS)]
+    norms = [1 + 0.1 * torch.randn(width, device=DEVICE, dtype=bf16) for _ in range(3)]
+    nbytes = sum(n * k * 2 for n, k in CHAIN_MATRICES.values())
+    hidden = torch.randn(1, width, device=DEVICE, dtype=bf16)
+
+    def step():
+        h = hidden
+        for w in layers:
+            projected = small_batch_linear(h, w["in_proj"], norm_weight=norms[0], norm_eps=1e-5)
+            z, y = projected[:, :width], projected[:, width:2 * width]
+            h = small_batch_linear(y, w["out_proj"], norm_weight=norms[1], norm_eps=1e-5, residual=h, gate=z)
+            a = small_batch_gated_up(h, w["gate"], w["up"], norm_weight=norms[2], norm_eps=1e-5)
+            h = small_batch_linear(a, w["down"], residual=h)
+        return h
+
+    shape = f"m1 x {CHAIN_LAYERS} layers (in_proj, out_proj, gate+up, down)"
+    per_layer = {"TB_per_s": lambda ms: nbytes * CHAIN_LAYERS / (ms * 1e-3) / 1e12,
+                 "ms_per_layer": lambda ms: ms / CHAIN_LAYERS}
+    before = os.environ.get("MAMBAIFY_PDL")
+    results = {}
+    try:
+        for label, pdl in (("one after another", "0"), ("programmatic dependent launch", "1")):
+            os.environ["MAMBAIFY_PDL"] = pdl
+            if pdl == "1" and not ops.pdl_enabled(torch.device(DEVICE)):
+                print("gemv-chain: this GPU has no programmatic dependent launch (Hopper on); skipped", flush=True)
+                continue
+            results[label] = step().float()
+            rec.run("gemv-chain", shape, label, lambda: bench_graph(step), **per_layer)
+    finally:
+        if before is None:
+            os.environ.pop("MAMBAIFY_PDL", None)
+        else:
+            os.environ["MAMBAIFY_PDL"] = before
+    if len(results) == 2:  # the same sums in the same order: the same bits
+        serial, pdl = results.values()
+        if not torch.equal(serial, pdl):
+            error = f"PDL changed the output: max diff {(serial - pdl).abs().max().item():.3e}"
+            print(f"gemv-chain: {error}", flush=True)
+            rec.rows.append({"group": "gemv-chain", "shape": shape, "impl": "output check", "error": error})
+    layers.clear()
+    torch.cuda.empty_cache()
+
+
 def verify_markdown(rows: list[dict]) -> str:
     """The verify rows again, with the cost of a call in plain decode steps."""
     rows = [r for r in rows if r["group"].startswith("verify") and "ms" in r]
@@ -711,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "gemv-fused":
         for m in args.gemv_batch:
             bench_gemv_fused(rec, m, args, torch, bench_graph)
+    if args.only == "gemv-chain":
+        bench_gemv_chain(rec, torch, bench_graph)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": rec.rows}, indent=2))

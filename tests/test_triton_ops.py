@@ -146,6 +146,31 @@ def test_gemv_plan_splits_one_row_finely_and_several_rows_only_where_n_blocks_ar
     assert gemv.default_config(4, 4096, 14336, cuda) == gemv.default_config(4, 4096, 4096, cuda) == (32, 128, 4)
     assert gemv.default_config(4, 8480, 4096, cuda) == gemv.default_config(4, 14336, 4096, cuda) == (32, 256, 4)
     assert gemv.default_config(1, 4096, 14336, cuda) == gemv.default_config(1, 14336, 4096, cuda) == (32, 256, 4)
+    # One row through gate and up together: K blocks of 128 (two tiles per K step), so that the
+    # 896 programs fit one wave; several rows through the two keep the one-matrix choice.
+    assert gemv.default_config(1, 14336, 4096, cuda, gated=True) == (32, 128, 4)
+    assert gemv.default_config(4, 14336, 4096, cuda, gated=True) == (32, 256, 4)
+
+
+@needs_triton
+def test_gemv_config_forced_by_the_environment_and_refused_when_malformed(monkeypatch):
+    """MAMBAIFY_GEMV_CONFIG overrides every default choice; a malformed value is refused with
+    the expected form, not half-read."""
+    from mambaify.ops.triton import gemv
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(gemv, "_num_sms", lambda device: 132)
+    monkeypatch.setenv("MAMBAIFY_GEMV_CONFIG", "64, 512, 8")
+    assert gemv.forced_config() == (64, 512, 8)
+    for m, gated in ((1, True), (1, False), (4, False)):
+        assert gemv.default_config(m, 4096, 14336, cuda, gated=gated) == (64, 512, 8)
+    for bad in ("32,256", "32,256,4,1", "a,b,c", "32,200,4", "32,256,64"):
+        monkeypatch.setenv("MAMBAIFY_GEMV_CONFIG", bad)
+        with pytest.raises(ValueError, match="MAMBAIFY_GEMV_CONFIG.*e.g. 32,256,4"):
+            gemv.forced_config()
+    monkeypatch.setenv("MAMBAIFY_GEMV_CONFIG", "")
+    assert gemv.forced_config() is None
+    assert gemv.default_config(1, 14336, 4096, cuda, gated=True) == gemv.GATED_ONE_ROW_CONFIG
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)

@@ -207,7 +207,8 @@ def _gemv_kernel(
     ptrs = out_ptr + pid_k * o_ss + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
     res = res_ptr + offs_m[:, None] * r_sm + offs_n[None, :] * r_sn
     if FINAL:
-        result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, res, mask, GATED, HAS_BIAS, NORM,
+        residual = _residual(res, mask, RESIDUAL)
+        result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, GATED, HAS_BIAS, NORM,
                          RESIDUAL)
         tl.store(ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -222,11 +223,11 @@ def _gemv_kernel(
             tl.debug_barrier()
             done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
             if done == S - 1:
+                residual = _residual(res, mask, RESIDUAL)  # in flight with the partial sums
                 first = out_ptr + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
-                acc, acc2 = _split_sums(first, mask, S, o_ss, o_sp, GATED, ".cg")
-                if NORM:
-                    ssq = _ssq_sums(ssq_ptr + pid_n * q_sp + offs_m, offs_m < M, S, q_ss, ".cg")
-                result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, res, mask, GATED, HAS_BIAS,
+                acc, acc2, ssq = _split_sums(first, mask, S, o_ss, o_sp, ssq, ssq_ptr + pid_n * q_sp + offs_m,
+                                             offs_m < M, q_ss, GATED, NORM, ".cg")
+                result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, GATED, HAS_BIAS,
                                  NORM, RESIDUAL)
                 final = final_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn
                 tl.store(final, result.to(final_ptr.dtype.element_ty), mask=mask)
@@ -234,36 +235,69 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _split_sums(first, mask, S, p_ss, p_sp, GATED: tl.constexpr, CACHE: tl.constexpr):
+def _split_part(first, s, S, stride, mask, CACHE: tl.constexpr):
+    """Split s's part at ``first`` (split 0's) + s * stride; zeros where s is past the last split."""
+    in_range = mask.to(tl.int32) * 0 + s < S  # of mask's shape: the interpreter refuses a scalar & a block
+    return tl.load(first + s * stride, mask=in_range & mask, other=0.0, cache_modifier=CACHE)
+
+
+@triton.jit
+def _split_sums(first, mask, S, p_ss, p_sp, ssq, ssq_first, ssq_mask, q_ss,
+                GATED: tl.constexpr, NORM: tl.constexpr, CACHE: tl.constexpr):
     """The partial sums at ``first`` (split 0) and the S - 1 splits after it (``p_ss`` apart),
-    added in split order; with GATED also those of the second matrix (``p_sp`` further)."""
+    added in split order; with GATED also those of the second matrix (``p_sp`` further), with
+    NORM the rows' sums of squares at ``ssq_first`` (``q_ss`` apart; else ``ssq`` comes back as
+    it is). Four splits' loads are issued before any of their adds: a warp stalls at an add
+    until its operand has arrived, so loading and adding one split at a time made the last
+    program of each n block wait on the L2 once per split and kind of sum (ten times in a row
+    for the 8B out_proj's five splits with its gated norm), where it now waits once per four
+    splits. The parts past the last split load as zeros, which leave the sums as they are."""
     acc = tl.load(first, mask=mask, other=0.0, cache_modifier=CACHE)
     acc2 = acc  # read only with GATED
     if GATED:
         acc2 = tl.load(first + p_sp, mask=mask, other=0.0, cache_modifier=CACHE)
-    for s in range(1, S):
-        acc += tl.load(first + s * p_ss, mask=mask, other=0.0, cache_modifier=CACHE)
+    if NORM:
+        ssq = tl.load(ssq_first, mask=ssq_mask, other=0.0, cache_modifier=CACHE)
+    for s in range(1, S, 4):
+        a1 = _split_part(first, s, S, p_ss, mask, CACHE)
+        a2 = _split_part(first, s + 1, S, p_ss, mask, CACHE)
+        a3 = _split_part(first, s + 2, S, p_ss, mask, CACHE)
+        a4 = _split_part(first, s + 3, S, p_ss, mask, CACHE)
+        b1, b2, b3, b4 = a1, a2, a3, a4  # read only with GATED
         if GATED:
-            acc2 += tl.load(first + s * p_ss + p_sp, mask=mask, other=0.0, cache_modifier=CACHE)
-    return acc, acc2
+            b1 = _split_part(first + p_sp, s, S, p_ss, mask, CACHE)
+            b2 = _split_part(first + p_sp, s + 1, S, p_ss, mask, CACHE)
+            b3 = _split_part(first + p_sp, s + 2, S, p_ss, mask, CACHE)
+            b4 = _split_part(first + p_sp, s + 3, S, p_ss, mask, CACHE)
+        if NORM:
+            q1 = _split_part(ssq_first, s, S, q_ss, ssq_mask, CACHE)
+            q2 = _split_part(ssq_first, s + 1, S, q_ss, ssq_mask, CACHE)
+            q3 = _split_part(ssq_first, s + 2, S, q_ss, ssq_mask, CACHE)
+            q4 = _split_part(ssq_first, s + 3, S, q_ss, ssq_mask, CACHE)
+            ssq = ssq + q1 + q2 + q3 + q4
+        acc = acc + a1 + a2 + a3 + a4
+        if GATED:
+            acc2 = acc2 + b1 + b2 + b3 + b4
+    return acc, acc2, ssq
 
 
 @triton.jit
-def _ssq_sums(first, mask, S, q_ss, CACHE: tl.constexpr):
-    """The rows' sums of squares over the whole reduction: the S splits' parts in split order."""
-    ssq = tl.load(first, mask=mask, other=0.0, cache_modifier=CACHE)
-    for s in range(1, S):
-        ssq += tl.load(first + s * q_ss, mask=mask, other=0.0, cache_modifier=CACHE)
-    return ssq
+def _residual(res, mask, RESIDUAL: tl.constexpr):
+    """The residual at ``res`` to add to the result (RESIDUAL), else a zero that is never used;
+    loaded apart from :func:`_finish` so that the load can be issued before the sums wait."""
+    if RESIDUAL:
+        return tl.load(res, mask=mask, other=0.0)
+    else:
+        return 0.0
 
 
 @triton.jit
-def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, res, mask,
+def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual,
             GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
     """The layer's output from its complete sums: with NORM scaled by each row's
     rsqrt(ssq / K + eps) (``ssq``: (rows, 1) for (rows, n) sums, a scalar for one row's), then
-    bias added, or with GATED silu(gate sums) * up sums; with RESIDUAL the residual at
-    ``res`` added."""
+    bias added, or with GATED silu(gate sums) * up sums; with RESIDUAL the ``residual``
+    (:func:`_residual`) added."""
     if NORM:
         scale = tl.rsqrt(ssq / K + eps)
         acc = acc * scale
@@ -273,7 +307,7 @@ def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, res, mask,
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc2
     if RESIDUAL:
-        acc += tl.load(res, mask=mask, other=0.0).to(acc.dtype)
+        acc += residual.to(acc.dtype)
     return acc
 
 
@@ -296,12 +330,10 @@ def _sum_splits_kernel(
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    acc, acc2 = _split_sums(part_ptr + m * p_sm + offs_n * p_sn, mask_n, S, p_ss, p_sp, GATED, "")
-    ssq = 0.0
-    if NORM:
-        ssq = _ssq_sums(ssq_ptr + m, True, S, q_ss, "")
-    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, res_ptr + m * r_sm + offs_n * r_sn, mask_n,
-                     GATED, HAS_BIAS, NORM, RESIDUAL)
+    residual = _residual(res_ptr + m * r_sm + offs_n * r_sn, mask_n, RESIDUAL)
+    acc, acc2, ssq = _split_sums(part_ptr + m * p_sm + offs_n * p_sn, mask_n, S, p_ss, p_sp, 0.0, ssq_ptr + m,
+                                 m >= 0, q_ss, GATED, NORM, "")
+    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual, GATED, HAS_BIAS, NORM, RESIDUAL)
     tl.store(out_ptr + m * o_sm + offs_n * o_sn, result.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -364,17 +396,54 @@ DEFAULT_CONFIG = (32, 256, 4)  # (block_n, block_k, num_warps)
 # 23.4), as was every matrix at one row but gate and up timed as one 28672-row matrix (56.7 us
 # at 128 against 60.7): not yet timed as the engine calls them, read together.
 SPLIT_DOT_CONFIG = (32, 128, 4)
+# One row with gate and up read together (GATED): K blocks of 128. Each K step loads a tile of
+# both matrices, so at 256 a program holds twice the weights of the one-matrix kernel: ptxas for
+# sm_90 gives it 128 registers per thread against 55 at 128 (the one-matrix kernel: 80 and 48),
+# so 4 programs fit a multiprocessor instead of 9, and the 8B gate+up call's 896 planned programs
+# (448 n blocks x 2 splits) take 1.7 waves of the H200's 132 multiprocessors instead of 0.75: a
+# second, partly filled wave. Call 4 of session 13 saw the same at one row for gate and up as one
+# 28672-row matrix, the only matrix there whose grid at 256 (896 programs, 6 per multiprocessor)
+# overran one wave: 56.7 us at 128 against 60.7; every matrix whose grid fit was faster at 256.
+GATED_ONE_ROW_CONFIG = (32, 128, 4)
 # The configurations MAMBAIFY_GEMV_TUNE=1 times (bench_kernels.py --only gemv compares a like
 # set; session 8 found a different one fastest for each 8B matrix, none of them the default).
 TUNE_CONFIGS = [(bn, bk, w) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8)]
 
 
-def default_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
+def default_config(m: int, n: int, k: int, device: torch.device, gated: bool = False) -> tuple[int, int, int]:
     """The launch configuration of an (m rows, n x k weight) call that names none (untuned):
-    SPLIT_DOT_CONFIG for several rows where the plan splits K, else DEFAULT_CONFIG."""
+    MAMBAIFY_GEMV_CONFIG where set (:func:`forced_config`), else SPLIT_DOT_CONFIG for several
+    rows where the plan splits K, GATED_ONE_ROW_CONFIG for one row through two matrices
+    (``gated``), DEFAULT_CONFIG otherwise."""
+    forced = forced_config()
+    if forced is not None:
+        return forced
     if m > 1 and plan(n, k, device, *DEFAULT_CONFIG[:2], dot=True)[1] > 1:
         return SPLIT_DOT_CONFIG
+    if m == 1 and gated:
+        return GATED_ONE_ROW_CONFIG
     return DEFAULT_CONFIG
+
+
+def forced_config() -> tuple[int, int, int] | None:
+    """MAMBAIFY_GEMV_CONFIG="block_n,block_k,num_warps": one launch configuration for every call
+    that names none, in place of :func:`default_config`'s choice (to time a step at another
+    configuration without touching code, e.g. 32,256,4, session 13's at one row); None where unset."""
+    text = os.environ.get("MAMBAIFY_GEMV_CONFIG", "").strip()
+    if not text:
+        return None
+    try:
+        block_n, block_k, num_warps = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"MAMBAIFY_GEMV_CONFIG={text!r}: give three integers, block_n,block_k,num_warps "
+                         f"(e.g. 32,256,4), or unset it") from None
+    powers = all(v > 0 and v & (v - 1) == 0 for v in (block_n, block_k, num_warps))
+    if not powers or num_warps > 32:
+        raise ValueError(f"MAMBAIFY_GEMV_CONFIG={text!r}: block_n, block_k and num_warps (at most 32) must be "
+                         f"powers of two, e.g. 32,256,4")
+    return block_n, block_k, num_warps
+
+
 # Per call shape (rows, matrices' rows, K, dtype, gated, device): the configuration timed fastest.
 _TUNED: dict[tuple, tuple[int, int, int]] = {}
 
@@ -410,7 +479,8 @@ def _tuned(rows, mats, up, bias, splits, one_launch) -> tuple[int, int, int]:
                 timings[config] = _time_config(config, run)
             except Exception:  # a configuration this GPU refuses (registers, shared memory)
                 continue
-        fallback = default_config(rows.shape[0], sum(w.shape[0] for w in mats), rows.shape[1], rows.device)
+        fallback = default_config(rows.shape[0], sum(w.shape[0] for w in mats), rows.shape[1], rows.device,
+                                  gated=up is not None)
         _TUNED[key] = min(timings, key=timings.get) if timings else fallback
     return _TUNED[key]
 
@@ -428,10 +498,11 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
     n = sum(w.shape[0] for w in mats)
-    if block_n is None and block_k is None and num_warps is None and tune_default() and _can_time(rows.device):
+    untuned = forced_config() is not None or not tune_default()  # a forced configuration outranks tuning
+    if block_n is None and block_k is None and num_warps is None and not untuned and _can_time(rows.device):
         block_n, block_k, num_warps = _tuned(rows, mats, up, bias, splits, one_launch)
     block_n, block_k, num_warps = (given or default for given, default in zip(
-        (block_n, block_k, num_warps), default_config(m, n, k, rows.device)))
+        (block_n, block_k, num_warps), default_config(m, n, k, rows.device, gated=up is not None)))
     weight = mats[0]
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     # tl.dot takes tiles of at least 16 in every dimension; float32 inputs keep full precision
