@@ -283,12 +283,12 @@ def _split_sums(first, mask, S, p_ss, p_sp, ssq, ssq_first, ssq_mask, q_ss,
 
 @triton.jit
 def _residual(res, mask, RESIDUAL: tl.constexpr):
-    """The residual at ``res`` to add to the result (RESIDUAL), else a zero that is never used;
+    """The residual at ``res`` to add to the result (RESIDUAL), else zeros that are never used;
     loaded apart from :func:`_finish` so that the load can be issued before the sums wait."""
+    value = tl.zeros_like(mask).to(tl.float32)
     if RESIDUAL:
-        return tl.load(res, mask=mask, other=0.0)
-    else:
-        return 0.0
+        value = tl.load(res, mask=mask, other=0.0)
+    return value
 
 
 @triton.jit
@@ -331,7 +331,8 @@ def _sum_splits_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     residual = _residual(res_ptr + m * r_sm + offs_n * r_sn, mask_n, RESIDUAL)
-    acc, acc2, ssq = _split_sums(part_ptr + m * p_sm + offs_n * p_sn, mask_n, S, p_ss, p_sp, 0.0, ssq_ptr + m,
+    no_ssq = m * 0.0  # a tensor, as _split_sums returns it without NORM
+    acc, acc2, ssq = _split_sums(part_ptr + m * p_sm + offs_n * p_sn, mask_n, S, p_ss, p_sp, no_ssq, ssq_ptr + m,
                                  m >= 0, q_ss, GATED, NORM, "")
     result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual, GATED, HAS_BIAS, NORM, RESIDUAL)
     tl.store(out_ptr + m * o_sm + offs_n * o_sn, result.to(out_ptr.dtype.element_ty), mask=mask_n)
