@@ -171,12 +171,15 @@ def test_kernel_compiles_for_hopper(name, pdl):
     assert ptx.index("griddepcontrol.launch_dependents") > wait
 
 
-def test_fused_conv_step_issues_every_load_before_its_first_store():
+@pytest.mark.parametrize("name", ["conv_ssd_step", "conv_verify"])
+def test_conv_kernels_issue_every_load_before_their_first_store(name):
     """The decode step's fused conv + SSD kernel reads the slot, the state, xBC, the conv
-    weights and the windows before it writes anything: a store holds the warp until its value
-    has arrived and later loads stay behind it, so the kernel once waited on global memory
-    about once per window tap and group."""
-    kernel, constexprs = CASES["conv_ssd_step"]
+    weights and the windows before it writes anything, and the verify call's conv reads the
+    window's history and the new inputs with the taps' inputs, before it stores y: a store
+    holds the warp until its value has arrived and later loads stay behind it, so the kernels
+    once waited on global memory about once per window tap and group (the step's), or twice
+    (the verify call's)."""
+    kernel, constexprs = CASES[name]
     lines = compile_for_hopper(kernel, dict(constexprs, PDL=False)).asm["ptx"].splitlines()
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]
     stores = [i for i, line in enumerate(lines) if "st.global" in line]
@@ -190,8 +193,12 @@ def test_gemv_compiles_for_hopper(name):
     assert len(compiled.asm["cubin"]) > 0
     ptx = compiled.asm["ptx"]
     if constexprs.get("LAST_SPLIT_SUMS"):
-        # One count per program and its release/acquire order, the others' partials read past L1.
+        # One count per program and its release/acquire order, the others' partials read past L1,
+        # split 0's and four more splits' loaded before the first of their adds (one wait on the
+        # L2 per four splits, not one per split).
         assert "atom.global.acq_rel" in ptx.replace(".gpu", "") and "ld.global.cg" in ptx
+        tail = ptx[ptx.index("atom.global"):]
+        assert tail[:tail.index("add.f32")].count("ld.global.cg") >= 5
     if constexprs.get("USE_DOT"):
         assert "mma" in ptx  # the rows' products on the tensor cores
     if constexprs.get("PDL"):

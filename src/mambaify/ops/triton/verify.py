@@ -428,6 +428,13 @@ def _conv_verify_kernel(
     count = tl.minimum(tl.maximum(count, 0), T)
     row = win_ptr + b * win_sb + offs_c[None, :] * win_sc
     x_row = x_ptr + b * x_sb + offs_c[None, :] * x_sc
+    # What the window's update writes, read with the taps' inputs, before any store: a load
+    # issued after the store of y would wait on global memory a second time.
+    tile = mask_t[:, None] & mask_c[None, :]
+    offs_h = tl.arange(0, BLOCK_H)
+    hist_tile = (offs_h < K - 1)[:, None] & mask_c[None, :]
+    history = tl.load(row + (count + offs_h)[:, None] * win_sl, mask=hist_tile, other=0.0)
+    new = tl.load(x_row + offs_t[:, None] * x_st, mask=tile, other=0.0)
 
     y = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
     for k in tl.static_range(K):
@@ -443,15 +450,9 @@ def _conv_verify_kernel(
         y += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
     if APPLY_SILU:
         y = y * tl.sigmoid(y)
-    tile = mask_t[:, None] & mask_c[None, :]
     tl.store(y_ptr + b * y_sb + offs_t[:, None] * y_st + offs_c[None, :] * y_sc, y.to(y_ptr.dtype.element_ty), mask=tile)
-
-    offs_h = tl.arange(0, BLOCK_H)
-    hist_tile = (offs_h < K - 1)[:, None] & mask_c[None, :]
-    history = tl.load(row + (count + offs_h)[:, None] * win_sl, mask=hist_tile, other=0.0)
-    new = tl.load(x_row + offs_t[:, None] * x_st, mask=tile, other=0.0)
     # The history may lie where it is about to be written (rows overlap when count < K - 1):
-    # every load first, then the stores.
+    # every program's loads first, then the stores.
     tl.debug_barrier()
     tl.store(row + offs_h[:, None] * win_sl, history, mask=hist_tile)
     tl.store(row + (K - 1 + offs_t)[:, None] * win_sl, new.to(win_ptr.dtype.element_ty), mask=tile)
