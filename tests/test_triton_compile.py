@@ -171,14 +171,15 @@ def test_kernel_compiles_for_hopper(name, pdl):
     assert ptx.index("griddepcontrol.launch_dependents") > wait
 
 
-@pytest.mark.parametrize("name", ["conv_ssd_step", "conv_verify"])
-def test_conv_kernels_issue_every_load_before_their_first_store(name):
+@pytest.mark.parametrize("name", ["conv_ssd_step", "conv_verify", "ssd_verify", "ssd_verify_store_states"])
+def test_decode_kernels_issue_every_load_before_their_first_store(name):
     """The decode step's fused conv + SSD kernel reads the slot, the state, xBC, the conv
-    weights and the windows before it writes anything, and the verify call's conv reads the
-    window's history and the new inputs with the taps' inputs, before it stores y: a store
-    holds the warp until its value has arrived and later loads stay behind it, so the kernels
-    once waited on global memory about once per window tap and group (the step's), or twice
-    (the verify call's)."""
+    weights and the windows before it writes anything; the verify call's conv reads the
+    window's history and the new inputs with the taps' inputs, before it stores y; its SSD
+    kernel reads D with the rest, before the checkpoint's store. A store holds the warp until
+    its value has arrived and later loads stay behind it, so these kernels once waited on
+    global memory about once per window tap and group (the step's), or once more (the verify
+    call's)."""
     kernel, constexprs = CASES[name]
     lines = compile_for_hopper(kernel, dict(constexprs, PDL=False)).asm["ptx"].splitlines()
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]

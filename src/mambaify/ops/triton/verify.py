@@ -117,6 +117,10 @@ def _ssd_verify_kernel(
     mask_p = offs_p < P
     mask = mask_n[:, None] & mask_p[None, :]
     a = tl.load(A_ptr + h).to(acc)
+    if HAS_D:  # read here, with the rest: a load issued after the checkpoint's store would wait on its own
+        D = tl.load(D_ptr + h).to(acc)
+    else:
+        D = 0.0
     count = tl.load(counts_ptr + b * cnt_sb).to(tl.int32)
     count = tl.minimum(tl.maximum(count, 0), T)  # out-of-range counts must not reach memory
     # Conditions on the scalar count as (n, 1) vectors: Triton's interpreter mistypes a scalar
@@ -175,10 +179,6 @@ def _ssd_verify_kernel(
             tl.store(tickets_ptr + pid_bh, 0, mask=is_last)  # ready for the next call
             owns_shared = (offs_t * 0 + ticket) == tl.num_programs(1) - 1
 
-    if HAS_D:
-        D = tl.load(D_ptr + h).to(acc)
-    else:
-        D = 0.0
     for i in range(0, t):
         if PREFETCH:
             dti, xi = _entry(dt_new, offs_t, i), _row(x_new, offs_t, i)
