@@ -236,13 +236,18 @@ def foldable_norm(norm: nn.Module) -> FoldedNorm | None:
         return (weight, eps) if torch.equal(norm(probe), ops.rms_norm(probe, weight, eps)) else None
 
 
+def norm_operands(norm: FoldedNorm | None) -> tuple[torch.Tensor | None, float]:
+    """The small-batch ops' ``norm_weight, norm_eps`` for ``norm``: (None, their default eps),
+    which folds no norm, where there is none."""
+    return norm if norm is not None else (None, 1e-6)
+
+
 def fused_linear(layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None = None,
                  residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``[residual +] layer([rms_norm](x))`` through the split-K GEMV, the norm and the residual
     add inside its launch on CUDA (:func:`mambaify.ops.small_batch_linear`); with ``gate`` the
     norm is Mamba2's gated RMSNorm of x * silu(gate)."""
-    weight, eps = norm if norm is not None else (None, 1e-6)
-    return ops.small_batch_linear(x, layer.weight, layer.bias, weight, eps, residual, gate)
+    return ops.small_batch_linear(x, layer.weight, layer.bias, *norm_operands(norm), residual, gate)
 
 
 def norm_or_fold(x: torch.Tensor, norm: FoldedNorm | None) -> tuple[torch.Tensor, FoldedNorm | None]:
@@ -315,10 +320,9 @@ class AttentionRunner:
         b, t, _ = hidden.shape
         heads = (b, t, -1, self.head_dim)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        norm_args = norm if norm is not None else (None, 1e-6)
         if self.grouped_qkv:
             qkv = ops.small_batch_qkv(hidden, *(p.weight for p in projections), *(p.bias for p in projections),
-                                      *norm_args)
+                                      *norm_operands(norm))
             q_end = attn.q_proj.out_features
             k_end = q_end + attn.k_proj.out_features
             outputs = (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])
@@ -527,8 +531,7 @@ class DecoderLayerRunner:
                 return linear(mlp.down_proj, ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight))
             return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
         if self.swiglu:
-            weight, eps = norm if norm is not None else (None, 1e-6)
-            hidden = ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight, weight, eps)
+            hidden = ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight, *norm_operands(norm))
         else:
             hidden = mlp.act_fn(normed_linear(linear, mlp.gate_proj, x, norm)) * normed_linear(linear, mlp.up_proj, x, norm)
         return linear_plus(linear, mlp.down_proj, hidden, residual)
@@ -620,9 +623,13 @@ class DecodingStack:
         ctx = self.context(hidden, slot, self.num_slots, cache.pad_lengths, split_k=split_k)
         for runner, buffers in zip(self.layers, cache.layers):
             hidden = runner.decode(hidden, ctx, buffers)
+        return self.logits(hidden)[:, 0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over the final norm of ``hidden`` (the norm folded into its GEMV with ``fold_norms``)."""
         if self.folded_norm is not None:
-            return fused_linear(self.lm_head, *norm_or_fold(hidden, self.folded_norm))[:, 0]
-        return self.linear(self.lm_head, self.norm(hidden))[:, 0]
+            return fused_linear(self.lm_head, *norm_or_fold(hidden, self.folded_norm))
+        return self.linear(self.lm_head, self.norm(hidden))
 
 
 # ---------------------------------------------------------------------------------------------

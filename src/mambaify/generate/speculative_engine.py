@@ -114,10 +114,8 @@ from .engine import (
     fast_path_enabled,
     few_row_linear,
     fold_norms_default,
-    fused_linear,
     linear_plus,
     mamba_out_projection,
-    norm_or_fold,
     normed_linear,
     resolve_small_batch_linear,
     grouped_query_attention,
@@ -443,12 +441,6 @@ class SpeculativeStack(DecodingStack):
             hidden = hidden + runner.mlp(layer.post_attention_layernorm(hidden))
         return hidden
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head over the final norm of ``hidden`` (the norm folded into its GEMV with ``fold_norms``)."""
-        if self.folded_norm is not None:
-            return fused_linear(self.lm_head, *norm_or_fold(hidden, self.folded_norm))
-        return self.linear(self.lm_head, self.norm(hidden))
-
     def verify(self, token_ids: torch.Tensor, cache: SpeculativeCache) -> torch.Tensor:
         """token_ids (b,t) at each row's next t slots -> logits (b,t,V). Commit afterwards by
         advancing cache.lengths and setting cache.counts (see SpeculativeEngine)."""
@@ -458,7 +450,7 @@ class SpeculativeStack(DecodingStack):
         def mamba(mixer, hidden, buffers, norm=None, residual=None):
             return mamba_verify(mixer, hidden, buffers, cache.counts, self.linear, norm, residual)
 
-        return self._logits(self._run(token_ids, 0, cache, mamba))
+        return self.logits(self._run(token_ids, 0, cache, mamba))
 
     def draft_step(self, token_ids: torch.Tensor, step: int, cache: SpeculativeCache,
                    prev_real: torch.Tensor) -> torch.Tensor:
@@ -474,7 +466,7 @@ class SpeculativeStack(DecodingStack):
             return mamba_draft_step(mixer, hidden, buffers, cache.counts, step, prev_real, self.linear, norm, residual)
 
         hidden = self._run(token_ids, 0 if step == 0 else step + 1, cache, mamba)
-        return self._logits(hidden[:, -1])
+        return self.logits(hidden[:, -1])
 
 
 # ---------------------------------------------------------------------------------------------
