@@ -242,6 +242,13 @@ def _split_part(first, s, S, stride, mask, CACHE: tl.constexpr):
 
 
 @triton.jit
+def _four_splits(first, s, S, stride, mask, CACHE: tl.constexpr):
+    """Splits s to s + 3's parts (:func:`_split_part`), their four loads issued together."""
+    return (_split_part(first, s, S, stride, mask, CACHE), _split_part(first, s + 1, S, stride, mask, CACHE),
+            _split_part(first, s + 2, S, stride, mask, CACHE), _split_part(first, s + 3, S, stride, mask, CACHE))
+
+
+@triton.jit
 def _split_sums(first, mask, S, p_ss, p_sp, ssq, ssq_first, ssq_mask, q_ss,
                 GATED: tl.constexpr, NORM: tl.constexpr, CACHE: tl.constexpr):
     """The partial sums at ``first`` (split 0) and the S - 1 splits after it (``p_ss`` apart),
@@ -259,21 +266,12 @@ def _split_sums(first, mask, S, p_ss, p_sp, ssq, ssq_first, ssq_mask, q_ss,
     if NORM:
         ssq = tl.load(ssq_first, mask=ssq_mask, other=0.0, cache_modifier=CACHE)
     for s in range(1, S, 4):
-        a1 = _split_part(first, s, S, p_ss, mask, CACHE)
-        a2 = _split_part(first, s + 1, S, p_ss, mask, CACHE)
-        a3 = _split_part(first, s + 2, S, p_ss, mask, CACHE)
-        a4 = _split_part(first, s + 3, S, p_ss, mask, CACHE)
+        a1, a2, a3, a4 = _four_splits(first, s, S, p_ss, mask, CACHE)
         b1, b2, b3, b4 = a1, a2, a3, a4  # read only with GATED
         if GATED:
-            b1 = _split_part(first + p_sp, s, S, p_ss, mask, CACHE)
-            b2 = _split_part(first + p_sp, s + 1, S, p_ss, mask, CACHE)
-            b3 = _split_part(first + p_sp, s + 2, S, p_ss, mask, CACHE)
-            b4 = _split_part(first + p_sp, s + 3, S, p_ss, mask, CACHE)
+            b1, b2, b3, b4 = _four_splits(first + p_sp, s, S, p_ss, mask, CACHE)
         if NORM:
-            q1 = _split_part(ssq_first, s, S, q_ss, ssq_mask, CACHE)
-            q2 = _split_part(ssq_first, s + 1, S, q_ss, ssq_mask, CACHE)
-            q3 = _split_part(ssq_first, s + 2, S, q_ss, ssq_mask, CACHE)
-            q4 = _split_part(ssq_first, s + 3, S, q_ss, ssq_mask, CACHE)
+            q1, q2, q3, q4 = _four_splits(ssq_first, s, S, q_ss, ssq_mask, CACHE)
             ssq = ssq + q1 + q2 + q3 + q4
         acc = acc + a1 + a2 + a3 + a4
         if GATED:
@@ -499,8 +497,8 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
     n = sum(w.shape[0] for w in mats)
-    untuned = forced_config() is not None or not tune_default()  # a forced configuration outranks tuning
-    if block_n is None and block_k is None and num_warps is None and not untuned and _can_time(rows.device):
+    tune = tune_default() and forced_config() is None  # a forced configuration outranks tuning
+    if block_n is None and block_k is None and num_warps is None and tune and _can_time(rows.device):
         block_n, block_k, num_warps = _tuned(rows, mats, up, bias, splits, one_launch)
     block_n, block_k, num_warps = (given or default for given, default in zip(
         (block_n, block_k, num_warps), default_config(m, n, k, rows.device, gated=up is not None)))
