@@ -27,9 +27,11 @@ another copy of the weight (together beyond the 60 MB L2, as a model's layers ar
 the bytes of the matrices read over the time. GEMV with fused operands (``--only gemv-fused``):
 the matrices that the engines' fold_norms gives an RMSNorm, Mamba2's gated norm or the residual
 add, folded into the split-K GEMV against the norm and add as kernels of their own, at a few
-launch configurations (``--gemv-configs``). GEMV chain (``--only gemv-chain``): the 8B 0% hybrid's
-GEMVs as its step calls them, several layers back to back in one graph, launched one after
-another and as programmatic dependent launches (MAMBAIFY_PDL=1).
+launch configurations (``--gemv-configs``), and at one row at the engine's configuration with the
+loop pipelined (2 and 3 stages). GEMV chain (``--only gemv-chain``): the 8B 0% hybrid's GEMVs as
+its step calls them, several layers back to back in one graph, launched one after another (the
+one-row loops as by default, then pipelined: MAMBAIFY_GEMV_STAGES=2, 3) and as programmatic
+dependent launches (MAMBAIFY_PDL=1).
 
 Times are medians of triton.testing.do_bench / do_bench_cudagraph, in milliseconds. A case
 that fails (compile error, out of memory, a kernel refusing the machine) is recorded with its
@@ -543,6 +545,9 @@ FUSED_GEMV_SHAPES = [
     ("lm_head", 128256, 4096, "norm"),
 ]
 FUSED_GEMV_CONFIGS = [(32, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8)]
+# One row, folded, at the engine's configuration: the loop pipelined over these stages as well
+# (MAMBAIFY_GEMV_STAGES; 1 is the loop as it runs by default).
+FUSED_GEMV_STAGES = (2, 3)
 
 
 def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
@@ -552,7 +557,7 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
     normalization included; at several rows (a verify call) every n block's programs redo the
     norm's work on x, which this measures."""
     from mambaify.ops import reference
-    from mambaify.ops.triton.gemv import small_batch_gated_up, small_batch_linear
+    from mambaify.ops.triton.gemv import default_config, small_batch_gated_up, small_batch_linear
 
     bf16 = torch.bfloat16
     norm = torch.compile(reference.rms_norm, dynamic=False)
@@ -587,20 +592,25 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
             return small_batch_linear(x, w[0], norm_weight=norm_weight, norm_eps=1e-5, residual=res, gate=z, **config)
 
         expected = unfused(weights[0]).float()
-        for label, call in (("separate kernels", unfused), ("folded", folded)):
-            for bn, bk, warps in args.gemv_configs or FUSED_GEMV_CONFIGS:
-                config = dict(block_n=bn, block_k=bk, num_warps=warps)
-                name = f"gemv-fused {label} {shape} bn{bn} bk{bk} w{warps}"
-                got = refused_or(name, lambda: call(weights[0], **config))
-                if got is None:
-                    continue
-                check_close(name, got, expected, 2e-2)
+        runs = [(label, call, config, 1) for label, call in (("separate kernels", unfused), ("folded", folded))
+                for config in args.gemv_configs or FUSED_GEMV_CONFIGS]
+        if m == 1:  # the engine's one-row call, its loop pipelined
+            engine_config = default_config(m, n, k, torch.device(DEVICE), gated=swiglu)
+            runs += [("folded", folded, engine_config, stages) for stages in FUSED_GEMV_STAGES]
+        for label, call, (bn, bk, warps), stages in runs:
+            config = dict(block_n=bn, block_k=bk, num_warps=warps, stages=stages)
+            what = f"bn{bn} bk{bk} w{warps}" + (f" {stages} stages" if stages > 1 else "")
+            name = f"gemv-fused {label} {shape} {what}"
+            got = refused_or(name, lambda: call(weights[0], **config))
+            if got is None:
+                continue
+            check_close(name, got, expected, 2e-2)
 
-                def run(call=call, config=config):
-                    for w in weights:
-                        call(w, **config)
-                rec.run("gemv-fused", shape, f"{label} (bn{bn} bk{bk} w{warps})", lambda run=run: bench_graph(run) / copies,
-                        TB_per_s=lambda ms: matrices * n * k * 2 / (ms * 1e-3) / 1e12)
+            def run(call=call, config=config):
+                for w in weights:
+                    call(w, **config)
+            rec.run("gemv-fused", shape, f"{label} ({what})", lambda run=run: bench_graph(run) / copies,
+                    TB_per_s=lambda ms: matrices * n * k * 2 / (ms * 1e-3) / 1e12)
         weights.clear()
         torch.cuda.empty_cache()
 
@@ -610,6 +620,10 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
 # Mamba2's gated norm, the residual), gate+up (2 x 14336 x 4096, the MLP's norm, SiLU) and down
 # (4096 x 14336, the residual). CHAIN_LAYERS copies, each with weights of its own (1.9 GB).
 CHAIN_LAYERS = 8
+# (label, MAMBAIFY_PDL, MAMBAIFY_GEMV_STAGES): the GEMVs launched one after another (their
+# one-row loops as they run by default, then pipelined), and as programmatic dependent launches.
+CHAIN_VARIANTS = [("one after another", "0", "1"), ("one after another, loop in 2 stages", "0", "2"),
+                  ("one after another, loop in 3 stages", "0", "3"), ("programmatic dependent launch", "1", "1")]
 CHAIN_MATRICES = {"in_proj": (8480, 4096), "out_proj": (4096, 4096), "gate": (14336, 4096), "up": (14336, 4096),
                   "down": (4096, 14336)}
 
@@ -617,11 +631,12 @@ CHAIN_MATRICES = {"in_proj": (8480, 4096), "out_proj": (4096, 4096), "gate": (14
 def bench_gemv_chain(rec: Recorder, torch, bench_graph) -> None:
     """CHAIN_LAYERS layers' GEMVs back to back in one CUDA graph, each call's input made from
     the one before's output as in the step (the SSD step left out: out_proj reads a slice of
-    in_proj's output as y and another as z), at the default configurations, launched one after
-    another and as programmatic dependent launches (MAMBAIFY_PDL=1: each GEMV reads its first
-    weight tiles while the one ahead finishes). Per layer: time, the weights' TB/s. Against the
-    kernels timed one by one (``--only gemv-fused``), the difference is what the boundaries
-    between kernels cost, which PDL is meant to hide."""
+    in_proj's output as y and another as z), at the default configurations, as CHAIN_VARIANTS
+    launch them: one after another, with the one-row loops pipelined, and as programmatic
+    dependent launches (MAMBAIFY_PDL=1: each GEMV reads its first weight tiles while the one
+    ahead finishes). Per layer: time, the weights' TB/s; every variant must give the first's
+    bits. Against the kernels timed one by one (``--only gemv-fused``), the difference is what
+    the boundaries between kernels cost, which PDL is meant to hide."""
     import os
 
     from mambaify import ops
@@ -648,25 +663,27 @@ def bench_gemv_chain(rec: Recorder, torch, bench_graph) -> None:
     shape = f"m1 x {CHAIN_LAYERS} layers (in_proj, out_proj, gate+up, down)"
     per_layer = {"TB_per_s": lambda ms: nbytes * CHAIN_LAYERS / (ms * 1e-3) / 1e12,
                  "ms_per_layer": lambda ms: ms / CHAIN_LAYERS}
-    before = os.environ.get("MAMBAIFY_PDL")
+    switches = ("MAMBAIFY_PDL", "MAMBAIFY_GEMV_STAGES")
+    before = {name: os.environ.get(name) for name in switches}
     results = {}
     try:
-        for label, pdl in (("one after another", "0"), ("programmatic dependent launch", "1")):
-            os.environ["MAMBAIFY_PDL"] = pdl
+        for label, pdl, stages in CHAIN_VARIANTS:
+            os.environ["MAMBAIFY_PDL"], os.environ["MAMBAIFY_GEMV_STAGES"] = pdl, stages
             if pdl == "1" and not ops.pdl_enabled(torch.device(DEVICE)):
                 print("gemv-chain: this GPU has no programmatic dependent launch (Hopper on); skipped", flush=True)
                 continue
             results[label] = step().float()
             rec.run("gemv-chain", shape, label, lambda: bench_graph(step), **per_layer)
     finally:
-        if before is None:
-            os.environ.pop("MAMBAIFY_PDL", None)
-        else:
-            os.environ["MAMBAIFY_PDL"] = before
-    if len(results) == 2:  # the same sums in the same order: the same bits
-        serial, pdl = results.values()
-        if not torch.equal(serial, pdl):
-            error = f"PDL changed the output: max diff {(serial - pdl).abs().max().item():.3e}"
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    first, *others = results or [None]
+    for label in others:  # the same sums in the same order: the same bits
+        if not torch.equal(results[first], results[label]):
+            error = f"{label} changed the output: max diff {(results[first] - results[label]).abs().max().item():.3e}"
             print(f"gemv-chain: {error}", flush=True)
             rec.rows.append({"group": "gemv-chain", "shape": shape, "impl": "output check", "error": error})
     layers.clear()

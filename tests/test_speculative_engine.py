@@ -922,6 +922,18 @@ def test_round_custom_ops_stay_opaque_under_compile():
 # The benchmark script, on tiny models on the CPU
 
 
+def _bench_module():
+    """benchmarks/bench_speculative.py as a module (registered, as its dataclasses need)."""
+    import importlib.util
+
+    if "bench_speculative" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_speculative", REPO / "benchmarks" / "bench_speculative.py")
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules["bench_speculative"] = bench
+        spec.loader.exec_module(bench)
+    return sys.modules["bench_speculative"]
+
+
 def test_benchmark_script_runs_on_tiny_models(tmp_path):
     out = tmp_path / "bench"
     command = [sys.executable, str(REPO / "benchmarks" / "bench_speculative.py"), "--tiny", "--out", str(out),
@@ -1022,11 +1034,7 @@ def test_round_timing_script_takes_a_saved_pair(teacher_dir, tmp_path):
 def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):
     """--compile builds the plain engine and the speculative one with compile=True and records
     it per point. compile_step is replaced here (the flag's plumbing is under test, not inductor)."""
-    import importlib.util
-
-    module_spec = importlib.util.spec_from_file_location("bench_speculative", REPO / "benchmarks" / "bench_speculative.py")
-    bench = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(bench)
+    bench = _bench_module()
     compiled_steps = []
 
     def recorded(step, mode):
@@ -1052,11 +1060,7 @@ def test_benchmark_compile_flag_compiles_both_engines(tmp_path, monkeypatch):
 
 
 def test_benchmark_small_batch_linear_flag_reaches_every_engine(tmp_path, monkeypatch):
-    import importlib.util
-
-    module_spec = importlib.util.spec_from_file_location("bench_speculative", REPO / "benchmarks" / "bench_speculative.py")
-    bench = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(bench)
+    bench = _bench_module()
     monkeypatch.setattr(engine_module, "compile_step", lambda step, mode: step)
     built = []
     for cls in (Engine, SpeculativeEngine):
@@ -1075,34 +1079,70 @@ def test_benchmark_small_batch_linear_flag_reaches_every_engine(tmp_path, monkey
     assert json.loads((tmp_path / "bench_speculative.json").read_text())["meta"]["small_batch_linear"] is True
 
 
-def test_benchmark_takes_accepted_lengths_from_an_end_to_end_run(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_speculative", REPO / "benchmarks" / "bench_speculative.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_benchmark_takes_the_acceptance_at_each_k_from_an_end_to_end_run(tmp_path):
+    """(b)'s speed-up at K takes (a)'s acceptance measured at K; at a K (a) did not run, the
+    counts of its rounds at a larger K (min(accepted, K) per round); past them, a fit."""
+    bench = _bench_module()
     points = [dict(path="plain", batch=1, k=None),
               dict(path="speculative", batch=8, k=4, mean_accepted=1.75),
-              dict(path="speculative", batch=1, k=4, mean_accepted=2.5),
-              dict(path="speculative", batch=1, k=2, mean_accepted=1.5)]
+              dict(path="speculative", batch=1, k=4, mean_accepted=2.5, accepted_counts={"4": [1, 1, 0, 0, 2]}),
+              dict(path="speculative", batch=1, k=2, mean_accepted=1.5),
+              dict(path="speculative", batch=1, k="auto", mean_accepted=9.0)]
     path = tmp_path / "bench_speculative.json"
     path.write_text(json.dumps({"end_to_end": points}))
-    assert bench.accepted_lengths_from(path, 4) == [2.5, 1.75]  # batch 1, then batch 8
+    batch1, batch8 = bench.acceptances_from(path, 4)  # batch 1, then batch 8
+    assert batch1.at(4) == (2.5, "measured") and batch1.at(2) == (1.5, "measured")
+    # rounds at K = 4 accepting 0, 1, 4, 4: at K = 3 they would have accepted 0, 1, 3, 3
+    assert batch1.at(3) == (pytest.approx(7 / 4), "counts")
+    assert batch1.at(1) == (pytest.approx(3 / 4), "counts")
+    # past every K measured: fitted from the largest below, which it gives back at that K
+    accepted, source = batch1.at(6)
+    assert source == "fitted" and 2.5 < accepted < 6
+    assert bench.Acceptance("x", {4: 2.5}).at(4) == (2.5, "measured")
+    fitted_back = bench.tokens_per_round(bench.alpha_for(2.5, 4), 4) - 1
+    assert fitted_back == pytest.approx(2.5)
+    assert batch8.at(4) == (1.75, "measured") and batch8.at(3)[1] == "fitted"  # no counts recorded
     with pytest.raises(SystemExit, match="K=6"):
-        bench.accepted_lengths_from(path, 6)
+        bench.acceptances_from(path, 6)
 
-    # --from-json: (b)'s timings re-rendered with the speed-ups at those lengths, nothing measured
-    cost = dict(attention=0.5, batch=1, k=4, kernel="fused", verify_ms=7.0, decode_step_ms=6.0,
-                decode_steps_ms=30.0, verify_over_decode_steps=7 / 30, draft_round_ms=3.0)
+    # --from-json: (b)'s timings re-rendered with the speed-ups at that acceptance, nothing measured
+    costs = [dict(attention=0.5, batch=1, k=k, kernel="fused", verify_ms=7.0, decode_step_ms=6.0,
+                  decode_steps_ms=6.0 * (k + 1), verify_over_decode_steps=7 / (6 * (k + 1)), draft_round_ms=3.0)
+             for k in (3, 4)]
     saved = tmp_path / "b.json"
-    saved.write_text(json.dumps({"meta": {}, "end_to_end": [], "verify_cost": [cost], "speedup": [], "skipped": []}))
+    saved.write_text(json.dumps({"meta": {}, "end_to_end": [], "verify_cost": costs, "speedup": [], "skipped": []}))
     out = tmp_path / "rerendered"
     assert bench.main(["--from-json", str(saved), "--accepted-from", str(path), "--out", str(out)]) == 0
     speedups = json.loads((out / "bench_speculative.json").read_text())["speedup"]
-    assert [p["accepted_at_k0"] for p in speedups] == [2.5, 1.75]
-    # at K = K0 the fitted acceptance gives back accepted + 1 tokens per round
-    assert speedups[0]["speedup"] == pytest.approx(3.5 * 6.0 / (7.0 + 3.0))
-    assert "Speed-up over plain decoding" in (out / "bench_speculative.md").read_text()
+    assert [(p["k"], p["accepted_source"]) for p in speedups] == [
+        (3, "counts"), (3, "fitted"), (4, "measured"), (4, "measured")]
+    assert speedups[2]["speedup"] == pytest.approx(3.5 * 6.0 / (7.0 + 3.0))
+    assert speedups[0]["speedup"] == pytest.approx((7 / 4 + 1) * 6.0 / (7.0 + 3.0))
+    markdown = (out / "bench_speculative.md").read_text()
+    assert "Speed-up over plain decoding" in markdown
+    assert "| (a) batch 1: 2.5 at K=4 | 1.65x (1.75+) | 2.10x (2.50) |" in markdown
+
+    # --accepted by hand: one figure at --accepted-k, fitted to the other K
+    out = tmp_path / "given"
+    assert bench.main(["--from-json", str(saved), "--accepted", "2.5", "--accepted-k", "4", "--out", str(out)]) == 0
+    speedups = json.loads((out / "bench_speculative.json").read_text())["speedup"]
+    assert [(p["k"], p["accepted_source"]) for p in speedups] == [(3, "fitted"), (4, "measured")]
+    assert speedups[1]["speedup"] == pytest.approx(3.5 * 6.0 / (7.0 + 3.0))
+
+
+def test_speculative_stats_count_each_rounds_accepted_drafts():
+    stats = spec.SpeculativeStats()
+    stats.observe(3, [0, 3], emitted=5)
+    stats.observe(3, [1], emitted=2)
+    stats.observe(2, [2, 2], emitted=6)
+    assert stats.accepted_counts == {3: [1, 1, 0, 1], 2: [0, 0, 2]}
+    assert (stats.rounds, stats.row_rounds, stats.accepted, stats.emitted) == (3, 5, 8, 13)
+    assert stats.k_used == {3: 2, 2: 1}
+    assert stats.accepted_at(3) == pytest.approx(4 / 3)  # measured at 3
+    assert stats.accepted_at(2) == pytest.approx(2.0)  # the rounds at 2 themselves
+    assert stats.accepted_at(1) == pytest.approx(1.0)  # from K = 2: min(2, 1) each
+    assert stats.accepted_at(4) is None
+    assert json.loads(json.dumps(stats.as_dict()))["accepted_counts"] == {"3": [1, 1, 0, 1], "2": [0, 0, 2]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,11 +29,25 @@ INT_POINTERS = {"counts_ptr", "start_ptr", "slots_ptr", "visited_ptr", "slot_ptr
 FLOAT_SCALARS = {"eps", "scale_log2e"}
 
 
-def compile_for_hopper(kernel, constexprs: dict, num_warps: int = 4, types: dict | None = None):
+def compile_for_hopper(kernel, constexprs: dict, num_warps: int = 4, types: dict | None = None,
+                       launched: dict | None = None):
     """Compile ``kernel`` with the given constexpr values; other arguments are typed by name
-    (``types``: where a name's type differs from its usual one)."""
-    signature = {}
-    for name, param in zip(kernel.arg_names, kernel.params):
+    (``types``: where a name's type differs from its usual one). ``launched``: compile it as a
+    launch specialises it (integer argument -> its value there): as the JIT does, every pointer
+    and every such integer divisible by 16 is marked so (aligned vector loads), and one equal to 1
+    becomes a constant (a contiguous dimension's stride)."""
+    signature, attrs = {}, {}
+    constexprs = dict(constexprs)
+    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        if launched is not None and not param.is_constexpr:
+            if name.endswith("_ptr"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif launched.get(name) == 1:
+                constexprs[name] = 1
+                signature[name] = "constexpr"
+                continue
+            elif name in launched and launched[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         if param.is_constexpr:
             signature[name] = "constexpr"
         elif types and name in types:
@@ -54,7 +68,7 @@ def compile_for_hopper(kernel, constexprs: dict, num_warps: int = 4, types: dict
     assert not missing, f"give values for {sorted(missing)}"
     source = ASTSource(
         fn=kernel, signature=signature,
-        constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()},
+        constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()}, attrs=attrs,
     )
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps})
 
@@ -147,7 +161,31 @@ GEMV_CASES = {
     "gemv_norm_residual_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False, NORM=True,
         RESIDUAL=True), None),
+    # One row with its loop pipelined (MAMBAIFY_GEMV_STAGES=2 or 3): the norm and residual folded
+    # in, gate and up read together, and as a programmatic dependent launch.
+    "gemv_norm_residual_one_row_stages2": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True, NORM=True,
+        RESIDUAL=True, STAGES=2), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    "gemv_gated_norm_one_row_k128_stages3": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, BLOCK_K=128, GATED=True, FINAL=False, HAS_BIAS=False, USE_DOT=False,
+        LAST_SPLIT_SUMS=True, NORM=True, STAGES=3), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    "gemv_one_row_pdl_stages2": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=False, PDL=True,
+        STAGES=2), None),
 }
+
+
+# A GEMV call as the 8B decode step launches it (4096 x 4096, K split in four): row-major
+# operands, the K dimension contiguous.
+GEMV_LAUNCH = dict(M=4, N=4096, K=4096, k_per_split=1024, S=4, N_A=4096, N_B=0, x_sm=4096, x_sk=1, w_sn=4096,
+                   w_sk=1, o_ss=16384, o_sp=16384, o_sm=4096, o_sn=1, f_sm=4096, f_sn=1, q_ss=512, q_sp=4,
+                   r_sm=4096, r_sn=1, z_sm=4096, z_sk=1)
+
+
+def gemv_stages(constexprs: dict) -> dict:
+    """The case's constexprs with STAGES as the launcher passes it where the case names none."""
+    default = gemv.DOT_STAGES if constexprs["USE_DOT"] else gemv.ONE_ROW_STAGES
+    return {"STAGES": default, **constexprs}
 
 
 # Every decode kernel both ways; the training-only norm backward has no PDL form.
@@ -190,6 +228,14 @@ def test_decode_kernels_issue_every_load_before_their_first_store(name):
 @pytest.mark.parametrize("name", sorted(GEMV_CASES))
 def test_gemv_compiles_for_hopper(name):
     kernel, constexprs, types = GEMV_CASES[name]
+    if kernel is gemv._gemv_kernel:
+        constexprs = gemv_stages(constexprs)
+        launched = compile_for_hopper(kernel, constexprs, types=types, launched=GEMV_LAUNCH).asm["ptx"]
+        # The weight tiles stream into shared memory ahead of their use (cp.async) wherever the
+        # loop is pipelined: always through tl.dot, at one row with 2 stages or more; else they
+        # are loaded to registers where they are reduced.
+        pipelined = constexprs["USE_DOT"] or constexprs["STAGES"] > 1
+        assert ("cp.async" in launched) == pipelined, constexprs["STAGES"]
     compiled = compile_for_hopper(kernel, constexprs, types=types)
     assert len(compiled.asm["cubin"]) > 0
     ptx = compiled.asm["ptx"]

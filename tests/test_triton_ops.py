@@ -356,6 +356,47 @@ def test_small_batch_linear_split_sums_switch_and_counter_limit(kernels, device,
     assert torch.equal(gemv.small_batch_linear(x, w, block_k=32, splits=4, one_launch=False), one)
 
 
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+def test_small_batch_linear_pipelined_one_row_loop_gives_the_same_bits(kernels, device, dtype, monkeypatch):
+    """MAMBAIFY_GEMV_STAGES=2 or 3 pipelines the one-row loop (compiled: the next weight tiles
+    stream into shared memory while the current one is reduced) and changes no sum's order: the
+    same bits as the loop without, for a split call, gate and up read together, and the gated
+    norm and residual folded in. Several rows keep Triton's pipelining of their tl.dot loop
+    whatever the switch says; a malformed value is refused."""
+    g = torch.Generator().manual_seed(12)
+    gemv = kernels.gemv
+    x, z = randn(1, 640, g=g, dtype=dtype, device=device), randn(1, 640, g=g, dtype=dtype, device=device)
+    rows = randn(3, 640, g=g, dtype=dtype, device=device)
+    w, w2 = (randn(96, 640, g=g, dtype=dtype, device=device, scale=640 ** -0.5) for _ in range(2))
+    norm_weight, res = randn(640, g=g, dtype=dtype, device=device), randn(1, 96, g=g, dtype=dtype, device=device)
+    calls = {
+        "split": lambda: gemv.small_batch_linear(x, w, block_k=64),
+        "gated": lambda: gemv.small_batch_gated_up(x, w, w2, block_k=32, splits=2),
+        "gated norm, residual": lambda: gemv.small_batch_linear(x, w, block_k=64, norm_weight=norm_weight,
+                                                                residual=res, gate=z),
+        "rows": lambda: gemv.small_batch_linear(rows, w, block_k=64),
+    }
+    launched = []
+    real = gemv._gemv_kernel
+    monkeypatch.setattr(gemv, "_gemv_kernel", type("Recorded", (), {"__getitem__": lambda self, grid: (
+        lambda *args, **kwargs: launched.append(kwargs["STAGES"]) or real[grid](*args, **kwargs))})())
+    monkeypatch.delenv("MAMBAIFY_GEMV_STAGES", raising=False)
+    plain = {name: call() for name, call in calls.items()}
+    assert launched == [gemv.ONE_ROW_STAGES] * 3 + [gemv.DOT_STAGES]
+    for stages in (2, 3):
+        launched.clear()
+        monkeypatch.setenv("MAMBAIFY_GEMV_STAGES", str(stages))
+        for name, call in calls.items():
+            assert torch.equal(call(), plain[name]), (name, stages)
+        assert launched == [stages] * 3 + [gemv.DOT_STAGES]
+    launched.clear()  # a call's own stages outrank the switch
+    assert torch.equal(gemv.small_batch_linear(x, w, block_k=64, stages=1), plain["split"]) and launched == [1]
+    for bad in ("0", "5", "two"):
+        monkeypatch.setenv("MAMBAIFY_GEMV_STAGES", bad)
+        with pytest.raises(ValueError, match="MAMBAIFY_GEMV_STAGES.*1 \\(none\\) to 4"):
+            calls["split"]()
+
+
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES[:1] + KERNEL_CASES[2:3])
 def test_small_batch_linear_tuning_times_each_configuration_once_and_keeps_the_fastest(kernels, device, dtype,
                                                                                         monkeypatch):

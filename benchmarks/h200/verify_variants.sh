@@ -4,7 +4,9 @@
 # each decode switch that changes the verify call: "plain" with the norms as kernels of their
 # own (MAMBAIFY_FOLD_NORMS=0), "folded" with them folded (the default since session 13: the
 # residual adds at every row count, the norms at one row), "folded-tuned" with MAMBAIFY_GEMV_TUNE=1
-# as well (each GEMV shape's fastest launch configuration, timed on its first call). Everything
+# as well (each GEMV shape's fastest launch configuration, timed on its first call),
+# "folded-stages2" with the one-row GEMV loop pipelined (MAMBAIFY_GEMV_STAGES=2: the plain step
+# and the draft's one-row calls; the verify call's rows are pipelined either way). Everything
 # goes to $OUT/verify.tgz.
 # VARIANTS="..." runs only those. Usage (from the repo root): bash benchmarks/h200/verify_variants.sh [KS] [ACCEPTED] [BENCH_S_EACH]
 source benchmarks/h200/env.sh
@@ -20,11 +22,13 @@ for variant in ${VARIANTS:-plain folded folded-tuned}; do
     plain) switches=(MAMBAIFY_FOLD_NORMS=0) ;;
     folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
     folded-tuned) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_TUNE=1) ;;
+    folded-stages2) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_STAGES=2) ;;
+    *) echo "verify_variants: unknown variant $variant (plain, folded, folded-tuned, folded-stages2)"; continue ;;
   esac
   env "${switches[@]}" timeout -s INT -k 10 "$bench_s" python3 benchmarks/bench_speculative.py --out "$out/$variant" \
     --shape llama8b --attention 0.5 --verify-batch 1 --verify-k "$ks" --draft-vocab 32768 --compile \
     --accepted "$accepted" --accepted-k 3 --repeats 3 --small-batch-linear > "$out/$variant.log" 2>&1
   echo "$variant: exit $? after $(( $(date +%s) - start )) s"
-  grep -E "^\[(verify_cost|speedup)\]" "$out/$variant.log" | sed -E 's/"(attention|batch|kernel|context|draft_vocab|compiled|accepted_at_k0|alpha)": [^,]*, //g'
+  grep -E "^\[(verify_cost|speedup)\]" "$out/$variant.log" | sed -E 's/"(attention|batch|kernel|context|draft_vocab|compiled|acceptance|accepted_source)": [^,]*, //g'
 done
 bash benchmarks/h200/pack.sh verify

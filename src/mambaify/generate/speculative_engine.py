@@ -613,7 +613,9 @@ class RoundProgram:
 class SpeculativeStats:
     """One request's counts. row_rounds: (row, round) pairs in which the row was generating;
     accepted: draft tokens accepted over those; emitted: tokens emitted (accepted + the target's
-    own, less what a stop token or max_new_tokens cut). seconds: prefill and rounds, wall clock."""
+    own, less what a stop token or max_new_tokens cut). seconds: prefill and rounds, wall clock.
+    accepted_counts: per K, how many (row, round) pairs accepted 0, 1, ..., K drafts: the
+    distribution behind the mean (:meth:`accepted_at` reads other K from it)."""
 
     rounds: int = 0
     row_rounds: int = 0
@@ -621,6 +623,26 @@ class SpeculativeStats:
     emitted: int = 0
     seconds: float = 0.0
     k_used: dict[int, int] = field(default_factory=dict)
+    accepted_counts: dict[int, list[int]] = field(default_factory=dict)
+
+    def observe(self, k: int, accepted: Sequence[int], emitted: int) -> None:
+        """One round at K: each generating row's accepted drafts, and the tokens all rows emitted."""
+        self.rounds += 1
+        self.row_rounds += len(accepted)
+        self.accepted += sum(accepted)
+        self.emitted += emitted
+        self.k_used[k] = self.k_used.get(k, 0) + 1
+        counts = self.accepted_counts.setdefault(k, [0] * (k + 1))
+        for n in accepted:
+            counts[n] += 1
+
+    def accepted_at(self, k: int) -> float | None:
+        """Mean accepted drafts per row and round had every round run at K, read off the rounds at
+        the smallest K' >= K that ran: a draft proposes its first K tokens alike whatever K' is
+        (greedy: the same tokens), so a round that accepted n of K' drafts would have accepted
+        min(n, K) of K. None where no round ran at K or above. (At K' > K the rounds start at
+        other places in the text, so this is an estimate where K' != K, not a measurement.)"""
+        return accepted_at(self.accepted_counts, k)
 
     @property
     def mean_accepted(self) -> float:
@@ -639,7 +661,19 @@ class SpeculativeStats:
     def as_dict(self) -> dict:
         return dict(rounds=self.rounds, row_rounds=self.row_rounds, accepted=self.accepted, emitted=self.emitted,
                     seconds=self.seconds, mean_accepted=self.mean_accepted, tokens_per_round=self.tokens_per_round,
-                    tokens_per_second=self.tokens_per_second, k_used=dict(self.k_used))
+                    tokens_per_second=self.tokens_per_second, k_used=dict(self.k_used),
+                    accepted_counts={k: list(c) for k, c in self.accepted_counts.items()})
+
+
+def accepted_at(accepted_counts: dict[int, Sequence[int]], k: int) -> float | None:
+    """:meth:`SpeculativeStats.accepted_at` over ``accepted_counts`` (K -> rounds that accepted
+    0..K drafts; JSON's string keys are taken too)."""
+    by_k = {int(j): counts for j, counts in accepted_counts.items() if sum(counts)}
+    above = sorted(j for j in by_k if j >= k)
+    if not above:
+        return None
+    counts = by_k[above[0]]
+    return sum(min(n, k) * rounds for n, rounds in enumerate(counts)) / sum(counts)
 
 
 @dataclass
@@ -1152,11 +1186,7 @@ class SpeculativeEngine(GenerationFrontend):
             accepted = [row.accepted for row in rows if row.was_active]
             if chooser:
                 chooser.observe(current.program.k, accepted)
-            stats.rounds += 1
-            stats.row_rounds += len(accepted)
-            stats.accepted += sum(accepted)
-            stats.emitted += sum(len(row.tokens) for row in rows)
-            stats.k_used[current.program.k] = stats.k_used.get(current.program.k, 0) + 1
+            stats.observe(current.program.k, accepted, sum(len(row.tokens) for row in rows))
             stats.seconds = time.perf_counter() - started
             yield rows
             if not any(row.still_active for row in rows):
@@ -1427,6 +1457,7 @@ __all__ = [
     "SpeculativeEngine",
     "SpeculativeStack",
     "SpeculativeStats",
+    "accepted_at",
     "assisted_generate",
     "DRAFT_VOCAB_FILE",
     "cut_head",

@@ -144,6 +144,7 @@ def _gemv_kernel(
     RESIDUAL: tl.constexpr,
     GATE: tl.constexpr,
     PDL: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
     (and of x[m, k] * w2[n, k] when GATED: w the gate, w2 the up projection, read in the same
@@ -174,7 +175,12 @@ def _gemv_kernel(
     PDL (launched as a programmatic dependent launch, Hopper on): the program reads its first
     weight tiles, which no kernel writes, before it waits for the kernel ahead of it (whose
     output may be x), so the weights start streaming while that kernel finishes; then it lets
-    the next kernel launch. Everything else (x, every store) comes after the wait."""
+    the next kernel launch. Everything else (x, every store) comes after the wait.
+    STAGES: the main loop's software pipelining (``tl.range``'s num_stages): at 2 or more,
+    Triton streams the next weight tiles into shared memory (cp.async) while the warps reduce the
+    current one; at 1 each tile's loads are issued only after the last tile's reduction. Several
+    rows (tl.dot) take Triton's default, 3, which has pipelined their tiles all along; one row
+    :func:`one_row_stages`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if GROUPED:  # offs_w: rows of the program's matrix; offs_n: their columns in the output
@@ -199,7 +205,7 @@ def _gemv_kernel(
                                      x_sk, z_sm, z_sk, BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION, NORM,
                                      GATE)
         k_first = k_start + BLOCK_K
-    for k in range(k_first, k_end, BLOCK_K):
+    for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
         w, w2 = _weight_tiles(w_base, w2_ptr, offs_w, mask_n, k, k_end, w_sn, w_sk, BLOCK_K, GATED)
         acc, acc2, ssq = _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, z_ptr, offs_m, M, k, k_end, x_sm, x_sk,
                                      z_sm, z_sk, BLOCK_M, BLOCK_K, GATED, ACC, USE_DOT, DOT_PRECISION, NORM, GATE)
@@ -404,6 +410,28 @@ SPLIT_DOT_CONFIG = (32, 128, 4)
 # 28672-row matrix, the only matrix there whose grid at 256 (896 programs, 6 per multiprocessor)
 # overran one wave: 56.7 us at 128 against 60.7; every matrix whose grid fit was faster at 256.
 GATED_ONE_ROW_CONFIG = (32, 128, 4)
+# Pipeline stages of the main loop (see STAGES). Several rows: Triton's default for a loop that
+# feeds tl.dot, what they have always run with. One row: none by default (the loop as measured in
+# sessions 8-13), MAMBAIFY_GEMV_STAGES=2 or 3 to stream the next tiles while reducing the current
+# one. Compiled for sm_90 (triton 3.6's ptxas) with 2 stages, every 8B one-row call keeps or
+# raises its programs per multiprocessor (registers fall to 64-71: the tile waits in shared
+# memory, 16-18 KB of it); with 3, gate+up at K blocks of 128 drops from 8 to 6 (1.13 waves).
+# Not yet timed: benchmarks/h200/step_variants.sh and verify_variants.sh time both.
+DOT_STAGES = 3
+ONE_ROW_STAGES = 1
+
+
+def one_row_stages() -> int:
+    """The one-row loop's pipeline stages: MAMBAIFY_GEMV_STAGES where set (1-4), else ONE_ROW_STAGES."""
+    text = os.environ.get("MAMBAIFY_GEMV_STAGES", "").strip()
+    if not text:
+        return ONE_ROW_STAGES
+    if not text.isdigit() or not 1 <= int(text) <= 4:
+        raise ValueError(f"MAMBAIFY_GEMV_STAGES={text!r}: give the one-row GEMV's pipeline stages, 1 (none) to 4, "
+                         f"or unset it")
+    return int(text)
+
+
 # The configurations MAMBAIFY_GEMV_TUNE=1 times (bench_kernels.py --only gemv compares a like
 # set; session 8 found a different one fastest for each 8B matrix, none of them the default).
 TUNE_CONFIGS = [(bn, bk, w) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8)]
@@ -488,11 +516,12 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
             bias: torch.Tensor | None, block_n: int | None, block_k: int | None, num_warps: int | None,
             splits: int | None, one_launch: bool | None, norm_weight: torch.Tensor | None = None,
             norm_eps: float = 0.0, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-            ) -> torch.Tensor:
+            stages: int | None = None) -> torch.Tensor:
     """The kernel over one weight, or a group of three (same K and strides; outputs side by side).
     A configuration left None: :func:`default_config`'s, or the tuned one (:func:`tune_default`).
     ``norm_weight``/``norm_eps``: the rows are an RMSNorm's input (see NORM); ``residual``
-    (m, n): added to the result; ``gate`` (m, k): the norm is gated by it (see GATE)."""
+    (m, n): added to the result; ``gate`` (m, k): the norm is gated by it (see GATE).
+    ``stages``: the one-row loop's pipeline stages (None: :func:`one_row_stages`)."""
     m, k = rows.shape
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
@@ -536,7 +565,8 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
         LAST_SPLIT_SUMS=last_sums, GROUPED=grouped, NORM=norm, RESIDUAL=residual is not None,
-        GATE=norm and gate is not None, num_warps=num_warps, **pdl,
+        GATE=norm and gate is not None, STAGES=DOT_STAGES if use_dot else (stages or one_row_stages()),
+        num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
         sum_block = 256
@@ -574,7 +604,7 @@ def small_batch_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-    residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, stages: int | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
     bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
@@ -587,7 +617,8 @@ def small_batch_linear(
     weight, applied first (:func:`mambaify.ops.reference.rms_norm`; in the kernel folded into
     the product, see NORM); ``residual`` (x's leading dims, N): added to the result. ``gate``
     (x's shape, with ``norm_weight``): the norm is Mamba2's gated RMSNorm of x * silu(gate) over
-    the whole row (:func:`mambaify.ops.gated_rmsnorm`)."""
+    the whole row (:func:`mambaify.ops.gated_rmsnorm`). ``stages``: one row's loop pipelined
+    over this many stages (None: :func:`one_row_stages`); several rows keep DOT_STAGES."""
     rows = _rows(x, weight, "small_batch_linear")
     n = weight.shape[0]
     if bias is not None and bias.shape != (n,):
@@ -599,7 +630,7 @@ def small_batch_linear(
     if not 0 < rows.shape[0] <= MAX_ROWS:
         return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate)
     return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight, norm_eps,
-                   res, None if gate is None else gate.reshape(-1, gate.shape[-1])).reshape(*x.shape[:-1], n)
+                   res, None if gate is None else gate.reshape(-1, gate.shape[-1]), stages).reshape(*x.shape[:-1], n)
 
 
 def small_batch_qkv(
@@ -607,12 +638,14 @@ def small_batch_qkv(
     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """``torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)``
     in one launch, for x (..., K) of at most MAX_ROWS rows and q, k, v (N_q, K), (N_k, K), (N_v, K)
     alike in dtype and layout: an attention layer's three projections, read in one pass as if
     they were one matrix, without copying them into one. More rows go to ``F.linear``.
-    ``norm_weight``, ``norm_eps``: as for :func:`small_batch_linear` (the layer's input norm)."""
+    ``norm_weight``, ``norm_eps``, ``stages``: as for :func:`small_batch_linear` (the norm: the
+    layer's input norm)."""
     rows = _rows(x, q, "small_batch_qkv")
     mats = (q, k, v)
     if not qkv_read_as_one(*mats):
@@ -627,18 +660,19 @@ def small_batch_qkv(
     if any(b is not None for b in biases):  # one bias over the three outputs (absent ones as zeros)
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, mats)])
     return _launch(rows, mats, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight,
-                   norm_eps).reshape(*x.shape[:-1], n)
+                   norm_eps, stages=stages).reshape(*x.shape[:-1], n)
 
 
 def small_batch_gated_up(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """``silu(x gate^T) * (x up^T)``, the first half of a gated (SwiGLU) MLP, for x (..., K) of at
     most MAX_ROWS rows and gate, up (N, K): both matrices read in one pass, the activation applied
-    as the sums finish. More rows go to PyTorch. ``one_launch``, ``norm_weight``, ``norm_eps``: as
-    for :func:`small_batch_linear` (the norm: the layer's post-attention norm)."""
+    as the sums finish. More rows go to PyTorch. ``one_launch``, ``norm_weight``, ``norm_eps``,
+    ``stages``: as for :func:`small_batch_linear` (the norm: the layer's post-attention norm)."""
     rows = _rows(x, gate, "small_batch_gated_up")
     if up.shape != gate.shape:
         raise ValueError(f"small_batch_gated_up: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
@@ -647,4 +681,4 @@ def small_batch_gated_up(
     if not 0 < rows.shape[0] <= MAX_ROWS:
         return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps)
     return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits, one_launch, norm_weight,
-                   norm_eps).reshape(*x.shape[:-1], n)
+                   norm_eps, stages=stages).reshape(*x.shape[:-1], n)
