@@ -5,6 +5,10 @@ a verify round over K + 1 = 4 tokens 1.43 ms, a draft round of 3 steps 0.37 ms. 
 round's 0.22 ms over the step decides the end-to-end target (a round costs 1.5 plain steps); this
 script says which kernels it is made of. A round's cost depends on the shapes, not on what it
 accepts, so random SmolLM2-shaped models (as in ``round_timing.py``) stand in for the trained pair.
+``--shape llama8b``: the 8B-shaped pair of issue 5's (b) instead (``bench_speculative.py --shape
+llama8b``: a random Llama-3-8B-shaped teacher, its hybrid, the draft of its first and last layers,
+with ``--draft-vocab 32768`` the draft's LM head cut to that many rows), to see which kernels make
+the verify call's cost over the plain step and the draft round's over its roofline.
 
 For the plain engine's decode step, the speculative engine's draft round and its verify round
 (compiled with ``--compile``, as the engines run them), each run ``--calls`` times under
@@ -18,6 +22,8 @@ bench`` times it, with its argmax and input copies.
 Usage (on the H200, after ``source benchmarks/h200/env.sh``; ``--tiny`` runs anywhere):
 
     python3 benchmarks/profile_rounds.py --out DIR [--compile] [--small-batch-linear] [--batch 1] [--k 3] [--eager]
+    python3 benchmarks/profile_rounds.py --out DIR --shape llama8b --draft-vocab 32768 --compile --small-batch-linear \
+        --prompt-tokens 512 --calls 8
 
 Writes DIR/profile_rounds.json and .md.
 """
@@ -34,7 +40,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mambaify
-from mambaify.bench import Clock, build_teacher, random_ids, resolve_device, resolve_dtype
+from mambaify.bench import Clock, build_teacher, materialise_on, random_ids, resolve_device, resolve_dtype
 from mambaify.draft import build_draft_from_teacher
 from mambaify.generate.engine import COMPILE_MODES, Engine
 from mambaify.generate.sampling import SamplingParams
@@ -62,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CUDA, also profile each call without its graph (engines of their own, compiled "
                         "again: session 10's run of both timed out in 200 s per linear-layer setting)")
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of SmolLM2's shapes")
+    p.add_argument("--shape", choices=["smollm2", "llama8b"], default="smollm2",
+                   help="the random models' shapes: SmolLM2-135M's (default), or Llama-3-8B's (a GPU's worth)")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="cut the draft's LM head to its first N rows (SpeculativeEngine(draft_vocab=...)); 0: whole")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     return p
@@ -115,7 +125,8 @@ def rounds(target, draft, args, prompt, use_cuda_graph: bool):
     engine = SpeculativeEngine(target, draft, k=args.k, k_choices=(args.k,), max_batch_size=args.batch,
                                max_length=prompt.shape[1] + 32, use_cuda_graph=use_cuda_graph,
                                compile=args.compile, compile_mode=args.compile_mode,
-                               small_batch_linear=args.small_batch_linear)
+                               small_batch_linear=args.small_batch_linear,
+                               draft_vocab=range(args.draft_vocab) if args.draft_vocab else None)
     engine.generate(prompt, max_new_tokens=8, stop_token_ids=[])
     program = engine._program(args.batch, args.k, SamplingParams())
     engine.buffers.active[: args.batch].zero_()
@@ -150,15 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    teacher = build_teacher("tiny", device, dtype) if args.tiny else smollm2_shaped(device, dtype)
-    draft = build_draft_from_teacher(teacher).eval()
-    target = mambaify.convert(teacher, attention=args.attention).eval()
+    if args.tiny or args.shape == "llama8b":
+        if args.shape == "llama8b" and device.type != "cuda":
+            print("--shape llama8b needs a GPU (an 8B model); --tiny runs anywhere", file=sys.stderr)
+            return 2
+        teacher = build_teacher("tiny" if args.tiny else "llama8b", device, dtype)
+    else:
+        teacher = smollm2_shaped(device, dtype)
+    draft = build_draft_from_teacher(teacher).eval()  # layers [0, last], the embeddings and the head
+    with materialise_on(device, dtype):  # an 8B hybrid is made where it runs, not on the host first
+        target = mambaify.convert(teacher, attention=args.attention).eval()
+    del teacher
     prompt = random_ids(args.batch, args.prompt_tokens, target.config.vocab_size, 0, device)
     clock = Clock(device)
     cuda = device.type == "cuda"
+    shapes = {"smollm2": "SmolLM2", "llama8b": "Llama-3-8B"}
     header = (f"Device: {torch.cuda.get_device_name(device) if cuda else 'CPU'}; torch {torch.__version__}; {dtype}; "
-              f"{'tiny random models' if args.tiny else 'random SmolLM2-shaped models'}, target "
-              f"{args.attention:.0%} attention, draft of the teacher's first and last layers; batch {args.batch}, "
+              f"{'tiny random models' if args.tiny else f'random {shapes[args.shape]}-shaped models'}, target "
+              f"{args.attention:.0%} attention, draft of the teacher's first and last layers"
+              f"{f' (LM head cut to {args.draft_vocab} rows)' if args.draft_vocab else ''}; batch {args.batch}, "
               f"K = {args.k}, {args.prompt_tokens}-token context; {args.calls} profiled calls each"
               f"{'; compiled (' + args.compile_mode + ')' if args.compile else ''}"
               f"{'; split-K GEMV linear layers' if args.small_batch_linear else ''}.")

@@ -336,6 +336,15 @@ def test_round_profile_lists_each_calls_kernels(tmp_path, monkeypatch):
     verify_ops = {k["name"] for k in results["calls"][2]["eager"]["kernels"]}
     assert "aten::index_put_" in verify_ops and "aten::scatter_" not in verify_ops
     assert "verify round (3 tokens), eager: costliest kernels" in (out / "profile_rounds.md").read_text()
+    # The draft's LM head cut to its first rows (as (b) runs the 8B draft): a smaller head to read.
+    cut = tmp_path / "cut"
+    assert profile_rounds.main(["--out", str(cut), "--tiny", "--calls", "2", "--k", "2", "--prompt-tokens", "8",
+                                "--draft-vocab", "16"]) == 0
+    cut_results = json.loads((cut / "profile_rounds.json").read_text())
+    assert "LM head cut to 16 rows" in cut_results["header"]
+    assert [r["call"] for r in cut_results["calls"]] == [r["call"] for r in results["calls"]]
+    # The 8B shapes need a GPU: refused on the CPU, with the way out named.
+    assert profile_rounds.main(["--out", str(tmp_path / "big"), "--shape", "llama8b"]) == 2
 
 
 def test_transformers_prefill_is_chunked_where_one_pass_would_not_fit(monkeypatch):
