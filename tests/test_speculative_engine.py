@@ -685,6 +685,9 @@ def test_cli_generate_and_chat_with_a_draft(saved_pair, capsys, monkeypatch):
         captured = capsys.readouterr()
         assert captured.out == expected
         assert "mean accepted length" in captured.err and "tokens/s" in captured.err
+        if extra[1] == "3":  # the distribution behind the mean, at the one K that ran
+            line = next(line for line in captured.err.splitlines() if "drafts accepted per round" in line)
+            assert line.strip().startswith("K=3,") and line.count("%") == 4
 
     model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
     first = Engine(model, tiny_tokenizer(), max_length=256).chat([{"role": "user", "content": "Hello!"}],

@@ -154,14 +154,21 @@ def _add_speculation(totals: dict, engine) -> None:
     if stats is not None:
         for name in ("row_rounds", "accepted", "emitted", "seconds"):
             totals[name] = totals.get(name, 0) + getattr(stats, name)
+        counts = totals.setdefault("accepted_counts", {})
+        for k, per_n in stats.accepted_counts.items():
+            counts[k] = [a + b for a, b in zip(counts.get(k, [0] * len(per_n)), per_n)]
 
 
 def _report_speculation(totals: dict) -> None:
-    """Mean accepted length and tokens/s on stderr, when there were speculative rounds."""
+    """Mean accepted length and tokens/s on stderr, when there were speculative rounds, and per
+    K the share of rounds that accepted 0..K drafts (what a choice of K trades)."""
     if totals.get("row_rounds"):
         seconds = totals["seconds"]
         print(f"mean accepted length {totals['accepted'] / totals['row_rounds']:.2f} draft tokens per verify "
               f"call, {totals['emitted'] / seconds if seconds else 0.0:.1f} tokens/s", file=sys.stderr)
+        for k, counts in sorted(totals.get("accepted_counts", {}).items()):
+            shares = ", ".join(f"{n}: {c / sum(counts):.0%}" for n, c in enumerate(counts))
+            print(f"  K={k}, {sum(counts)} rounds; drafts accepted per round: {shares}", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -246,7 +253,7 @@ def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
                         "first: on a GPU about 2x faster decoding of a small model, after tens of seconds of "
                         "compiling (BENCHMARKS.md); with --k auto, every K it may pick compiles its own rounds")
     p.add_argument("--draft", help="a draft model of the same tokenizer (folder, .gguf, hub id or teacher name): "
-                   "speculative decoding; prints the mean accepted length and tokens/s to stderr")
+                   "speculative decoding; prints the mean accepted length, its distribution per K and tokens/s to stderr")
     p.add_argument("--k", default="4", help="with --draft: draft tokens per round, or 'auto' to adapt it (default 4)")
 
 
