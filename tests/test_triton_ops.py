@@ -391,6 +391,8 @@ def test_small_batch_linear_pipelined_one_row_loop_gives_the_same_bits(kernels, 
         assert launched == [stages] * 3 + [gemv.DOT_STAGES]
     launched.clear()  # a call's own stages outrank the switch
     assert torch.equal(gemv.small_batch_linear(x, w, block_k=64, stages=1), plain["split"]) and launched == [1]
+    with pytest.raises(ValueError, match="stages=0: give the one-row GEMV's pipeline stages"):
+        gemv.small_batch_linear(x, w, stages=0)
     for bad in ("0", "5", "two"):
         monkeypatch.setenv("MAMBAIFY_GEMV_STAGES", bad)
         with pytest.raises(ValueError, match="MAMBAIFY_GEMV_STAGES.*1 \\(none\\) to 4"):

@@ -421,8 +421,13 @@ DOT_STAGES = 3
 ONE_ROW_STAGES = 1
 
 
-def one_row_stages() -> int:
-    """The one-row loop's pipeline stages: MAMBAIFY_GEMV_STAGES where set (1-4), else ONE_ROW_STAGES."""
+def one_row_stages(stages: int | None = None) -> int:
+    """The one-row loop's pipeline stages: ``stages`` where given, else MAMBAIFY_GEMV_STAGES
+    where set, else ONE_ROW_STAGES; 1 (none) to 4."""
+    if stages is not None:
+        if not isinstance(stages, int) or not 1 <= stages <= 4:
+            raise ValueError(f"stages={stages!r}: give the one-row GEMV's pipeline stages, 1 (none) to 4")
+        return stages
     text = os.environ.get("MAMBAIFY_GEMV_STAGES", "").strip()
     if not text:
         return ONE_ROW_STAGES
@@ -565,7 +570,7 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
         HAS_BIAS=bias is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
         LAST_SPLIT_SUMS=last_sums, GROUPED=grouped, NORM=norm, RESIDUAL=residual is not None,
-        GATE=norm and gate is not None, STAGES=DOT_STAGES if use_dot else (stages or one_row_stages()),
+        GATE=norm and gate is not None, STAGES=DOT_STAGES if use_dot else one_row_stages(stages),
         num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
