@@ -125,6 +125,15 @@ def test_cli_distill_errors_are_one_line(teacher_dir, data_files, tmp_path, caps
                      "--batch-size", "100000", "--seq-len", "65536"])
     assert code == 2 and "lower --batch-size" in capsys.readouterr().err
     assert not (tmp_path / "oom").exists()
+    # attention settings the teacher cannot take are refused before the run directory is claimed:
+    # a fraction out of range before the teacher loads, a layer it lacks once its depth is known
+    for attention, schedule, message in (("1.5", None, "must be in [0, 1]"), ("0.5", "0.5,1.25", "got 1.25"),
+                                         ("0,99", None, "out of range")):
+        flags = ["--attention", attention] + (["--schedule", schedule] if schedule else [])
+        assert cli_main(["distill", "--teacher", str(teacher_dir), "--data", str(chats), "--out",
+                         str(tmp_path / "bad"), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError):

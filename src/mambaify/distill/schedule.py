@@ -26,7 +26,7 @@ class Stage:
         return f"attn{round(100 * len(self.attn_layers) / self.num_layers)}pct-{len(self.attn_layers)}of{self.num_layers}"
 
 
-def _parse_fraction(text: str) -> float:
+def parse_fraction(text: str) -> float:
     try:
         return float(text)
     except ValueError:
@@ -39,7 +39,7 @@ def plan_stages(num_layers: int, attention, schedule: str | None = None) -> list
     if schedule:
         schedule = schedule.strip()
         if schedule.startswith("stepwise:"):
-            target = attention_layers_for(num_layers, _parse_fraction(schedule.split(":", 1)[1]))
+            target = attention_layers_for(num_layers, parse_fraction(schedule.split(":", 1)[1]))
             extra = set(target) - set(first)
             if extra:
                 raise ValueError(f"stepwise target keeps layers {sorted(extra)} that the first stage already converted")
@@ -48,7 +48,7 @@ def plan_stages(num_layers: int, attention, schedule: str | None = None) -> list
                 current = [i for i in current if i != layer]
                 sets.append(list(current))
         else:
-            fractions = [_parse_fraction(part) for part in schedule.split(",") if part.strip()]
+            fractions = [parse_fraction(part) for part in schedule.split(",") if part.strip()]
             planned = [attention_layers_for(num_layers, f) for f in fractions]
             if planned and planned[0] == first:
                 planned = planned[1:]  # the schedule may restate the first stage
@@ -63,4 +63,4 @@ def plan_stages(num_layers: int, attention, schedule: str | None = None) -> list
     return [Stage(i, layers, num_layers) for i, layers in enumerate(sets)]
 
 
-__all__ = ["Stage", "plan_stages"]
+__all__ = ["Stage", "parse_fraction", "plan_stages"]

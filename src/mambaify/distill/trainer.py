@@ -31,7 +31,7 @@ from ..fileio import replace_directory, write_json_atomic
 from ..models.modeling import HybridForCausalLM
 from . import data as D
 from .losses import distill_loss_from_hidden
-from .schedule import Stage, plan_stages
+from .schedule import Stage, parse_fraction, plan_stages
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,14 @@ class DistillConfig:
             check_init(self.init)
         except ValueError as err:
             raise ValueError(f"--init: {err}") from None
+        # Fractions are checked here, before the teacher loads; layer indices once its depth is known.
+        fractions = [self.attention] if isinstance(self.attention, (int, float)) else []
+        if self.schedule:
+            entries = self.schedule.strip().removeprefix("stepwise:").split(",")
+            fractions += [parse_fraction(entry) for entry in entries if entry.strip()]
+        bad = [f for f in fractions if isinstance(f, bool) or not 0.0 <= float(f) <= 1.0]
+        if bad:
+            raise ValueError(f"attention fractions must be in [0, 1] (--attention, --schedule), got {bad[0]}")
 
     @classmethod
     def _read_yaml(cls, path: str | os.PathLike) -> dict[str, Any]:
@@ -582,11 +590,11 @@ def distill(cfg: DistillConfig, resume: bool = False, stop_after_steps: int | No
         p.requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     check_memory(cfg, teacher.config, device, bf16=accelerator.mixed_precision == "bf16")
+    stages = plan_stages(teacher.config.num_hidden_layers, cfg.attention, cfg.schedule)
     if accelerator.is_main_process:  # the run directory is claimed only once the settings pass
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     accelerator.wait_for_everyone()
-    stages = plan_stages(teacher.config.num_hidden_layers, cfg.attention, cfg.schedule)
     run_data = prepare_data(cfg, teacher, tokenizer, run_dir, accelerator)
 
     metrics: dict[str, Any] = {"config": cfg.to_dict(), "stages": [], "device": str(device),
