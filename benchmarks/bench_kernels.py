@@ -557,7 +557,9 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
     normalization included; at several rows (a verify call) every n block's programs redo the
     norm's work on x, which this measures."""
     from mambaify.ops import reference
-    from mambaify.ops.triton.gemv import default_config, small_batch_gated_up, small_batch_linear
+    from mambaify.ops.triton.gemv import (
+        default_config, small_batch_gated_up, small_batch_linear, small_batch_linear_prepare_norm,
+    )
 
     bf16 = torch.bfloat16
     norm = torch.compile(reference.rms_norm, dynamic=False)
@@ -591,15 +593,33 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
                 return small_batch_gated_up(x, *w, norm_weight=norm_weight, norm_eps=1e-5, **config)
             return small_batch_linear(x, w[0], norm_weight=norm_weight, norm_eps=1e-5, residual=res, gate=z, **config)
 
+        # A prepared norm (MAMBAIFY_PREPARED_NORMS=1, several rows): a residual add's GEMV also
+        # prepares the next norm (x * g and its rows' sums of squares, for a stream as wide as
+        # its output); a norm's GEMV reads them, x * g and the sums of 128 blocks of columns.
+        next_g = 1 + 0.1 * torch.randn(n, device=DEVICE, dtype=bf16)
+        scaled_x = (x.float() * g.float()).to(bf16)
+        parts = x.float().pow(2).reshape(m, 128, -1).sum(-1).T.contiguous()
+
+        def prepared(w):
+            if res is not None:  # Mamba's out_proj: its gated norm still a kernel of its own
+                rows = gated_norm(x, z, g, 1e-5) if z is not None else x
+                return small_batch_linear_prepare_norm(rows, w[0], None, res, next_g)[0]
+            if swiglu:
+                return small_batch_gated_up(scaled_x, *w, norm_parts=parts, norm_eps=1e-5)
+            return small_batch_linear(scaled_x, w[0], norm_parts=parts, norm_eps=1e-5)
+
         expected = unfused(weights[0]).float()
         runs = [(label, call, config, 1) for label, call in (("separate kernels", unfused), ("folded", folded))
                 for config in args.gemv_configs or FUSED_GEMV_CONFIGS]
         if m == 1:  # the engine's one-row call, its loop pipelined
             engine_config = default_config(m, n, k, torch.device(DEVICE), gated=swiglu)
             runs += [("folded", folded, engine_config, stages) for stages in FUSED_GEMV_STAGES]
+        elif "norm" in fused or res is not None:  # at the default configuration, as the engines call it
+            runs.append(("prepared norm", lambda w, **config: prepared(w), (0, 0, 0), 1))
         for label, call, (bn, bk, warps), stages in runs:
-            config = dict(block_n=bn, block_k=bk, num_warps=warps, stages=stages)
-            what = f"bn{bn} bk{bk} w{warps}" + (f" {stages} stages" if stages > 1 else "")
+            config = dict(block_n=bn, block_k=bk, num_warps=warps, stages=stages) if bn else {}
+            what = (f"bn{bn} bk{bk} w{warps}" if bn else "default configuration") + (
+                f" {stages} stages" if stages > 1 else "")
             name = f"gemv-fused {label} {shape} {what}"
             got = refused_or(name, lambda: call(weights[0], **config))
             if got is None:

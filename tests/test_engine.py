@@ -769,7 +769,8 @@ def test_small_batch_linear_runs_every_linear_through_the_op_and_changes_nothing
     monkeypatch.setattr(ops, "small_batch_linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or real(x, w, b))
     monkeypatch.setattr(ops, "small_batch_gated_up",
                         lambda x, g, u: gated.append(tuple(g.shape)) or real_gated(x, g, u))
-    monkeypatch.setattr(ops, "small_batch_qkv", lambda x, *wb: qkv.append(tuple(wb[0].shape)) or real_qkv(x, *wb))
+    monkeypatch.setattr(ops, "small_batch_qkv",
+                        lambda x, *wb, **norm: qkv.append(tuple(wb[0].shape)) or real_qkv(x, *wb, **norm))
     fast = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=False)
     assert torch.equal(fast.generate(prompts, **options), expected)
     ids, mask = left_padded(prompts)
@@ -813,11 +814,12 @@ def spy_on_gemv_norms():
             setattr(ops, name, original)
 
 
-def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_on_the_cpu(model):
+def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_on_the_cpu(model, monkeypatch):
     """fold_norms: every residual add of the decode step goes into the GEMV before it, and at one
     row every RMSNorm into the GEMV after it (at several, where the GEMV folds a norm badly, the
     norm runs first: ops.folds_norm). On the CPU the op computes both as the modules do, so tokens
     and logits are the same bits; at batch 1 no norm module runs in a decode step."""
+    monkeypatch.delenv("MAMBAIFY_PREPARED_NORMS", raising=False)  # the norms at several rows as kernels
     prompts = random_prompts(6, 3, 9)
     options = dict(max_new_tokens=10, stop_token_ids=[])
     plain = Engine(model, max_batch_size=3, max_length=32)
@@ -853,6 +855,45 @@ def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_o
     assert weight is model.model.norm.weight and eps == model.config.rms_norm_eps
 
 
+def test_prepared_norms_leave_no_norm_between_the_gemvs_at_several_rows(model, monkeypatch):
+    """MAMBAIFY_PREPARED_NORMS=1 (with fold_norms): at several rows each residual-add GEMV also
+    prepares the RMSNorm after it (the stream times the norm's weight, its rows' sums of
+    squares), and the GEMVs after the norm read those: no layer norm runs between the GEMVs but
+    the first layer's, after the embedding. The same tokens and, to float32 rounding, the same
+    logits as the norms run in between; at one row nothing is prepared (the norm folds there)."""
+    prompts = random_prompts(6, 3, 9)
+    options = dict(max_new_tokens=10, stop_token_ids=[])
+    monkeypatch.delenv("MAMBAIFY_PREPARED_NORMS", raising=False)
+    plain = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=True)
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
+    prepared = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=True)
+    runners = prepared.stack.layers
+    assert all(r.prepare_norms for r in runners) and not any(r.prepare_norms for r in plain.stack.layers)
+    assert [r.next_norm[0] for r in runners] == [
+        *(layer.input_layernorm.weight for layer in model.model.layers[1:]), model.model.norm.weight]
+    assert torch.equal(prepared.generate(prompts, **options), plain.generate(prompts, **options))
+    calls = {"rms_norm": 0, "prepare": 0}
+    for name in calls:
+        original = getattr(ops, name if name == "rms_norm" else "small_batch_linear_prepare_norm")
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(ops, name if name == "rms_norm" else "small_batch_linear_prepare_norm", counted)
+    for rows in (3, 1):
+        ids, mask = left_padded(prompts[:rows])
+        plain.prefill(ids, mask)
+        prepared.prefill(ids, mask)
+        token = torch.tensor([5, 6, 7][:rows])
+        for name in calls:
+            calls[name] = 0
+        got = prepared.decode(token)
+        # Three rows: the first layer's input norm alone runs; every other norm is prepared by
+        # the GEMV before it (two per layer, the last the final norm's). One row: none of it.
+        assert calls == ({"rms_norm": 1, "prepare": 2 * len(runners)} if rows == 3 else {"rms_norm": 0, "prepare": 0})
+        torch.testing.assert_close(got, plain.decode(token), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_conv_step_decodes_the_same_tokens_on_the_cpu(model, monkeypatch):
     """The default: each Mamba layer's conv step inside its SSD step (on the CPU the same two
     computations, so the same bits as with MAMBAIFY_FUSED_CONV_STEP=0), the window
@@ -882,7 +923,8 @@ def test_small_batch_linear_keeps_q_k_v_apart_when_they_cannot_be_read_as_one(mo
     k_proj.weight = torch.nn.Parameter(k_proj.weight.detach().t().contiguous().t())  # same values, column-major
     grouped = []
     real_qkv = ops.small_batch_qkv
-    monkeypatch.setattr(ops, "small_batch_qkv", lambda x, *wb: grouped.append(wb[1] is k_proj.weight) or real_qkv(x, *wb))
+    monkeypatch.setattr(ops, "small_batch_qkv",
+                        lambda x, *wb, **norm: grouped.append(wb[1] is k_proj.weight) or real_qkv(x, *wb, **norm))
     fast = Engine(model, max_batch_size=2, max_length=24, small_batch_linear=True)
     assert torch.equal(fast.generate(prompts, **options), expected)
     assert grouped and not any(grouped)  # the other layers grouped; layer 0 never
@@ -958,6 +1000,24 @@ def test_small_batch_linear_ops_are_opaque_under_compile():
     torch.library.opcheck(torch.ops.mambaify.small_batch_linear.default, (x, w, b, norm_w, 1e-5, res, x.flip(-1)))
     fused = torch.compile(ops.small_batch_linear, backend=recording_backend(seen), fullgraph=True)
     assert torch.equal(fused(x, w, b, norm_w, 1e-5, res), res + F.linear(ops.rms_norm(x, norm_w, 1e-5), w, b))
+    # A norm prepared by the GEMV before it: the residual stream with the next norm's inputs, and
+    # the GEMVs after the norm reading them; together the norm run in between.
+    h_in, w_in = torch.randn(2, 1, 20, generator=g), torch.randn(20, 12, generator=g)
+    next_w = torch.randn(20, generator=g)
+    torch.library.opcheck(torch.ops.mambaify.small_batch_linear_prepare_norm.default, (x, w_in, None, h_in, next_w))
+    prepare = torch.compile(ops.small_batch_linear_prepare_norm, backend=recording_backend(seen), fullgraph=True)
+    h, scaled, parts = prepare(x, w_in, None, h_in, next_w)
+    assert torch.equal(h, h_in + F.linear(x, w_in)) and parts.shape == (1, 2)
+    w_out, up_out = torch.randn(7, 20, generator=g), torch.randn(7, 20, generator=g)
+    torch.library.opcheck(torch.ops.mambaify.small_batch_linear.default,
+                          (scaled, w_out, None, None, 1e-5, None, None, parts))
+    torch.library.opcheck(torch.ops.mambaify.small_batch_gated_up.default, (scaled, w_out, up_out, None, 1e-5, parts))
+    torch.library.opcheck(torch.ops.mambaify.small_batch_qkv.default,
+                          (scaled, w_out, up_out, up_out, None, None, None, None, 1e-5, parts))
+    after = torch.compile(ops.small_batch_linear, backend=recording_backend(seen), fullgraph=True)
+    normed = F.linear(ops.rms_norm(h, next_w, 1e-5), w_out)
+    torch.testing.assert_close(after(scaled, w_out, None, None, 1e-5, None, None, parts), normed)
+    assert "mambaify.small_batch_linear_prepare_norm" in seen
 
 
 @pytest.mark.gpu
@@ -990,6 +1050,24 @@ def test_cuda_fold_norms_decodes_the_same_tokens(attention):
     plain = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=False)
     assert folded.stack.folded_norm is not None
     assert torch.equal(folded.generate(prompts, **options), plain.generate(prompts, **options))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", [0.5, 0.0, 1.0], ids=["hybrid-50", "mamba2", "llama"])
+def test_cuda_prepared_norms_decode_the_same_tokens(attention, monkeypatch):
+    """MAMBAIFY_PREPARED_NORMS=1 in a CUDA graph at batch 4: each norm after a residual-add GEMV
+    prepared in that GEMV's launch, the same greedy tokens as the norms run between the GEMVs
+    (float32)."""
+    model = (tiny_teacher("llama") if attention == 1.0 else perturbed_hybrid(attention)).cuda()
+    prompts = random_prompts(7, 4, 12)
+    options = dict(max_new_tokens=24, stop_token_ids=[])
+    monkeypatch.delenv("MAMBAIFY_PREPARED_NORMS", raising=False)
+    plain = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=True)
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
+    prepared = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=True)
+    assert all(r.prepare_norms for r in prepared.stack.layers)
+    assert torch.equal(prepared.generate(prompts, **options), plain.generate(prompts, **options))
 
 
 @pytest.mark.gpu
@@ -1125,3 +1203,9 @@ def test_compiled_small_batch_linear_equals_eager(monkeypatch):
     fused = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True, fold_norms=True)
     assert torch.equal(fused.generate(prompts, **options), expected)
     assert fused.is_compiled(2) and fused.compile_error is None
+    # And the norms at two rows prepared by the GEMVs before them (three tensors out of one op,
+    # carried between the layers): one graph still, no break.
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
+    prepared = Engine(model, max_batch_size=2, max_length=32, compile=True, small_batch_linear=True, fold_norms=True)
+    assert torch.equal(prepared.generate(prompts, **options), expected)
+    assert prepared.is_compiled(2) and prepared.compile_error is None

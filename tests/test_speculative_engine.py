@@ -210,6 +210,32 @@ def test_fold_norms_rounds_give_the_same_tokens_and_run_no_norm_module(targets, 
         assert ran == {"layer": len(norms), "draft gated": 0}
 
 
+@pytest.mark.parametrize("target_name", ["hybrid50", "mamba2"])
+@pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
+def test_prepared_norms_rounds_give_the_same_tokens(targets, drafts, target_name, draft_name, monkeypatch):
+    """MAMBAIFY_PREPARED_NORMS=1: the verify calls' and draft steps' norms at several rows
+    prepared by the residual-add GEMV before them (the first layer's excepted): the same
+    tokens as plain greedy decoding, at batch 4 and 1."""
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
+    target, draft = targets[target_name], drafts[draft_name]
+    prepared = []
+    original = ops.small_batch_linear_prepare_norm
+
+    def counted(*args, **kwargs):
+        prepared.append(args[0].numel() // args[0].shape[-1])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(ops, "small_batch_linear_prepare_norm", counted)
+    for batch in (4, 1):
+        ids, mask = _prompts(4)
+        ids, mask = ids[:batch], mask[:batch]
+        expected = plain_greedy(target, ids, mask, 12)
+        engine = SpeculativeEngine(target, draft, k=3, max_batch_size=batch, max_length=40, small_batch_linear=True,
+                                   fold_norms=True)
+        prepared.clear()
+        assert torch.equal(engine.generate(ids, mask, max_new_tokens=12, stop_token_ids=[]), expected)
+        assert prepared and min(prepared) > 1  # only calls of several rows prepare a norm
+
+
 @pytest.mark.parametrize("draft_name", ["transformer", "mamba2"])
 def test_split_k_attention_path_gives_the_same_tokens(targets, drafts, draft_name, monkeypatch):
     """The CUDA branch of attention (ops.decode_attention fed slots and pad lengths, no mask),

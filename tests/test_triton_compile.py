@@ -104,7 +104,8 @@ CASES = {
 # The split-K GEMV: one row on the CUDA cores and 16 through tl.dot, its splits' float32 partial
 # sums added in its own launch (the last split, after an atomic count) or by the sum kernel.
 GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32", PDL=False, GROUPED=False, NORM=False,
-            RESIDUAL=False, GATE=False)
+            RESIDUAL=False, GATE=False, NORM_PARTS=False, PREPARE=False)
+PREPARED = {"parts_ptr": "*fp32", "next_parts_ptr": "*fp32"}  # a prepared norm's sums of squares
 GEMV_PARTIALS = {"out_ptr": "*fp32"}
 GEMV_CASES = {
     "gemv_one_row_split_one_launch": (gemv._gemv_kernel, dict(
@@ -116,10 +117,34 @@ GEMV_CASES = {
     "gemv_dot_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False), None),
     "gemv_sum_splits": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False, NORM=False,
-                                                        RESIDUAL=False, PDL=False), {"part_ptr": "*fp32"}),
+                                                        RESIDUAL=False, PDL=False, NORM_PARTS=False, PREPARE=False),
+                        {"part_ptr": "*fp32"}),
     "gemv_sum_splits_norm_residual": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=False, HAS_BIAS=True, NORM=True,
-                                                                      RESIDUAL=True, PDL=False),
+                                                                      RESIDUAL=True, PDL=False, NORM_PARTS=False,
+                                                                      PREPARE=False),
                                       {"part_ptr": "*fp32", "ssq_ptr": "*fp32"}),
+    # A prepared norm (MAMBAIFY_PREPARED_NORMS=1): the residual-add GEMV that prepares the next
+    # norm (its last split, its one split, or the split sums' own kernel), and the GEMVs after
+    # the norm that scale their sums from the prepared sums of squares.
+    "gemv_prepare_dot_split_one_launch": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, BLOCK_K=128, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=True,
+        RESIDUAL=True, PREPARE=True), dict(GEMV_PARTIALS, **PREPARED)),
+    "gemv_prepare_dot_final": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False,
+        RESIDUAL=True, PREPARE=True), PREPARED),
+    "gemv_norm_parts_qkv_dot_final": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=False,
+        GROUPED=True, NORM_PARTS=True), PREPARED),
+    "gemv_norm_parts_gated_dot_split": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=True, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=True,
+        NORM_PARTS=True), dict(GEMV_PARTIALS, **PREPARED)),
+    "gemv_sum_splits_prepare": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=False, HAS_BIAS=False, NORM=False,
+                                                                RESIDUAL=True, PDL=False, NORM_PARTS=False,
+                                                                PREPARE=True), dict(PREPARED, part_ptr="*fp32")),
+    "gemv_sum_splits_norm_parts": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False,
+                                                                   NORM=False, RESIDUAL=False, PDL=False,
+                                                                   NORM_PARTS=True, PREPARE=False),
+                                   dict(PREPARED, part_ptr="*fp32")),
     # As a programmatic dependent launch (MAMBAIFY_PDL=1 on Hopper): one row, and gate+up through tl.dot.
     "gemv_one_row_pdl": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True, PDL=True),
@@ -288,6 +313,22 @@ def _loop_bodies(ptx: str) -> list[list[str]]:
             loop = reach(label, lambda b: edges[b]) & reach(label, lambda b: [a for a in edges if b in edges[a]])
             bodies.append([line for b in order if b in loop for line in lines[slice(*blocks[b])]])
     return bodies
+
+
+def test_prepared_norm_leaves_the_consumers_loop_as_the_plain_one():
+    """A GEMV after a prepared norm (NORM_PARTS) runs the plain tl.dot loop over x * g, nothing
+    of the norm's in it (the norm folded into the loop, NORM, carries about 2.5 times its
+    instructions); the prepared sums of squares are added in a short loop of their own."""
+    def dot_loop(**fused):
+        constexprs = gemv_stages(dict(GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=False, USE_DOT=True,
+                                      LAST_SPLIT_SUMS=False, **fused))
+        ptx = compile_for_hopper(gemv._gemv_kernel, constexprs, types=PREPARED, launched=GEMV_LAUNCH).asm["ptx"]
+        (loop,) = [body for body in _loop_bodies(ptx) if any("mma" in line for line in body)]
+        return [line for line in loop if line.strip() and not line.strip().startswith((".loc", "//", "$L"))]
+
+    plain, prepared, folded = dot_loop(), dot_loop(NORM_PARTS=True), dot_loop(NORM=True)
+    assert len(prepared) <= len(plain) + 4 < len(folded)
+    assert sum("cvt" in line for line in prepared) <= sum("cvt" in line for line in plain)
 
 
 @pytest.mark.parametrize("prefetch", [True, False])

@@ -292,6 +292,55 @@ def test_small_batch_linear_folds_the_rmsnorm_before_and_the_residual_after(kern
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("m,k,splits,one_launch", [
+    (3, 1000, None, True),   # several rows: the producer split, its last split prepares
+    (3, 1000, None, False),  # ... or the split sums' own kernel does, in blocks of its own
+    (4, 96, 1, True),        # one split: the producer's launch prepares as it writes
+    (1, 1000, None, True),   # one row (the engines prepare only several; the kernel takes any)
+])
+def test_prepared_norm_between_two_gemvs_equals_the_norm_in_between(kernels, device, dtype, m, k, splits,
+                                                                     one_launch):
+    """The producer (a residual-add GEMV) leaves h = residual + x W^T, h times the next norm's
+    weight and h's sums of squares by blocks of columns; the consumers (one matrix, gate and up,
+    q/k/v) read h * g as a plain operand and scale their sums from the blocks: the same as the
+    RMSNorm run between them (float64 reference), the producer's parts a partition of each
+    row's sum, and the launch's block count the one prepared_blocks predicts."""
+    g = torch.Generator().manual_seed(m * 10 + k)
+    n, n2 = 300, 90  # the stream's width (the producer's N = the consumers' K), the consumers' N
+    x = randn(m, k, g=g, dtype=dtype, device=device)
+    w = randn(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    b = randn(n, g=g, dtype=dtype, device=device)
+    res = randn(m, n, g=g, dtype=dtype, device=device, scale=30.0)  # a residual stream's scale
+    norm_w = randn(n, g=g, dtype=dtype, device=device)
+    h, scaled, parts = kernels.small_batch_linear_prepare_norm(x, w, b, res, norm_w, one_launch=one_launch)
+    h_ref = F.linear(x.double().cpu(), w.double().cpu(), b.double().cpu()) + res.double().cpu()
+    assert h.shape == scaled.shape == (m, n) and h.dtype == scaled.dtype == dtype
+    assert rel_err(h, h_ref) < TOL[dtype]
+    # Of h as stored (rounded to its dtype), as the norm would read it.
+    assert rel_err(scaled, h.double().cpu() * norm_w.double().cpu()) < TOL[dtype]
+    assert parts.dim() == 2 and parts.shape[1] == m
+    assert rel_err(parts.sum(0), h.double().cpu().pow(2).sum(-1)) < TOL[dtype]
+    assert parts.shape[0] == kernels.gemv.prepared_blocks(m, n, k, h.device, one_launch)
+    normed = rms64(h, norm_w, 1e-5)
+    w2, up = (randn(n2, n, g=g, dtype=dtype, device=device, scale=n ** -0.5) for _ in range(2))
+    b2 = randn(n2, g=g, dtype=dtype, device=device)
+    for split in (None, 1):
+        out = kernels.small_batch_linear(scaled, w2, b2, norm_parts=parts, norm_eps=1e-5, splits=split,
+                                         one_launch=one_launch)
+        assert rel_err(out, F.linear(normed, w2.double().cpu(), b2.double().cpu())) < TOL[dtype]
+    gated = kernels.small_batch_gated_up(scaled, w2, up, norm_parts=parts, norm_eps=1e-5, one_launch=one_launch)
+    assert rel_err(gated, F.silu(F.linear(normed, w2.double().cpu())) * F.linear(normed, up.double().cpu())) < TOL[dtype]
+    qkv = kernels.small_batch_qkv(scaled, w2, up, up, norm_parts=parts, norm_eps=1e-5, one_launch=one_launch)
+    assert rel_err(qkv, torch.cat([F.linear(normed, t.double().cpu()) for t in (w2, up, up)], -1)) < TOL[dtype]
+    with pytest.raises(ValueError, match="not both"):
+        kernels.small_batch_linear(scaled, w2, norm_weight=norm_w, norm_parts=parts)
+    with pytest.raises(ValueError, match="expected \\(blocks, "):
+        kernels.small_batch_linear(scaled, w2, norm_parts=parts[:, :1] if m > 1 else parts.T)
+    counters = kernels.gemv._COUNTERS.get(torch.device(device))
+    assert counters is None or not counters.any()
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
 @pytest.mark.parametrize("m,splits,one_launch", [(1, None, True), (1, 3, False), (3, None, True), (4, 1, True)])
 def test_small_batch_linear_folds_mamba2s_gated_rmsnorm(kernels, device, dtype, m, splits, one_launch):
     """out_proj(gated_rmsnorm(y, z)) + residual in one launch (z a strided view, as the mixer's

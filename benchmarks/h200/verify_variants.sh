@@ -6,8 +6,10 @@
 # residual adds at every row count, the norms at one row), "folded-tuned" with MAMBAIFY_GEMV_TUNE=1
 # as well (each GEMV shape's fastest launch configuration, timed on its first call),
 # "folded-stages2" with the one-row GEMV loop pipelined (MAMBAIFY_GEMV_STAGES=2: the plain step
-# and the draft's one-row calls; the verify call's rows are pipelined either way). Everything
-# goes to $OUT/verify.tgz.
+# and the draft's one-row calls; the verify call's rows are pipelined either way),
+# "folded-prepared" with the norms at several rows prepared by the residual-add GEMV before
+# them (MAMBAIFY_PREPARED_NORMS=1: no norm kernel between the verify call's GEMVs but the first
+# layer's). Everything goes to $OUT/verify.tgz.
 # VARIANTS="..." runs only those. Usage (from the repo root): bash benchmarks/h200/verify_variants.sh [KS] [ACCEPTED] [BENCH_S_EACH]
 source benchmarks/h200/env.sh
 set +e
@@ -23,7 +25,8 @@ for variant in ${VARIANTS:-plain folded folded-tuned}; do
     folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
     folded-tuned) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_TUNE=1) ;;
     folded-stages2) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_STAGES=2) ;;
-    *) echo "verify_variants: unknown variant $variant (plain, folded, folded-tuned, folded-stages2)"; continue ;;
+    folded-prepared) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_PREPARED_NORMS=1) ;;
+    *) echo "verify_variants: unknown variant $variant (plain, folded, folded-tuned, folded-stages2, folded-prepared)"; continue ;;
   esac
   env "${switches[@]}" timeout -s INT -k 10 "$bench_s" python3 benchmarks/bench_speculative.py --out "$out/$variant" \
     --shape llama8b --attention 0.5 --verify-batch 1 --verify-k "$ks" --draft-vocab 32768 --compile \

@@ -236,36 +236,102 @@ def foldable_norm(norm: nn.Module) -> FoldedNorm | None:
         return (weight, eps) if torch.equal(norm(probe), ops.rms_norm(probe, weight, eps)) else None
 
 
-def norm_operands(norm: FoldedNorm | None) -> tuple[torch.Tensor | None, float]:
-    """The small-batch ops' ``norm_weight, norm_eps`` for ``norm``: (None, their default eps),
-    which folds no norm, where there is none."""
-    return norm if norm is not None else (None, 1e-6)
+def prepared_norms_default() -> bool:
+    """Whether the engines (with ``fold_norms``) have, at several rows, each residual-add GEMV
+    prepare the RMSNorm after it in its own launch (:func:`mambaify.ops.small_batch_linear_prepare_norm`:
+    the stream times the norm's weight, and its rows' sums of squares) for the GEMVs after the
+    norm, which then run none of it, where the norm otherwise runs as a kernel of its own (at
+    several rows the GEMV folds a norm badly: :func:`mambaify.ops.folds_norm`). Off unless
+    MAMBAIFY_PREPARED_NORMS=1: not yet timed on a GPU (benchmarks/README.md)."""
+    return os.environ.get("MAMBAIFY_PREPARED_NORMS", "0") == "1"
 
 
-def fused_linear(layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None = None,
-                 residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class PreparedNorm:
+    """An RMSNorm whose inputs the GEMV before it prepared: ``parts`` (blocks, rows) its input
+    rows' sums of squares, ``eps`` the norm's. The tensor that goes with it into the GEMV after
+    the norm is the norm's input times the norm's weight (:class:`PreparedStream`)."""
+
+    parts: torch.Tensor
+    eps: float
+
+
+@dataclass(frozen=True)
+class PreparedStream:
+    """The residual stream as a residual-add GEMV leaves it with the next RMSNorm prepared:
+    ``hidden`` the stream, ``scaled`` it times the norm's weight, ``parts`` (blocks, rows) its
+    rows' sums of squares."""
+
+    hidden: torch.Tensor
+    scaled: torch.Tensor
+    parts: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ResidualThenNorm:
+    """The residual of a residual-add GEMV, and the weight of the RMSNorm after it, which that
+    GEMV prepares (its result then comes as a :class:`PreparedStream`)."""
+
+    residual: torch.Tensor
+    next_norm_weight: torch.Tensor
+
+
+Residual = torch.Tensor | ResidualThenNorm
+
+
+def stream_of(hidden: torch.Tensor | PreparedStream) -> torch.Tensor:
+    """The residual stream itself, prepared for the next norm or not."""
+    return hidden.hidden if isinstance(hidden, PreparedStream) else hidden
+
+
+def norm_operands(norm: FoldedNorm | PreparedNorm | None) -> dict:
+    """The small-batch ops' norm arguments for ``norm``: a folded norm's ``norm_weight`` and
+    ``norm_eps``, a prepared one's ``norm_parts`` and ``norm_eps``, or none (their default eps),
+    which folds no norm."""
+    if isinstance(norm, PreparedNorm):
+        return dict(norm_weight=None, norm_eps=norm.eps, norm_parts=norm.parts)
+    weight, eps = norm if norm is not None else (None, 1e-6)
+    return dict(norm_weight=weight, norm_eps=eps, norm_parts=None)
+
+
+def fused_linear(layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | PreparedNorm | None = None,
+                 residual: Residual | None = None, gate: torch.Tensor | None = None
+                 ) -> torch.Tensor | PreparedStream:
     """``[residual +] layer([rms_norm](x))`` through the split-K GEMV, the norm and the residual
     add inside its launch on CUDA (:func:`mambaify.ops.small_batch_linear`); with ``gate`` the
-    norm is Mamba2's gated RMSNorm of x * silu(gate)."""
-    return ops.small_batch_linear(x, layer.weight, layer.bias, *norm_operands(norm), residual, gate)
+    norm is Mamba2's gated RMSNorm of x * silu(gate). A :class:`ResidualThenNorm` residual: the
+    result as a :class:`PreparedStream`, the next norm's inputs prepared in the same launch."""
+    if isinstance(residual, ResidualThenNorm):
+        if norm is not None or gate is not None:
+            raise ValueError("a GEMV that prepares the next norm takes no norm of its own")
+        return PreparedStream(*ops.small_batch_linear_prepare_norm(x, layer.weight, layer.bias, residual.residual,
+                                                                   residual.next_norm_weight))
+    return ops.small_batch_linear(x, layer.weight, layer.bias, residual=residual, gate=gate, **norm_operands(norm))
 
 
-def norm_or_fold(x: torch.Tensor, norm: FoldedNorm | None) -> tuple[torch.Tensor, FoldedNorm | None]:
-    """(input, norm) for the GEMV after an RMSNorm that ``fold_norms`` would fold into it: x and
-    the norm where the GEMV folds it well (one row, :func:`mambaify.ops.folds_norm`), else the
+def norm_or_fold(x: torch.Tensor | PreparedStream, norm: FoldedNorm | None
+                 ) -> tuple[torch.Tensor, FoldedNorm | PreparedNorm | None]:
+    """(input, norm) for the GEMV after an RMSNorm that ``fold_norms`` would fold into it: the
+    norm's inputs as the GEMV before prepared them (x a :class:`PreparedStream`); else x and the
+    norm where the GEMV folds it well (one row, :func:`mambaify.ops.folds_norm`), else the
     normalized x and None, the norm a kernel of its own (inductor's, in a compiled step)."""
+    if isinstance(x, PreparedStream):
+        return x.scaled, PreparedNorm(x.parts, norm[1])
     if norm is None or ops.folds_norm(x):
         return x, norm
     return ops.rms_norm(x, *norm), None
 
 
-def normed_linear(linear: LinearCall, layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | None) -> torch.Tensor:
+def normed_linear(linear: LinearCall, layer: nn.Linear, x: torch.Tensor,
+                  norm: FoldedNorm | PreparedNorm | None) -> torch.Tensor:
     """An input projection: ``linear(layer, x)``, or with ``norm`` the layer's RMSNorm folded in."""
     return linear(layer, x) if norm is None else fused_linear(layer, x, norm)
 
 
-def linear_plus(linear: LinearCall, layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """An output projection: ``linear(layer, x)``, or with ``residual`` the residual add folded in."""
+def linear_plus(linear: LinearCall, layer: nn.Linear, x: torch.Tensor,
+                residual: Residual | None) -> torch.Tensor | PreparedStream:
+    """An output projection: ``linear(layer, x)``, or with ``residual`` the residual add folded in
+    (and the next norm prepared, with a :class:`ResidualThenNorm`)."""
     return linear(layer, x) if residual is None else fused_linear(layer, x, residual=residual)
 
 
@@ -322,7 +388,7 @@ class AttentionRunner:
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         if self.grouped_qkv:
             qkv = ops.small_batch_qkv(hidden, *(p.weight for p in projections), *(p.bias for p in projections),
-                                      *norm_operands(norm))
+                                      **norm_operands(norm))
             q_end = attn.q_proj.out_features
             k_end = q_end + attn.k_proj.out_features
             outputs = (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])
@@ -493,6 +559,10 @@ class DecoderLayerRunner:
             norms = (foldable_norm(layer.input_layernorm), foldable_norm(layer.post_attention_layernorm))
             if None not in norms:
                 self.folded_norms = norms
+        # With folded norms and MAMBAIFY_PREPARED_NORMS=1: the norm after the layer (the next
+        # layer's input norm, or the final one; set by the stack) prepared by its down projection.
+        self.prepare_norms = self.folded_norms is not None and prepared_norms_default()
+        self.next_norm: FoldedNorm | None = None
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers | MambaBuffers:
         return self.mixer.allocate(batch, slots, dtype, device)
@@ -505,13 +575,23 @@ class DecoderLayerRunner:
             return self._run(self.mixer.decode, hidden, ctx, buffers)
         return self.run_folded(lambda x, norm, residual: self.mixer.decode(x, ctx, buffers, norm, residual), hidden)
 
-    def run_folded(self, mix: Callable, hidden: torch.Tensor) -> torch.Tensor:
+    def run_folded(self, mix: Callable, hidden: torch.Tensor | PreparedStream) -> torch.Tensor | PreparedStream:
         """The layer with ``fold_norms``: each residual add inside the GEMV before it and each norm
-        inside the GEMVs after it, or run first where they fold it badly (:func:`norm_or_fold`).
+        inside the GEMVs after it, or run first where they fold it badly (:func:`norm_or_fold`),
+        or with ``prepare_norms`` at several rows prepared by the GEMV before it (its result, and
+        the layer's input, then a :class:`PreparedStream`; :meth:`residual_before`).
         ``mix(x, norm, residual)``: the token mixer's output with the residual added."""
         before_mixer, before_mlp = self.folded_norms
-        hidden = mix(*norm_or_fold(hidden, before_mixer), hidden)
-        return self.mlp(*norm_or_fold(hidden, before_mlp), residual=hidden)
+        hidden = mix(*norm_or_fold(hidden, before_mixer), self.residual_before(stream_of(hidden), before_mlp))
+        residual = self.residual_before(stream_of(hidden), self.next_norm)
+        return self.mlp(*norm_or_fold(hidden, before_mlp), residual=residual)
+
+    def residual_before(self, stream: torch.Tensor, norm: FoldedNorm | None) -> Residual:
+        """The residual to add in the GEMV before ``norm``: with ``prepare_norms``, at several rows
+        (where the GEMV after the norm would not fold it), the norm prepared there as well."""
+        if not self.prepare_norms or norm is None or ops.folds_norm(stream):
+            return stream
+        return ResidualThenNorm(stream, norm[0])
 
     def _run(self, mix: Callable, hidden: torch.Tensor, ctx: ForwardContext, buffers) -> torch.Tensor:
         layer = self.layer
@@ -531,7 +611,7 @@ class DecoderLayerRunner:
                 return linear(mlp.down_proj, ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight))
             return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
         if self.swiglu:
-            hidden = ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight, *norm_operands(norm))
+            hidden = ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight, **norm_operands(norm))
         else:
             hidden = mlp.act_fn(normed_linear(linear, mlp.gate_proj, x, norm)) * normed_linear(linear, mlp.up_proj, x, norm)
         return linear_plus(linear, mlp.down_proj, hidden, residual)
@@ -560,6 +640,13 @@ class DecodingStack:
         self.layers = [DecoderLayerRunner(layer, linear, fold_norms) for layer in base.layers]
         # The final norm folded into the LM head's GEMV, where the layers' norms are.
         self.folded_norm = foldable_norm(self.norm) if fold_norms and linear is few_row_linear else None
+        # Each layer's next norm, for a layer that prepares it: the next layer's input norm where
+        # that layer folds its norms, the final norm after the last layer.
+        for runner, following in zip(self.layers, [*self.layers[1:], None]):
+            if following is None:
+                runner.next_norm = self.folded_norm
+            elif following.folded_norms is not None:
+                runner.next_norm = following.folded_norms[0]
         self.has_attention = any(isinstance(r.mixer, AttentionRunner) for r in self.layers)
         self.num_slots = num_slots
         self.slot_range = torch.arange(num_slots, device=self.lm_head.weight.device)
@@ -625,8 +712,9 @@ class DecodingStack:
             hidden = runner.decode(hidden, ctx, buffers)
         return self.logits(hidden)[:, 0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head over the final norm of ``hidden`` (the norm folded into its GEMV with ``fold_norms``)."""
+    def logits(self, hidden: torch.Tensor | PreparedStream) -> torch.Tensor:
+        """The LM head over the final norm of ``hidden`` (the norm folded into its GEMV with
+        ``fold_norms``, or prepared by the last layer's down projection)."""
         if self.folded_norm is not None:
             return fused_linear(self.lm_head, *norm_or_fold(hidden, self.folded_norm))
         return self.linear(self.lm_head, self.norm(hidden))
@@ -1490,6 +1578,8 @@ __all__ = [
     "KVBuffers",
     "MambaBuffers",
     "MambaRunner",
+    "PreparedNorm",
+    "PreparedStream",
     "StaticCache",
     "check_compile_options",
     "check_small_batch_linear",
@@ -1498,4 +1588,5 @@ __all__ = [
     "engine_if_served",
     "generate",
     "grouped_query_attention",
+    "prepared_norms_default",
 ]

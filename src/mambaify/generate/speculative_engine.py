@@ -122,6 +122,7 @@ from .engine import (
     left_pad,
     module_linear,
     pad_slots_for,
+    stream_of,
     use_split_k_attention,
 )
 from .sampling import SamplingParams, greedy_tokens, keep_top_k, keep_top_p
@@ -466,7 +467,7 @@ class SpeculativeStack(DecodingStack):
             return mamba_draft_step(mixer, hidden, buffers, cache.counts, step, prev_real, self.linear, norm, residual)
 
         hidden = self._run(token_ids, 0 if step == 0 else step + 1, cache, mamba)
-        return self.logits(hidden[:, -1])
+        return self.logits(stream_of(hidden)[:, -1])  # the last token's row alone: its own final norm
 
 
 # ---------------------------------------------------------------------------------------------

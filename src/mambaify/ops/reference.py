@@ -205,17 +205,57 @@ def pre_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, gate: tor
     return rms_norm(x, weight, eps) if gate is None else gated_rms_norm(x, gate, weight, eps)
 
 
+def norm_scale(norm_parts: torch.Tensor, k: int, eps: float, shape: torch.Size) -> torch.Tensor:
+    """An RMSNorm's per-row scale rsqrt(mean(x^2) + eps) from the sums of squares a producer
+    left (:func:`small_batch_linear_prepare_norm`), ``norm_parts`` (blocks of columns, rows)
+    summed over the blocks; shaped ``shape[:-1] + (1,)`` to scale outputs of x's leading dims."""
+    return torch.rsqrt(norm_parts.sum(0) / k + eps).reshape(*shape[:-1], 1)
+
+
+def _prepared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     norm_parts: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """F.linear of the rows x * g whose norm's scale comes from ``norm_parts``: the scale applied
+    to the products, then the bias (the order of the GEMV's folded norm)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    out = F.linear(x, weight).to(compute) * norm_scale(norm_parts, x.shape[-1], norm_eps, x.shape)
+    return (out if bias is None else out + bias.to(compute)).to(x.dtype)
+
+
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-                       residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """The PyTorch form of ``mambaify.ops.small_batch_linear``: [residual +] F.linear(pre_norm(x))."""
-    out = F.linear(pre_norm(x, norm_weight, norm_eps, gate), weight, bias)
+                       residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                       norm_parts: torch.Tensor | None = None) -> torch.Tensor:
+    """The PyTorch form of ``mambaify.ops.small_batch_linear``: [residual +] F.linear(pre_norm(x)),
+    or with ``norm_parts`` of x already times the norm's weight, scaled as the parts say."""
+    if norm_parts is not None:
+        out = _prepared_linear(x, weight, bias, norm_parts, norm_eps)
+    else:
+        out = F.linear(pre_norm(x, norm_weight, norm_eps, gate), weight, bias)
     return out if residual is None else residual + out
 
 
+def small_batch_linear_prepare_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                    residual: torch.Tensor, next_norm_weight: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The PyTorch form of ``mambaify.ops.small_batch_linear_prepare_norm``: the residual stream
+    h = residual + F.linear(x, weight, bias), and what the RMSNorm after it needs, so that the
+    GEMV after the norm runs none of it: h times the norm's weight (in h's dtype) and each row's
+    sum of squares of h (one block of columns here: shape (1, rows))."""
+    h = small_batch_linear(x, weight, bias, residual=residual)
+    compute = torch.promote_types(h.dtype, torch.float32)
+    hf = h.to(compute)
+    scaled = (hf * next_norm_weight.to(compute)).to(h.dtype)
+    return h, scaled, hf.pow(2).sum(-1).reshape(1, -1)
+
+
 def small_batch_gated_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                         norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
-    """The PyTorch form of ``mambaify.ops.small_batch_gated_up``: silu(x gate^T) * (x up^T) of pre_norm(x)."""
+                         norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                         norm_parts: torch.Tensor | None = None) -> torch.Tensor:
+    """The PyTorch form of ``mambaify.ops.small_batch_gated_up``: silu(x gate^T) * (x up^T) of
+    pre_norm(x), or with ``norm_parts`` of x already times the norm's weight."""
+    if norm_parts is not None:
+        return F.silu(_prepared_linear(x, gate, None, norm_parts, norm_eps)) * _prepared_linear(
+            x, up, None, norm_parts, norm_eps)
     x = pre_norm(x, norm_weight, norm_eps)
     return F.silu(F.linear(x, gate)) * F.linear(x, up)
 
@@ -223,10 +263,14 @@ def small_batch_gated_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
 def small_batch_qkv(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
                     v_bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                    norm_eps: float = 1e-6) -> torch.Tensor:
-    """The PyTorch form of ``mambaify.ops.small_batch_qkv``: q, k and v of pre_norm(x), side by side."""
+                    norm_eps: float = 1e-6, norm_parts: torch.Tensor | None = None) -> torch.Tensor:
+    """The PyTorch form of ``mambaify.ops.small_batch_qkv``: q, k and v of pre_norm(x), side by
+    side, or with ``norm_parts`` of x already times the norm's weight."""
+    mats = ((q, q_bias), (k, k_bias), (v, v_bias))
+    if norm_parts is not None:
+        return torch.cat([_prepared_linear(x, w, b, norm_parts, norm_eps) for w, b in mats], -1)
     x = pre_norm(x, norm_weight, norm_eps)
-    return torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)
+    return torch.cat([F.linear(x, w, b) for w, b in mats], -1)
 
 
 def causal_conv1d(

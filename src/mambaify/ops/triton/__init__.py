@@ -17,7 +17,7 @@ import triton  # noqa: F401  (the ImportError that says "no GPU kernels here")
 
 from .. import register_backend
 from .decode import conv_ssd_step_inplace, conv_step_inplace, ssd_step, ssd_step_inplace
-from .gemv import small_batch_gated_up, small_batch_linear, small_batch_qkv
+from .gemv import small_batch_gated_up, small_batch_linear, small_batch_linear_prepare_norm, small_batch_qkv
 from .norm import gated_rmsnorm
 from .verify import conv_verify_inplace, ssd_verify_inplace, ssd_verify_store_states
 
@@ -48,6 +48,7 @@ __all__ = [
     "gated_rmsnorm",
     "small_batch_gated_up",
     "small_batch_linear",
+    "small_batch_linear_prepare_norm",
     "small_batch_qkv",
     "ssd_step",
     "ssd_step_inplace",

@@ -127,7 +127,8 @@ def _group_block(w_ptr, wb_ptr, wc_ptr, pid_n, N_A, N_B, N, BLOCK_N: tl.constexp
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, wb_ptr, wc_ptr, g_ptr, ssq_ptr, res_ptr, z_ptr,
-    M, N, K, k_per_split, S, N_A, N_B, eps,
+    parts_ptr, next_g_ptr, scaled_ptr, next_parts_ptr,
+    M, N, K, k_per_split, S, N_A, N_B, eps, P,
     x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn, f_sm, f_sn, q_ss, q_sp, r_sm, r_sn, z_sm, z_sk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -145,6 +146,8 @@ def _gemv_kernel(
     GATE: tl.constexpr,
     PDL: tl.constexpr,
     STAGES: tl.constexpr,
+    NORM_PARTS: tl.constexpr,
+    PREPARE: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
     (and of x[m, k] * w2[n, k] when GATED: w the gate, w2 the up projection, read in the same
@@ -176,6 +179,14 @@ def _gemv_kernel(
     weight tiles, which no kernel writes, before it waits for the kernel ahead of it (whose
     output may be x), so the weights start streaming while that kernel finishes; then it lets
     the next kernel launch. Everything else (x, every store) comes after the wait.
+    NORM_PARTS (a prepared norm): x is already an RMSNorm's input times the norm's weight, and
+    ``parts_ptr`` (P, M) holds, per block of columns, each row's sum of squares of the norm's
+    input (what a PREPARE launch before this one wrote): the loop is the plain one, and where the
+    sums finish they are scaled by rsqrt(sum of the P parts / K + eps), as with NORM.
+    PREPARE (with the result the residual stream): the norm after it prepared, for a NORM_PARTS
+    launch after this one: the result times ``next_g_ptr`` (the next norm's weight) to
+    ``scaled_ptr`` in the output's dtype and layout, and each row's sum of squares of the result
+    over this n block's columns to ``next_parts_ptr`` (n blocks, M).
     STAGES: the main loop's software pipelining (``tl.range``'s num_stages): at 2 or more,
     Triton streams the next weight tiles into shared memory (cp.async) while the warps reduce the
     current one; at 1 each tile's loads are issued only after the last tile's reduction. Several
@@ -214,9 +225,14 @@ def _gemv_kernel(
     res = res_ptr + offs_m[:, None] * r_sm + offs_n[None, :] * r_sn
     if FINAL:
         residual = _residual(res, mask, RESIDUAL)
-        result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, GATED, HAS_BIAS, NORM,
-                         RESIDUAL)
-        tl.store(ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
+        if NORM_PARTS:
+            ssq = _parts_ssq(parts_ptr, P, M, offs_m)
+        result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, GATED, HAS_BIAS,
+                         NORM or NORM_PARTS, RESIDUAL).to(out_ptr.dtype.element_ty)
+        tl.store(ptrs, result, mask=mask)
+        if PREPARE:
+            _prepare_norm(result, mask, offs_m, offs_n, mask_n, pid_n, M, next_g_ptr,
+                          scaled_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn, next_parts_ptr, ACC)
     else:
         tl.store(ptrs, acc, mask=mask)
         if GATED:
@@ -233,10 +249,15 @@ def _gemv_kernel(
                 first = out_ptr + offs_m[:, None] * o_sm + offs_n[None, :] * o_sn
                 acc, acc2, ssq = _split_sums(first, mask, S, o_ss, o_sp, ssq, ssq_ptr + pid_n * q_sp + offs_m,
                                              offs_m < M, q_ss, GATED, NORM, ".cg")
+                if NORM_PARTS:
+                    ssq = _parts_ssq(parts_ptr, P, M, offs_m)
                 result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, GATED, HAS_BIAS,
-                                 NORM, RESIDUAL)
+                                 NORM or NORM_PARTS, RESIDUAL).to(final_ptr.dtype.element_ty)
                 final = final_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn
-                tl.store(final, result.to(final_ptr.dtype.element_ty), mask=mask)
+                tl.store(final, result, mask=mask)
+                if PREPARE:
+                    _prepare_norm(result, mask, offs_m, offs_n, mask_n, pid_n, M, next_g_ptr,
+                                  scaled_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn, next_parts_ptr, ACC)
                 tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
@@ -296,6 +317,30 @@ def _residual(res, mask, RESIDUAL: tl.constexpr):
 
 
 @triton.jit
+def _parts_ssq(parts_ptr, P, M, offs_m):
+    """Each row's sum of squares (rows ``offs_m``) from the P blocks of columns a PREPARE launch
+    summed, ``parts_ptr`` (P, M), added in block order (the same bits every call)."""
+    ssq = tl.zeros(offs_m.shape, dtype=parts_ptr.dtype.element_ty)
+    offs_p = tl.arange(0, 64)
+    for p in range(0, P, 64):
+        in_range = ((p + offs_p) < P)[:, None] & (offs_m < M)[None, :]
+        ssq += tl.sum(tl.load(parts_ptr + (p + offs_p)[:, None] * M + offs_m[None, :], mask=in_range, other=0.0), axis=0)
+    return ssq
+
+
+@triton.jit
+def _prepare_norm(result, mask, offs_m, offs_n, mask_n, block, M, next_g_ptr, scaled, next_parts_ptr,
+                  ACC: tl.constexpr):
+    """For the RMSNorm after this launch (PREPARE): ``result`` (rows, n; as stored, in the
+    stream's dtype) times the norm's weight to ``scaled``, and each row's sum of squares over
+    these columns to row ``block`` of ``next_parts_ptr`` (n blocks, M)."""
+    h = result.to(ACC)
+    g = tl.load(next_g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    tl.store(scaled, (h * g[None, :]).to(scaled.dtype.element_ty), mask=mask)
+    tl.store(next_parts_ptr + block * M + offs_m, tl.sum(tl.where(mask, h * h, 0.0), axis=1), mask=offs_m < M)
+
+
+@triton.jit
 def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual,
             GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
     """The layer's output from its complete sums: with NORM scaled by each row's
@@ -317,8 +362,8 @@ def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual,
 
 @triton.jit
 def _sum_splits_kernel(
-    part_ptr, bias_ptr, out_ptr, ssq_ptr, res_ptr,
-    S, M, N, K, eps,
+    part_ptr, bias_ptr, out_ptr, ssq_ptr, res_ptr, parts_ptr, next_g_ptr, scaled_ptr, next_parts_ptr,
+    S, M, N, K, eps, P,
     p_ss, p_sp, p_sm, p_sn, o_sm, o_sn, q_ss, r_sm, r_sn,
     BLOCK_N: tl.constexpr,
     GATED: tl.constexpr,
@@ -326,20 +371,32 @@ def _sum_splits_kernel(
     NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
+    NORM_PARTS: tl.constexpr,
+    PREPARE: tl.constexpr,
 ):
     """Program (row m, n block): out[m, n] = sum_s part[s, 0, m, n] (+ bias[n]), or with GATED
-    silu(sum_s part[s, 0]) * sum_s part[s, 1], in the output dtype; NORM and RESIDUAL as in
-    :func:`_gemv_kernel` (the row's sums of squares read from the first n block's)."""
+    silu(sum_s part[s, 0]) * sum_s part[s, 1], in the output dtype; NORM, RESIDUAL, NORM_PARTS
+    and PREPARE as in :func:`_gemv_kernel` (NORM: the row's sums of squares read from the first n
+    block's; PREPARE: a block of sums of squares per BLOCK_N columns)."""
     wait_for_inputs(PDL)
     m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    block = tl.program_id(1)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     residual = _residual(res_ptr + m * r_sm + offs_n * r_sn, mask_n, RESIDUAL)
     no_ssq = m * 0.0  # a tensor, as _split_sums returns it without NORM
     acc, acc2, ssq = _split_sums(part_ptr + m * p_sm + offs_n * p_sn, mask_n, S, p_ss, p_sp, no_ssq, ssq_ptr + m,
                                  m >= 0, q_ss, GATED, NORM, "")
-    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual, GATED, HAS_BIAS, NORM, RESIDUAL)
-    tl.store(out_ptr + m * o_sm + offs_n * o_sn, result.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if NORM_PARTS:
+        ssq = _parts_ssq(parts_ptr, P, M, m + tl.arange(0, 1))
+    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual, GATED, HAS_BIAS,
+                     NORM or NORM_PARTS, RESIDUAL).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m * o_sm + offs_n * o_sn, result, mask=mask_n)
+    if PREPARE:
+        h = result.to(part_ptr.dtype.element_ty)
+        g = tl.load(next_g_ptr + offs_n, mask=mask_n, other=0.0).to(h.dtype)
+        tl.store(scaled_ptr + m * o_sm + offs_n * o_sn, (h * g).to(scaled_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(next_parts_ptr + block * M + m, tl.sum(tl.where(mask_n, h * h, 0.0)))
 
 
 def plan(n: int, k: int, device: torch.device, block_n: int = 32, block_k: int = 256,
@@ -521,17 +578,23 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
             bias: torch.Tensor | None, block_n: int | None, block_k: int | None, num_warps: int | None,
             splits: int | None, one_launch: bool | None, norm_weight: torch.Tensor | None = None,
             norm_eps: float = 0.0, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-            stages: int | None = None) -> torch.Tensor:
+            stages: int | None = None, norm_parts: torch.Tensor | None = None,
+            prepare: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel over one weight, or a group of three (same K and strides; outputs side by side).
     A configuration left None: :func:`default_config`'s, or the tuned one (:func:`tune_default`).
     ``norm_weight``/``norm_eps``: the rows are an RMSNorm's input (see NORM); ``residual``
     (m, n): added to the result; ``gate`` (m, k): the norm is gated by it (see GATE).
-    ``stages``: the one-row loop's pipeline stages (None: :func:`one_row_stages`)."""
+    ``stages``: the one-row loop's pipeline stages (None: :func:`one_row_stages`).
+    ``norm_parts`` (blocks, m): the rows are a norm's input times its weight, the parts its
+    sums of squares (see NORM_PARTS). ``prepare`` (n,): the next norm's weight; then the result
+    comes with that norm's inputs prepared, (out, out * weight, sums of squares (blocks, m)),
+    blocks as :func:`prepared_blocks` says (see PREPARE; such a call is never tuned, so that
+    the blocks are known before it runs)."""
     m, k = rows.shape
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
     n = sum(w.shape[0] for w in mats)
-    tune = tune_default() and forced_config() is None  # a forced configuration outranks tuning
+    tune = tune_default() and forced_config() is None and prepare is None  # a forced configuration outranks tuning
     if block_n is None and block_k is None and num_warps is None and tune and _can_time(rows.device):
         block_n, block_k, num_warps = _tuned(rows, mats, up, bias, splits, one_launch)
     block_n, block_k, num_warps = (given or default for given, default in zip(
@@ -560,10 +623,18 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     z = gate if gate is not None else rows
     pdl = launch_options(rows.device)
     wb, wc = mats[1:] if grouped else (weight, weight)
+    parts_in = norm_parts if norm_parts is not None else out
+    sum_block = 256  # the split sums' own kernel, where the GEMV's launch does not add them
+    scaled, parts_out = out, out
+    if prepare is not None:  # the next norm's inputs, in blocks of the kernel that writes the result
+        blocks = programs_n if splits == 1 or last_sums else triton.cdiv(n, sum_block)
+        scaled, parts_out = torch.empty_like(out), torch.empty(blocks, m, dtype=acc_dtype, device=rows.device)
     _gemv_kernel[(programs_n, splits)](
         rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters, wb, wc,
-        norm_weight if norm else weight, ssq, res, z,
+        norm_weight if norm else weight, ssq, res, z, parts_in, prepare if prepare is not None else out, scaled,
+        parts_out,
         m, n, k, k_per_split, splits, mats[0].shape[0], mats[1].shape[0] if grouped else 0, float(norm_eps),
+        parts_in.shape[0] if norm_parts is not None else 0,
         *rows.stride(), *weight.stride(), *part.stride(), *out.stride(), ssq.stride(0), ssq.stride(1),
         *res.stride(), *z.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, FINAL=splits == 1,
@@ -571,17 +642,30 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
         USE_DOT=use_dot, DOT_PRECISION="tf32" if rows.dtype in (torch.bfloat16, torch.float16) else "ieee",
         LAST_SPLIT_SUMS=last_sums, GROUPED=grouped, NORM=norm, RESIDUAL=residual is not None,
         GATE=norm and gate is not None, STAGES=DOT_STAGES if use_dot else one_row_stages(stages),
+        NORM_PARTS=norm_parts is not None, PREPARE=prepare is not None and (splits == 1 or last_sums),
         num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
-        sum_block = 256
         _sum_splits_kernel[(m, triton.cdiv(n, sum_block))](
-            part, bias if bias is not None else weight, out, ssq, res,
-            splits, m, n, k, float(norm_eps), *part.stride(), *out.stride(), ssq.stride(0), *res.stride(),
+            part, bias if bias is not None else weight, out, ssq, res, parts_in,
+            prepare if prepare is not None else out, scaled, parts_out,
+            splits, m, n, k, float(norm_eps), parts_in.shape[0] if norm_parts is not None else 0,
+            *part.stride(), *out.stride(), ssq.stride(0), *res.stride(),
             BLOCK_N=sum_block, GATED=gated, HAS_BIAS=bias is not None, NORM=norm, RESIDUAL=residual is not None,
-            **pdl,
+            NORM_PARTS=norm_parts is not None, PREPARE=prepare is not None, **pdl,
         )
-    return out
+    return out if prepare is None else (out, scaled, parts_out)
+
+
+def prepared_blocks(m: int, n: int, k: int, device: torch.device, one_launch: bool | None = None) -> int:
+    """The blocks of columns whose sums of squares a ``prepare`` call over an (m rows, n x k
+    weight) leaves (:func:`_launch`), at the default configuration: one per n block where the
+    GEMV's launch writes the result, else one per block of the split sums' own kernel."""
+    block_n, block_k, _ = default_config(m, n, k, device)
+    use_dot = m > 1 and block_n >= 16 and block_k >= 16
+    splits = _whole_blocks(k, plan(n, k, device, block_n, block_k, dot=use_dot)[1], block_k)[1]
+    in_launch = splits == 1 or (one_launch_default() if one_launch is None else one_launch)
+    return triton.cdiv(n, block_n) if in_launch else triton.cdiv(n, 256)
 
 
 def _rows(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
@@ -603,6 +687,18 @@ def _check_fused(x: torch.Tensor, n: int, norm_weight: torch.Tensor | None, resi
     return residual.reshape(-1, n)
 
 
+def _check_parts(x: torch.Tensor, norm_parts: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                 name: str) -> None:
+    """A prepared norm's sums of squares: (blocks, rows of x) in float32 or float64, alone."""
+    if norm_parts is None:
+        return
+    if norm_weight is not None:
+        raise ValueError(f"{name}: give norm_weight (x is the norm's input) or norm_parts (x is already "
+                         f"times the norm's weight), not both")
+    rows = x.numel() // x.shape[-1]
+    if norm_parts.dim() != 2 or norm_parts.shape[1] != rows or not norm_parts.is_floating_point():
+        raise ValueError(f"{name}: norm_parts {tuple(norm_parts.shape)} {norm_parts.dtype}, expected (blocks, {rows}) "
+                         f"sums of squares, as small_batch_linear_prepare_norm leaves them")
 
 
 def small_batch_linear(
@@ -610,6 +706,7 @@ def small_batch_linear(
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
     residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, stages: int | None = None,
+    norm_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
     bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
@@ -623,19 +720,47 @@ def small_batch_linear(
     the product, see NORM); ``residual`` (x's leading dims, N): added to the result. ``gate``
     (x's shape, with ``norm_weight``): the norm is Mamba2's gated RMSNorm of x * silu(gate) over
     the whole row (:func:`mambaify.ops.gated_rmsnorm`). ``stages``: one row's loop pipelined
-    over this many stages (None: :func:`one_row_stages`); several rows keep DOT_STAGES."""
+    over this many stages (None: :func:`one_row_stages`); several rows keep DOT_STAGES.
+    ``norm_parts`` (with ``norm_eps``, instead of ``norm_weight``): x is an RMSNorm's input
+    already times the norm's weight, and these its rows' sums of squares in blocks of columns,
+    as :func:`small_batch_linear_prepare_norm` leaves both (see NORM_PARTS)."""
     rows = _rows(x, weight, "small_batch_linear")
     n = weight.shape[0]
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"small_batch_linear: bias {tuple(bias.shape)} for a weight of {n} rows")
     res = _check_fused(x, n, norm_weight, residual, "small_batch_linear")
+    _check_parts(x, norm_parts, norm_weight, "small_batch_linear")
     if gate is not None and (norm_weight is None or gate.shape != x.shape):
         raise ValueError(f"small_batch_linear: a gate {tuple(gate.shape)} needs norm_weight and x's shape "
                          f"{tuple(x.shape)}")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate)
+        return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts)
     return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight, norm_eps,
-                   res, None if gate is None else gate.reshape(-1, gate.shape[-1]), stages).reshape(*x.shape[:-1], n)
+                   res, None if gate is None else gate.reshape(-1, gate.shape[-1]), stages,
+                   norm_parts).reshape(*x.shape[:-1], n)
+
+
+def small_batch_linear_prepare_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+    next_norm_weight: torch.Tensor, one_launch: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual stream h = residual + ``F.linear(x, weight, bias)`` (x of at most MAX_ROWS
+    rows), and with it the inputs of the RMSNorm after it, prepared in the same launch for the
+    GEMV that follows the norm (``norm_parts``): (h, h times ``next_norm_weight`` in h's dtype,
+    each row's sums of squares of h in blocks of columns, (blocks, rows) float32). The GEMV
+    after the norm then runs none of the norm's work in its loop. Always at the default
+    configuration (:func:`prepared_blocks` says how many blocks); more rows: PyTorch, one block."""
+    rows = _rows(x, weight, "small_batch_linear_prepare_norm")
+    n = weight.shape[0]
+    res = _check_fused(x, n, None, residual, "small_batch_linear_prepare_norm")
+    if res is None or next_norm_weight.shape != (n,):
+        raise ValueError(f"small_batch_linear_prepare_norm: a residual {(*x.shape[:-1], n)} and a next norm weight "
+                         f"({n},) are needed")
+    if not 0 < rows.shape[0] <= MAX_ROWS:
+        return reference.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight)
+    out, scaled, parts = _launch(rows, weight, None, bias, None, None, None, None, one_launch, residual=res,
+                                 prepare=next_norm_weight)
+    return out.reshape(*x.shape[:-1], n), scaled.reshape(*x.shape[:-1], n), parts
 
 
 def small_batch_qkv(
@@ -643,14 +768,14 @@ def small_batch_qkv(
     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-    stages: int | None = None,
+    stages: int | None = None, norm_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)``
     in one launch, for x (..., K) of at most MAX_ROWS rows and q, k, v (N_q, K), (N_k, K), (N_v, K)
     alike in dtype and layout: an attention layer's three projections, read in one pass as if
     they were one matrix, without copying them into one. More rows go to ``F.linear``.
-    ``norm_weight``, ``norm_eps``, ``stages``: as for :func:`small_batch_linear` (the norm: the
-    layer's input norm)."""
+    ``norm_weight``, ``norm_eps``, ``stages``, ``norm_parts``: as for :func:`small_batch_linear`
+    (the norm: the layer's input norm)."""
     rows = _rows(x, q, "small_batch_qkv")
     mats = (q, k, v)
     if not qkv_read_as_one(*mats):
@@ -659,31 +784,34 @@ def small_batch_qkv(
     biases = (q_bias, k_bias, v_bias)
     n = sum(w.shape[0] for w in mats)
     _check_fused(x, n, norm_weight, None, "small_batch_qkv")
+    _check_parts(x, norm_parts, norm_weight, "small_batch_qkv")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return reference.small_batch_qkv(x, *mats, *biases, norm_weight, norm_eps)
+        return reference.small_batch_qkv(x, *mats, *biases, norm_weight, norm_eps, norm_parts)
     bias = None
     if any(b is not None for b in biases):  # one bias over the three outputs (absent ones as zeros)
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, mats)])
     return _launch(rows, mats, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight,
-                   norm_eps, stages=stages).reshape(*x.shape[:-1], n)
+                   norm_eps, stages=stages, norm_parts=norm_parts).reshape(*x.shape[:-1], n)
 
 
 def small_batch_gated_up(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-    stages: int | None = None,
+    stages: int | None = None, norm_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``silu(x gate^T) * (x up^T)``, the first half of a gated (SwiGLU) MLP, for x (..., K) of at
     most MAX_ROWS rows and gate, up (N, K): both matrices read in one pass, the activation applied
     as the sums finish. More rows go to PyTorch. ``one_launch``, ``norm_weight``, ``norm_eps``,
-    ``stages``: as for :func:`small_batch_linear` (the norm: the layer's post-attention norm)."""
+    ``stages``, ``norm_parts``: as for :func:`small_batch_linear` (the norm: the layer's
+    post-attention norm)."""
     rows = _rows(x, gate, "small_batch_gated_up")
     if up.shape != gate.shape:
         raise ValueError(f"small_batch_gated_up: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     n = gate.shape[0]
     _check_fused(x, n, norm_weight, None, "small_batch_gated_up")
+    _check_parts(x, norm_parts, norm_weight, "small_batch_gated_up")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps)
+        return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts)
     return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits, one_launch, norm_weight,
-                   norm_eps, stages=stages).reshape(*x.shape[:-1], n)
+                   norm_eps, stages=stages, norm_parts=norm_parts).reshape(*x.shape[:-1], n)
