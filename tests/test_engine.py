@@ -869,6 +869,8 @@ def test_prepared_norms_leave_no_norm_between_the_gemvs_at_several_rows(model, m
     prepared = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=True)
     runners = prepared.stack.layers
     assert all(r.prepare_norms for r in runners) and not any(r.prepare_norms for r in plain.stack.layers)
+    # Prepared where the GEMV runs and the norm would not fold: 2-16 rows.
+    assert [ops.prepares_norm(torch.zeros(rows, 1, 8)) for rows in (1, 2, 16, 17)] == [False, True, True, False]
     assert [r.next_norm[0] for r in runners] == [
         *(layer.input_layernorm.weight for layer in model.model.layers[1:]), model.model.norm.weight]
     assert torch.equal(prepared.generate(prompts, **options), plain.generate(prompts, **options))

@@ -588,8 +588,9 @@ class DecoderLayerRunner:
 
     def residual_before(self, stream: torch.Tensor, norm: FoldedNorm | None) -> Residual:
         """The residual to add in the GEMV before ``norm``: with ``prepare_norms``, at several rows
-        (where the GEMV after the norm would not fold it), the norm prepared there as well."""
-        if not self.prepare_norms or norm is None or ops.folds_norm(stream):
+        (where the GEMV after the norm would not fold it, and the GEMV runs: ops.prepares_norm),
+        the norm prepared there as well."""
+        if not self.prepare_norms or norm is None or not ops.prepares_norm(stream):
             return stream
         return ResidualThenNorm(stream, norm[0])
 

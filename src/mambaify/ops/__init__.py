@@ -410,6 +410,18 @@ def folds_norm(x: torch.Tensor) -> bool:
     return x.numel() <= FOLD_NORM_MAX_ROWS * x.shape[-1]
 
 
+# The most rows the small-batch linear layers run as the split-K GEMV on CUDA; beyond, a matrix
+# product (F.linear, cuBLAS) is the right call.
+SMALL_BATCH_MAX_ROWS = 16
+
+
+def prepares_norm(x: torch.Tensor) -> bool:
+    """Whether the GEMV that writes x (..., K), a residual stream, is best asked to prepare the
+    norm over x (:func:`small_batch_linear_prepare_norm`): where the GEMV after the norm would
+    not fold it (several rows) and the GEMV runs at all (at most SMALL_BATCH_MAX_ROWS rows)."""
+    return not folds_norm(x) and x.numel() <= SMALL_BATCH_MAX_ROWS * x.shape[-1]
+
+
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
                        residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
@@ -550,7 +562,8 @@ def _(x, weight, bias, residual, next_norm_weight):
     rows = x.numel() // k
     kernels = _gpu_kernels(x)
     # As many blocks as the call will leave: the kernel's (CUDA, at most 16 rows), else one.
-    blocks = kernels.gemv.prepared_blocks(rows, n, k, x.device) if kernels is not None and 0 < rows <= 16 else 1
+    in_kernel = kernels is not None and 0 < rows <= SMALL_BATCH_MAX_ROWS
+    blocks = kernels.gemv.prepared_blocks(rows, n, k, x.device) if in_kernel else 1
     out = x.new_empty((*x.shape[:-1], n))
     parts = x.new_empty((blocks, rows), dtype=torch.promote_types(x.dtype, torch.float32))
     return out, torch.empty_like(out), parts
@@ -789,6 +802,7 @@ def _(window, counts, xBC, weight, bias, out, silu, check_counts_values) -> None
 
 __all__ = [
     "FOLD_NORM_MAX_ROWS",
+    "SMALL_BATCH_MAX_ROWS",
     "SSDScan",
     "available_backends",
     "causal_conv1d",
@@ -797,6 +811,7 @@ __all__ = [
     "conv_verify",
     "conv_verify_inplace",
     "folds_norm",
+    "prepares_norm",
     "gated_rmsnorm",
     "gpu_kernels_available",
     "pdl_enabled",

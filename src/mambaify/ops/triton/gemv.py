@@ -32,11 +32,11 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .. import qkv_read_as_one
+from .. import SMALL_BATCH_MAX_ROWS, qkv_read_as_one
 from .. import reference
 from .pdl import launch_options, wait_for_inputs
 
-MAX_ROWS = 16  # more rows than this is a matrix product: F.linear (cuBLAS) is the right call
+MAX_ROWS = SMALL_BATCH_MAX_ROWS  # more rows than this is a matrix product: F.linear (cuBLAS) is the right call
 
 
 @functools.cache
