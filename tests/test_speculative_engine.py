@@ -823,6 +823,21 @@ def test_compiled_rounds_equal_eager(compile_models, draft_name, split_k, monkey
     assert compiled.compile_seconds == seconds
 
 
+def test_compiled_rounds_with_prepared_norms(compile_models, monkeypatch):
+    """MAMBAIFY_PREPARED_NORMS=1, the norms folded: the rounds at batch 2 carry the prepared
+    norms (three tensors out of one op) between the layers and still compile to one graph
+    each; plain greedy decoding's tokens."""
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
+    target, draft = compile_models["target"], compile_models["transformer"]
+    engine = SpeculativeEngine(target, draft, k=2, compile=True, max_batch_size=3, max_length=40,
+                               small_batch_linear=True, fold_norms=True)
+    assert all(r.prepare_norms for r in engine.target_stack.layers)
+    ids, mask = _prompts(2)
+    assert torch.equal(engine.generate(ids, mask, max_new_tokens=16, stop_token_ids=[]),
+                       plain_greedy(target, ids, mask, 16))
+    assert engine.is_compiled(2, 2) and engine.compile_error is None
+
+
 @pytest.mark.parametrize("cut_head", [False, True], ids=["whole-head", "cut-head"])
 def test_compiled_sampling_rounds_equal_eager(compile_models, cut_head):
     """Seeded sampling (temperature, top-k, top-p; the rejection rule) draws the same tokens
@@ -1239,6 +1254,25 @@ def test_cuda_fold_norms_rounds_equal_plain_greedy(targets, drafts, target_name)
                                fold_norms=True)
     assert engine.target_stack.folded_norm is not None
     assert torch.equal(engine.generate(ids.cuda(), mask.cuda(), max_new_tokens=16, stop_token_ids=[]), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True], ids=["graphed", "compiled"])
+def test_cuda_prepared_norms_rounds_equal_plain_greedy(targets, drafts, compile, monkeypatch):
+    """MAMBAIFY_PREPARED_NORMS=1: the verify calls' and draft steps' norms at several rows
+    prepared by the GEMV before them, in CUDA graphs (and compiled): plain greedy decoding's
+    tokens (float32)."""
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
+    target = copy.deepcopy(targets["hybrid50"]).cuda()
+    draft = copy.deepcopy(drafts["transformer"]).cuda()
+    ids, mask = _prompts(4)
+    expected = plain_greedy(target, ids.cuda(), mask.cuda(), 16).cpu()
+    engine = SpeculativeEngine(target, draft, k=3, max_batch_size=4, max_length=48, small_batch_linear=True,
+                               fold_norms=True, compile=compile)
+    assert all(r.prepare_norms for r in engine.target_stack.layers)
+    tokens = engine.generate(ids.cuda(), mask.cuda(), max_new_tokens=16, stop_token_ids=[])
+    assert torch.equal(tokens.cpu(), expected)
 
 
 @pytest.mark.gpu
