@@ -28,9 +28,9 @@ the bytes of the matrices read over the time. GEMV with fused operands (``--only
 the matrices that the engines' fold_norms gives an RMSNorm, Mamba2's gated norm or the residual
 add, folded into the split-K GEMV against the norm and add as kernels of their own, at a few
 launch configurations (``--gemv-configs``), and at one row at the engine's configuration with the
-loop pipelined (2 and 3 stages). GEMV chain (``--only gemv-chain``): the 8B 0% hybrid's GEMVs as
+loop pipelined (3 and 4 stages). GEMV chain (``--only gemv-chain``): the 8B 0% hybrid's GEMVs as
 its step calls them, several layers back to back in one graph, launched one after another (the
-one-row loops as by default, then pipelined: MAMBAIFY_GEMV_STAGES=2, 3) and as programmatic
+one-row loops as by default, then pipelined: MAMBAIFY_GEMV_STAGES=3, 4) and as programmatic
 dependent launches (MAMBAIFY_PDL=1).
 
 Times are medians of triton.testing.do_bench / do_bench_cudagraph, in milliseconds. A case
@@ -547,7 +547,7 @@ FUSED_GEMV_SHAPES = [
 FUSED_GEMV_CONFIGS = [(32, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8)]
 # One row, folded, at the engine's configuration: the loop pipelined over these stages as well
 # (MAMBAIFY_GEMV_STAGES; 1 is the loop as it runs by default).
-FUSED_GEMV_STAGES = (2, 3)
+FUSED_GEMV_STAGES = (3, 4)
 
 
 def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
@@ -642,8 +642,8 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
 CHAIN_LAYERS = 8
 # (label, MAMBAIFY_PDL, MAMBAIFY_GEMV_STAGES): the GEMVs launched one after another (their
 # one-row loops as they run by default, then pipelined), and as programmatic dependent launches.
-CHAIN_VARIANTS = [("one after another", "0", "1"), ("one after another, loop in 2 stages", "0", "2"),
-                  ("one after another, loop in 3 stages", "0", "3"), ("programmatic dependent launch", "1", "1")]
+CHAIN_VARIANTS = [("one after another", "0", "1"), ("one after another, loop in 3 stages", "0", "3"),
+                  ("one after another, loop in 4 stages", "0", "4"), ("programmatic dependent launch", "1", "1")]
 CHAIN_MATRICES = {"in_proj": (8480, 4096), "out_proj": (4096, 4096), "gate": (14336, 4096), "up": (14336, 4096),
                   "down": (4096, 14336)}
 

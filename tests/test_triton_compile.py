@@ -186,17 +186,21 @@ GEMV_CASES = {
     "gemv_norm_residual_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False, NORM=True,
         RESIDUAL=True), None),
-    # One row with its loop pipelined (MAMBAIFY_GEMV_STAGES=2 or 3): the norm and residual folded
-    # in, gate and up read together, and as a programmatic dependent launch.
-    "gemv_norm_residual_one_row_stages2": (gemv._gemv_kernel, dict(
+    # One row with its loop pipelined (MAMBAIFY_GEMV_STAGES=3 or 4; 2 copies through shared
+    # memory without overlap): the norm and residual folded in, gate and up read together, and
+    # as a programmatic dependent launch.
+    "gemv_norm_residual_one_row_stages3": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True, NORM=True,
-        RESIDUAL=True, STAGES=2), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
-    "gemv_gated_norm_one_row_k128_stages3": (gemv._gemv_kernel, dict(
+        RESIDUAL=True, STAGES=3), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    "gemv_gated_norm_one_row_k128_stages4": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, BLOCK_K=128, GATED=True, FINAL=False, HAS_BIAS=False, USE_DOT=False,
-        LAST_SPLIT_SUMS=True, NORM=True, STAGES=3), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
-    "gemv_one_row_pdl_stages2": (gemv._gemv_kernel, dict(
+        LAST_SPLIT_SUMS=True, NORM=True, STAGES=4), dict(GEMV_PARTIALS, ssq_ptr="*fp32")),
+    "gemv_one_row_stages2": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True,
+        STAGES=2), GEMV_PARTIALS),
+    "gemv_one_row_pdl_stages3": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=False, PDL=True,
-        STAGES=2), None),
+        STAGES=3), None),
 }
 
 
@@ -256,11 +260,15 @@ def test_gemv_compiles_for_hopper(name):
     if kernel is gemv._gemv_kernel:
         constexprs = gemv_stages(constexprs)
         launched = compile_for_hopper(kernel, constexprs, types=types, launched=GEMV_LAUNCH).asm["ptx"]
-        # The weight tiles stream into shared memory ahead of their use (cp.async) wherever the
-        # loop is pipelined: always through tl.dot, at one row with 2 stages or more; else they
-        # are loaded to registers where they are reduced.
-        pipelined = constexprs["USE_DOT"] or constexprs["STAGES"] > 1
-        assert ("cp.async" in launched) == pipelined, constexprs["STAGES"]
+        # The weight tiles go through shared memory (cp.async) wherever the loop is pipelined:
+        # always through tl.dot, at one row with 2 stages or more; else they are loaded to
+        # registers where they are reduced. The loop's wait leaves copies in flight (the next
+        # tiles stream while this one is reduced) through tl.dot and at one row from 3 stages;
+        # at 2 it waits for every copy before each step, so nothing overlaps.
+        assert ("cp.async" in launched) == (constexprs["USE_DOT"] or constexprs["STAGES"] > 1), constexprs["STAGES"]
+        waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", launched)]
+        overlaps = constexprs["USE_DOT"] or constexprs["STAGES"] >= 3
+        assert (bool(waits) and waits[0] > 0) == overlaps, (constexprs["STAGES"], waits)
     compiled = compile_for_hopper(kernel, constexprs, types=types)
     assert len(compiled.asm["cubin"]) > 0
     ptx = compiled.asm["ptx"]

@@ -8,10 +8,10 @@
 # among them, timed on its first call), "bk256" the defaults with session 13's one-row GEMV
 # configuration forced on every call (MAMBAIFY_GEMV_CONFIG=32,256,4: gate+up with K blocks of 256
 # again), "pdl" the defaults launched as programmatic dependent launches (MAMBAIFY_PDL=1),
-# "stages2" / "stages3" the defaults with the one-row GEMV loop pipelined over 2 or 3 stages
+# "stages3" / "stages4" the defaults with the one-row GEMV loop pipelined over 3 or 4 stages
 # (MAMBAIFY_GEMV_STAGES: the next weight tiles stream into shared memory while the current one
 # is reduced). Each part has its own time limit; everything goes to $OUT/steps.tgz.
-# VARIANTS="..." runs only those (default: folded-conv stages2 stages3 bk256 pdl). Usage (from the repo root): bash benchmarks/h200/step_variants.sh [TESTS_S] [BENCH_S_EACH]
+# VARIANTS="..." runs only those (default: folded-conv stages3 stages4 bk256 pdl). Usage (from the repo root): bash benchmarks/h200/step_variants.sh [TESTS_S] [BENCH_S_EACH]
 source benchmarks/h200/env.sh
 set +e
 tests_s=${1:-150}
@@ -27,7 +27,7 @@ timeout -s INT -k 20 "$tests_s" python3 -m pytest -q -m gpu -p no:cacheprovider 
 echo "gpu tests: exit $? after $(( $(date +%s) - start )) s"
 grep -E "passed|failed" "$out/gpu-tests.log" | tail -2
 grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -10
-for variant in ${VARIANTS:-folded-conv stages2 stages3 bk256 pdl}; do
+for variant in ${VARIANTS:-folded-conv stages3 stages4 bk256 pdl}; do
   case $variant in
     plain) switches=(MAMBAIFY_FOLD_NORMS=0 MAMBAIFY_FUSED_CONV_STEP=0) ;;
     folded) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=0) ;;
@@ -35,9 +35,9 @@ for variant in ${VARIANTS:-folded-conv stages2 stages3 bk256 pdl}; do
     tuned) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=1 MAMBAIFY_GEMV_TUNE=1) ;;
     bk256) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=1 MAMBAIFY_GEMV_CONFIG=32,256,4) ;;
     pdl) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=1 MAMBAIFY_PDL=1) ;;
-    stages2) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=1 MAMBAIFY_GEMV_STAGES=2) ;;
     stages3) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=1 MAMBAIFY_GEMV_STAGES=3) ;;
-    *) echo "step_variants: unknown variant $variant (plain, folded, folded-conv, tuned, bk256, pdl, stages2, stages3)"; continue ;;
+    stages4) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_FUSED_CONV_STEP=1 MAMBAIFY_GEMV_STAGES=4) ;;
+    *) echo "step_variants: unknown variant $variant (plain, folded, folded-conv, tuned, bk256, pdl, stages3, stages4)"; continue ;;
   esac
   env "${switches[@]}" timeout -s INT -k 10 "$bench_s" python3 -m mambaify.cli bench --compile --linear split-k \
     --families llama8b --attention 1,0 --batch 1 --context 1024 --paths engine --repeats 3 \

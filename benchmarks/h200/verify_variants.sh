@@ -5,7 +5,7 @@
 # own (MAMBAIFY_FOLD_NORMS=0), "folded" with them folded (the default since session 13: the
 # residual adds at every row count, the norms at one row), "folded-tuned" with MAMBAIFY_GEMV_TUNE=1
 # as well (each GEMV shape's fastest launch configuration, timed on its first call),
-# "folded-stages2" with the one-row GEMV loop pipelined (MAMBAIFY_GEMV_STAGES=2: the plain step
+# "folded-stages3" with the one-row GEMV loop pipelined (MAMBAIFY_GEMV_STAGES=3: the plain step
 # and the draft's one-row calls; the verify call's rows are pipelined either way),
 # "folded-prepared" with the norms at several rows prepared by the residual-add GEMV before
 # them (MAMBAIFY_PREPARED_NORMS=1: no norm kernel between the verify call's GEMVs but the first
@@ -24,9 +24,9 @@ for variant in ${VARIANTS:-plain folded folded-tuned}; do
     plain) switches=(MAMBAIFY_FOLD_NORMS=0) ;;
     folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
     folded-tuned) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_TUNE=1) ;;
-    folded-stages2) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_STAGES=2) ;;
+    folded-stages3) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_STAGES=3) ;;
     folded-prepared) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_PREPARED_NORMS=1) ;;
-    *) echo "verify_variants: unknown variant $variant (plain, folded, folded-tuned, folded-stages2, folded-prepared)"; continue ;;
+    *) echo "verify_variants: unknown variant $variant (plain, folded, folded-tuned, folded-stages3, folded-prepared)"; continue ;;
   esac
   env "${switches[@]}" timeout -s INT -k 10 "$bench_s" python3 benchmarks/bench_speculative.py --out "$out/$variant" \
     --shape llama8b --attention 0.5 --verify-batch 1 --verify-k "$ks" --draft-vocab 32768 --compile \

@@ -187,11 +187,12 @@ def _gemv_kernel(
     launch after this one: the result times ``next_g_ptr`` (the next norm's weight) to
     ``scaled_ptr`` in the output's dtype and layout, and each row's sum of squares of the result
     over this n block's columns to ``next_parts_ptr`` (n blocks, M).
-    STAGES: the main loop's software pipelining (``tl.range``'s num_stages): at 2 or more,
-    Triton streams the next weight tiles into shared memory (cp.async) while the warps reduce the
-    current one; at 1 each tile's loads are issued only after the last tile's reduction. Several
-    rows (tl.dot) take Triton's default, 3, which has pipelined their tiles all along; one row
-    :func:`one_row_stages`."""
+    STAGES: the main loop's software pipelining (``tl.range``'s num_stages). At 1 each tile's
+    loads are issued only after the last tile's reduction. At S >= 3 the tiles go through shared
+    memory (cp.async), S - 2 of them in flight while the warps reduce the current one. At 2 they
+    go through shared memory too, but Triton issues the next tile's copy after the reduction and
+    waits for all of it at the next step: nothing overlaps. Several rows (tl.dot) take Triton's
+    default, 3, which has pipelined their tiles all along; one row :func:`one_row_stages`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if GROUPED:  # offs_w: rows of the program's matrix; offs_n: their columns in the output
@@ -469,11 +470,12 @@ SPLIT_DOT_CONFIG = (32, 128, 4)
 GATED_ONE_ROW_CONFIG = (32, 128, 4)
 # Pipeline stages of the main loop (see STAGES). Several rows: Triton's default for a loop that
 # feeds tl.dot, what they have always run with. One row: none by default (the loop as measured in
-# sessions 8-13), MAMBAIFY_GEMV_STAGES=2 or 3 to stream the next tiles while reducing the current
-# one. Compiled for sm_90 (triton 3.6's ptxas) with 2 stages, every 8B one-row call keeps or
-# raises its programs per multiprocessor (registers fall to 64-71: the tile waits in shared
-# memory, 16-18 KB of it); with 3, gate+up at K blocks of 128 drops from 8 to 6 (1.13 waves).
-# Not yet timed: benchmarks/h200/step_variants.sh and verify_variants.sh time both.
+# sessions 8-13); MAMBAIFY_GEMV_STAGES=3 keeps the next tile streaming while the current one is
+# reduced (2 does not: its PTX waits for every copy before each step). Compiled for sm_90 (triton
+# 3.6's ptxas) with 3 stages, the 8B one-row calls fit 6 programs per multiprocessor against 5-8
+# (33-36 KB of shared memory each), which takes gate+up at K blocks of 128 from 0.85 to 1.13
+# waves; with 4, most fit 4 (50-54 KB). Not yet timed: benchmarks/h200/step_variants.sh and
+# verify_variants.sh time them.
 DOT_STAGES = 3
 ONE_ROW_STAGES = 1
 
