@@ -460,11 +460,11 @@ DEFAULT_CONFIG = (32, 256, 4)  # (block_n, block_k, num_warps)
 # at 128 against 60.7): not yet timed as the engine calls them, read together.
 SPLIT_DOT_CONFIG = (32, 128, 4)
 # One row with gate and up read together (GATED): K blocks of 128. Each K step loads a tile of
-# both matrices, so at 256 a program holds twice the weights of the one-matrix kernel: ptxas for
-# sm_90 gives it 128 registers per thread against 55 at 128 (the one-matrix kernel: 80 and 48),
-# so 4 programs fit a multiprocessor instead of 9, and the 8B gate+up call's 896 planned programs
-# (448 n blocks x 2 splits) take 1.7 waves of the H200's 132 multiprocessors instead of 0.75: a
-# second, partly filled wave. Call 4 of session 13 saw the same at one row for gate and up as one
+# both matrices, so at 256 a program holds twice the weights of the one-matrix kernel: compiled
+# for sm_90 as the engine launches it (triton 3.6, its norm folded in), it takes 96 registers per
+# thread against 64 at 128, so 5 programs fit a multiprocessor instead of 8, and the 8B gate+up
+# call's 896 planned programs (448 n blocks x 2 splits) take 1.36 waves of the H200's 132
+# multiprocessors instead of 0.85: a second, partly filled wave. Call 4 of session 13 saw the same at one row for gate and up as one
 # 28672-row matrix, the only matrix there whose grid at 256 (896 programs, 6 per multiprocessor)
 # overran one wave: 56.7 us at 128 against 60.7; every matrix whose grid fit was faster at 256.
 GATED_ONE_ROW_CONFIG = (32, 128, 4)
