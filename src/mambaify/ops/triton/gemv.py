@@ -233,7 +233,7 @@ def _gemv_kernel(
         tl.store(ptrs, result, mask=mask)
         if PREPARE:
             _prepare_norm(result, mask, offs_m, offs_n, mask_n, pid_n, M, next_g_ptr,
-                          scaled_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn, next_parts_ptr, ACC)
+                          scaled_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn, next_parts_ptr)
     else:
         tl.store(ptrs, acc, mask=mask)
         if GATED:
@@ -258,7 +258,7 @@ def _gemv_kernel(
                 tl.store(final, result, mask=mask)
                 if PREPARE:
                     _prepare_norm(result, mask, offs_m, offs_n, mask_n, pid_n, M, next_g_ptr,
-                                  scaled_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn, next_parts_ptr, ACC)
+                                  scaled_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn, next_parts_ptr)
                 tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
@@ -330,13 +330,13 @@ def _parts_ssq(parts_ptr, P, M, offs_m):
 
 
 @triton.jit
-def _prepare_norm(result, mask, offs_m, offs_n, mask_n, block, M, next_g_ptr, scaled, next_parts_ptr,
-                  ACC: tl.constexpr):
+def _prepare_norm(result, mask, offs_m, offs_n, mask_n, block, M, next_g_ptr, scaled, next_parts_ptr):
     """For the RMSNorm after this launch (PREPARE): ``result`` (rows, n; as stored, in the
     stream's dtype) times the norm's weight to ``scaled``, and each row's sum of squares over
-    these columns to row ``block`` of ``next_parts_ptr`` (n blocks, M)."""
-    h = result.to(ACC)
-    g = tl.load(next_g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    these columns to row ``block`` of ``next_parts_ptr`` (n blocks, M), both computed in the
+    parts' dtype (the sums' float32, float64 for float64 inputs)."""
+    h = result.to(next_parts_ptr.dtype.element_ty)
+    g = tl.load(next_g_ptr + offs_n, mask=mask_n, other=0.0).to(h.dtype)
     tl.store(scaled, (h * g[None, :]).to(scaled.dtype.element_ty), mask=mask)
     tl.store(next_parts_ptr + block * M + offs_m, tl.sum(tl.where(mask, h * h, 0.0), axis=1), mask=offs_m < M)
 
@@ -393,11 +393,9 @@ def _sum_splits_kernel(
     result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual, GATED, HAS_BIAS,
                      NORM or NORM_PARTS, RESIDUAL).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + m * o_sm + offs_n * o_sn, result, mask=mask_n)
-    if PREPARE:
-        h = result.to(part_ptr.dtype.element_ty)
-        g = tl.load(next_g_ptr + offs_n, mask=mask_n, other=0.0).to(h.dtype)
-        tl.store(scaled_ptr + m * o_sm + offs_n * o_sn, (h * g).to(scaled_ptr.dtype.element_ty), mask=mask_n)
-        tl.store(next_parts_ptr + block * M + m, tl.sum(tl.where(mask_n, h * h, 0.0)))
+    if PREPARE:  # row m as a (1, BLOCK_N) block
+        _prepare_norm(result[None, :], mask_n[None, :], m + tl.arange(0, 1), offs_n, mask_n, block, M, next_g_ptr,
+                      scaled_ptr + m * o_sm + offs_n[None, :] * o_sn, next_parts_ptr)
 
 
 def plan(n: int, k: int, device: torch.device, block_n: int = 32, block_k: int = 256,
@@ -451,10 +449,12 @@ def one_launch_default() -> bool:
 
 
 DEFAULT_CONFIG = (32, 256, 4)  # (block_n, block_k, num_warps)
-# Several rows (tl.dot) where the plan splits K: K blocks of 128. At 256 the dot's tiles fill the
-# registers (ptxas for sm_90: 239-255 per thread, spilling with fused operands). On the H200 at 4
-# rows (bench_kernels.py --only gemv-fused, session 13) 128 took down_proj (4096 x 14336, five
-# splits) from 39.5 to 32.8 us, o_proj from 14.1 to 13.6 and Mamba's out_proj from 17.0 to 16.4,
+# Several rows (tl.dot) where the plan splits K: K blocks of 128. At 256 the dot's pipelined
+# tiles take 48 KB of shared memory per program against 24 KB (sm_90, triton 3.6, as launched),
+# so 4 programs fit a multiprocessor instead of 9, and down_proj's 640 (128 n blocks x 5
+# splits) take 1.21 waves instead of 0.54. On the H200 at 4 rows (bench_kernels.py --only
+# gemv-fused, session 13) 128 took down_proj (4096 x 14336, five splits) from 39.5 to 32.8 us,
+# o_proj from 14.1 to 13.6 and Mamba's out_proj from 17.0 to 16.4,
 # while the unsplit q+k+v and in_proj were faster at 256 (18.0 against 20.7 us, 22.2 against
 # 23.4), as was every matrix at one row but gate and up timed as one 28672-row matrix (56.7 us
 # at 128 against 60.7): not yet timed as the engine calls them, read together.
@@ -464,9 +464,10 @@ SPLIT_DOT_CONFIG = (32, 128, 4)
 # for sm_90 as the engine launches it (triton 3.6, its norm folded in), it takes 96 registers per
 # thread against 64 at 128, so 5 programs fit a multiprocessor instead of 8, and the 8B gate+up
 # call's 896 planned programs (448 n blocks x 2 splits) take 1.36 waves of the H200's 132
-# multiprocessors instead of 0.85: a second, partly filled wave. Call 4 of session 13 saw the same at one row for gate and up as one
-# 28672-row matrix, the only matrix there whose grid at 256 (896 programs, 6 per multiprocessor)
-# overran one wave: 56.7 us at 128 against 60.7; every matrix whose grid fit was faster at 256.
+# multiprocessors instead of 0.85: a second, partly filled wave. Call 4 of session 13 saw the
+# same at one row for gate and up as one 28672-row matrix, the only matrix there whose grid at
+# 256 (896 programs) overran one wave: 56.7 us at 128 against 60.7; every matrix whose grid fit
+# was faster at 256.
 GATED_ONE_ROW_CONFIG = (32, 128, 4)
 # Pipeline stages of the main loop (see STAGES). Several rows: Triton's default for a loop that
 # feeds tl.dot, what they have always run with. One row: none by default (the loop as measured in
