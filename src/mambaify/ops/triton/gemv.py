@@ -449,6 +449,7 @@ def one_launch_default() -> bool:
 
 
 DEFAULT_CONFIG = (32, 256, 4)  # (block_n, block_k, num_warps)
+SUM_SPLITS_BLOCK = 256  # columns per program of the split sums' own kernel (one_launch=False)
 # Several rows (tl.dot) where the plan splits K: K blocks of 128. At 256 the dot's pipelined
 # tiles take 48 KB of shared memory per program against 24 KB (sm_90, triton 3.6, as launched),
 # so 4 programs fit a multiprocessor instead of 9, and down_proj's 640 (128 n blocks x 5
@@ -627,10 +628,9 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     pdl = launch_options(rows.device)
     wb, wc = mats[1:] if grouped else (weight, weight)
     parts_in = norm_parts if norm_parts is not None else out
-    sum_block = 256  # the split sums' own kernel, where the GEMV's launch does not add them
     scaled, parts_out = out, out
     if prepare is not None:  # the next norm's inputs, in blocks of the kernel that writes the result
-        blocks = programs_n if splits == 1 or last_sums else triton.cdiv(n, sum_block)
+        blocks = programs_n if splits == 1 or last_sums else triton.cdiv(n, SUM_SPLITS_BLOCK)
         scaled, parts_out = torch.empty_like(out), torch.empty(blocks, m, dtype=acc_dtype, device=rows.device)
     _gemv_kernel[(programs_n, splits)](
         rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters, wb, wc,
@@ -649,12 +649,12 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
         num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
-        _sum_splits_kernel[(m, triton.cdiv(n, sum_block))](
+        _sum_splits_kernel[(m, triton.cdiv(n, SUM_SPLITS_BLOCK))](
             part, bias if bias is not None else weight, out, ssq, res, parts_in,
             prepare if prepare is not None else out, scaled, parts_out,
             splits, m, n, k, float(norm_eps), parts_in.shape[0] if norm_parts is not None else 0,
             *part.stride(), *out.stride(), ssq.stride(0), *res.stride(),
-            BLOCK_N=sum_block, GATED=gated, HAS_BIAS=bias is not None, NORM=norm, RESIDUAL=residual is not None,
+            BLOCK_N=SUM_SPLITS_BLOCK, GATED=gated, HAS_BIAS=bias is not None, NORM=norm, RESIDUAL=residual is not None,
             NORM_PARTS=norm_parts is not None, PREPARE=prepare is not None, **pdl,
         )
     return out if prepare is None else (out, scaled, parts_out)
@@ -668,7 +668,7 @@ def prepared_blocks(m: int, n: int, k: int, device: torch.device, one_launch: bo
     use_dot = m > 1 and block_n >= 16 and block_k >= 16
     splits = _whole_blocks(k, plan(n, k, device, block_n, block_k, dot=use_dot)[1], block_k)[1]
     in_launch = splits == 1 or (one_launch_default() if one_launch is None else one_launch)
-    return triton.cdiv(n, block_n) if in_launch else triton.cdiv(n, 256)
+    return triton.cdiv(n, block_n) if in_launch else triton.cdiv(n, SUM_SPLITS_BLOCK)
 
 
 def _rows(x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
