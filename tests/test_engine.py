@@ -855,6 +855,15 @@ def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_o
     assert weight is model.model.norm.weight and eps == model.config.rms_norm_eps
 
 
+def folded_engines_without_and_with_prepared_norms(model, monkeypatch, **sizes) -> tuple[Engine, Engine]:
+    """Two engines with the norms folded into the split-K GEMVs, the second built with
+    MAMBAIFY_PREPARED_NORMS=1 (an engine reads the switch when it is built)."""
+    monkeypatch.delenv("MAMBAIFY_PREPARED_NORMS", raising=False)
+    plain = Engine(model, small_batch_linear=True, fold_norms=True, **sizes)
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
+    return plain, Engine(model, small_batch_linear=True, fold_norms=True, **sizes)
+
+
 def test_prepared_norms_leave_no_norm_between_the_gemvs_at_several_rows(model, monkeypatch):
     """MAMBAIFY_PREPARED_NORMS=1 (with fold_norms): at several rows each residual-add GEMV also
     prepares the RMSNorm after it (the stream times the norm's weight, its rows' sums of
@@ -863,10 +872,8 @@ def test_prepared_norms_leave_no_norm_between_the_gemvs_at_several_rows(model, m
     logits as the norms run in between; at one row nothing is prepared (the norm folds there)."""
     prompts = random_prompts(6, 3, 9)
     options = dict(max_new_tokens=10, stop_token_ids=[])
-    monkeypatch.delenv("MAMBAIFY_PREPARED_NORMS", raising=False)
-    plain = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=True)
-    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
-    prepared = Engine(model, max_batch_size=3, max_length=32, small_batch_linear=True, fold_norms=True)
+    plain, prepared = folded_engines_without_and_with_prepared_norms(model, monkeypatch, max_batch_size=3,
+                                                                     max_length=32)
     runners = prepared.stack.layers
     assert all(r.prepare_norms for r in runners) and not any(r.prepare_norms for r in plain.stack.layers)
     # Prepared where the GEMV runs and the norm would not fold: 2-16 rows.
@@ -1064,10 +1071,8 @@ def test_cuda_prepared_norms_decode_the_same_tokens(attention, monkeypatch):
     model = (tiny_teacher("llama") if attention == 1.0 else perturbed_hybrid(attention)).cuda()
     prompts = random_prompts(7, 4, 12)
     options = dict(max_new_tokens=24, stop_token_ids=[])
-    monkeypatch.delenv("MAMBAIFY_PREPARED_NORMS", raising=False)
-    plain = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=True)
-    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
-    prepared = Engine(model, max_batch_size=4, max_length=48, small_batch_linear=True, fold_norms=True)
+    plain, prepared = folded_engines_without_and_with_prepared_norms(model, monkeypatch, max_batch_size=4,
+                                                                     max_length=48)
     assert all(r.prepare_norms for r in prepared.stack.layers)
     assert torch.equal(prepared.generate(prompts, **options), plain.generate(prompts, **options))
 
