@@ -326,18 +326,13 @@ def split_first_token(engine, batches, device, repeats: int, seconds: float, tok
 def acceptance_over(stats: list) -> dict:
     """Acceptance statistics over several requests, with how many (row, round) pairs accepted
     0..K drafts at each K (``accepted_counts``; (b) reads the acceptance at smaller K off them)."""
-    row_rounds = sum(s.row_rounds for s in stats)
-    k_used: dict = {}
-    counts: dict = {}
+    from mambaify.generate.speculative_engine import SpeculativeStats
+
+    total = SpeculativeStats()
     for s in stats:
-        for k, n in s.k_used.items():
-            k_used[k] = k_used.get(k, 0) + n
-        for k, per_n in s.accepted_counts.items():
-            total = counts.setdefault(k, [0] * len(per_n))
-            counts[k] = [a + b for a, b in zip(total, per_n)]
-    return dict(mean_accepted=sum(s.accepted for s in stats) / max(row_rounds, 1),
-                tokens_per_round=sum(s.emitted for s in stats) / max(row_rounds, 1),
-                rounds=sum(s.rounds for s in stats), k_used=k_used, accepted_counts=counts)
+        total.add(s)
+    return dict(mean_accepted=total.mean_accepted, tokens_per_round=total.tokens_per_round, rounds=total.rounds,
+                k_used=total.k_used, accepted_counts=total.accepted_counts)
 
 
 def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dtype) -> None:

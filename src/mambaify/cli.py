@@ -148,25 +148,27 @@ def _make_engine(args: argparse.Namespace, model, tokenizer, max_length: int, k)
                              use_cuda_graph=cuda_graph, compile=args.compile, draft_vocab=saved_draft_vocab(args.draft))
 
 
-def _add_speculation(totals: dict, engine) -> None:
+def _speculation_totals():
+    """An empty :class:`~mambaify.generate.speculative_engine.SpeculativeStats` to add requests to."""
+    from .generate.speculative_engine import SpeculativeStats
+
+    return SpeculativeStats()
+
+
+def _add_speculation(totals, engine) -> None:
     """Add the last request's speculative statistics (if the engine is speculative) to totals."""
     stats = getattr(engine, "stats", None)
     if stats is not None:
-        for name in ("row_rounds", "accepted", "emitted", "seconds"):
-            totals[name] = totals.get(name, 0) + getattr(stats, name)
-        counts = totals.setdefault("accepted_counts", {})
-        for k, per_n in stats.accepted_counts.items():
-            counts[k] = [a + b for a, b in zip(counts.get(k, [0] * len(per_n)), per_n)]
+        totals.add(stats)
 
 
-def _report_speculation(totals: dict) -> None:
+def _report_speculation(totals) -> None:
     """Mean accepted length and tokens/s on stderr, when there were speculative rounds, and per
     K the share of rounds that accepted 0..K drafts (what a choice of K trades)."""
-    if totals.get("row_rounds"):
-        seconds = totals["seconds"]
-        print(f"mean accepted length {totals['accepted'] / totals['row_rounds']:.2f} draft tokens per verify "
-              f"call, {totals['emitted'] / seconds if seconds else 0.0:.1f} tokens/s", file=sys.stderr)
-        for k, counts in sorted(totals.get("accepted_counts", {}).items()):
+    if totals.row_rounds:
+        print(f"mean accepted length {totals.mean_accepted:.2f} draft tokens per verify "
+              f"call, {totals.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+        for k, counts in sorted(totals.accepted_counts.items()):
             shares = ", ".join(f"{n}: {c / sum(counts):.0%}" for n, c in enumerate(counts))
             print(f"  K={k}, {sum(counts)} rounds; drafts accepted per round: {shares}", file=sys.stderr)
 
@@ -185,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()
     else:
         print(engine.generate_text(args.prompt, **options))
-    totals: dict = {}
+    totals = _speculation_totals()
     _add_speculation(totals, engine)
     _report_speculation(totals)
 
@@ -200,7 +202,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.model} has no chat template; use `mambaify generate` for plain text")
     context = getattr(model.config, "max_position_embeddings", None) or args.max_length
     engine = _make_engine(args, model, tokenizer, min(args.max_length, context), k)
-    totals: dict = {}
+    totals = _speculation_totals()
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:

@@ -637,6 +637,16 @@ class SpeculativeStats:
         for n in accepted:
             counts[n] += 1
 
+    def add(self, other: SpeculativeStats) -> SpeculativeStats:
+        """Every count of ``other`` (another request's) added to these; returns self."""
+        for name in ("rounds", "row_rounds", "accepted", "emitted", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for k, n in other.k_used.items():
+            self.k_used[k] = self.k_used.get(k, 0) + n
+        for k, per_n in other.accepted_counts.items():
+            self.accepted_counts[k] = [a + b for a, b in zip(self.accepted_counts.get(k, [0] * len(per_n)), per_n)]
+        return self
+
     def accepted_at(self, k: int) -> float | None:
         """Mean accepted drafts per row and round had every round run at K, read off the rounds at
         the smallest K' >= K that ran: a draft proposes its first K tokens alike whatever K' is
