@@ -1,5 +1,6 @@
 """Data parallelism through torchrun: two CPU processes give the same student as one process
-accumulating the same two micro-batches (gradients are averaged per token, not per process)."""
+accumulating the same two micro-batches (gradients are averaged per token, not per process);
+a launch whose processes do not join one group is refused."""
 
 import subprocess
 import sys
@@ -17,6 +18,10 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, teacher_dir
     cfg = config(teacher_dir, data_files, tmp_path / "unused", tokens=4 * 2 * 64)
     options = cfg.to_dict()
     options.pop("out")
+    if not torch.cuda.is_available():
+        # The device left at "auto": without a GPU the processes must still find each other
+        # (they used to run as two separate runs writing one directory).
+        options.pop("device")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(options))
     common = ["distill", "--config", str(tmp_path / "run.yaml"), "--no-progress"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -32,3 +37,20 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, teacher_dir
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6)
     converted = convert(load_teacher(str(teacher_dir))[0], attention=0.5).state_dict()
     assert any(not torch.equal(converted[n], ddp[n]) for n in ddp)  # training did move the weights
+
+
+def test_a_launch_whose_processes_stay_apart_is_refused(monkeypatch, tmp_path):
+    import pytest
+
+    from mambaify.distill import trainer
+
+    class OnItsOwn:  # what accelerate hands each launched process when it sets up no group
+        num_processes = 1
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(trainer, "Accelerator", OnItsOwn)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="2 processes were launched .* accelerate joined 1"):
+        trainer.make_accelerator(trainer.DistillConfig(out=str(tmp_path / "run")))

@@ -234,3 +234,15 @@ def test_resume_may_switch_how_steps_run_but_not_what_they_compute(tmp_path):
     with pytest.raises(ValueError, match="different options.*seq_len"):
         _check_run_dir(run, DistillConfig(out=str(run), seq_len=128), resume=True)
 
+
+
+def test_device_option_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--device must be auto, cpu or cuda, got 'gpu'"):
+        DistillConfig(out=str(tmp_path / "run"), device="gpu").validate()
+    cuda = DistillConfig(out=str(tmp_path / "run"), device="cuda")
+    if torch.cuda.is_available():
+        cuda.validate()
+    else:
+        with pytest.raises(ValueError, match="--device cuda, but torch sees no CUDA GPU"):
+            cuda.validate()
+    assert not (tmp_path / "run").exists()

@@ -372,9 +372,7 @@ def distill_draft(cfg: DraftConfig, resume: bool = False, stop_after_steps: int 
     ``stop_after_steps`` aborts as a kill would (tests use it to check ``resume``).
     Returns the metrics.
     """
-    from accelerate import Accelerator
-
-    from .distill.trainer import _check_run_dir, _precision, check_memory, prepare_data, train_stage
+    from .distill.trainer import _check_run_dir, check_memory, make_accelerator, prepare_data, train_stage
     from .eval.report import evaluate_pair
     from .fileio import replace_directory, write_json_atomic
     from .generate.loading import load_for_generation
@@ -382,13 +380,8 @@ def distill_draft(cfg: DraftConfig, resume: bool = False, stop_after_steps: int 
     cfg.validate()
     run_dir = Path(cfg.out)
     state = _check_run_dir(run_dir, cfg, resume)
-    wants_cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    accelerator = Accelerator(cpu=cfg.device == "cpu",
-                              mixed_precision=_precision(cfg, torch.device("cuda" if wants_cuda else "cpu")))
+    accelerator = make_accelerator(cfg)
     device = accelerator.device
-    if device.type == "cuda":  # float32 master weights use TF32 matmuls
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 

@@ -30,7 +30,7 @@ def shared_flags(answerer: str) -> Flags:
         "--eval-texts": ("eval_texts", int, "held-out texts the evaluation before and after scores"),
         "--eval-chats": ("eval_chats", int, f"held-out prompts the {answerer} answers for the evaluation"),
         "--seed": ("seed", int, "random seed"),
-        "--device": ("device", str, "auto or cpu"),
+        "--device": ("device", str, "auto (the GPU if there is one), cpu or cuda"),
         "--precision": ("precision", str, "auto, bf16 or fp32"),
         "--save-every": ("save_every", int, "steps between checkpoints"),
     }

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from ..convert import check_init, convert
@@ -122,6 +122,10 @@ class DistillConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len > 1 << 17:
             raise ValueError(f"--seq-len {self.seq_len} is beyond what any supported teacher handles")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA GPU here: use --device auto or cpu, or a CUDA build of torch")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         try:
@@ -534,6 +538,33 @@ def _precision(cfg: DistillConfig, device: torch.device) -> str:
     return {"bf16": "bf16", "fp32": "no"}[cfg.precision]
 
 
+def make_accelerator(cfg: DistillConfig) -> Accelerator:
+    """The run's ``Accelerator``: on the GPU when there is one (unless ``cfg.device`` is "cpu").
+
+    Without a GPU it is made for the CPU even when the device is "auto": otherwise accelerate
+    leaves processes started by ``torchrun`` / ``accelerate launch`` each on its own, every one
+    of them the main process of a run of its own, and all of them writing the same run
+    directory. A launch whose processes still do not see each other is refused.
+    """
+    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=_precision(cfg, torch.device("cpu" if on_cpu else "cuda")))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate joined "
+            f"{accelerator.num_processes}; they would all write {cfg.out} at once. Launch with "
+            "`torchrun --nproc_per_node N -m mambaify.cli ...` or `accelerate launch --num_processes N -m mambaify.cli ...`"
+        )
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.is_main_process
+            and accelerator.distributed_type != DistributedType.FSDP):
+        log.warning("FSDP was asked for, but accelerate shards models only across GPUs: the %d %s processes run "
+                    "plain data parallelism, each holding the whole model", launched, accelerator.device.type)
+    if accelerator.device.type == "cuda":  # the scan and the float32 master weights use TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
 def _check_run_dir(run_dir: Path, cfg: DistillConfig, resume: bool) -> dict | None:
     """A run directory holds one run: refuse to mix two, and find where to resume."""
     saved_cfg = run_dir / "config.yaml"
@@ -573,13 +604,8 @@ def distill(cfg: DistillConfig, resume: bool = False, stop_after_steps: int | No
     cfg.validate()
     run_dir = Path(cfg.out)
     state = _check_run_dir(run_dir, cfg, resume)
-    accelerator = Accelerator(
-        cpu=cfg.device == "cpu", mixed_precision=_precision(cfg, torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"))
-    )
+    accelerator = make_accelerator(cfg)
     device = accelerator.device
-    if device.type == "cuda":  # the scan and the float32 master weights use TF32 matmuls
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
