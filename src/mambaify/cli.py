@@ -105,8 +105,13 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.standalone import evaluate_model
 
+    from .eval.harness import parse_tasks
+
     path = evaluate_model(args.model, args.teacher, out=args.out, num_texts=args.num_texts,
-                          num_chats=args.num_chats, device=args.device)
+                          num_chats=args.num_chats, device=args.device,
+                          tasks=parse_tasks(args.tasks) if args.tasks is not None else None,
+                          tasks_limit=args.tasks_limit, tasks_fewshot=args.tasks_fewshot,
+                          tasks_include=args.tasks_include, tasks_batch_size=args.tasks_batch_size)
     print(f"report: {path}")
 
 
@@ -302,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-texts", type=int, default=64, help="held-out Wikipedia summaries")
     p.add_argument("--num-chats", type=int, default=16, help="held-out teacher responses")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tasks", help="also run these lm-evaluation-harness tasks on model and teacher, e.g. "
+                   'hellaswag,arc_easy,piqa (needs pip install "mambaify[eval]"; the datasets come from the hub)')
+    p.add_argument("--tasks-limit", type=int, help="documents per task (a quick look; default all)")
+    p.add_argument("--tasks-fewshot", type=int, help="examples in each prompt (default: the task's own, mostly 0)")
+    p.add_argument("--tasks-include", help="a folder of extra lm-eval task YAML files (e.g. tasks over local data)")
+    p.add_argument("--tasks-batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with the fast generation engine")
@@ -367,7 +378,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     # Errors that mean "bad input" and deserve one clear line rather than a traceback.
     from huggingface_hub.errors import StrictDataclassClassValidationError
 
-    return (ValueError, TypeError, OSError, StrictDataclassClassValidationError)
+    from .eval.harness import HarnessNotInstalled
+
+    return (ValueError, TypeError, OSError, StrictDataclassClassValidationError, HarnessNotInstalled)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .. import ops
 from .cache import HybridCache, MambaLayerCache
 from .configuration import HybridConfig
+from .remote_code import AUTO_MAP, write_remote_code
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` in
 # 5.2x; support both spellings so one checkpoint works across the versions we accept.
@@ -261,6 +262,17 @@ class HybridPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # The recurrent state cannot be rewound, so transformers' assisted decoding must not crop it.
     _is_stateful = True
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """``PreTrainedModel.save_pretrained``, plus what lets ``trust_remote_code=True`` load the
+        folder in a process that never imported mambaify (:mod:`.remote_code`)."""
+        self.config.auto_map = dict(AUTO_MAP)
+        # A model loaded through that remote code has its classes registered "for auto class";
+        # transformers would then copy their source files, relative imports and all, into the folder.
+        self._auto_class = self.config._auto_class = None
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_remote_code(save_directory)
 
     def _init_weights(self, module):
         super()._init_weights(module)
