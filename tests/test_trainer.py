@@ -246,3 +246,19 @@ def test_device_option_is_checked_before_any_work(tmp_path):
         with pytest.raises(ValueError, match="--device cuda, but torch sees no CUDA GPU"):
             cuda.validate()
     assert not (tmp_path / "run").exists()
+
+
+def test_memory_check_counts_the_students_shards_under_fsdp(tmp_path, monkeypatch):
+    import types
+
+    import psutil
+
+    from mambaify.distill.trainer import check_memory
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=16 * 2**30))
+    shape = types.SimpleNamespace(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, vocab_size=32000)
+    cfg = DistillConfig(out=str(tmp_path / "run"), batch_size=1, seq_len=256)
+    # 1.2 B parameters: 16 bytes each for the float32 student with gradients and Adam moments, 4 for the teacher.
+    with pytest.raises(ValueError, match=r"needs about 23\.3 GiB.*FSDP shards the student"):
+        check_memory(cfg, shape, torch.device("cpu"), bf16=False)
+    check_memory(cfg, shape, torch.device("cpu"), bf16=False, shards=8)  # 2 bytes a parameter each, plus the teacher

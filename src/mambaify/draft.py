@@ -372,7 +372,8 @@ def distill_draft(cfg: DraftConfig, resume: bool = False, stop_after_steps: int 
     ``stop_after_steps`` aborts as a kill would (tests use it to check ``resume``).
     Returns the metrics.
     """
-    from .distill.trainer import _check_run_dir, check_memory, make_accelerator, prepare_data, train_stage
+    from .distill.trainer import (_check_run_dir, check_memory, make_accelerator, prepare_data, student_shards,
+                                  train_stage)
     from .eval.report import evaluate_pair
     from .fileio import replace_directory, write_json_atomic
     from .generate.loading import load_for_generation
@@ -391,7 +392,8 @@ def distill_draft(cfg: DraftConfig, resume: bool = False, stop_after_steps: int 
     for p in target.parameters():
         p.requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    check_memory(cfg, target.config, device, bf16=accelerator.mixed_precision == "bf16")
+    check_memory(cfg, target.config, device, bf16=accelerator.mixed_precision == "bf16",
+                 shards=student_shards(accelerator))
 
     source_name = cfg.draft_from or cfg.teacher
     if state is None:  # build the draft before claiming the run directory: bad layers fail here

@@ -1,8 +1,8 @@
 """The distillation run: data, stages, a plain training loop, checkpoints, evaluation, report.
 
 One process or many: the loop goes through ``accelerate``, so the same code runs on one CPU,
-one GPU, or under ``accelerate launch`` / ``torchrun`` with data parallelism (FSDP if accelerate
-is configured for it). Read :func:`distill` top to bottom; each stage of a schedule is a call
+one GPU, or under ``accelerate launch`` / ``torchrun`` with data parallelism, or sharded with
+FSDP when accelerate is configured for it. Read :func:`distill` top to bottom; each stage of a schedule is a call
 of :func:`train_stage`.
 """
 
@@ -255,12 +255,13 @@ def prepare_data(cfg: DistillConfig, teacher, tokenizer, run_dir: Path, accelera
 # ---------------------------------------------------------------------------------------------
 
 
-def check_memory(cfg: DistillConfig, config, device: torch.device, bf16: bool) -> None:
+def check_memory(cfg: DistillConfig, config, device: torch.device, bf16: bool, shards: int = 1) -> None:
     """Refuse settings whose activations alone would not fit, before spending minutes on data.
 
     A coarse upper estimate: per token and layer the forward keeps about 10 hidden-size and 4
     intermediate-size vectors for the backward (fewer with gradient checkpointing); weights are
-    counted as student (float32, with grads and Adam moments) plus teacher.
+    counted as student (float32, with grads and Adam moments; split over ``shards`` processes
+    under FSDP) plus teacher.
     """
     import psutil
 
@@ -269,7 +270,7 @@ def check_memory(cfg: DistillConfig, config, device: torch.device, bf16: bool) -
     layers = 2 if cfg.gradient_checkpointing else config.num_hidden_layers
     params = config.num_hidden_layers * (4 * config.hidden_size**2 + 3 * config.hidden_size * config.intermediate_size)
     params += 2 * config.vocab_size * config.hidden_size
-    need = tokens * layers * per_token_layer + params * (16 + (2 if bf16 else 4))
+    need = tokens * layers * per_token_layer + params * (16 / shards + (2 if bf16 else 4))
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
@@ -279,6 +280,7 @@ def check_memory(cfg: DistillConfig, config, device: torch.device, bf16: bool) -
             f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} needs about {need / 2**30:.1f} GiB "
             f"but {free / 2**30:.1f} GiB is free on {device}; lower --batch-size (and raise --grad-accum to keep "
             "the tokens per step), shorten --seq-len, or set gradient_checkpointing: true"
+            + ("" if shards > 1 else "; on several GPUs, FSDP shards the student (accelerate launch --use_fsdp)")
         )
 
 
@@ -344,6 +346,63 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _optimizer_state(accelerator: Accelerator, student, optimizer) -> dict:
+    """The optimizer's whole state for a checkpoint (every process calls this; under FSDP it gathers).
+
+    Under FSDP each process holds the moments of its own shards only, so they are gathered into
+    one state keyed by parameter names, which any number of processes can load back. Otherwise
+    every process holds all of it, and the checkpoint keeps torch's own format.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(accelerator.unwrap_model(student), optimizer.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(accelerator: Accelerator, student, optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state into the prepared optimizer (each process takes its share)."""
+    keyed_by_name = any(isinstance(key, str) for key in state.get("state", {}))
+    if keyed_by_name or accelerator.distributed_type == DistributedType.FSDP:
+        if not keyed_by_name and state.get("state"):
+            raise ValueError("this checkpoint was written without FSDP; resume it without FSDP (plain data "
+                             "parallelism or one process), or start a new run under FSDP")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(accelerator.unwrap_model(student), optimizer.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def student_shards(accelerator: Accelerator) -> int:
+    """How many processes share the student's weights and optimizer state: all of them under FSDP."""
+    return accelerator.num_processes if accelerator.distributed_type == DistributedType.FSDP else 1
+
+
+def whole_model(accelerator: Accelerator, prepared):
+    """The trained model, unwrapped, with whole parameters on every process.
+
+    Under FSDP the prepared model holds only this process's shards; the evaluation, the saved
+    folders and the next stage's conversion need whole weights, so they are gathered into a new
+    model of the same class (every process calls this).
+    """
+    model = accelerator.unwrap_model(prepared)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    whole_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    # FSDP2 swaps the module's class for a subclass of (FSDPModule, the original class).
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)) if isinstance(model, FSDPModule) \
+        else type(model)
+    whole = cls(model.config).to(device=accelerator.device, dtype=torch.float32)
+    whole.load_state_dict(whole_state)
+    return whole
+
+
 def save_checkpoint(run_dir: Path, accelerator: Accelerator, student, optimizer, scheduler, state: dict) -> None:
     """Write ``run_dir/checkpoint`` atomically: a complete new one replaces the old one."""
     tmp = run_dir / ".checkpoint.tmp"
@@ -351,11 +410,12 @@ def save_checkpoint(run_dir: Path, accelerator: Accelerator, student, optimizer,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    model_state = accelerator.get_state_dict(student)
+    model_state = accelerator.get_state_dict(student)  # whole tensors on the main process, also under FSDP
+    optimizer_state = _optimizer_state(accelerator, student, optimizer)
     if accelerator.is_main_process:
         accelerator.unwrap_model(student).save_pretrained(tmp / "student", state_dict=model_state)
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()},
             tmp / "trainer.pt",
         )
         write_json_atomic(tmp / "state.json", state)
@@ -424,7 +484,6 @@ def train_stage(
         plan["total"] = total_steps = resume["total_steps"]
         calibrate = False
         trainer_state = torch.load(run_dir / "checkpoint" / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         _set_rng_state(trainer_state["rng"])
         start_step, tokens_seen = resume["step"], resume["tokens_seen"]
@@ -432,6 +491,10 @@ def train_stage(
     if not calibrate:
         warn_if_repeating()
     student, optimizer = accelerator.prepare(student, optimizer)
+    # FSDP replaces the parameters with sharded ones: clip the gradients of those.
+    params = [p for p in student.parameters() if p.requires_grad]
+    if resume is not None:  # after prepare: under FSDP each process loads its own shards
+        _load_optimizer_state(accelerator, student, optimizer, trainer_state["optimizer"])
     student.train()
     # The models as the steps call them: compiled with cfg.compile (the prepared student, so
     # that DDP still sees its forward), else themselves.
@@ -518,7 +581,7 @@ def train_stage(
         if stop_after_steps is not None and step - start_step >= stop_after_steps:
             raise RunInterrupted(f"stopped after step {step} (stop_after_steps={stop_after_steps})")
     bar.close()
-    student = accelerator.unwrap_model(student)
+    student = whole_model(accelerator, student)
     student.eval()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_disable()
@@ -615,7 +678,8 @@ def distill(cfg: DistillConfig, resume: bool = False, stop_after_steps: int | No
     for p in teacher.parameters():
         p.requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    check_memory(cfg, teacher.config, device, bf16=accelerator.mixed_precision == "bf16")
+    check_memory(cfg, teacher.config, device, bf16=accelerator.mixed_precision == "bf16",
+                 shards=student_shards(accelerator))
     stages = plan_stages(teacher.config.num_hidden_layers, cfg.attention, cfg.schedule)
     if accelerator.is_main_process:  # the run directory is claimed only once the settings pass
         run_dir.mkdir(parents=True, exist_ok=True)
