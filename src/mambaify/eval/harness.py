@@ -72,7 +72,7 @@ def harness_scores(model, tokenizer, tasks: list[str], *, limit: int | None = No
     """
     lm_eval, HFLM, _ = _lm_eval()
     manager = task_manager or check_tasks(tasks, include_path)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=False, random_seed=0, numpy_random_seed=0,
                                   torch_random_seed=0, fewshot_random_seed=0)
