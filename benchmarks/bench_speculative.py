@@ -73,6 +73,7 @@ import torch  # noqa: E402
 
 from mambaify.generate.clock import Clock  # noqa: E402
 from mambaify.generate.engine import fold_norms_default, fused_conv_step_default  # noqa: E402
+from mambaify.generate.quantize import quantize_int8  # noqa: E402
 
 DEFAULT_BUILTIN_PROMPTS = [
     # Used only when the offline Wikipedia data cannot be loaded (no network, no cache).
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=450.0, help="skip points after this many seconds")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per point (medians reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft-int8", action="store_true",
+                   help="the draft's layers in int8 with a scale per row (mambaify.generate.quantize), in (a) and (b)")
     p.add_argument("--from-json", type=Path,
                    help="measure nothing: re-render this bench_speculative.json into --out, with (b)'s speed-ups "
                         "recomputed at --accepted / --accepted-from (the verify timings do not depend on them)")
@@ -344,6 +347,8 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
     else:
         target, tokenizer = load_for_generation(args.target, device=str(device), dtype=str(dtype).split(".")[-1])
         draft, _ = load_for_generation(args.draft, device=str(device), dtype=str(dtype).split(".")[-1])
+    if args.draft_int8:
+        quantize_int8(draft)
     prompts = load_prompts(args, tokenizer, max(args.prompts, max(args.batch)), target.config.vocab_size)
     new = args.new_tokens
     length = max(len(p) for p in prompts) + new
@@ -668,6 +673,8 @@ def run_verify_cost(args, results: Results, device: torch.device, dtype: torch.d
     family = "tiny" if args.tiny else args.shape
     current = build_teacher(family, device, dtype, seed=args.seed)
     draft = build_draft_from_teacher(current).eval()  # layers [0, last], embeddings and head
+    if args.draft_int8:
+        quantize_int8(draft)
     num_layers = current.config.num_hidden_layers
     for fraction in sorted(set(args.attention), reverse=True):  # each hybrid converts the one before
         if results.out_of_time(f"(b) attention {fraction}"):
@@ -757,6 +764,8 @@ def render(data: dict, out: Path) -> None:
     folded = "; norms folded into the split-K GEMVs" if data["meta"].get("fold_norms") else ""
     if data["meta"].get("fused_conv_step"):
         folded += "; the plain engine's conv step inside its SSD step"
+    if data["meta"].get("draft_int8"):
+        folded += "; the draft's layers in int8"
     lines = ["# Speculative decoding benchmark", "", f"Device: {data['meta'].get('device_name')}, "
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}{folded}.", ""]
     if data["end_to_end"]:
@@ -902,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(argv=sys.argv[1:], date=time.strftime("%Y-%m-%d"), device=str(device), dtype=str(dtype), torch=torch.__version__,
                 python=platform.python_version(), compile=args.compile,
                 small_batch_linear=args.small_batch_linear, fold_norms=fold_norms_default(),
-                fused_conv_step=fused_conv_step_default(),
+                fused_conv_step=fused_conv_step_default(), draft_int8=args.draft_int8,
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
     if args.context is None:
         args.context = 32 if args.tiny else 512

@@ -24,6 +24,7 @@ from mambaify import ops
 from mambaify.cli import main as cli_main
 from mambaify.generate import engine as engine_module
 from mambaify.generate import speculative_engine as spec
+from mambaify.generate import quantize
 from mambaify.generate.engine import Engine
 from mambaify.models.modeling import GatedRMSNorm
 from mambaify.ops.attention import decode_attention_op
@@ -716,6 +717,15 @@ def test_cli_generate_and_chat_with_a_draft(saved_pair, capsys, monkeypatch):
     assert cli_main([*plain, "--draft", str(draft_dir), "--k", "zero"]) == 2
     assert "--k" in capsys.readouterr().err
 
+    # --draft-int8: the draft's layers quantized (the same output), and refused without a draft.
+    quantized = []
+    real_quantize = quantize.quantize_int8
+    monkeypatch.setattr(quantize, "quantize_int8", lambda model: quantized.append(model) or real_quantize(model))
+    assert cli_main([*plain, "--draft", str(draft_dir), "--k", "3", "--draft-int8"]) == 0
+    assert capsys.readouterr().out == expected and len(quantized) == 1 and quantize.is_quantized(quantized[0])
+    assert cli_main([*plain, "--draft-int8"]) == 2
+    assert "--draft-int8 quantizes the draft: give one with --draft" in capsys.readouterr().err
+
     # A draft saved with its token list (distill-draft --draft-vocab): the CLI cuts its head.
     cut_dir = target_dir.parent / "draft-with-vocab"
     shutil.copytree(draft_dir, cut_dir, dirs_exist_ok=True)
@@ -1110,6 +1120,21 @@ def test_benchmark_small_batch_linear_flag_reaches_every_engine(tmp_path, monkey
     # (a)'s two engines and (b)'s plain step and rounds, every one with the GEMV.
     assert {name for name, _ in built} == {"Engine", "SpeculativeEngine"} and all(flag for _, flag in built)
     assert json.loads((tmp_path / "bench_speculative.json").read_text())["meta"]["small_batch_linear"] is True
+
+
+def test_benchmark_draft_int8_flag_quantizes_the_draft_of_both_parts(tmp_path, monkeypatch):
+    bench = _bench_module()
+    drafts = []
+    real_init = SpeculativeEngine.__init__
+    monkeypatch.setattr(SpeculativeEngine, "__init__",
+                        lambda self, target, draft, *a, **k: drafts.append(draft) or real_init(self, target, draft, *a, **k))
+    argv = ["--tiny", "--k", "2", "--batch", "1", "--prompts", "1", "--new-tokens", "6", "--repeats", "1",
+            "--verify-k", "2", "--attention", "0.5", "--compile", "--draft-int8", "--out", str(tmp_path)]
+    monkeypatch.setattr(engine_module, "compile_step", lambda step, mode: step)
+    assert bench.main(argv) == 0
+    assert len(drafts) == 2 and all(quantize.is_quantized(d) for d in drafts)  # (a)'s engine and (b)'s rounds
+    assert json.loads((tmp_path / "bench_speculative.json").read_text())["meta"]["draft_int8"] is True
+    assert "the draft's layers in int8" in (tmp_path / "bench_speculative.md").read_text()
 
 
 def test_benchmark_takes_the_acceptance_at_each_k_from_an_end_to_end_run(tmp_path):

@@ -104,9 +104,10 @@ CASES = {
 # The split-K GEMV: one row on the CUDA cores and 16 through tl.dot, its splits' float32 partial
 # sums added in its own launch (the last split, after an atomic count) or by the sum kernel.
 GEMV = dict(BLOCK_N=32, BLOCK_K=256, ACC=tl.float32, DOT_PRECISION="tf32", PDL=False, GROUPED=False, NORM=False,
-            RESIDUAL=False, GATE=False, NORM_PARTS=False, PREPARE=False)
+            RESIDUAL=False, GATE=False, NORM_PARTS=False, PREPARE=False, SCALED=False)
 PREPARED = {"parts_ptr": "*fp32", "next_parts_ptr": "*fp32"}  # a prepared norm's sums of squares
 GEMV_PARTIALS = {"out_ptr": "*fp32"}
+INT8 = {name: "*i8" for name in ("w_ptr", "w2_ptr", "wb_ptr", "wc_ptr")}  # int8 weights, bf16 scales
 GEMV_CASES = {
     "gemv_one_row_split_one_launch": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True), GEMV_PARTIALS),
@@ -117,11 +118,11 @@ GEMV_CASES = {
     "gemv_dot_final": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=16, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=True, LAST_SPLIT_SUMS=False), None),
     "gemv_sum_splits": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False, NORM=False,
-                                                        RESIDUAL=False, PDL=False, NORM_PARTS=False, PREPARE=False),
+                                                        RESIDUAL=False, PDL=False, NORM_PARTS=False, PREPARE=False, SCALED=False),
                         {"part_ptr": "*fp32"}),
     "gemv_sum_splits_norm_residual": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=False, HAS_BIAS=True, NORM=True,
                                                                       RESIDUAL=True, PDL=False, NORM_PARTS=False,
-                                                                      PREPARE=False),
+                                                                      PREPARE=False, SCALED=False),
                                       {"part_ptr": "*fp32", "ssq_ptr": "*fp32"}),
     # A prepared norm (MAMBAIFY_PREPARED_NORMS=1): the residual-add GEMV that prepares the next
     # norm (its last split, its one split, or the split sums' own kernel), and the GEMVs after
@@ -140,10 +141,10 @@ GEMV_CASES = {
         NORM_PARTS=True), dict(GEMV_PARTIALS, **PREPARED)),
     "gemv_sum_splits_prepare": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=False, HAS_BIAS=False, NORM=False,
                                                                 RESIDUAL=True, PDL=False, NORM_PARTS=False,
-                                                                PREPARE=True), dict(PREPARED, part_ptr="*fp32")),
+                                                                PREPARE=True, SCALED=False), dict(PREPARED, part_ptr="*fp32")),
     "gemv_sum_splits_norm_parts": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False,
                                                                    NORM=False, RESIDUAL=False, PDL=False,
-                                                                   NORM_PARTS=True, PREPARE=False),
+                                                                   NORM_PARTS=True, PREPARE=False, SCALED=False),
                                    dict(PREPARED, part_ptr="*fp32")),
     # As a programmatic dependent launch (MAMBAIFY_PDL=1 on Hopper): one row, and gate+up through tl.dot.
     "gemv_one_row_pdl": (gemv._gemv_kernel, dict(
@@ -198,6 +199,20 @@ GEMV_CASES = {
     "gemv_one_row_stages2": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=True,
         STAGES=2), GEMV_PARTIALS),
+    # Int8 weights with a scale per row (a quantized draft): one row split, the residual added;
+    # several rows through tl.dot, gate and up, the tiles converted for the tensor cores; q, k and v.
+    "gemv_int8_one_row_residual_split": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=False, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=True,
+        RESIDUAL=True, NORM=True, SCALED=True), dict(GEMV_PARTIALS, ssq_ptr="*fp32", **INT8)),
+    "gemv_int8_dot_gated_split": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=16, GATED=True, FINAL=False, HAS_BIAS=False, USE_DOT=True, LAST_SPLIT_SUMS=True, SCALED=True),
+        dict(GEMV_PARTIALS, **INT8)),
+    "gemv_int8_qkv_one_row_final": (gemv._gemv_kernel, dict(
+        GEMV, BLOCK_M=1, GATED=False, FINAL=True, HAS_BIAS=False, USE_DOT=False, LAST_SPLIT_SUMS=False,
+        GROUPED=True, SCALED=True), INT8),
+    "gemv_sum_splits_int8_gated": (gemv._sum_splits_kernel, dict(BLOCK_N=256, GATED=True, HAS_BIAS=False, NORM=False,
+                                                                   RESIDUAL=False, PDL=False, NORM_PARTS=False,
+                                                                   PREPARE=False, SCALED=True), {"part_ptr": "*fp32"}),
     "gemv_one_row_pdl_stages3": (gemv._gemv_kernel, dict(
         GEMV, BLOCK_M=1, GATED=False, FINAL=True, HAS_BIAS=True, USE_DOT=False, LAST_SPLIT_SUMS=False, PDL=True,
         STAGES=3), None),

@@ -250,6 +250,67 @@ def test_small_batch_qkv_kernel(kernels, device, dtype, m, sizes, k, block_k, sp
         kernels.small_batch_qkv(x, mats[0], mats[1].t().contiguous().t(), mats[2])
 
 
+def int8_rows(n: int, k: int, g: torch.Generator, device: str, dtype: torch.dtype):
+    """A random int8 matrix over the whole range and its rows' scales (k ** -0.5 / 127 apart)."""
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
+    scale = ((torch.rand(n, generator=g, dtype=torch.float64) + 0.5) * k ** -0.5 / 127).to(device, dtype)
+    return w, scale
+
+
+def dequant64(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return w.double().cpu() * scale.double().cpu()[:, None]
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_CASES)
+@pytest.mark.parametrize("m,n,k,block_k,splits,one_launch", [
+    (1, 37, 1000, 16, None, True),   # one row, split: each column's scale where the splits' sums meet
+    (1, 37, 1000, 16, 3, False),     # ... added by the second kernel
+    (3, 90, 1000, 16, None, True),   # several rows: int8 tiles converted for tl.dot
+    (5, 33, 70, 256, 1, True),       # one split: the kernel scales its own sums
+])
+def test_int8_weights_with_row_scales(kernels, device, dtype, m, n, k, block_k, splits, one_launch):
+    """Int8 matrices with a scale per row (a quantized draft's): every GEMV form equals the
+    float64 product with the dequantized matrix, the norm, bias, residual and gate applied as
+    for floating-point weights."""
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    x = randn(m, k, g=g, dtype=dtype, device=device, scale=30.0)
+    norm_w = randn(k, g=g, dtype=dtype, device=device)
+    (w, sw), (up, su) = int8_rows(n, k, g, device, dtype), int8_rows(n, k, g, device, dtype)
+    b = randn(n, g=g, dtype=dtype, device=device)
+    res = randn(m, n, g=g, dtype=dtype, device=device)
+    conf = dict(block_k=block_k, splits=splits, one_launch=one_launch)
+    w64, up64 = dequant64(w, sw), dequant64(up, su)
+    out = kernels.small_batch_linear(x, w, b, weight_scale=sw, **conf)
+    assert out.dtype == dtype and rel_err(out, F.linear(x.double().cpu(), w64, b.double().cpu())) < TOL[dtype]
+    out = kernels.small_batch_linear(x, w, b, weight_scale=sw, norm_weight=norm_w, norm_eps=1e-5, residual=res, **conf)
+    normed = rms64(x, norm_w, 1e-5)
+    assert rel_err(out, F.linear(normed, w64, b.double().cpu()) + res.double().cpu()) < TOL[dtype]
+    gated = kernels.small_batch_gated_up(x, w, up, norm_weight=norm_w, norm_eps=1e-5, gate_scale=sw, up_scale=su,
+                                         **conf)
+    assert rel_err(gated, F.silu(F.linear(normed, w64)) * F.linear(normed, up64)) < TOL[dtype]
+    small, s_small = int8_rows(7, k, g, device, dtype)
+    qkv = kernels.small_batch_qkv(x, w, small, small, weight_scale=torch.cat([sw, s_small, s_small]), **conf)
+    expected = torch.cat([F.linear(x.double().cpu(), t) for t in (w64, *[dequant64(small, s_small)] * 2)], -1)
+    assert rel_err(qkv, expected) < TOL[dtype]
+    h, scaled, parts = kernels.small_batch_linear_prepare_norm(x, w, b, res, randn(n, g=g, dtype=dtype, device=device),
+                                                               one_launch=one_launch, weight_scale=sw)
+    assert rel_err(h, F.linear(x.double().cpu(), w64, b.double().cpu()) + res.double().cpu()) < TOL[dtype]
+    # The same bits whichever kernel adds the splits, and the PyTorch form past 16 rows.
+    assert torch.equal(kernels.small_batch_linear(x, w, b, weight_scale=sw, **{**conf, "one_launch": True}),
+                       kernels.small_batch_linear(x, w, b, weight_scale=sw, **{**conf, "one_launch": False}))
+    many = randn(20, k, g=g, dtype=dtype, device=device)
+    assert rel_err(kernels.small_batch_linear(many, w, b, weight_scale=sw),
+                   F.linear(many.double().cpu(), w64, b.double().cpu())) < TOL[dtype]
+    with pytest.raises(ValueError, match="int8 weights need weight_scale"):
+        kernels.small_batch_linear(x, w, b)
+    with pytest.raises(ValueError, match="int8 weights need weight_scale"):
+        kernels.small_batch_linear(x, w.to(dtype), b, weight_scale=sw)
+    with pytest.raises(ValueError, match=f"expected \\({n},\\) floating point"):
+        kernels.small_batch_linear(x, w, b, weight_scale=sw[:-1])
+    counters = kernels.gemv._COUNTERS.get(torch.device(device))
+    assert counters is None or not counters.any()
+
+
 def rms64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x, weight = x.double().cpu(), weight.double().cpu()
     return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

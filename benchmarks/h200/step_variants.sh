@@ -21,8 +21,8 @@ mkdir -p "$out"
 start=$(date +%s)
 # SIGINT, so that pytest still prints what it has seen when the time runs out.
 timeout -s INT -k 20 "$tests_s" python3 -m pytest -q -m gpu -p no:cacheprovider -n 4 --timeout 100 -rA \
-  tests/test_triton_ops.py tests/test_engine.py tests/test_speculative_engine.py \
-  -k "fold or gated_rmsnorm or fused_operands or conv_ssd or fused_conv or compiled_graph or small_batch or split_sums or gated_up or qkv or pipelined or prepared" \
+  tests/test_triton_ops.py tests/test_engine.py tests/test_speculative_engine.py tests/test_quantize.py \
+  -k "fold or gated_rmsnorm or fused_operands or conv_ssd or fused_conv or compiled_graph or small_batch or split_sums or gated_up or qkv or pipelined or prepared or int8" \
   > "$out/gpu-tests.log" 2>&1
 echo "gpu tests: exit $? after $(( $(date +%s) - start )) s"
 grep -E "passed|failed" "$out/gpu-tests.log" | tail -2

@@ -9,7 +9,9 @@
 # and the draft's one-row calls; the verify call's rows are pipelined either way),
 # "folded-prepared" with the norms at several rows prepared by the residual-add GEMV before
 # them (MAMBAIFY_PREPARED_NORMS=1: no norm kernel between the verify call's GEMVs but the first
-# layer's). Everything goes to $OUT/verify.tgz.
+# layer's), "folded-int8" with the draft's layers in int8 (--draft-int8: half the bytes of a
+# draft step; its speed-up holds at the float draft's acceptance only as far as (a) measured
+# with an int8 draft says). Everything goes to $OUT/verify.tgz.
 # VARIANTS="..." runs only those. Usage (from the repo root): bash benchmarks/h200/verify_variants.sh [KS] [ACCEPTED] [BENCH_S_EACH]
 source benchmarks/h200/env.sh
 set +e
@@ -20,17 +22,19 @@ out="$OUT/verify"
 mkdir -p "$out"
 start=$(date +%s)
 for variant in ${VARIANTS:-plain folded folded-tuned}; do
+  extra=()
   case $variant in
     plain) switches=(MAMBAIFY_FOLD_NORMS=0) ;;
     folded) switches=(MAMBAIFY_FOLD_NORMS=1) ;;
     folded-tuned) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_TUNE=1) ;;
     folded-stages3) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_GEMV_STAGES=3) ;;
     folded-prepared) switches=(MAMBAIFY_FOLD_NORMS=1 MAMBAIFY_PREPARED_NORMS=1) ;;
-    *) echo "verify_variants: unknown variant $variant (plain, folded, folded-tuned, folded-stages3, folded-prepared)"; continue ;;
+    folded-int8) switches=(MAMBAIFY_FOLD_NORMS=1) extra=(--draft-int8) ;;
+    *) echo "verify_variants: unknown variant $variant (plain, folded, folded-tuned, folded-stages3, folded-prepared, folded-int8)"; continue ;;
   esac
   env "${switches[@]}" timeout -s INT -k 10 "$bench_s" python3 benchmarks/bench_speculative.py --out "$out/$variant" \
     --shape llama8b --attention 0.5 --verify-batch 1 --verify-k "$ks" --draft-vocab 32768 --compile \
-    --accepted "$accepted" --accepted-k 3 --repeats 3 --small-batch-linear > "$out/$variant.log" 2>&1
+    --accepted "$accepted" --accepted-k 3 --repeats 3 --small-batch-linear "${extra[@]}" > "$out/$variant.log" 2>&1
   echo "$variant: exit $? after $(( $(date +%s) - start )) s"
   grep -E "^\[(verify_cost|speedup)\]" "$out/$variant.log" | sed -E 's/"(attention|batch|kernel|context|draft_vocab|compiled|acceptance|accepted_source)": [^,]*, //g'
 done

@@ -50,6 +50,7 @@ from ..models.cache import MambaLayerCache
 from ..models.modeling import Mamba2Mixer
 from ..ops.attention import decode_attention_op
 from .sampling import SamplingParams, greedy_tokens, sample_next_tokens
+from .quantize import weight_scale
 
 Prompts = torch.Tensor | Sequence[Sequence[int]]
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def module_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def few_row_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The layer's weights through :func:`mambaify.ops.small_batch_linear`: the split-K Triton
     GEMV on CUDA for at most 16 rows (a decode step at small batch), ``F.linear`` otherwise."""
-    return ops.small_batch_linear(x, layer.weight, layer.bias)
+    return ops.small_batch_linear(x, layer.weight, layer.bias, **scale_operands(layer))
 
 
 # An RMSNorm the GEMV folds into the projection after it: (weight, eps).
@@ -284,6 +285,20 @@ def stream_of(hidden: torch.Tensor | PreparedStream) -> torch.Tensor:
     return hidden.hidden if isinstance(hidden, PreparedStream) else hidden
 
 
+def scale_operands(layer: nn.Linear) -> dict:
+    """An int8 layer's row scales as the small-batch ops take them (``weight_scale``); nothing for
+    a layer of floating-point weights (:mod:`mambaify.generate.quantize`)."""
+    scale = weight_scale(layer)
+    return {} if scale is None else dict(weight_scale=scale)
+
+
+def gated_up_scales(mlp: nn.Module) -> dict:
+    """The gated MLP's int8 row scales for :func:`mambaify.ops.small_batch_gated_up` (nothing for
+    floating-point weights)."""
+    gate, up = weight_scale(mlp.gate_proj), weight_scale(mlp.up_proj)
+    return {} if gate is None and up is None else dict(gate_scale=gate, up_scale=up)
+
+
 def norm_operands(norm: FoldedNorm | PreparedNorm | None) -> dict:
     """The small-batch ops' norm arguments for ``norm``: a folded norm's ``norm_weight`` and
     ``norm_eps``, a prepared one's ``norm_parts`` and ``norm_eps``, or none (their default eps),
@@ -305,8 +320,9 @@ def fused_linear(layer: nn.Linear, x: torch.Tensor, norm: FoldedNorm | PreparedN
         if norm is not None or gate is not None:
             raise ValueError("a GEMV that prepares the next norm takes no norm of its own")
         return PreparedStream(*ops.small_batch_linear_prepare_norm(x, layer.weight, layer.bias, residual.residual,
-                                                                   residual.next_norm_weight))
-    return ops.small_batch_linear(x, layer.weight, layer.bias, residual=residual, gate=gate, **norm_operands(norm))
+                                                                   residual.next_norm_weight, **scale_operands(layer)))
+    return ops.small_batch_linear(x, layer.weight, layer.bias, residual=residual, gate=gate, **scale_operands(layer),
+                                  **norm_operands(norm))
 
 
 def norm_or_fold(x: torch.Tensor | PreparedStream, norm: FoldedNorm | None
@@ -369,8 +385,11 @@ class AttentionRunner:
         self.apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
         # q, k and v in one split-K GEMV launch where the linear layers go through it and the three
         # weights can be read as one; otherwise one call each.
-        self.grouped_qkv = linear is few_row_linear and ops.qkv_read_as_one(
-            *(p.weight for p in (attention.q_proj, attention.k_proj, attention.v_proj)))
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        self.grouped_qkv = linear is few_row_linear and ops.qkv_read_as_one(*(p.weight for p in projections))
+        # Int8 projections (a quantized draft): their row scales side by side, as the launch reads them.
+        scales = [weight_scale(p) for p in projections]
+        self.qkv_scale = torch.cat(scales) if all(s is not None for s in scales) else None
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers:
         shape = (batch, self.num_kv_heads, slots, self.head_dim)
@@ -387,8 +406,9 @@ class AttentionRunner:
         heads = (b, t, -1, self.head_dim)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         if self.grouped_qkv:
+            scales = {} if self.qkv_scale is None else dict(weight_scale=self.qkv_scale)
             qkv = ops.small_batch_qkv(hidden, *(p.weight for p in projections), *(p.bias for p in projections),
-                                      **norm_operands(norm))
+                                      **scales, **norm_operands(norm))
             q_end = attn.q_proj.out_features
             k_end = q_end + attn.k_proj.out_features
             outputs = (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])
@@ -609,10 +629,12 @@ class DecoderLayerRunner:
             if linear is module_linear:
                 return mlp(x)
             if self.swiglu:  # gate and up read in one pass, SiLU applied as their sums finish
-                return linear(mlp.down_proj, ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+                return linear(mlp.down_proj, ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                                                      **gated_up_scales(mlp)))
             return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
         if self.swiglu:
-            hidden = ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight, **norm_operands(norm))
+            hidden = ops.small_batch_gated_up(x, mlp.gate_proj.weight, mlp.up_proj.weight, **gated_up_scales(mlp),
+                                              **norm_operands(norm))
         else:
             hidden = mlp.act_fn(normed_linear(linear, mlp.gate_proj, x, norm)) * normed_linear(linear, mlp.up_proj, x, norm)
         return linear_plus(linear, mlp.down_proj, hidden, residual)

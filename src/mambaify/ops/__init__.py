@@ -425,114 +425,131 @@ def prepares_norm(x: torch.Tensor) -> bool:
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
                        residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                       norm_parts: torch.Tensor | None = None) -> torch.Tensor:
+                       norm_parts: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
+                       ) -> torch.Tensor:
     """``[residual +] F.linear([rms_norm](x), weight, bias)``; on CUDA, for at most 16 rows, the
     split-K Triton GEMV (:func:`mambaify.ops.triton.gemv.small_batch_linear`). Inference only
     (no backward): the engines' decode steps and rounds use it on CUDA by default
     (``Engine(small_batch_linear="auto")``). ``norm_parts``: a prepared norm
-    (:func:`small_batch_linear_prepare_norm`), x already times the norm's weight."""
+    (:func:`small_batch_linear_prepare_norm`), x already times the norm's weight. ``weight_scale``
+    (N,): the weight is int8 with these row scales (a quantized draft's,
+    :func:`mambaify.generate.quantize.quantize_int8`)."""
     if torch.compiler.is_compiling():
         return torch.ops.mambaify.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate,
-                                                     norm_parts)
-    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts)
+                                                     norm_parts, weight_scale)
+    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts, weight_scale)
 
 
 def _small_batch_linear(x, weight, bias=None, norm_weight=None, norm_eps=1e-6, residual=None, gate=None,
-                        norm_parts=None):
+                        norm_parts=None, weight_scale=None):
     kernels = _gpu_kernels(x)
     if kernels is not None:
         return kernels.small_batch_linear(x, weight, bias, norm_weight=norm_weight, norm_eps=norm_eps,
-                                          residual=residual, gate=gate, norm_parts=norm_parts)
-    return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts)
+                                          residual=residual, gate=gate, norm_parts=norm_parts,
+                                          weight_scale=weight_scale)
+    return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts,
+                                        weight_scale)
 
 
 def small_batch_linear_prepare_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                    residual: torch.Tensor, next_norm_weight: torch.Tensor
+                                    residual: torch.Tensor, next_norm_weight: torch.Tensor,
+                                    weight_scale: torch.Tensor | None = None
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The residual stream h = residual + ``F.linear(x, weight, bias)`` with the inputs of the
     RMSNorm after it prepared: (h, h times ``next_norm_weight``, each row's sums of squares of h
     by blocks of columns, (blocks, rows)), for the small-batch linear layers after the norm
     (``norm_parts``), which then run none of the norm's work. On CUDA, for at most 16 rows, in
-    the split-K GEMV's launch (:func:`mambaify.ops.triton.gemv.small_batch_linear_prepare_norm`)."""
+    the split-K GEMV's launch (:func:`mambaify.ops.triton.gemv.small_batch_linear_prepare_norm`).
+    ``weight_scale``: as for :func:`small_batch_linear`."""
     if torch.compiler.is_compiling():
-        return torch.ops.mambaify.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight)
-    return _small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight)
+        return torch.ops.mambaify.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight,
+                                                                  weight_scale)
+    return _small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight, weight_scale)
 
 
-def _small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight):
+def _small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight, weight_scale=None):
     kernels = _gpu_kernels(x)
     if kernels is not None:
-        return kernels.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight)
-    return reference.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight)
+        return kernels.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight,
+                                                       weight_scale=weight_scale)
+    return reference.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight, weight_scale)
 
 
 def small_batch_gated_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                          norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-                         norm_parts: torch.Tensor | None = None) -> torch.Tensor:
+                         norm_parts: torch.Tensor | None = None, gate_scale: torch.Tensor | None = None,
+                         up_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(F.linear(x, gate)) * F.linear(x, up)`` of ``[rms_norm](x)``, a SwiGLU MLP's first
     half; on CUDA, for at most 16 rows, one pass of the split-K GEMV over both matrices with the
     gate applied as the sums finish (:func:`mambaify.ops.triton.gemv.small_batch_gated_up`).
-    Inference only. ``norm_parts``: as for :func:`small_batch_linear`."""
+    Inference only. ``norm_parts``: as for :func:`small_batch_linear`; ``gate_scale``,
+    ``up_scale``: both matrices int8, these their row scales."""
     if torch.compiler.is_compiling():
-        return torch.ops.mambaify.small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts)
-    return _small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts)
+        return torch.ops.mambaify.small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts, gate_scale,
+                                                       up_scale)
+    return _small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts, gate_scale, up_scale)
 
 
-def _small_batch_gated_up(x, gate, up, norm_weight=None, norm_eps=1e-6, norm_parts=None):
+def _small_batch_gated_up(x, gate, up, norm_weight=None, norm_eps=1e-6, norm_parts=None, gate_scale=None,
+                          up_scale=None):
     kernels = _gpu_kernels(x)
     if kernels is not None:
         return kernels.small_batch_gated_up(x, gate, up, norm_weight=norm_weight, norm_eps=norm_eps,
-                                            norm_parts=norm_parts)
-    return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts)
+                                            norm_parts=norm_parts, gate_scale=gate_scale, up_scale=up_scale)
+    return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts, gate_scale, up_scale)
 
 
 def small_batch_qkv(
     x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6, norm_parts: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """An attention layer's three projections side by side, ``cat([F.linear(x, q, q_bias),
     F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)`` of ``[rms_norm](x)``; on CUDA, for at
     most 16 rows, one launch of the split-K GEMV over the three matrices
     (:func:`mambaify.ops.triton.gemv.small_batch_qkv`). Inference only. ``norm_parts``: as for
-    :func:`small_batch_linear`."""
+    :func:`small_batch_linear`; ``weight_scale``: the three int8, their row scales side by side."""
     if torch.compiler.is_compiling():
         return torch.ops.mambaify.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps,
-                                                  norm_parts)
-    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps, norm_parts)
+                                                  norm_parts, weight_scale)
+    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps, norm_parts, weight_scale)
 
 
 def _small_batch_qkv(x, q, k, v, q_bias=None, k_bias=None, v_bias=None, norm_weight=None, norm_eps=1e-6,
-                     norm_parts=None):
+                     norm_parts=None, weight_scale=None):
     kernels = _gpu_kernels(x)
     if kernels is not None:
         return kernels.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight=norm_weight,
-                                       norm_eps=norm_eps, norm_parts=norm_parts)
-    return reference.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps, norm_parts)
+                                       norm_eps=norm_eps, norm_parts=norm_parts, weight_scale=weight_scale)
+    return reference.small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps, norm_parts,
+                                     weight_scale)
 
 
 @torch.library.custom_op("mambaify::small_batch_qkv", mutates_args=())
 def _small_batch_qkv_op(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         q_bias: torch.Tensor | None, k_bias: torch.Tensor | None,
                         v_bias: torch.Tensor | None, norm_weight: torch.Tensor | None = None,
-                        norm_eps: float = 1e-6, norm_parts: torch.Tensor | None = None) -> torch.Tensor:
-    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps, norm_parts)
+                        norm_eps: float = 1e-6, norm_parts: torch.Tensor | None = None,
+                        weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _small_batch_qkv(x, q, k, v, q_bias, k_bias, v_bias, norm_weight, norm_eps, norm_parts, weight_scale)
 
 
 @_small_batch_qkv_op.register_fake
-def _(x, q, k, v, q_bias, k_bias, v_bias, norm_weight=None, norm_eps=1e-6, norm_parts=None):
+def _(x, q, k, v, q_bias, k_bias, v_bias, norm_weight=None, norm_eps=1e-6, norm_parts=None, weight_scale=None):
     return x.new_empty((*x.shape[:-1], q.shape[0] + k.shape[0] + v.shape[0]))
 
 
 @torch.library.custom_op("mambaify::small_batch_gated_up", mutates_args=())
 def _small_batch_gated_up_op(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                              norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-                             norm_parts: torch.Tensor | None = None) -> torch.Tensor:
-    return _small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts)
+                             norm_parts: torch.Tensor | None = None, gate_scale: torch.Tensor | None = None,
+                             up_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts, gate_scale, up_scale)
 
 
 @_small_batch_gated_up_op.register_fake
-def _(x, gate, up, norm_weight=None, norm_eps=1e-6, norm_parts=None):
+def _(x, gate, up, norm_weight=None, norm_eps=1e-6, norm_parts=None, gate_scale=None, up_scale=None):
     return x.new_empty((*x.shape[:-1], gate.shape[0]))
 
 
@@ -540,24 +557,26 @@ def _(x, gate, up, norm_weight=None, norm_eps=1e-6, norm_parts=None):
 def _small_batch_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
                            residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                           norm_parts: torch.Tensor | None = None) -> torch.Tensor:
-    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts)
+                           norm_parts: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    return _small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts, weight_scale)
 
 
 @_small_batch_linear_op.register_fake
-def _(x, weight, bias, norm_weight=None, norm_eps=1e-6, residual=None, gate=None, norm_parts=None):
+def _(x, weight, bias, norm_weight=None, norm_eps=1e-6, residual=None, gate=None, norm_parts=None, weight_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("mambaify::small_batch_linear_prepare_norm", mutates_args=())
 def _small_batch_linear_prepare_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                        residual: torch.Tensor, next_norm_weight: torch.Tensor
+                                        residual: torch.Tensor, next_norm_weight: torch.Tensor,
+                                        weight_scale: torch.Tensor | None = None
                                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight)
+    return _small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight, weight_scale)
 
 
 @_small_batch_linear_prepare_norm_op.register_fake
-def _(x, weight, bias, residual, next_norm_weight):
+def _(x, weight, bias, residual, next_norm_weight, weight_scale=None):
     n, k = weight.shape
     rows = x.numel() // k
     kernels = _gpu_kernels(x)

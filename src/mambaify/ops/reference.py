@@ -212,36 +212,50 @@ def norm_scale(norm_parts: torch.Tensor, k: int, eps: float, shape: torch.Size) 
     return torch.rsqrt(norm_parts.sum(0) / k + eps).reshape(*shape[:-1], 1)
 
 
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, where ``weight`` may be int8 with a scale per row (``weight_scale`` (N,)): the
+    products over the integers, each output column times its scale, then the bias."""
+    if weight_scale is None:
+        return F.linear(x, weight, bias)
+    out = F.linear(x, weight.to(x.dtype)) * weight_scale.to(x.dtype)
+    return out if bias is None else out + bias
+
+
 def _prepared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     norm_parts: torch.Tensor, norm_eps: float) -> torch.Tensor:
+                     norm_parts: torch.Tensor, norm_eps: float, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear of the rows x * g whose norm's scale comes from ``norm_parts``: the scale applied
     to the products, then the bias (the order of the GEMV's folded norm)."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    out = F.linear(x, weight).to(compute) * norm_scale(norm_parts, x.shape[-1], norm_eps, x.shape)
+    out = scaled_linear(x, weight, None, weight_scale).to(compute) * norm_scale(norm_parts, x.shape[-1], norm_eps,
+                                                                                 x.shape)
     return (out if bias is None else out + bias.to(compute)).to(x.dtype)
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
                        residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                       norm_parts: torch.Tensor | None = None) -> torch.Tensor:
+                       norm_parts: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
+                       ) -> torch.Tensor:
     """The PyTorch form of ``mambaify.ops.small_batch_linear``: [residual +] F.linear(pre_norm(x)),
-    or with ``norm_parts`` of x already times the norm's weight, scaled as the parts say."""
+    or with ``norm_parts`` of x already times the norm's weight, scaled as the parts say; an int8
+    weight with ``weight_scale`` as :func:`scaled_linear`."""
     if norm_parts is not None:
-        out = _prepared_linear(x, weight, bias, norm_parts, norm_eps)
+        out = _prepared_linear(x, weight, bias, norm_parts, norm_eps, weight_scale)
     else:
-        out = F.linear(pre_norm(x, norm_weight, norm_eps, gate), weight, bias)
+        out = scaled_linear(pre_norm(x, norm_weight, norm_eps, gate), weight, bias, weight_scale)
     return out if residual is None else residual + out
 
 
 def small_batch_linear_prepare_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                    residual: torch.Tensor, next_norm_weight: torch.Tensor
+                                    residual: torch.Tensor, next_norm_weight: torch.Tensor,
+                                    weight_scale: torch.Tensor | None = None
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The PyTorch form of ``mambaify.ops.small_batch_linear_prepare_norm``: the residual stream
     h = residual + F.linear(x, weight, bias), and what the RMSNorm after it needs, so that the
     GEMV after the norm runs none of it: h times the norm's weight (in h's dtype) and each row's
     sum of squares of h (one block of columns here: shape (1, rows))."""
-    h = small_batch_linear(x, weight, bias, residual=residual)
+    h = small_batch_linear(x, weight, bias, residual=residual, weight_scale=weight_scale)
     compute = torch.promote_types(h.dtype, torch.float32)
     hf = h.to(compute)
     scaled = (hf * next_norm_weight.to(compute)).to(h.dtype)
@@ -250,27 +264,34 @@ def small_batch_linear_prepare_norm(x: torch.Tensor, weight: torch.Tensor, bias:
 
 def small_batch_gated_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                          norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-                         norm_parts: torch.Tensor | None = None) -> torch.Tensor:
+                         norm_parts: torch.Tensor | None = None, gate_scale: torch.Tensor | None = None,
+                         up_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The PyTorch form of ``mambaify.ops.small_batch_gated_up``: silu(x gate^T) * (x up^T) of
-    pre_norm(x), or with ``norm_parts`` of x already times the norm's weight."""
+    pre_norm(x), or with ``norm_parts`` of x already times the norm's weight; int8 matrices with
+    their scales as :func:`scaled_linear`."""
     if norm_parts is not None:
-        return F.silu(_prepared_linear(x, gate, None, norm_parts, norm_eps)) * _prepared_linear(
-            x, up, None, norm_parts, norm_eps)
+        return F.silu(_prepared_linear(x, gate, None, norm_parts, norm_eps, gate_scale)) * _prepared_linear(
+            x, up, None, norm_parts, norm_eps, up_scale)
     x = pre_norm(x, norm_weight, norm_eps)
-    return F.silu(F.linear(x, gate)) * F.linear(x, up)
+    return F.silu(scaled_linear(x, gate, None, gate_scale)) * scaled_linear(x, up, None, up_scale)
 
 
 def small_batch_qkv(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
                     v_bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                    norm_eps: float = 1e-6, norm_parts: torch.Tensor | None = None) -> torch.Tensor:
+                    norm_eps: float = 1e-6, norm_parts: torch.Tensor | None = None,
+                    weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The PyTorch form of ``mambaify.ops.small_batch_qkv``: q, k and v of pre_norm(x), side by
-    side, or with ``norm_parts`` of x already times the norm's weight."""
-    mats = ((q, q_bias), (k, k_bias), (v, v_bias))
+    side, or with ``norm_parts`` of x already times the norm's weight; int8 matrices with
+    ``weight_scale`` (their scales side by side) as :func:`scaled_linear`."""
+    q_end, k_end = q.shape[0], q.shape[0] + k.shape[0]
+    scales = (None,) * 3 if weight_scale is None else (weight_scale[:q_end], weight_scale[q_end:k_end],
+                                                       weight_scale[k_end:])
+    mats = ((q, q_bias, scales[0]), (k, k_bias, scales[1]), (v, v_bias, scales[2]))
     if norm_parts is not None:
-        return torch.cat([_prepared_linear(x, w, b, norm_parts, norm_eps) for w, b in mats], -1)
+        return torch.cat([_prepared_linear(x, w, b, norm_parts, norm_eps, c) for w, b, c in mats], -1)
     x = pre_norm(x, norm_weight, norm_eps)
-    return torch.cat([F.linear(x, w, b) for w, b in mats], -1)
+    return torch.cat([scaled_linear(x, w, b, c) for w, b, c in mats], -1)
 
 
 def causal_conv1d(

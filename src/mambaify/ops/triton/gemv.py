@@ -82,6 +82,8 @@ def _accumulate(acc, acc2, ssq, w, w2, x_ptr, g_ptr, z_ptr, offs_m, M, k, k_end,
                 xf = xf * zf * tl.sigmoid(zf)
             ssq += tl.sum(xf * xf, axis=1)
             xs = (xf * g[None, :]).to(xs.dtype)
+        if w.dtype != xs.dtype:  # int8 weights (SCALED): their integers exactly in the rows' dtype
+            w, w2 = w.to(xs.dtype), w2.to(xs.dtype)
         acc += tl.dot(xs, tl.trans(w), input_precision=DOT_PRECISION, out_dtype=ACC)
         if GATED:
             acc2 += tl.dot(xs, tl.trans(w2), input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -127,7 +129,7 @@ def _group_block(w_ptr, wb_ptr, wc_ptr, pid_n, N_A, N_B, N, BLOCK_N: tl.constexp
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, wb_ptr, wc_ptr, g_ptr, ssq_ptr, res_ptr, z_ptr,
-    parts_ptr, next_g_ptr, scaled_ptr, next_parts_ptr,
+    parts_ptr, next_g_ptr, scaled_ptr, next_parts_ptr, scale_ptr, scale2_ptr,
     M, N, K, k_per_split, S, N_A, N_B, eps, P,
     x_sm, x_sk, w_sn, w_sk, o_ss, o_sp, o_sm, o_sn, f_sm, f_sn, q_ss, q_sp, r_sm, r_sn, z_sm, z_sk,
     BLOCK_M: tl.constexpr,
@@ -148,6 +150,7 @@ def _gemv_kernel(
     STAGES: tl.constexpr,
     NORM_PARTS: tl.constexpr,
     PREPARE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """Program (n block, k split s): the sums over split s of x[m, k] * w[n, k] for all rows m
     (and of x[m, k] * w2[n, k] when GATED: w the gate, w2 the up projection, read in the same
@@ -187,6 +190,11 @@ def _gemv_kernel(
     launch after this one: the result times ``next_g_ptr`` (the next norm's weight) to
     ``scaled_ptr`` in the output's dtype and layout, and each row's sum of squares of the result
     over this n block's columns to ``next_parts_ptr`` (n blocks, M).
+    SCALED: the weights are int8 with a float scale per row, ``scale_ptr`` (N,) indexed by the
+    output's columns (grouped: the three matrices' scales side by side; ``scale2_ptr`` the
+    second matrix's with GATED): the sums run over the integers, each converted as it loads
+    (exact in float32 and in bfloat16), and a column's scale multiplies its sum where it
+    finishes, so the loop reads one byte per weight instead of two.
     STAGES: the main loop's software pipelining (``tl.range``'s num_stages). At 1 each tile's
     loads are issued only after the last tile's reduction. At S >= 3 the tiles go through shared
     memory (cp.async), S - 2 of them in flight while the warps reduce the current one. At 2 they
@@ -228,8 +236,8 @@ def _gemv_kernel(
         residual = _residual(res, mask, RESIDUAL)
         if NORM_PARTS:
             ssq = _parts_ssq(parts_ptr, P, M, offs_m)
-        result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, GATED, HAS_BIAS,
-                         NORM or NORM_PARTS, RESIDUAL).to(out_ptr.dtype.element_ty)
+        result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, scale_ptr, scale2_ptr,
+                         GATED, HAS_BIAS, NORM or NORM_PARTS, RESIDUAL, SCALED).to(out_ptr.dtype.element_ty)
         tl.store(ptrs, result, mask=mask)
         if PREPARE:
             _prepare_norm(result, mask, offs_m, offs_n, mask_n, pid_n, M, next_g_ptr,
@@ -252,8 +260,9 @@ def _gemv_kernel(
                                              offs_m < M, q_ss, GATED, NORM, ".cg")
                 if NORM_PARTS:
                     ssq = _parts_ssq(parts_ptr, P, M, offs_m)
-                result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, GATED, HAS_BIAS,
-                                 NORM or NORM_PARTS, RESIDUAL).to(final_ptr.dtype.element_ty)
+                result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq[:, None], K, eps, residual, scale_ptr,
+                                 scale2_ptr, GATED, HAS_BIAS, NORM or NORM_PARTS, RESIDUAL,
+                                 SCALED).to(final_ptr.dtype.element_ty)
                 final = final_ptr + offs_m[:, None] * f_sm + offs_n[None, :] * f_sn
                 tl.store(final, result, mask=mask)
                 if PREPARE:
@@ -342,16 +351,22 @@ def _prepare_norm(result, mask, offs_m, offs_n, mask_n, block, M, next_g_ptr, sc
 
 
 @triton.jit
-def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual,
-            GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual, scale_ptr, scale2_ptr,
+            GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+            SCALED: tl.constexpr):
     """The layer's output from its complete sums: with NORM scaled by each row's
-    rsqrt(ssq / K + eps) (``ssq``: (rows, 1) for (rows, n) sums, a scalar for one row's), then
-    bias added, or with GATED silu(gate sums) * up sums; with RESIDUAL the ``residual``
-    (:func:`_residual`) added."""
+    rsqrt(ssq / K + eps) (``ssq``: (rows, 1) for (rows, n) sums, a scalar for one row's), with
+    SCALED by each output column's weight scale (``scale_ptr``, ``scale2_ptr`` the second
+    matrix's), then bias added, or with GATED silu(gate sums) * up sums; with RESIDUAL the
+    ``residual`` (:func:`_residual`) added."""
     if NORM:
         scale = tl.rsqrt(ssq / K + eps)
         acc = acc * scale
         acc2 = acc2 * scale
+    if SCALED:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
+        if GATED:
+            acc2 = acc2 * tl.load(scale2_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
     if GATED:
@@ -364,7 +379,7 @@ def _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual,
 @triton.jit
 def _sum_splits_kernel(
     part_ptr, bias_ptr, out_ptr, ssq_ptr, res_ptr, parts_ptr, next_g_ptr, scaled_ptr, next_parts_ptr,
-    S, M, N, K, eps, P,
+    scale_ptr, scale2_ptr, S, M, N, K, eps, P,
     p_ss, p_sp, p_sm, p_sn, o_sm, o_sn, q_ss, r_sm, r_sn,
     BLOCK_N: tl.constexpr,
     GATED: tl.constexpr,
@@ -374,10 +389,11 @@ def _sum_splits_kernel(
     PDL: tl.constexpr,
     NORM_PARTS: tl.constexpr,
     PREPARE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """Program (row m, n block): out[m, n] = sum_s part[s, 0, m, n] (+ bias[n]), or with GATED
-    silu(sum_s part[s, 0]) * sum_s part[s, 1], in the output dtype; NORM, RESIDUAL, NORM_PARTS
-    and PREPARE as in :func:`_gemv_kernel` (NORM: the row's sums of squares read from the first n
+    silu(sum_s part[s, 0]) * sum_s part[s, 1], in the output dtype; NORM, RESIDUAL, NORM_PARTS,
+    PREPARE and SCALED as in :func:`_gemv_kernel` (NORM: the row's sums of squares read from the first n
     block's; PREPARE: a block of sums of squares per BLOCK_N columns)."""
     wait_for_inputs(PDL)
     m = tl.program_id(0)
@@ -390,8 +406,8 @@ def _sum_splits_kernel(
                                  m >= 0, q_ss, GATED, NORM, "")
     if NORM_PARTS:
         ssq = _parts_ssq(parts_ptr, P, M, m + tl.arange(0, 1))
-    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual, GATED, HAS_BIAS,
-                     NORM or NORM_PARTS, RESIDUAL).to(out_ptr.dtype.element_ty)
+    result = _finish(acc, acc2, bias_ptr, offs_n, mask_n, ssq, K, eps, residual, scale_ptr, scale2_ptr, GATED,
+                     HAS_BIAS, NORM or NORM_PARTS, RESIDUAL, SCALED).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + m * o_sm + offs_n * o_sn, result, mask=mask_n)
     if PREPARE:  # row m as a (1, BLOCK_N) block
         _prepare_norm(result[None, :], mask_n[None, :], m + tl.arange(0, 1), offs_n, mask_n, block, M, next_g_ptr,
@@ -583,7 +599,8 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
             splits: int | None, one_launch: bool | None, norm_weight: torch.Tensor | None = None,
             norm_eps: float = 0.0, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
             stages: int | None = None, norm_parts: torch.Tensor | None = None,
-            prepare: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            prepare: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
+            up_scale: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel over one weight, or a group of three (same K and strides; outputs side by side).
     A configuration left None: :func:`default_config`'s, or the tuned one (:func:`tune_default`).
     ``norm_weight``/``norm_eps``: the rows are an RMSNorm's input (see NORM); ``residual``
@@ -593,7 +610,8 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     sums of squares (see NORM_PARTS). ``prepare`` (n,): the next norm's weight; then the result
     comes with that norm's inputs prepared, (out, out * weight, sums of squares (blocks, m)),
     blocks as :func:`prepared_blocks` says (see PREPARE; such a call is never tuned, so that
-    the blocks are known before it runs)."""
+    the blocks are known before it runs). ``weight_scale`` (n,), ``up_scale`` (n,) with ``up``:
+    the weights are int8, these their rows' scales (see SCALED)."""
     m, k = rows.shape
     grouped = isinstance(weight, tuple)
     mats = weight if grouped else (weight,)
@@ -629,13 +647,15 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
     wb, wc = mats[1:] if grouped else (weight, weight)
     parts_in = norm_parts if norm_parts is not None else out
     scaled, parts_out = out, out
+    scale = weight_scale if weight_scale is not None else out
+    scale2 = up_scale if up_scale is not None else scale
     if prepare is not None:  # the next norm's inputs, in blocks of the kernel that writes the result
         blocks = programs_n if splits == 1 or last_sums else triton.cdiv(n, SUM_SPLITS_BLOCK)
         scaled, parts_out = torch.empty_like(out), torch.empty(blocks, m, dtype=acc_dtype, device=rows.device)
     _gemv_kernel[(programs_n, splits)](
         rows, weight, up if gated else weight, bias if bias is not None else weight, part, out, counters, wb, wc,
         norm_weight if norm else weight, ssq, res, z, parts_in, prepare if prepare is not None else out, scaled,
-        parts_out,
+        parts_out, scale, scale2,
         m, n, k, k_per_split, splits, mats[0].shape[0], mats[1].shape[0] if grouped else 0, float(norm_eps),
         parts_in.shape[0] if norm_parts is not None else 0,
         *rows.stride(), *weight.stride(), *part.stride(), *out.stride(), ssq.stride(0), ssq.stride(1),
@@ -646,16 +666,16 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...],
         LAST_SPLIT_SUMS=last_sums, GROUPED=grouped, NORM=norm, RESIDUAL=residual is not None,
         GATE=norm and gate is not None, STAGES=DOT_STAGES if use_dot else one_row_stages(stages),
         NORM_PARTS=norm_parts is not None, PREPARE=prepare is not None and (splits == 1 or last_sums),
-        num_warps=num_warps, **pdl,
+        SCALED=weight_scale is not None, num_warps=num_warps, **pdl,
     )
     if splits > 1 and not last_sums:
         _sum_splits_kernel[(m, triton.cdiv(n, SUM_SPLITS_BLOCK))](
             part, bias if bias is not None else weight, out, ssq, res, parts_in,
-            prepare if prepare is not None else out, scaled, parts_out,
+            prepare if prepare is not None else out, scaled, parts_out, scale, scale2,
             splits, m, n, k, float(norm_eps), parts_in.shape[0] if norm_parts is not None else 0,
             *part.stride(), *out.stride(), ssq.stride(0), *res.stride(),
             BLOCK_N=SUM_SPLITS_BLOCK, GATED=gated, HAS_BIAS=bias is not None, NORM=norm, RESIDUAL=residual is not None,
-            NORM_PARTS=norm_parts is not None, PREPARE=prepare is not None, **pdl,
+            NORM_PARTS=norm_parts is not None, PREPARE=prepare is not None, SCALED=weight_scale is not None, **pdl,
         )
     return out if prepare is None else (out, scaled, parts_out)
 
@@ -704,12 +724,24 @@ def _check_parts(x: torch.Tensor, norm_parts: torch.Tensor | None, norm_weight: 
                          f"sums of squares, as small_batch_linear_prepare_norm leaves them")
 
 
+def _check_scale(weights: tuple[torch.Tensor, ...], scale: torch.Tensor | None, n: int, name: str,
+                 label: str = "weight_scale") -> None:
+    """An int8 weight comes with its rows' scales, (n,) floating point, and only an int8 one."""
+    quantized = [w.dtype == torch.int8 for w in weights]
+    if any(quantized) != (scale is not None) or (any(quantized) and not all(quantized)):
+        raise ValueError(f"{name}: int8 weights need {label} (one scale per row) and other weights take none; got "
+                         f"{', '.join(str(w.dtype) for w in weights)} with {label} "
+                         f"{'None' if scale is None else tuple(scale.shape)}")
+    if scale is not None and (scale.shape != (n,) or not scale.is_floating_point()):
+        raise ValueError(f"{name}: {label} {tuple(scale.shape)} {scale.dtype}, expected ({n},) floating point")
+
+
 def small_batch_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
     residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, stages: int | None = None,
-    norm_parts: torch.Tensor | None = None,
+    norm_parts: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x (..., K) of at most MAX_ROWS rows, weight (N, K),
     bias (N) or None; float32 accumulation (float64 for float64 inputs), the result in x's
@@ -726,9 +758,11 @@ def small_batch_linear(
     over this many stages (None: :func:`one_row_stages`); several rows keep DOT_STAGES.
     ``norm_parts`` (with ``norm_eps``, instead of ``norm_weight``): x is an RMSNorm's input
     already times the norm's weight, and these its rows' sums of squares in blocks of columns,
-    as :func:`small_batch_linear_prepare_norm` leaves both (see NORM_PARTS)."""
+    as :func:`small_batch_linear_prepare_norm` leaves both (see NORM_PARTS). ``weight_scale`` (N,):
+    the weight is int8 and these its rows' scales (see SCALED)."""
     rows = _rows(x, weight, "small_batch_linear")
     n = weight.shape[0]
+    _check_scale((weight,), weight_scale, n, "small_batch_linear")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"small_batch_linear: bias {tuple(bias.shape)} for a weight of {n} rows")
     res = _check_fused(x, n, norm_weight, residual, "small_batch_linear")
@@ -737,32 +771,35 @@ def small_batch_linear(
         raise ValueError(f"small_batch_linear: a gate {tuple(gate.shape)} needs norm_weight and x's shape "
                          f"{tuple(x.shape)}")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts)
+        return reference.small_batch_linear(x, weight, bias, norm_weight, norm_eps, residual, gate, norm_parts,
+                                            weight_scale)
     return _launch(rows, weight, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight, norm_eps,
                    res, None if gate is None else gate.reshape(-1, gate.shape[-1]), stages,
-                   norm_parts).reshape(*x.shape[:-1], n)
+                   norm_parts, weight_scale=weight_scale).reshape(*x.shape[:-1], n)
 
 
 def small_batch_linear_prepare_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-    next_norm_weight: torch.Tensor, one_launch: bool | None = None,
+    next_norm_weight: torch.Tensor, one_launch: bool | None = None, weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The residual stream h = residual + ``F.linear(x, weight, bias)`` (x of at most MAX_ROWS
     rows), and with it the inputs of the RMSNorm after it, prepared in the same launch for the
     GEMV that follows the norm (``norm_parts``): (h, h times ``next_norm_weight`` in h's dtype,
     each row's sums of squares of h in blocks of columns, (blocks, rows) float32). The GEMV
     after the norm then runs none of the norm's work in its loop. Always at the default
-    configuration (:func:`prepared_blocks` says how many blocks); more rows: PyTorch, one block."""
+    configuration (:func:`prepared_blocks` says how many blocks); more rows: PyTorch, one block.
+    ``weight_scale``: as for :func:`small_batch_linear`."""
     rows = _rows(x, weight, "small_batch_linear_prepare_norm")
     n = weight.shape[0]
+    _check_scale((weight,), weight_scale, n, "small_batch_linear_prepare_norm")
     res = _check_fused(x, n, None, residual, "small_batch_linear_prepare_norm")
     if res is None or next_norm_weight.shape != (n,):
         raise ValueError(f"small_batch_linear_prepare_norm: a residual {(*x.shape[:-1], n)} and a next norm weight "
                          f"({n},) are needed")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return reference.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight)
+        return reference.small_batch_linear_prepare_norm(x, weight, bias, residual, next_norm_weight, weight_scale)
     out, scaled, parts = _launch(rows, weight, None, bias, None, None, None, None, one_launch, residual=res,
-                                 prepare=next_norm_weight)
+                                 prepare=next_norm_weight, weight_scale=weight_scale)
     return out.reshape(*x.shape[:-1], n), scaled.reshape(*x.shape[:-1], n), parts
 
 
@@ -771,14 +808,15 @@ def small_batch_qkv(
     q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-    stages: int | None = None, norm_parts: torch.Tensor | None = None,
+    stages: int | None = None, norm_parts: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.cat([F.linear(x, q, q_bias), F.linear(x, k, k_bias), F.linear(x, v, v_bias)], -1)``
     in one launch, for x (..., K) of at most MAX_ROWS rows and q, k, v (N_q, K), (N_k, K), (N_v, K)
     alike in dtype and layout: an attention layer's three projections, read in one pass as if
     they were one matrix, without copying them into one. More rows go to ``F.linear``.
     ``norm_weight``, ``norm_eps``, ``stages``, ``norm_parts``: as for :func:`small_batch_linear`
-    (the norm: the layer's input norm)."""
+    (the norm: the layer's input norm). ``weight_scale`` (N_q + N_k + N_v,): the three are int8,
+    these their rows' scales side by side."""
     rows = _rows(x, q, "small_batch_qkv")
     mats = (q, k, v)
     if not qkv_read_as_one(*mats):
@@ -788,33 +826,39 @@ def small_batch_qkv(
     n = sum(w.shape[0] for w in mats)
     _check_fused(x, n, norm_weight, None, "small_batch_qkv")
     _check_parts(x, norm_parts, norm_weight, "small_batch_qkv")
+    _check_scale(mats, weight_scale, n, "small_batch_qkv")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return reference.small_batch_qkv(x, *mats, *biases, norm_weight, norm_eps, norm_parts)
+        return reference.small_batch_qkv(x, *mats, *biases, norm_weight, norm_eps, norm_parts, weight_scale)
     bias = None
     if any(b is not None for b in biases):  # one bias over the three outputs (absent ones as zeros)
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, mats)])
     return _launch(rows, mats, None, bias, block_n, block_k, num_warps, splits, one_launch, norm_weight,
-                   norm_eps, stages=stages, norm_parts=norm_parts).reshape(*x.shape[:-1], n)
+                   norm_eps, stages=stages, norm_parts=norm_parts, weight_scale=weight_scale).reshape(*x.shape[:-1], n)
 
 
 def small_batch_gated_up(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, splits: int | None = None,
     one_launch: bool | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
-    stages: int | None = None, norm_parts: torch.Tensor | None = None,
+    stages: int | None = None, norm_parts: torch.Tensor | None = None, gate_scale: torch.Tensor | None = None,
+    up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``silu(x gate^T) * (x up^T)``, the first half of a gated (SwiGLU) MLP, for x (..., K) of at
     most MAX_ROWS rows and gate, up (N, K): both matrices read in one pass, the activation applied
     as the sums finish. More rows go to PyTorch. ``one_launch``, ``norm_weight``, ``norm_eps``,
     ``stages``, ``norm_parts``: as for :func:`small_batch_linear` (the norm: the layer's
-    post-attention norm)."""
+    post-attention norm). ``gate_scale``, ``up_scale`` (N,): both matrices are int8, these their
+    rows' scales."""
     rows = _rows(x, gate, "small_batch_gated_up")
     if up.shape != gate.shape:
         raise ValueError(f"small_batch_gated_up: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     n = gate.shape[0]
     _check_fused(x, n, norm_weight, None, "small_batch_gated_up")
     _check_parts(x, norm_parts, norm_weight, "small_batch_gated_up")
+    _check_scale((gate,), gate_scale, n, "small_batch_gated_up", "gate_scale")
+    _check_scale((up,), up_scale, n, "small_batch_gated_up", "up_scale")
     if not 0 < rows.shape[0] <= MAX_ROWS:
-        return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts)
+        return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts, gate_scale, up_scale)
     return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits, one_launch, norm_weight,
-                   norm_eps, stages=stages, norm_parts=norm_parts).reshape(*x.shape[:-1], n)
+                   norm_eps, stages=stages, norm_parts=norm_parts, weight_scale=gate_scale,
+                   up_scale=up_scale).reshape(*x.shape[:-1], n)
