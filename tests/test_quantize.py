@@ -115,3 +115,27 @@ def test_cuda_int8_draft_rounds_equal_plain_greedy(pair, draft_name, compile):
             assert torch.equal(tokens.cpu(), expected[batch]), (name, batch)
         accepted[name] = engine.stats.mean_accepted
     assert accepted["int8"] >= 0.8 * accepted["float"] > 0, accepted
+
+
+def test_agreement_script_scores_the_int8_draft_against_its_float_self_and_the_target(teacher_dir, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from mambaify.draft import build_draft_from_teacher
+    from mambaify.teachers import load_teacher
+
+    teacher, tokenizer = load_teacher(str(teacher_dir))
+    draft = build_draft_from_teacher(teacher)
+    draft.save_pretrained(tmp_path / "draft")
+    tokenizer.save_pretrained(tmp_path / "draft")
+    path = Path(__file__).parents[1] / "benchmarks" / "draft_int8_agreement.py"
+    spec = importlib.util.spec_from_file_location("draft_int8_agreement", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--target", str(teacher_dir), "--draft", str(tmp_path / "draft"), "--texts", "2",
+                        "--tokens", "24", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "agreement.json").read_text())
+    assert result["positions"] == 48 and 0.5 < result["int8_same_top1"] <= 1 and result["kl_float_int8"] >= 0
+    # The tiny teacher's two layers are the draft's two: the float draft is the target itself.
+    assert result["top1_with_target_float"] == 1.0 and result["top1_with_target_int8"] > 0.5
