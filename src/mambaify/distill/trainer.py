@@ -2,8 +2,8 @@
 
 One process or many: the loop goes through ``accelerate``, so the same code runs on one CPU,
 one GPU, or under ``accelerate launch`` / ``torchrun`` with data parallelism, or sharded with
-FSDP when accelerate is configured for it. Read :func:`distill` top to bottom; each stage of a schedule is a call
-of :func:`train_stage`.
+FSDP when accelerate is configured for it. Read :func:`distill` top to bottom; each stage of a
+schedule is a call of :func:`train_stage`.
 """
 
 from __future__ import annotations
@@ -363,11 +363,12 @@ def _optimizer_state(accelerator: Accelerator, student, optimizer) -> dict:
 
 def _load_optimizer_state(accelerator: Accelerator, student, optimizer, state: dict) -> None:
     """Load a checkpoint's optimizer state into the prepared optimizer (each process takes its share)."""
-    keyed_by_name = any(isinstance(key, str) for key in state.get("state", {}))
-    if keyed_by_name or accelerator.distributed_type == DistributedType.FSDP:
-        if not keyed_by_name and state.get("state"):
-            raise ValueError("this checkpoint was written without FSDP; resume it without FSDP (plain data "
-                             "parallelism or one process), or start a new run under FSDP")
+    keyed_by_name = any(isinstance(key, str) for key in state.get("state", {}))  # as _optimizer_state gathers it
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and state.get("state") and not keyed_by_name:
+        raise ValueError("this checkpoint was written without FSDP; resume it without FSDP (plain data "
+                         "parallelism or one process), or start a new run under FSDP")
+    if keyed_by_name or sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(accelerator.unwrap_model(student), optimizer.optimizer, optim_state_dict=state,
@@ -395,9 +396,9 @@ def whole_model(accelerator: Accelerator, prepared):
     from torch.distributed.fsdp import FSDPModule
 
     whole_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    # FSDP2 swaps the module's class for a subclass of (FSDPModule, the original class).
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)) if isinstance(model, FSDPModule) \
-        else type(model)
+    cls = type(model)
+    if isinstance(model, FSDPModule):  # FSDP2 swaps the class for a subclass of (FSDPModule, the original)
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
     whole = cls(model.config).to(device=accelerator.device, dtype=torch.float32)
     whole.load_state_dict(whole_state)
     return whole
