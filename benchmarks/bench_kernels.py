@@ -28,7 +28,8 @@ the bytes of the matrices read over the time. GEMV with fused operands (``--only
 the matrices that the engines' fold_norms gives an RMSNorm, Mamba2's gated norm or the residual
 add, folded into the split-K GEMV against the norm and add as kernels of their own, at a few
 launch configurations (``--gemv-configs``), and at one row at the engine's configuration with the
-loop pipelined (3 and 4 stages). GEMV chain (``--only gemv-chain``): the 8B 0% hybrid's GEMVs as
+loop pipelined (3 and 4 stages) and with int8 matrices (an int8 draft's; "TB/s" then counts one
+byte a weight), at the engine's K blocks and at twice as many columns (the same bytes a tile). GEMV chain (``--only gemv-chain``): the 8B 0% hybrid's GEMVs as
 its step calls them, several layers back to back in one graph, launched one after another (the
 one-row loops as by default, then pipelined: MAMBAIFY_GEMV_STAGES=3, 4) and as programmatic
 dependent launches (MAMBAIFY_PDL=1).
@@ -608,30 +609,54 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
                 return small_batch_gated_up(scaled_x, *w, norm_parts=parts, norm_eps=1e-5)
             return small_batch_linear(scaled_x, w[0], norm_parts=parts, norm_eps=1e-5)
 
+        # An int8 draft's matrices (--draft-int8): the same, each row rounded to its own scale;
+        # checked against the folded GEMV over the dequantized bf16 matrices.
+        def int8(w):
+            scale = w.float().abs().amax(1, keepdim=True) / 127
+            return torch.round(w.float() / scale).clamp(-127, 127).to(torch.int8), scale.squeeze(1).to(bf16)
+
+        def folded_int8(w, **config):
+            (wq, sq), (uq, su) = w[0], w[-1]
+            if swiglu:
+                return small_batch_gated_up(x, wq, uq, norm_weight=norm_weight, norm_eps=1e-5, gate_scale=sq,
+                                            up_scale=su, **config)
+            return small_batch_linear(x, wq, norm_weight=norm_weight, norm_eps=1e-5, residual=res, gate=z,
+                                      weight_scale=sq, **config)
+
         expected = unfused(weights[0]).float()
-        runs = [(label, call, config, 1) for label, call in (("separate kernels", unfused), ("folded", folded))
+        # (label, call, configuration, stages, the weight copies it reads, bytes per weight)
+        runs = [(label, call, config, 1, weights, 2) for label, call in (("separate kernels", unfused),
+                                                                          ("folded", folded))
                 for config in args.gemv_configs or FUSED_GEMV_CONFIGS]
-        if m == 1:  # the engine's one-row call, its loop pipelined
+        if m == 1:  # the engine's one-row call, its loop pipelined; int8, at K blocks of 256 bytes too
             engine_config = default_config(m, n, k, torch.device(DEVICE), gated=swiglu)
-            runs += [("folded", folded, engine_config, stages) for stages in FUSED_GEMV_STAGES]
+            runs += [("folded", folded, engine_config, stages, weights, 2) for stages in FUSED_GEMV_STAGES]
+            int8_weights = [tuple(int8(w) for w in ws) for ws in weights]
+            bn, bk, warps = engine_config
+            runs += [("folded, int8 weights", folded_int8, config, 1, int8_weights, 1)
+                     for config in (engine_config, (bn, 2 * bk, warps))]
+            dequantized = tuple((q.to(bf16) * s[:, None]) for q, s in int8_weights[0])
+            expected_int8 = folded(dequantized).float()
         elif "norm" in fused or res is not None:  # at the default configuration, as the engines call it
-            runs.append(("prepared norm", lambda w, **config: prepared(w), (0, 0, 0), 1))
-        for label, call, (bn, bk, warps), stages in runs:
+            runs.append(("prepared norm", lambda w, **config: prepared(w), (0, 0, 0), 1, weights, 2))
+        for label, call, (bn, bk, warps), stages, copies_read, width in runs:
             config = dict(block_n=bn, block_k=bk, num_warps=warps, stages=stages) if bn else {}
             what = (f"bn{bn} bk{bk} w{warps}" if bn else "default configuration") + (
                 f" {stages} stages" if stages > 1 else "")
             name = f"gemv-fused {label} {shape} {what}"
-            got = refused_or(name, lambda: call(weights[0], **config))
+            got = refused_or(name, lambda: call(copies_read[0], **config))
             if got is None:
                 continue
-            check_close(name, got, expected, 2e-2)
+            check_close(name, got, expected_int8 if width == 1 else expected, 2e-2)
 
-            def run(call=call, config=config):
-                for w in weights:
+            def run(call=call, config=config, copies_read=copies_read):
+                for w in copies_read:
                     call(w, **config)
             rec.run("gemv-fused", shape, f"{label} ({what})", lambda run=run: bench_graph(run) / copies,
-                    TB_per_s=lambda ms: matrices * n * k * 2 / (ms * 1e-3) / 1e12)
+                    TB_per_s=lambda ms, width=width: matrices * n * k * width / (ms * 1e-3) / 1e12)
         weights.clear()
+        if m == 1:
+            int8_weights.clear()
         torch.cuda.empty_cache()
 
 
