@@ -42,6 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 import mambaify
 from mambaify.bench import Clock, build_teacher, materialise_on, random_ids, resolve_device, resolve_dtype
 from mambaify.draft import build_draft_from_teacher
+from mambaify.generate.quantize import quantize_int8
 from mambaify.generate.engine import COMPILE_MODES, Engine
 from mambaify.generate.sampling import SamplingParams
 from mambaify.generate.speculative_engine import SpeculativeEngine
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the random models' shapes: SmolLM2-135M's (default), or Llama-3-8B's (a GPU's worth)")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="cut the draft's LM head to its first N rows (SpeculativeEngine(draft_vocab=...)); 0: whole")
+    p.add_argument("--draft-int8", action="store_true", help="the draft's layers in int8 (--draft-int8 of generate)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     return p
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         teacher = smollm2_shaped(device, dtype)
     draft = build_draft_from_teacher(teacher).eval()  # layers [0, last], the embeddings and the head
+    if args.draft_int8:
+        quantize_int8(draft)
     with materialise_on(device, dtype):  # an 8B hybrid is made where it runs, not on the host first
         target = mambaify.convert(teacher, attention=args.attention).eval()
     del teacher
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Device: {torch.cuda.get_device_name(device) if cuda else 'CPU'}; torch {torch.__version__}; {dtype}; "
               f"{'tiny random models' if args.tiny else f'random {shapes[args.shape]}-shaped models'}, target "
               f"{args.attention:.0%} attention, draft of the teacher's first and last layers"
-              f"{f' (LM head cut to {args.draft_vocab} rows)' if args.draft_vocab else ''}; batch {args.batch}, "
+              f"{f' (LM head cut to {args.draft_vocab} rows)' if args.draft_vocab else ''}"
+              f"{', its layers in int8' if args.draft_int8 else ''}; batch {args.batch}, "
               f"K = {args.k}, {args.prompt_tokens}-token context; {args.calls} profiled calls each"
               f"{'; compiled (' + args.compile_mode + ')' if args.compile else ''}"
               f"{'; split-K GEMV linear layers' if args.small_batch_linear else ''}.")

@@ -343,6 +343,13 @@ def test_round_profile_lists_each_calls_kernels(tmp_path, monkeypatch):
     cut_results = json.loads((cut / "profile_rounds.json").read_text())
     assert "LM head cut to 16 rows" in cut_results["header"]
     assert [r["call"] for r in cut_results["calls"]] == [r["call"] for r in results["calls"]]
+    # The draft's layers in int8 (--draft-int8): the same calls, said in the header.
+    int8 = tmp_path / "int8"
+    assert profile_rounds.main(["--out", str(int8), "--tiny", "--calls", "2", "--k", "2", "--prompt-tokens", "8",
+                                "--draft-int8"]) == 0
+    int8_results = json.loads((int8 / "profile_rounds.json").read_text())
+    assert "its layers in int8" in int8_results["header"]
+    assert [r["call"] for r in int8_results["calls"]] == [r["call"] for r in results["calls"]]
     # The 8B shapes need a GPU: refused on the CPU, with the way out named.
     assert profile_rounds.main(["--out", str(tmp_path / "big"), "--shape", "llama8b"]) == 2
 
