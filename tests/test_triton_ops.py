@@ -307,6 +307,8 @@ def test_int8_weights_with_row_scales(kernels, device, dtype, m, n, k, block_k, 
         kernels.small_batch_linear(x, w.to(dtype), b, weight_scale=sw)
     with pytest.raises(ValueError, match=f"expected \\({n},\\) floating point"):
         kernels.small_batch_linear(x, w, b, weight_scale=sw[:-1])
+    with pytest.raises(ValueError, match="must be alike"):
+        kernels.small_batch_gated_up(x, w, up.to(dtype), gate_scale=sw)
     counters = kernels.gemv._COUNTERS.get(torch.device(device))
     assert counters is None or not counters.any()
 

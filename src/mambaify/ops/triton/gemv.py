@@ -577,7 +577,8 @@ def _time_config(config: tuple[int, int, int], run: Callable[[], torch.Tensor]) 
 
 
 def _tuned(rows, mats, up, bias, splits, one_launch) -> tuple[int, int, int]:
-    key = (rows.shape[0], tuple(w.shape[0] for w in mats), rows.shape[1], rows.dtype, up is not None, rows.device)
+    key = (rows.shape[0], tuple(w.shape[0] for w in mats), rows.shape[1], rows.dtype, mats[0].dtype, up is not None,
+           rows.device)
     if key not in _TUNED:
         weight = mats if len(mats) > 1 else mats[0]
         timings = {}
@@ -857,6 +858,9 @@ def small_batch_gated_up(
     _check_parts(x, norm_parts, norm_weight, "small_batch_gated_up")
     _check_scale((gate,), gate_scale, n, "small_batch_gated_up", "gate_scale")
     _check_scale((up,), up_scale, n, "small_batch_gated_up", "up_scale")
+    if gate.dtype != up.dtype:
+        raise ValueError(f"small_batch_gated_up: gate ({gate.dtype}) and up ({up.dtype}) must be alike, both int8 "
+                         "with their scales or both floating point")
     if not 0 < rows.shape[0] <= MAX_ROWS:
         return reference.small_batch_gated_up(x, gate, up, norm_weight, norm_eps, norm_parts, gate_scale, up_scale)
     return _launch(rows, gate, up, None, block_n, block_k, num_warps, splits, one_launch, norm_weight,
