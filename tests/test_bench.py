@@ -390,6 +390,25 @@ def test_transformers_prefill_is_chunked_where_one_pass_would_not_fit(monkeypatc
     with pytest.raises(ValueError, match="--hf-prefill-chunk"):
         bench.BenchOptions(out="unused", hf_prefill_chunk=-1)
 
+    # A chunk the bench chose that runs out of memory all the same (the estimate is short of what
+    # generate() holds) is halved and tried again; a chunk asked for is not.
+    def tight(*args, **kwargs):
+        chunk = args[5] if len(args) > 5 else kwargs.get("prefill_chunk")
+        chunks.append(chunk)
+        if chunk > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.00 GiB.")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "hf_generate", tight)
+    monkeypatch.setattr(bench, "HF_MIN_CHUNK", 4)
+    chunks.clear()
+    retried = bench.bench_hf_point(teacher, spec, options, CPU, torch.float32, clock, None)
+    assert retried["status"] == "ok" and retried["prefill_chunk"] == 8 and retried["prefill_chunks_out_of_memory"] == [16]
+    assert chunks[0] == 16 and set(chunks[1:]) == {8}
+    asked = bench.bench_hf_point(teacher, spec, dataclasses.replace(options, hf_prefill_chunk=16, memory_limit_gib=None),
+                                 CPU, torch.float32, clock, None)
+    assert asked["status"] == "skipped" and "out of memory" in asked["reason"] and asked["prefill_chunk"] == 16
+
 
 def test_chunked_prefill_generates_the_tokens_of_one_pass():
     teacher = bench.build_teacher("tiny", CPU, torch.float32)
