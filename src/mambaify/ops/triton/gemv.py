@@ -474,7 +474,8 @@ SUM_SPLITS_BLOCK = 256  # columns per program of the split sums' own kernel (one
 # o_proj from 14.1 to 13.6 and Mamba's out_proj from 17.0 to 16.4,
 # while the unsplit q+k+v and in_proj were faster at 256 (18.0 against 20.7 us, 22.2 against
 # 23.4), as was every matrix at one row but gate and up timed as one 28672-row matrix (56.7 us
-# at 128 against 60.7): not yet timed as the engine calls them, read together.
+# at 128 against 60.7). In the 8B verify call (session 16) it ran with the unsplit plan at 4.77
+# ms against session 13's 5.03.
 SPLIT_DOT_CONFIG = (32, 128, 4)
 # One row with gate and up read together (GATED): K blocks of 128. Each K step loads a tile of
 # both matrices, so at 256 a program holds twice the weights of the one-matrix kernel: compiled
@@ -484,7 +485,8 @@ SPLIT_DOT_CONFIG = (32, 128, 4)
 # multiprocessors instead of 0.85: a second, partly filled wave. Call 4 of session 13 saw the
 # same at one row for gate and up as one 28672-row matrix, the only matrix there whose grid at
 # 256 (896 programs) overran one wave: 56.7 us at 128 against 60.7; every matrix whose grid fit
-# was faster at 256.
+# was faster at 256. The 8B 0% hybrid's batch-1 step (session 16): 4.46 ms against 4.70 with
+# gate and up at 256 (MAMBAIFY_GEMV_CONFIG=32,256,4).
 GATED_ONE_ROW_CONFIG = (32, 128, 4)
 # Pipeline stages of the main loop (see STAGES). Several rows: Triton's default for a loop that
 # feeds tl.dot, what they have always run with. One row: none by default (the loop as measured in
@@ -492,8 +494,9 @@ GATED_ONE_ROW_CONFIG = (32, 128, 4)
 # reduced (2 does not: its PTX waits for every copy before each step). Compiled for sm_90 (triton
 # 3.6's ptxas) with 3 stages, the 8B one-row calls fit 6 programs per multiprocessor against 5-8
 # (33-36 KB of shared memory each), which takes gate+up at K blocks of 128 from 0.85 to 1.13
-# waves; with 4, most fit 4 (50-54 KB). Not yet timed: benchmarks/h200/step_variants.sh and
-# verify_variants.sh time them.
+# waves; with 4, most fit 4 (50-54 KB). Measured slower all the same: the 8B 0% hybrid's
+# batch-1 step took 5.12 ms at 3 stages and 5.05 at 4, against 4.46 at 1 (session 16), so the
+# one-row loop stays as it was.
 DOT_STAGES = 3
 ONE_ROW_STAGES = 1
 
