@@ -557,6 +557,7 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
     each at a few launch configurations, over weight copies beyond the L2. Time per call,
     normalization included; at several rows (a verify call) every n block's programs redo the
     norm's work on x, which this measures."""
+    from mambaify.generate.quantize import quantize_rows
     from mambaify.ops import reference
     from mambaify.ops.triton.gemv import (
         default_config, small_batch_gated_up, small_batch_linear, small_batch_linear_prepare_norm,
@@ -611,10 +612,6 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
 
         # An int8 draft's matrices (--draft-int8): the same, each row rounded to its own scale;
         # checked against the folded GEMV over the dequantized bf16 matrices.
-        def int8(w):
-            scale = w.float().abs().amax(1, keepdim=True) / 127
-            return torch.round(w.float() / scale).clamp(-127, 127).to(torch.int8), scale.squeeze(1).to(bf16)
-
         def folded_int8(w, **config):
             (wq, sq), (uq, su) = w[0], w[-1]
             if swiglu:
@@ -631,7 +628,7 @@ def bench_gemv_fused(rec: Recorder, m: int, args, torch, bench_graph) -> None:
         if m == 1:  # the engine's one-row call, its loop pipelined; int8, at K blocks of 256 bytes too
             engine_config = default_config(m, n, k, torch.device(DEVICE), gated=swiglu)
             runs += [("folded", folded, engine_config, stages, weights, 2) for stages in FUSED_GEMV_STAGES]
-            int8_weights = [tuple(int8(w) for w in ws) for ws in weights]
+            int8_weights = [tuple(quantize_rows(w) for w in ws) for ws in weights]
             bn, bk, warps = engine_config
             runs += [("folded, int8 weights", folded_int8, config, 1, int8_weights, 1)
                      for config in (engine_config, (bn, 2 * bk, warps))]

@@ -103,9 +103,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .eval.standalone import evaluate_model
-
     from .eval.harness import parse_tasks
+    from .eval.standalone import evaluate_model
 
     path = evaluate_model(args.model, args.teacher, out=args.out, num_texts=args.num_texts,
                           num_chats=args.num_chats, device=args.device,

@@ -390,7 +390,7 @@ class AttentionRunner:
         self.grouped_qkv = linear is few_row_linear and ops.qkv_read_as_one(*(p.weight for p in projections))
         # Int8 projections (a quantized draft): their row scales side by side, as the launch reads them.
         scales = [weight_scale(p) for p in projections]
-        self.qkv_scale = torch.cat(scales) if all(s is not None for s in scales) else None
+        self.qkv_scales = dict(weight_scale=torch.cat(scales)) if all(s is not None for s in scales) else {}
 
     def allocate(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> KVBuffers:
         shape = (batch, self.num_kv_heads, slots, self.head_dim)
@@ -407,9 +407,8 @@ class AttentionRunner:
         heads = (b, t, -1, self.head_dim)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         if self.grouped_qkv:
-            scales = {} if self.qkv_scale is None else dict(weight_scale=self.qkv_scale)
             qkv = ops.small_batch_qkv(hidden, *(p.weight for p in projections), *(p.bias for p in projections),
-                                      **scales, **norm_operands(norm))
+                                      **self.qkv_scales, **norm_operands(norm))
             q_end = attn.q_proj.out_features
             k_end = q_end + attn.k_proj.out_features
             outputs = (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])

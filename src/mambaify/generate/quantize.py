@@ -19,6 +19,15 @@ from torch import nn
 from ..ops.reference import scaled_linear
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, per-row scale in the weight's dtype) of a floating-point (N, K) matrix:
+    symmetric, each row's largest magnitude at 127, rounded to nearest."""
+    absmax = weight.abs().amax(dim=1, keepdim=True).float()
+    scale = (absmax / 127).clamp_min(torch.finfo(torch.float32).tiny)  # a zero row stays zero
+    ints = torch.round(weight.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return ints, scale.squeeze(1).to(weight.dtype)
+
+
 class Int8Linear(nn.Linear):
     """A linear layer whose ``weight`` is int8 (N, K) with a float scale per row
     (``weight_scale``, N): ``F.linear(x, weight) * weight_scale + bias``, the product over the
@@ -33,12 +42,8 @@ class Int8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        weight = linear.weight.detach()
-        absmax = weight.abs().amax(dim=1, keepdim=True).float()
-        scale = (absmax / 127).clamp_min(torch.finfo(torch.float32).tiny)  # a zero row stays zero
-        ints = torch.round(weight.float() / scale).clamp_(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(ints, scale.squeeze(1).to(weight.dtype), bias)
+        return cls(*quantize_rows(linear.weight.detach()), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return scaled_linear(x, self.weight, self.bias, self.weight_scale)
@@ -72,4 +77,4 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-__all__ = ["Int8Linear", "is_quantized", "quantize_int8", "weight_scale"]
+__all__ = ["Int8Linear", "is_quantized", "quantize_int8", "quantize_rows", "weight_scale"]
