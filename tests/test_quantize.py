@@ -139,3 +139,8 @@ def test_agreement_script_scores_the_int8_draft_against_its_float_self_and_the_t
     assert result["positions"] == 48 and 0.5 < result["int8_same_top1"] <= 1 and result["kl_float_int8"] >= 0
     # The tiny teacher's two layers are the draft's two: the float draft is the target itself.
     assert result["top1_with_target_float"] == 1.0 and result["top1_with_target_int8"] > 0.5
+    # --int8-head: the LM head quantized too, said in the result.
+    assert script.main(["--target", str(teacher_dir), "--draft", str(tmp_path / "draft"), "--texts", "2",
+                        "--tokens", "24", "--int8-head", "--out", str(tmp_path / "head")]) == 0
+    head = json.loads((tmp_path / "head" / "agreement.json").read_text())
+    assert head["int8_head"] is True and not result["int8_head"] and 0.5 < head["int8_same_top1"] <= 1
