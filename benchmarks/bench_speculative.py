@@ -56,6 +56,7 @@ bench_speculative.png. Points past ``--time-budget-s`` are skipped (recorded as 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -149,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "own, cuBLAS) and/or 'split-k' (mambaify's split-K GEMV); each speculative point is "
                         "against the plain engine of its own kind (default: split-k with --small-batch-linear, "
                         "else modules)")
+    a.add_argument("--e2e-draft-weights", type=lambda text: weights_list(text), default=None,
+                   help="(a): the draft's weights, several side by side against the same plain engine: "
+                        "'float' (as loaded) and/or 'int8' (its layers in int8, a scale per row) "
+                        "(default: int8 with --draft-int8, else float)")
     b = p.add_argument_group("(b) the verify call on an 8B-shaped hybrid")
     b.add_argument("--shape", choices=["llama8b"], help="run (b) with this model shape")
     b.add_argument("--attention", type=float_list, default=[0.25, 0.5], help="attention fractions (default 0.25,0.5)")
@@ -170,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LINEAR_KINDS = ("modules", "split-k")
+
+
+DRAFT_WEIGHTS = ("float", "int8")
+
+
+def weights_list(text: str) -> list[str]:
+    kinds = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [k for k in kinds if k not in DRAFT_WEIGHTS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"draft weights are {' or '.join(DRAFT_WEIGHTS)}, got {text!r}")
+    return list(dict.fromkeys(kinds))
+
+
+def draft_weights_of(point: dict, meta: dict) -> str:
+    """A speculative point's draft weights; runs before --e2e-draft-weights had one kind, --draft-int8's."""
+    return point.get("draft_weights") or ("int8" if meta.get("draft_int8") else "float")
 
 
 def linear_list(text: str) -> list[str]:
@@ -347,8 +368,12 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
     else:
         target, tokenizer = load_for_generation(args.target, device=str(device), dtype=str(dtype).split(".")[-1])
         draft, _ = load_for_generation(args.draft, device=str(device), dtype=str(dtype).split(".")[-1])
-    if args.draft_int8:
-        quantize_int8(draft)
+    weights = args.e2e_draft_weights or ["int8" if args.draft_int8 else "float"]
+    drafts = {}
+    for kind in weights:  # an int8 copy beside the float draft where both are asked for
+        drafts[kind] = draft if kind == "float" or "float" not in weights else copy.deepcopy(draft)
+        if kind == "int8":
+            quantize_int8(drafts[kind])
     prompts = load_prompts(args, tokenizer, max(args.prompts, max(args.batch)), target.config.vocab_size)
     new = args.new_tokens
     length = max(len(p) for p in prompts) + new
@@ -384,25 +409,27 @@ def run_end_to_end(args, results: Results, device: torch.device, dtype: torch.dt
             if rows and rows not in cut_heads:
                 cut_heads[rows] = corpus_draft_vocab(args, tokenizer, rows, plain.stop_token_ids)
         del plain
-        for rows in args.e2e_draft_vocab:
-            head = f", draft head {rows} rows" if rows else ""
+        for rows, kind in ((r, w) for w in weights for r in args.e2e_draft_vocab):
+            head = (f", draft head {rows} rows" if rows else "") + (f", {kind} draft" if len(weights) > 1 else "")
             if results.out_of_time(f"(a) {label}{head}"):
                 continue
-            speculative_points(args, results, target, draft, tokenizer, batches, batch, length, fixed,
+            speculative_points(args, results, target, drafts[kind], tokenizer, batches, batch, length, fixed,
                                cut_heads.get(rows), rows, reference, plain_tps, plain_split, device, options,
-                               linear, label)
+                               linear, label, draft_weights=kind, name_weights=len(weights) > 1)
 
 
 def speculative_points(args, results: Results, target, draft, tokenizer, batches, batch: int, length: int,
                        fixed: list[int], draft_vocab: list[int] | None, rows: int, reference, plain_tps: float,
                        plain_split: dict, device: torch.device, options: dict, linear: str = "modules",
-                       label: str | None = None) -> None:
-    """(a)'s speculative points of one batch size, draft head (``rows``, 0 the whole head) and
-    kind of linear layers: one SpeculativeEngine, every K of ``args.k``, against the figures of
-    the plain engine with the same linear layers."""
+                       label: str | None = None, draft_weights: str = "float", name_weights: bool = False) -> None:
+    """(a)'s speculative points of one batch size, draft head (``rows``, 0 the whole head), kind
+    of linear layers and draft weights ('float' or 'int8', as ``draft`` holds them): one
+    SpeculativeEngine, every K of ``args.k``, against the figures of the plain engine with the
+    same linear layers."""
     from mambaify.generate.speculative_engine import SpeculativeEngine
 
-    label = (label or f"batch {batch}") + (f", draft head {rows} rows" if rows else "")
+    label = ((label or f"batch {batch}") + (f", draft head {rows} rows" if rows else "")
+             + (f", {draft_weights} draft" if name_weights else ""))
     tokens = sum(o.numel() for o in reference)
     engine = SpeculativeEngine(target, draft, tokenizer, k="auto", k_choices=fixed or (4,), draft_vocab=draft_vocab,
                                max_batch_size=batch, max_length=length, compile=args.compile,
@@ -440,7 +467,7 @@ def speculative_points(args, results: Results, target, draft, tokenizer, batches
                                        ratio=tps / plain_tps, **split,
                                        decode_ratio=split["decode_tokens_per_s"] / plain_split["decode_tokens_per_s"],
                                        match=same / tokens, compiled=compiled, eager_prefills=eager,
-                                       draft_vocab=rows or None, linear=linear,
+                                       draft_vocab=rows or None, linear=linear, draft_weights=draft_weights,
                                        compile_s=engine.compile_seconds - compile_before, **acceptance,
                                        round_ms=round_ms, **(device_times or {})))
 
@@ -616,27 +643,36 @@ class Acceptance:
         return tokens_per_round(alpha_for(self.measured[base], base), k) - 1, "fitted"
 
 
-def acceptances_from(path: Path, k: int) -> list[Acceptance]:
+def acceptances_from(path: Path, k: int, draft_weights: str | None = None) -> list[Acceptance]:
     """The acceptance an (a) run measured: one per batch size, draft head and kind of linear
     layers (in that order) with a speculative point at K = k, each with every fixed K it ran and
-    its counts of accepted drafts per round. Where two give the same figures, the first stands."""
-    points = [p for p in json.loads(path.read_text())["end_to_end"]
+    its counts of accepted drafts per round. Where two give the same figures, the first stands.
+    ``draft_weights`` ('float' or 'int8', the draft (b) timed): only the points of a draft with
+    those weights, where the run has any (an int8 draft's costs go with an int8 draft's acceptance)."""
+    run = json.loads(path.read_text())
+    run.setdefault("meta", {})
+    points = [p for p in run["end_to_end"]
               if p["path"] == "speculative" and isinstance(p["k"], int) and p.get("mean_accepted") is not None]
+    kinds = {draft_weights_of(p, run["meta"]) for p in points}
+    if draft_weights in kinds:
+        points = [p for p in points if draft_weights_of(p, run["meta"]) == draft_weights]
+    weights_label = len(kinds) > 1 or (draft_weights is not None and kinds != {draft_weights})
 
     def setting(p: dict) -> tuple:
-        return p["batch"], p.get("draft_vocab") or 0, p.get("linear") or ""
+        return p["batch"], p.get("draft_vocab") or 0, p.get("linear") or "", draft_weights_of(p, run["meta"])
 
     settings = sorted({setting(p) for p in points if p["k"] == k})
     if not settings:
         raise SystemExit(f"{path} has no speculative point at K={k} with a mean accepted length: "
                          f"pick an --accepted-k the (a) run measured, or pass --accepted")
     found: dict[tuple, Acceptance] = {}
-    for batch, rows, linear in settings:
-        mine = [p for p in points if setting(p) == (batch, rows, linear)]
+    for batch, rows, linear, weights in settings:
+        mine = [p for p in points if setting(p) == (batch, rows, linear, weights)]
         measured = {p["k"]: round(p["mean_accepted"], 3) for p in mine}
         counts = {int(j): c for p in mine for j, c in (p.get("accepted_counts") or {}).items()}
         what = ", ".join([f"batch {batch}"] + ([f"draft head {rows} rows"] if rows else [])
-                         + ([linear] if len({s[2] for s in settings}) > 1 else []))
+                         + ([linear] if len({s[2] for s in settings}) > 1 else [])
+                         + ([f"{weights} draft"] if weights_label else []))
         key = (tuple(sorted(measured.items())), tuple(sorted((j, tuple(c)) for j, c in counts.items())))
         found.setdefault(key, Acceptance(f"(a) {what}: {measured[k]:g} at K={k}", measured, counts))
     return list(found.values())
@@ -741,7 +777,12 @@ def _round_ms(point: dict) -> str:
     return f"{point['round_ms']:.2f} ({point['draft_ms']:.2f} + {point['verify_ms']:.2f})"
 
 
-def _accepted_counts_table(points: list[dict]) -> list[str]:
+def _draft(p: dict, meta: dict) -> str:
+    """(a)'s draft column: its head's rows ('all' uncut) and its weights."""
+    return f"{p.get('draft_vocab') or 'all'}, {draft_weights_of(p, meta)}"
+
+
+def _accepted_counts_table(points: list[dict], meta: dict) -> list[str]:
     """(a)'s distribution of accepted drafts per round at each fixed K (share of (row, round)
     pairs), where the points recorded it."""
     rows = [(p, int(k), counts) for p in points if p["path"] == "speculative" and isinstance(p["k"], int)
@@ -750,12 +791,12 @@ def _accepted_counts_table(points: list[dict]) -> list[str]:
         return []
     most = max(k for _, k, _ in rows)
     lines = ["Drafts accepted per round, share of the rounds of each row:", "",
-             "| batch | K | linear layers | draft head rows | rounds | " + " | ".join(str(n) for n in range(most + 1)) + " |",
+             "| batch | K | linear layers | draft head rows, weights | rounds | " + " | ".join(str(n) for n in range(most + 1)) + " |",
              "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in range(most + 1)) + " |"]
     for p, k, counts in rows:
         total = sum(counts)
         shares = [f"{c / total:.3f}" for c in counts] + ["-"] * (most - k)
-        lines.append(f"| {p['batch']} | {k} | {p.get('linear') or '-'} | {p.get('draft_vocab') or 'all'} | {total} | "
+        lines.append(f"| {p['batch']} | {k} | {p.get('linear') or '-'} | {_draft(p, meta)} | {total} | "
                      + " | ".join(shares) + " |")
     return lines + [""]
 
@@ -770,7 +811,7 @@ def render(data: dict, out: Path) -> None:
              f"dtype {data['meta'].get('dtype')}, torch {data['meta'].get('torch')}{folded}.", ""]
     if data["end_to_end"]:
         lines += ["## (a) End to end: plain engine vs speculative", "",
-                  "| batch | path | K | compiled | linear layers | draft head rows | tokens/s | ratio | "
+                  "| batch | path | K | compiled | linear layers | draft head rows, weights | tokens/s | ratio | "
                   "first token ms | decode tokens/s | decode ratio | mean accepted | tokens/round | match | "
                   "K used | round ms: wall (device draft + verify) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -779,7 +820,7 @@ def render(data: dict, out: Path) -> None:
             first = f"{p['first_token_ms']:.1f}" if "first_token_ms" in p else "-"
             decode = f"{p['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in p else "-"
             decode_ratio = f"{p['decode_ratio']:.2f}" if "decode_ratio" in p else "-"
-            head = "-" if p["path"] == "plain" else (p.get("draft_vocab") or "all")
+            head = "-" if p["path"] == "plain" else _draft(p, data["meta"])
             # Points of runs before --e2e-linear: their run's --small-batch-linear.
             linear = p.get("linear") or ("split-k" if data["meta"].get("small_batch_linear") else "modules")
             lines.append(f"| {p['batch']} | {p['path']} | {_fmt(p['k'])} | {_fmt(p.get('compiled'))} | {linear} | {head} | "
@@ -788,7 +829,7 @@ def render(data: dict, out: Path) -> None:
                          f"{_fmt(p.get('tokens_per_round'))} | {_fmt(p.get('match'))} | {_fmt(p.get('k_used'))} | "
                          f"{_round_ms(p)} |")
         lines.append("")
-        lines += _accepted_counts_table(data["end_to_end"])
+        lines += _accepted_counts_table(data["end_to_end"], data["meta"])
     if data["verify_cost"]:
         lines += ["## (b) One verify call over K+1 tokens vs K+1 plain decode steps", "",
                   "| attention | batch | K | kernel | verify ms | K+1 decode steps ms | ratio | draft head rows | "
@@ -835,13 +876,19 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "end_to_end":
-            lines_of = sorted({(p["batch"], p.get("linear") or "modules") for p in data[panel]})
-            for batch, linear in lines_of:
-                points = [p for p in data[panel] if (p["batch"], p.get("linear") or "modules") == (batch, linear)]
-                several = len({kind for _, kind in lines_of}) > 1
+            def line(p: dict) -> tuple:  # plain points head every draft's line
+                weights = draft_weights_of(p, data["meta"]) if p["path"] == "speculative" else None
+                return p["batch"], p.get("linear") or "modules", weights
+
+            lines_of = sorted({line(p) for p in data[panel] if p["path"] == "speculative"})
+            several_linear = len({linear for _, linear, _ in lines_of}) > 1
+            several_weights = len({weights for _, _, weights in lines_of}) > 1
+            for batch, linear, weights in lines_of:
+                points = [p for p in data[panel] if line(p) in ((batch, linear, None), (batch, linear, weights))]
                 ax.plot([str(p["k"]) if p["path"] == "speculative" else "plain" for p in points],
                         [p["tokens_per_s"] for p in points], "o-",
-                        label=f"batch {batch}" + (f", {linear}" if several else ""))
+                        label=f"batch {batch}" + (f", {linear}" if several_linear else "")
+                        + (f", {weights} draft" if several_weights else ""))
             ax.set(title="(a) end to end", xlabel="K", ylabel="tokens/s")
         elif panel == "verify_cost":
             for key in sorted({(p["attention"], p["batch"], p["kernel"]) for p in data[panel]}):
@@ -879,7 +926,8 @@ def rerender(args) -> int:
     data = json.loads(args.from_json.read_text())
     acceptances = given_acceptances(args.accepted, args.accepted_k)
     if args.accepted_from is not None:
-        acceptances = acceptances_from(args.accepted_from, args.accepted_k)
+        acceptances = acceptances_from(args.accepted_from, args.accepted_k,
+                                       "int8" if data["meta"].get("draft_int8") else "float")
         data["meta"]["accepted_from"] = str(args.accepted_from)
     data["speedup"] = [point for cost in data["verify_cost"] for point in speedup_points(cost, acceptances)]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -918,7 +966,8 @@ def main(argv: list[str] | None = None) -> int:
     args.acceptances = given_acceptances(args.accepted, args.accepted_k)
     if args.accepted_from is not None:
         if args.accepted_from.exists():
-            args.acceptances = acceptances_from(args.accepted_from, args.accepted_k)
+            args.acceptances = acceptances_from(args.accepted_from, args.accepted_k,
+                                                "int8" if args.draft_int8 else "float")
             meta["accepted_from"] = str(args.accepted_from)
         else:
             print(f"--accepted-from {args.accepted_from} does not exist: using --accepted {args.accepted}", flush=True)

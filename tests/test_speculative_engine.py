@@ -1016,8 +1016,8 @@ def test_benchmark_script_runs_on_tiny_models(tmp_path):
     markdown = (out / "bench_speculative.md").read_text()
     assert "| batch |" in markdown and "verify" in markdown and "decode ratio" in markdown
     assert "round ms: wall (device draft + verify)" in markdown
-    assert "| 1 | speculative | 3 | False | modules | 48 |" in markdown
-    assert "| 1 | speculative | 3 | False | modules | all |" in markdown
+    assert "| 1 | speculative | 3 | False | modules | 48, float |" in markdown
+    assert "| 1 | speculative | 3 | False | modules | all, float |" in markdown
 
 
 def test_benchmark_script_sets_both_kinds_of_linear_layers_side_by_side(tmp_path):
@@ -1036,7 +1036,7 @@ def test_benchmark_script_sets_both_kinds_of_linear_layers_side_by_side(tmp_path
         assert speculative["ratio"] == pytest.approx(speculative["tokens_per_s"] / plain["tokens_per_s"])
         assert speculative["match"] == 1.0
     markdown = (out / "bench_speculative.md").read_text()
-    assert "| 1 | speculative | 2 | False | split-k | all |" in markdown
+    assert "| 1 | speculative | 2 | False | split-k | all, float |" in markdown
     bad = subprocess.run(command[:-6] + ["--e2e-linear", "cublas"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "linear layers are modules or split-k, got 'cublas'" in bad.stderr
 
@@ -1135,6 +1135,36 @@ def test_benchmark_draft_int8_flag_quantizes_the_draft_of_both_parts(tmp_path, m
     assert len(drafts) == 2 and all(quantize.is_quantized(d) for d in drafts)  # (a)'s engine and (b)'s rounds
     assert json.loads((tmp_path / "bench_speculative.json").read_text())["meta"]["draft_int8"] is True
     assert "the draft's layers in int8" in (tmp_path / "bench_speculative.md").read_text()
+
+
+def test_benchmark_times_float_and_int8_drafts_side_by_side(tmp_path, monkeypatch):
+    """--e2e-draft-weights float,int8: both drafts against one plain engine, the float one left
+    as loaded; (b) recomputed from that run takes the acceptance of the draft it timed."""
+    bench = _bench_module()
+    drafts = []
+    real_init = SpeculativeEngine.__init__
+    monkeypatch.setattr(SpeculativeEngine, "__init__",
+                        lambda self, target, draft, *a, **k: drafts.append(draft) or real_init(self, target, draft, *a, **k))
+    argv = ["--tiny", "--k", "2", "--batch", "1", "--prompts", "1", "--new-tokens", "6", "--repeats", "1",
+            "--verify-k", "2", "--attention", "0.5", "--e2e-draft-weights", "float,int8", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert [quantize.is_quantized(d) for d in drafts[:2]] == [False, True]  # (a)'s float, then int8 draft
+    data = json.loads((tmp_path / "bench_speculative.json").read_text())
+    speculative = [p for p in data["end_to_end"] if p["path"] == "speculative"]
+    assert [p["draft_weights"] for p in speculative] == ["float", "int8"]
+    assert all(p["match"] == 1.0 for p in speculative)  # greedy in float32: the target's tokens either way
+    assert "| all, int8 |" in (tmp_path / "bench_speculative.md").read_text()
+
+    # Distinct acceptances, so that the filter shows which it took.
+    speculative[0]["mean_accepted"], speculative[1]["mean_accepted"] = 1.5, 1.25
+    (tmp_path / "bench_speculative.json").write_text(json.dumps(data))
+    [float_draft] = bench.acceptances_from(tmp_path / "bench_speculative.json", 2, "float")
+    [int8_draft] = bench.acceptances_from(tmp_path / "bench_speculative.json", 2, "int8")
+    assert float_draft.at(2) == (1.5, "measured") and int8_draft.at(2) == (1.25, "measured")
+    assert "int8 draft" in int8_draft.label
+    assert len(bench.acceptances_from(tmp_path / "bench_speculative.json", 2)) == 2  # no filter: both
+    with pytest.raises(SystemExit):
+        bench.main(["--e2e-draft-weights", "fp4", "--tiny", "--out", str(tmp_path / "x")])
 
 
 def test_benchmark_takes_the_acceptance_at_each_k_from_an_end_to_end_run(tmp_path):
