@@ -819,7 +819,7 @@ def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_o
     row every RMSNorm into the GEMV after it (at several, where the GEMV folds a norm badly, the
     norm runs first: ops.folds_norm). On the CPU the op computes both as the modules do, so tokens
     and logits are the same bits; at batch 1 no norm module runs in a decode step."""
-    monkeypatch.delenv("MAMBAIFY_PREPARED_NORMS", raising=False)  # the norms at several rows as kernels
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "0")  # the norms at several rows as kernels
     prompts = random_prompts(6, 3, 9)
     options = dict(max_new_tokens=10, stop_token_ids=[])
     plain = Engine(model, max_batch_size=3, max_length=32)
@@ -858,7 +858,7 @@ def test_fold_norms_runs_no_norm_module_in_the_decode_step_and_changes_nothing_o
 def folded_engines_without_and_with_prepared_norms(model, monkeypatch, **sizes) -> tuple[Engine, Engine]:
     """Two engines with the norms folded into the split-K GEMVs, the second built with
     MAMBAIFY_PREPARED_NORMS=1 (an engine reads the switch when it is built)."""
-    monkeypatch.delenv("MAMBAIFY_PREPARED_NORMS", raising=False)
+    monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "0")
     plain = Engine(model, small_batch_linear=True, fold_norms=True, **sizes)
     monkeypatch.setenv("MAMBAIFY_PREPARED_NORMS", "1")
     return plain, Engine(model, small_batch_linear=True, fold_norms=True, **sizes)

@@ -242,10 +242,11 @@ def prepared_norms_default() -> bool:
     prepare the RMSNorm after it in its own launch (:func:`mambaify.ops.small_batch_linear_prepare_norm`:
     the stream times the norm's weight, and its rows' sums of squares) for the GEMVs after the
     norm, which then run none of it, where the norm otherwise runs as a kernel of its own (at
-    several rows the GEMV folds a norm badly: :func:`mambaify.ops.folds_norm`). Off unless
-    MAMBAIFY_PREPARED_NORMS=1: on the H200 it took the 8B verify call over 4 tokens from 4.77 to
-    4.70 ms (session 16); batched decode, which it also reaches, is not yet timed with it."""
-    return os.environ.get("MAMBAIFY_PREPARED_NORMS", "0") == "1"
+    several rows the GEMV folds a norm badly: :func:`mambaify.ops.folds_norm`). On unless
+    MAMBAIFY_PREPARED_NORMS=0: on the H200 it took the 8B verify call over 4 tokens from 4.77 to
+    4.70 ms (session 16) and the 8B 0% hybrid's compiled step at batch 8 from 5.10 to 5.03 ms
+    (session 17)."""
+    return os.environ.get("MAMBAIFY_PREPARED_NORMS", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -579,7 +580,7 @@ class DecoderLayerRunner:
             norms = (foldable_norm(layer.input_layernorm), foldable_norm(layer.post_attention_layernorm))
             if None not in norms:
                 self.folded_norms = norms
-        # With folded norms and MAMBAIFY_PREPARED_NORMS=1: the norm after the layer (the next
+        # With folded norms (and MAMBAIFY_PREPARED_NORMS not 0): the norm after the layer (the next
         # layer's input norm, or the final one; set by the stack) prepared by its down projection.
         self.prepare_norms = self.folded_norms is not None and prepared_norms_default()
         self.next_norm: FoldedNorm | None = None
