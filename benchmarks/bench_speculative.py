@@ -145,12 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--small-batch-linear", action="store_true",
                    help="both engines' linear layers through mambaify's split-K GEMV (small_batch_linear=True); "
                         "(a), and (b) with --compile")
-    a.add_argument("--e2e-linear", type=lambda text: linear_list(text), default=None,
+    a.add_argument("--e2e-linear", type=lambda text: choice_list(text, LINEAR_KINDS, "linear layers"), default=None,
                    help="(a): the linear layers of both engines, several side by side: 'modules' (the modules' "
                         "own, cuBLAS) and/or 'split-k' (mambaify's split-K GEMV); each speculative point is "
                         "against the plain engine of its own kind (default: split-k with --small-batch-linear, "
                         "else modules)")
-    a.add_argument("--e2e-draft-weights", type=lambda text: weights_list(text), default=None,
+    a.add_argument("--e2e-draft-weights", type=lambda text: choice_list(text, DRAFT_WEIGHTS, "draft weights"), default=None,
                    help="(a): the draft's weights, several side by side against the same plain engine: "
                         "'float' (as loaded) and/or 'int8' (its layers in int8, a scale per row) "
                         "(default: int8 with --draft-int8, else float)")
@@ -180,24 +180,16 @@ LINEAR_KINDS = ("modules", "split-k")
 DRAFT_WEIGHTS = ("float", "int8")
 
 
-def weights_list(text: str) -> list[str]:
-    kinds = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [k for k in kinds if k not in DRAFT_WEIGHTS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"draft weights are {' or '.join(DRAFT_WEIGHTS)}, got {text!r}")
-    return list(dict.fromkeys(kinds))
-
-
 def draft_weights_of(point: dict, meta: dict) -> str:
     """A speculative point's draft weights; runs before --e2e-draft-weights had one kind, --draft-int8's."""
     return point.get("draft_weights") or ("int8" if meta.get("draft_int8") else "float")
 
 
-def linear_list(text: str) -> list[str]:
+def choice_list(text: str, choices: Sequence[str], what: str) -> list[str]:
+    """A comma-separated list of ``choices`` (each once, in the order given)."""
     kinds = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [k for k in kinds if k not in LINEAR_KINDS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"linear layers are {' or '.join(LINEAR_KINDS)}, got {text!r}")
+    if not kinds or any(k not in choices for k in kinds):
+        raise argparse.ArgumentTypeError(f"{what} are {' or '.join(choices)}, got {text!r}")
     return list(dict.fromkeys(kinds))
 
 

@@ -1122,12 +1122,18 @@ def test_benchmark_small_batch_linear_flag_reaches_every_engine(tmp_path, monkey
     assert json.loads((tmp_path / "bench_speculative.json").read_text())["meta"]["small_batch_linear"] is True
 
 
-def test_benchmark_draft_int8_flag_quantizes_the_draft_of_both_parts(tmp_path, monkeypatch):
-    bench = _bench_module()
+def drafts_of_each_engine(monkeypatch) -> list:
+    """The draft of each SpeculativeEngine built from now on, in order."""
     drafts = []
     real_init = SpeculativeEngine.__init__
     monkeypatch.setattr(SpeculativeEngine, "__init__",
                         lambda self, target, draft, *a, **k: drafts.append(draft) or real_init(self, target, draft, *a, **k))
+    return drafts
+
+
+def test_benchmark_draft_int8_flag_quantizes_the_draft_of_both_parts(tmp_path, monkeypatch):
+    bench = _bench_module()
+    drafts = drafts_of_each_engine(monkeypatch)
     argv = ["--tiny", "--k", "2", "--batch", "1", "--prompts", "1", "--new-tokens", "6", "--repeats", "1",
             "--verify-k", "2", "--attention", "0.5", "--compile", "--draft-int8", "--out", str(tmp_path)]
     monkeypatch.setattr(engine_module, "compile_step", lambda step, mode: step)
@@ -1141,10 +1147,7 @@ def test_benchmark_times_float_and_int8_drafts_side_by_side(tmp_path, monkeypatc
     """--e2e-draft-weights float,int8: both drafts against one plain engine, the float one left
     as loaded; (b) recomputed from that run takes the acceptance of the draft it timed."""
     bench = _bench_module()
-    drafts = []
-    real_init = SpeculativeEngine.__init__
-    monkeypatch.setattr(SpeculativeEngine, "__init__",
-                        lambda self, target, draft, *a, **k: drafts.append(draft) or real_init(self, target, draft, *a, **k))
+    drafts = drafts_of_each_engine(monkeypatch)
     argv = ["--tiny", "--k", "2", "--batch", "1", "--prompts", "1", "--new-tokens", "6", "--repeats", "1",
             "--verify-k", "2", "--attention", "0.5", "--e2e-draft-weights", "float,int8", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
