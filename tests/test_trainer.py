@@ -62,7 +62,8 @@ def test_resume_after_interruption_gives_the_same_weights(teacher_dir, data_file
         distill(config(teacher_dir, data_files, tmp_path / "cut"))
     with pytest.raises(ValueError, match="different options"):
         distill(config(teacher_dir, data_files, tmp_path / "cut", lr=1e-2), resume=True)
-    distill(config(teacher_dir, data_files, tmp_path / "cut"), resume=True)
+    # The command line need not repeat the run's options: --resume starts from its config.yaml.
+    assert cli_main(["distill", "--resume", "--out", str(tmp_path / "cut"), "--no-progress"]) == 0
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[n], resumed[n]) for n in full)
@@ -234,6 +235,26 @@ def test_resume_may_switch_how_steps_run_but_not_what_they_compute(tmp_path):
     with pytest.raises(ValueError, match="different options.*seq_len"):
         _check_run_dir(run, DistillConfig(out=str(run), seq_len=128), resume=True)
 
+
+
+def test_resume_takes_the_options_the_run_was_started_with(tmp_path):
+    """--resume: the run's saved options under the YAML file and the flags given; without
+    --resume, or before a run saved any, only those."""
+    import yaml
+
+    from mambaify.draft import DraftConfig
+
+    for cls in (DistillConfig, DraftConfig):
+        run = tmp_path / cls.__name__
+        assert cls.from_flags(None, {"out": str(run)}, resume=True) == cls(out=str(run))  # nothing saved yet
+        run.mkdir(exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(cls(out=str(run), lr=0.01, seq_len=64).to_dict()))
+        resumed = cls.from_flags(None, {"out": str(run), "save_every": 5, "lr": None}, resume=True)
+        assert (resumed.lr, resumed.seq_len, resumed.save_every) == (0.01, 64, 5)
+        given = tmp_path / "given.yaml"
+        given.write_text(yaml.safe_dump({"seq_len": 128}))
+        assert cls.from_flags(given, {"out": str(run)}, resume=True).seq_len == 128  # then refused as a change
+        assert cls.from_flags(None, {"out": str(run)}) == cls(out=str(run))
 
 
 def test_device_option_is_checked_before_any_work(tmp_path):

@@ -88,7 +88,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if args.reverse_kl:
         overrides["reverse_kl"] = True
     overrides.update(switch_values(args))
-    cfg = DistillConfig.from_flags(args.config, overrides)
+    cfg = DistillConfig.from_flags(args.config, overrides, resume=args.resume)
     metrics = distill(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary
         return
@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     add_flags(p, _DISTILL_FLAGS)
     p.add_argument("--reverse-kl", action="store_true", help="use KL(student||teacher)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the options it was started with")
     add_switches(p)
     p.set_defaults(func=cmd_distill)
 

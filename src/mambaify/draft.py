@@ -512,7 +512,8 @@ def add_distill_draft_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, _DRAFT_FLAGS)
     parser.add_argument("--mamba", action="store_true",
                         help="convert the draft's layers to Mamba2 (attention-initialised): a pure-Mamba2 draft")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint, with the options it was started with")
     add_switches(parser)
 
 
@@ -523,7 +524,7 @@ def run_distill_draft(args: argparse.Namespace) -> int:
     if args.mamba:
         overrides["attention"] = 0.0
     overrides.update(switch_values(args))
-    cfg = DraftConfig.from_flags(args.config, overrides)
+    cfg = DraftConfig.from_flags(args.config, overrides, resume=args.resume)
     metrics = distill_draft(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary
         return 0

@@ -163,8 +163,14 @@ class DistillConfig:
         return cls(**raw)
 
     @classmethod
-    def from_flags(cls, config: str | os.PathLike | None, flags: dict[str, Any]) -> "DistillConfig":
+    def from_flags(cls, config: str | os.PathLike | None, flags: dict[str, Any],
+                   resume: bool = False) -> "DistillConfig":
         """A command line's options: the YAML file (if any), the flags given (not None) on top.
+
+        With ``resume``, under both, the options the run in ``out`` was started with (its
+        ``config.yaml``): ``--resume --out DIR`` continues a run without its command line
+        repeated, and an option given that changes what the steps compute is still refused
+        (:func:`_check_run_dir`).
 
         A time budget with no token count, in the file or the flags, trains for the budget: the
         demo default of ``tokens`` would otherwise end the run after a step or two at real batch
@@ -172,6 +178,11 @@ class DistillConfig:
         """
         given = {k: v for k, v in flags.items() if v is not None}
         options = {**(cls._read_yaml(config) if config else {}), **given}
+        if resume:
+            default_out = next(f.default for f in dataclasses.fields(cls) if f.name == "out")
+            started = Path(options.get("out", default_out)) / "config.yaml"
+            if started.is_file():
+                options = {**cls._read_yaml(started), **options}
         if options.get("time_budget_s") is not None and "tokens" not in options:
             options["tokens"] = TOKENS_UNTIL_THE_BUDGET
         return cls(**options)
