@@ -67,10 +67,17 @@ if [ ! -f "$runs/$draft/model/config.json" ]; then
   # memorised the defaults' 0.14 M tokens, session 5's passed 8 times over 2.2 M.
   # The limit covers the target's labels and the evaluations around the training (about 130 s
   # on the H200 in session 5, when 120 s more cut the run; it resumed in the next call).
-  SPLITTABLE=${DRAFT_SPLIT:-0} step "$draft" $(( draft_s + 150 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
-    --draft-from smollm2-135m-instruct --out "$runs/$draft" --time-budget-s "$draft_s" --tokens 200000000 \
-    --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 24000 --label-tokens 128 \
-    --label-batch-size 1024 --eval-texts 256 --eval-chats 64 --no-progress $TRAIN_ARGS $DRAFT_ARGS
+  if [ -f "$runs/$draft/config.yaml" ]; then
+    # A started draft resumes with the options it was started with (its config.yaml), whatever
+    # DRAFT_ARGS this call has: session 17's second call, without the first's, was refused.
+    SPLITTABLE=${DRAFT_SPLIT:-0} step "$draft" $(( draft_s + 150 )) python3 -m mambaify.cli -v distill-draft --resume \
+      --out "$runs/$draft" --no-progress $TRAIN_ARGS
+  else
+    SPLITTABLE=${DRAFT_SPLIT:-0} step "$draft" $(( draft_s + 150 )) python3 -m mambaify.cli -v distill-draft --target "$target" $resume \
+      --draft-from smollm2-135m-instruct --out "$runs/$draft" --time-budget-s "$draft_s" --tokens 200000000 \
+      --seq-len 1024 --batch-size 32 --lr 1e-3 --text-docs 9000 --num-prompts 24000 --label-tokens 128 \
+      --label-batch-size 1024 --eval-texts 256 --eval-chats 64 --no-progress $TRAIN_ARGS $DRAFT_ARGS
+  fi
 fi
 cp "$runs/$draft/metrics.json" "$out/$draft-metrics.json" 2>/dev/null
 # The benchmarks write into the run folder (kept while the machine is warm: a later call skips a
