@@ -872,7 +872,9 @@ def plot(data: dict, path: Path) -> None:
                 weights = draft_weights_of(p, data["meta"]) if p["path"] == "speculative" else None
                 return p["batch"], p.get("linear") or "modules", weights
 
-            lines_of = sorted({line(p) for p in data[panel] if p["path"] == "speculative"})
+            # One line per draft, or the plain points alone where every speculative one was skipped.
+            lines_of = sorted({line(p) for p in data[panel] if p["path"] == "speculative"}
+                              or {line(p) for p in data[panel]})
             several_linear = len({linear for _, linear, _ in lines_of}) > 1
             several_weights = len({weights for _, _, weights in lines_of}) > 1
             for batch, linear, weights in lines_of:
