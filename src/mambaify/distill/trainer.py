@@ -179,8 +179,7 @@ class DistillConfig:
         given = {k: v for k, v in flags.items() if v is not None}
         options = {**(cls._read_yaml(config) if config else {}), **given}
         if resume:
-            default_out = next(f.default for f in dataclasses.fields(cls) if f.name == "out")
-            started = Path(options.get("out", default_out)) / "config.yaml"
+            started = Path(options.get("out", cls.out)) / "config.yaml"
             if started.is_file():
                 options = {**cls._read_yaml(started), **options}
         if options.get("time_budget_s") is not None and "tokens" not in options:
